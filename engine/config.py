@@ -1,0 +1,81 @@
+"""Frozen configuration, one dataclass per concern.  No I/O happens here: values are checked in
+`__post_init__`, and anything read from the model file (its context length) is resolved by the
+engine and passed in through `dataclasses.replace`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("bfloat16", "float32", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+SCHEDULING_POLICIES = ("fcfs", "priority", "mlfq", "slo")
+
+
+class ConfigError(ValueError):
+    """A configuration value out of range; the message names the setting."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None  # GGUF file or Hugging Face directory; None = the default model
+    dtype: str = "bfloat16"  # weights, activations and KV cache
+    max_model_len: int | None = None  # None = the model's own context length
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.max_model_len is None or self.max_model_len >= 1,
+                 f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: float = 2.0  # GiB for K and V of all layers; ignored if num_kv_blocks is set
+    num_kv_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
+                 f"block_size must be a power of two, got {self.block_size}")
+        _require(self.kv_cache_memory > 0, f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1,
+                 f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512  # token budget of one step (decodes + prefill chunks)
+    max_num_seqs: int = 128  # running requests at most
+    policy: str = "fcfs"
+    max_model_len: int = 8192  # resolved from the model by the engine
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_batched_tokens >= 1,
+                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        _require(self.max_num_seqs >= 1, f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        _require(self.policy in SCHEDULING_POLICIES,
+                 f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    device: str = "cpu"
+    attention_backend: str = "auto"  # auto: triton on CUDA tensors, torch otherwise
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        _require(self.attention_backend in ATTENTION_BACKENDS,
+                 f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)

@@ -1,0 +1,85 @@
+"""The offline API, shaped like vLLM's: `LLM(...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer.tokenizer import Tokenizer
+
+PromptInput = str | dict  # a string, or {"prompt_token_ids": [...]} / {"prompt": "..."}
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 128, block_size: int = 16,
+                 kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
+                 attention_backend: str = "auto", device: str = "cpu") -> None:
+        config = EngineConfig(
+            model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                      policy=scheduling_policy),
+            runner=RunnerConfig(device=device, attention_backend=attention_backend),
+        )
+        self.engine = LLMEngine(config)
+        self._next_id = 0
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def memory_report(self) -> dict[str, int]:
+        return self.engine.memory_report()
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = self._params_per_prompt(len(prompts), sampling_params)
+        request_ids = [self._add(prompt, p) for prompt, p in zip(prompts, params)]
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; the chat template renders each."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        prompts = [{"prompt_token_ids": tokenizer.encode(
+            tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt),
+            add_special_tokens=False)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    @staticmethod
+    def _params_per_prompt(num_prompts: int, sampling_params) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * num_prompts
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
+        return list(sampling_params)
+
+    def _add(self, prompt: PromptInput, params: SamplingParams) -> str:
+        request_id = str(self._next_id)
+        self._next_id += 1
+        if isinstance(prompt, dict):
+            prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
+        self.engine.add_request(request_id, prompt, params)
+        return request_id
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        return [finished[request_id] for request_id in request_ids]

@@ -1,0 +1,174 @@
+"""LLMEngine: add requests, step, read outputs.  Wires tokenizer, scheduler, KV bookkeeping,
+model runner and output processing together; decides nothing itself."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from engine.config import EngineConfig, SchedulerConfig
+from engine.kv.kv_cache_manager import KVCacheManager
+from engine.model.loader import resolve_model, load_tokenizer
+from engine.output_processor import OutputProcessor
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.scheduler.policy import make_policy
+from engine.scheduler.scheduler import Scheduler
+from engine.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve as given; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0
+    num_prompt_tokens_step: int = 0  # prompt tokens whose KV the last step computed
+    num_generation_tokens_step: int = 0  # tokens sampled in the last step
+    num_batched_tokens_step: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        source = resolve_model(config.model.model)
+        self.model_name = config.model.served_model_name or source.name
+        self.max_model_len = min(config.model.max_model_len or source.arch.max_position_embeddings,
+                                 source.arch.max_position_embeddings)
+        self.tokenizer = load_tokenizer(source)
+        self.runner = ModelRunner(source, config.model.dtype, config.cache, config.runner)
+        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.cache.block_size)
+        scheduler_config: SchedulerConfig = replace(config.scheduler, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(self.kv, make_policy(scheduler_config.policy),
+                                   max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
+                                   max_num_seqs=scheduler_config.max_num_seqs,
+                                   max_model_len=self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats()
+        logger.info("engine ready: model=%s dtype=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
+                    self.model_name, config.model.dtype, self.max_model_len, self.runner.num_kv_blocks,
+                    config.cache.block_size, self.runner.kv_cache_bytes / (1 << 30))
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        if request_id in self.outputs.parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        prompt_token_ids = self._prompt_token_ids(prompt)
+        max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
+        arrival_time = time.time() if arrival_time is None else arrival_time
+        children = [Request(request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                            prompt_token_ids=prompt_token_ids,
+                            sampling_params=params if params.n == 1 else params.for_child(i),
+                            max_tokens=max_tokens, eos_token_ids=self.tokenizer.stop_token_ids,
+                            arrival_time=arrival_time, priority=priority)
+                    for i in range(params.n)]
+        self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, children)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab_size = self.tokenizer.vocab_size
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})",
+                                          "prompt")
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        return token_ids
+
+    def _resolve_max_tokens(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        room = self.max_model_len - num_prompt_tokens
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = num_prompt_tokens + (max_tokens or 1)
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{asked} tokens ({num_prompt_tokens} in the messages, {max_tokens or 1} in the completion). "
+                "Please reduce the length of the messages or completion.", "max_tokens")
+        max_tokens = room if max_tokens is None else max_tokens
+        capacity = self.kv.pool.num_blocks * self.kv.block_size
+        if num_prompt_tokens + max_tokens > capacity:
+            raise InvalidRequestError(f"prompt + max_tokens ({num_prompt_tokens + max_tokens} tokens) exceeds the "
+                                      f"KV cache capacity ({capacity} tokens)", "max_tokens")
+        return max_tokens
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        """End requests now and free their KV; unknown ids are ignored."""
+        child_ids = [c for request_id in request_ids for c in self.outputs.child_ids(request_id)]
+        aborted = self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        for request in aborted:
+            self.outputs.on_finished(request)
+        self.outputs.outputs_for(aborted)  # drops the finished parents' state
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one iteration -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        progressed = self.scheduler.update_from_output(scheduler_output, runner_output)
+        now = time.time()
+        for request in progressed:
+            self._on_new_token(request, runner_output, now)
+        self._update_stats(scheduler_output, runner_output)
+        return self.outputs.outputs_for(progressed)
+
+    def _on_new_token(self, request: Request, runner_output: ModelRunnerOutput, now: float) -> None:
+        metrics = request.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.last_token_time = now
+        stop = self.outputs.on_token(request, runner_output.sampled[request.request_id])
+        if stop is not None:
+            if request.is_finished:  # the same token also hit a length limit: the stop wins
+                request.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+            request.stop_reason = stop
+        if request.is_finished:
+            metrics.finished_time = now
+            self.outputs.on_finished(request)
+
+    def _update_stats(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        stats = self.stats
+        stats.num_running = self.scheduler.num_running
+        stats.num_waiting = self.scheduler.num_waiting
+        stats.kv_cache_usage = self.kv.usage
+        stats.num_preemptions_total = self.scheduler.num_preemptions_total
+        stats.num_batched_tokens_step = scheduler_output.num_batched_tokens
+        stats.num_generation_tokens_step = len(runner_output.sampled)
+        stats.num_prompt_tokens_step = sum(
+            max(0, min(s.num_computed_tokens + s.num_scheduled_tokens, s.request.num_prompt_tokens)
+                - s.num_computed_tokens) for s in scheduler_output.scheduled)
+
+    def get_stats(self) -> EngineStats:
+        return replace(self.stats)
+
+    def memory_report(self) -> dict[str, int]:
+        return {"weights_bytes": self.runner.weights_bytes, "kv_cache_bytes": self.runner.kv_cache_bytes}
+
+    def check_invariants(self) -> None:
+        """KV bookkeeping is consistent with the scheduler's view (tests call this every step)."""
+        self.kv.check_invariants()
+        running = {r.request_id for r in self.scheduler.running}
+        assert self.kv.request_ids() <= running, "a request that is not running holds KV blocks"

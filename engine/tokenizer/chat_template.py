@@ -1,0 +1,40 @@
+"""Chat templates rendered in jinja2's immutable sandbox: a template ships inside a model file
+and is untrusted input, so it gets no access to Python internals."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import lru_cache
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    """The template failed to render these messages (or raised on purpose, as many do)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def render_chat_template(source: str, messages: list[dict], *, add_generation_prompt: bool,
+                         bos_token: str, eos_token: str) -> str:
+    try:
+        return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as exc:
+        raise ChatTemplateError(f"chat template failed: {exc}") from exc
