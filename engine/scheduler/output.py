@@ -16,10 +16,7 @@ class ScheduledRequest:
     num_computed_tokens: int
     num_scheduled_tokens: int
     block_ids: list[int]
-
-    @property
-    def samples(self) -> bool:
-        return self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
+    samples: bool  # this step reaches the request's last token, so the model samples one more
 
 
 @dataclass(slots=True)

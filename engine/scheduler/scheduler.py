@@ -148,7 +148,8 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(request=request, num_computed_tokens=request.num_computed_tokens,
                                 num_scheduled_tokens=num_new,
-                                block_ids=self.kv.block_table(request.request_id))
+                                block_ids=self.kv.block_table(request.request_id),
+                                samples=num_new == request.num_tokens_to_compute)
 
     def _preempt(self, request: Request) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, wait again."""

@@ -87,11 +87,14 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
 
 
 def _gguf_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre == "smollm":
-        # SmolLM's own tokenizer splits every digit before the GPT-2 regex (llama.cpp does too).
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    return byte_level
+    """GPT-2's byte-level split, whatever `tokenizer.ggml.pre` says.
+
+    The reference we match is transformers loading the same GGUF, which ignores the pre type.
+    (For "smollm", llama.cpp also splits every digit first; the two disagree only where spaces
+    run into digits, e.g. " \n2": ' ', '\n', '2' here against ' \n', '2' there.)
+    """
+    del pre
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
 def tokenizer_from_hf_dir(model_dir: Path) -> Tokenizer:

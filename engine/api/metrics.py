@@ -1,0 +1,212 @@
+"""Prometheus metrics named like vLLM's (prefix `engine:`), and the periodic throughput log line.
+
+Everything here is written from the engine thread only (`record_step`, `record_outputs`,
+`record_abort`); `/metrics` reads the registry, which prometheus-client guards with its own locks.
+prometheus-client appends `_total` to counter names, so Counters are declared without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engine.outputs import RequestMetrics, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0]
+REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+LOG_INTERVAL_S = 10.0
+
+
+def buckets_1_2_5(max_value: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value: token-count buckets like vLLM's."""
+    buckets: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10 ** exponent
+            if value > max_value:
+                return buckets
+            buckets.append(value)
+        exponent += 1
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, max_model_len: int, max_num_batched_tokens: int = 8192) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Any:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.num_requests_running = gauge("engine:num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("engine:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage_perc = gauge("engine:kv_cache_usage_perc", "KV cache usage, 0 to 1.")
+        self.prompt_tokens = counter("engine:prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("engine:generation_tokens", "Tokens generated.")
+        self.num_preemptions = counter("engine:num_preemptions", "Cumulative preemptions.")
+        self._request_success = Counter("engine:request_success", "Finished requests by finish reason.",
+                                        ["model_name", "finished_reason"], registry=r)
+        for reason in ("stop", "length", "abort"):  # export every series from the start
+            self._request_success.labels(model_name, reason)
+        token_buckets = buckets_1_2_5(max_model_len)
+        self.time_to_first_token = histogram("engine:time_to_first_token_seconds",
+                                             "Time to first token.", TTFT_BUCKETS)
+        self.inter_token_latency = histogram("engine:inter_token_latency_seconds",
+                                             "Time between consecutive output tokens.", ITL_BUCKETS)
+        self.e2e_request_latency = histogram("engine:e2e_request_latency_seconds",
+                                             "Arrival to finish.", REQUEST_LATENCY_BUCKETS)
+        self.request_queue_time = histogram("engine:request_queue_time_seconds",
+                                            "Arrival to first scheduled.", REQUEST_LATENCY_BUCKETS)
+        self.request_prefill_time = histogram("engine:request_prefill_time_seconds",
+                                              "First scheduled to first token.", REQUEST_LATENCY_BUCKETS)
+        self.request_decode_time = histogram("engine:request_decode_time_seconds",
+                                             "First token to last token.", REQUEST_LATENCY_BUCKETS)
+        self.request_prompt_tokens = histogram("engine:request_prompt_tokens",
+                                               "Prompt length of finished requests.", token_buckets)
+        self.request_generation_tokens = histogram("engine:request_generation_tokens",
+                                                   "Generated length of finished requests.", token_buckets)
+        self.iteration_tokens = histogram("engine:iteration_tokens_total", "Tokens scheduled per step.",
+                                          buckets_1_2_5(max(max_num_batched_tokens, 1)))
+        self.stat_logger = StatLogger()
+        self._last_num_preemptions = 0
+        self._progress: dict[str, list[_SampleProgress]] = {}  # request id -> per sample
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def record_step(self, stats: Any) -> None:
+        """Gauges and counters from one step's `EngineStats`."""
+        self.set_gauges(stats)
+        self.prompt_tokens.inc(stats.num_prompt_tokens_step)
+        self.generation_tokens.inc(stats.num_generation_tokens_step)
+        if stats.num_batched_tokens_step > 0:
+            self.iteration_tokens.observe(stats.num_batched_tokens_step)
+        new_preemptions = stats.num_preemptions_total - self._last_num_preemptions
+        if new_preemptions > 0:
+            self.num_preemptions.inc(new_preemptions)
+        self._last_num_preemptions = stats.num_preemptions_total
+        self.stat_logger.record(stats, time.monotonic())
+
+    def set_gauges(self, stats: Any) -> None:
+        self.num_requests_running.set(stats.num_running)
+        self.num_requests_waiting.set(stats.num_waiting)
+        self.kv_cache_usage_perc.set(stats.kv_cache_usage)
+
+    def set_idle(self) -> None:
+        self.num_requests_running.set(0)
+        self.num_requests_waiting.set(0)
+        self.kv_cache_usage_perc.set(0.0)
+
+    def record_outputs(self, outputs: list[RequestOutput], now: float) -> None:
+        """TTFT and inter-token latency as tokens appear; request histograms as samples finish.
+        `now` is wall-clock time (time.time()), the clock of RequestMetrics."""
+        for output in outputs:
+            progress = self._progress.setdefault(
+                output.request_id, [_SampleProgress() for _ in output.outputs])
+            for i, completion in enumerate(output.outputs):
+                sample = progress[i]
+                if sample.is_finished:
+                    continue
+                self._record_new_tokens(output, i, sample, now)
+                if completion.finish_reason is not None:
+                    sample.is_finished = True
+                    self._record_finished(output, i, now)
+            if output.finished:
+                del self._progress[output.request_id]
+
+    def _record_new_tokens(self, output: RequestOutput, index: int, sample: _SampleProgress, now: float) -> None:
+        num_tokens = len(output.outputs[index].token_ids)
+        if num_tokens <= sample.num_tokens:
+            return
+        if sample.num_tokens == 0:
+            metrics = _sample_metrics(output, index)
+            first_token_time = (metrics.first_token_time if metrics else None) or now
+            arrival_time = metrics.arrival_time if metrics else now
+            self.time_to_first_token.observe(max(0.0, first_token_time - arrival_time))
+        else:  # a step usually adds one token; spread the interval if it added more
+            interval = (now - sample.last_token_time) / (num_tokens - sample.num_tokens)
+            self.inter_token_latency.observe(max(0.0, interval))
+        sample.num_tokens, sample.last_token_time = num_tokens, now
+
+    def record_abort(self, request_id: str, num_samples: int) -> None:
+        """A request aborted before it finished (client gone): count each unfinished sample."""
+        progress = self._progress.pop(request_id, None)
+        if progress is not None:
+            num_samples = sum(not sample.is_finished for sample in progress)
+        self._request_success.labels(self.model_name, "abort").inc(num_samples)
+
+    def _record_finished(self, output: RequestOutput, index: int, now: float) -> None:
+        completion = output.outputs[index]
+        self._request_success.labels(self.model_name, completion.finish_reason).inc()
+        self.request_prompt_tokens.observe(len(output.prompt_token_ids))
+        self.request_generation_tokens.observe(len(completion.token_ids))
+        metrics = _sample_metrics(output, index)
+        if metrics is None:
+            return
+        self.e2e_request_latency.observe((metrics.finished_time or now) - metrics.arrival_time)
+        if metrics.first_scheduled_time is not None:
+            self.request_queue_time.observe(metrics.first_scheduled_time - metrics.arrival_time)
+            if metrics.first_token_time is not None:
+                self.request_prefill_time.observe(metrics.first_token_time - metrics.first_scheduled_time)
+        if metrics.first_token_time is not None and metrics.last_token_time is not None:
+            self.request_decode_time.observe(metrics.last_token_time - metrics.first_token_time)
+
+
+def _sample_metrics(output: RequestOutput, index: int) -> RequestMetrics | None:
+    if index < len(output.sample_metrics):
+        return output.sample_metrics[index]
+    return output.metrics
+
+
+@dataclass(slots=True)
+class _SampleProgress:
+    num_tokens: int = 0  # generated tokens already seen
+    last_token_time: float = 0.0
+    is_finished: bool = False
+
+
+@dataclass
+class StatLogger:
+    """Every LOG_INTERVAL_S while busy, one line like vLLM's: throughput, queue, KV usage."""
+
+    interval_s: float = LOG_INTERVAL_S
+    enabled: bool = True
+    last_log_time: float = field(default_factory=time.monotonic)
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+
+    def record(self, stats: Any, now: float) -> None:
+        self.num_prompt_tokens += stats.num_prompt_tokens_step
+        self.num_generation_tokens += stats.num_generation_tokens_step
+        elapsed = now - self.last_log_time
+        if elapsed < self.interval_s:
+            return
+        if self.enabled and (self.num_prompt_tokens or self.num_generation_tokens
+                             or stats.num_running or stats.num_waiting):
+            logger.info(self.format_line(stats, elapsed))
+        self.last_log_time = now
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    def format_line(self, stats: Any, elapsed: float) -> str:
+        return (f"Avg prompt throughput: {self.num_prompt_tokens / elapsed:.1f} tokens/s, "
+                f"Avg generation throughput: {self.num_generation_tokens / elapsed:.1f} tokens/s, "
+                f"Running: {stats.num_running} reqs, Waiting: {stats.num_waiting} reqs, "
+                f"KV cache usage: {100 * stats.kv_cache_usage:.1f}%")

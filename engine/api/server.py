@@ -1,0 +1,239 @@
+"""`engine serve`: the OpenAI-compatible HTTP server (FastAPI on uvicorn).
+
+The routes translate: decode and validate the body (protocol.py), map it to engine requests
+(serving_*.py), and hand the outputs back as JSON or server-sent events.  All engine state lives
+behind `AsyncEngine`; a client that disconnects has its requests aborted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import msgspec
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from engine.api.async_engine import AsyncEngine
+from engine.api.errors import APIError
+from engine.api.metrics import EngineMetrics
+from engine.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorInfo,
+                                 ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                                 DetokenizeResponse, decode_request, encode)
+from engine.api.serving_chat import chat_prompt_token_ids, create_chat_completion
+from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
+from engine.api.serving_completions import create_completion
+from engine.config import DTYPES, SCHEDULING_POLICIES, CacheConfig, ConfigError, EngineConfig, ModelConfig, \
+    SchedulerConfig
+
+logger = logging.getLogger("engine.api")
+
+MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024  # a full context of token ids as JSON is well under 1 MiB
+
+try:
+    VERSION = version("elastic-engine")
+except PackageNotFoundError:
+    VERSION = "0.0.0+unknown"
+
+
+def error_response(error: APIError) -> Response:
+    body = ErrorResponse(ErrorInfo(error.message, error.type, error.param, error.code))
+    return Response(encode(body), status_code=error.status, media_type="application/json", headers=error.headers)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing (413) anything over MAX_REQUEST_BODY_BYTES before reading it all."""
+    too_large = APIError(f"Request body exceeds {MAX_REQUEST_BODY_BYTES} bytes.", status=413)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REQUEST_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(engine: AsyncEngine, metrics: EngineMetrics | None = None, api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="Elastic Engine", version=VERSION, lifespan=lifespan)
+    _add_error_handlers(app)
+    app.include_router(_openai_routes(engine, api_key))
+    app.include_router(_server_routes(engine, metrics))
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def on_api_error(_: Request, error: APIError) -> Response:
+        return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, error: StarletteHTTPException) -> Response:
+        return error_response(APIError(str(error.detail), status=error.status_code, code=_slug(str(error.detail))))
+
+    @app.exception_handler(Exception)
+    async def on_bug(_: Request, error: Exception) -> Response:
+        logger.exception("Unhandled error")
+        return error_response(APIError(f"Internal server error: {type(error).__name__}", status=500,
+                                       type="server_error"))
+
+
+def _slug(text: str) -> str:
+    return text.lower().replace(" ", "_")
+
+
+def _openai_routes(engine: AsyncEngine, api_key: str | None) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+
+    @router.get("/models")
+    async def models() -> Response:
+        card = ModelCard(id=engine.model_name, max_model_len=engine.max_model_len, root=engine.model_name)
+        return Response(encode(ModelList([card])), media_type="application/json")
+
+    @router.post("/completions")
+    async def completions(raw: Request) -> Response:
+        request = decode_request(await read_body(raw), CompletionRequest)
+        return await run_until_disconnected(raw, create_completion(request, engine))
+
+    @router.post("/chat/completions")
+    async def chat_completions(raw: Request) -> Response:
+        request = decode_request(await read_body(raw), ChatCompletionRequest)
+        return await run_until_disconnected(raw, create_chat_completion(request, engine))
+
+    return router
+
+
+def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
+    expected = f"Bearer {api_key}".encode() if api_key is not None else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise APIError("Missing or invalid API key: send `Authorization: Bearer <key>`.", status=401,
+                           code="invalid_api_key")
+
+    return check
+
+
+def _server_routes(engine: AsyncEngine, metrics: EngineMetrics | None) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.is_running else 503)
+
+    @router.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body = metrics.render() if metrics is not None else b""
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/version")
+    async def server_version() -> Response:
+        return Response(msgspec.json.encode({"version": VERSION}), media_type="application/json")
+
+    @router.post("/tokenize")
+    async def tokenize(raw: Request) -> Response:
+        request = decode_request(await read_body(raw), TokenizeRequest)
+        check_model(request.model, engine)
+        if (request.prompt is None) == (request.messages is None):
+            raise APIError("Give exactly one of prompt and messages.", param="prompt")
+        if request.messages is not None:
+            token_ids = chat_prompt_token_ids(request.messages, engine, request.add_generation_prompt)
+        else:
+            token_ids = engine.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        body = TokenizeResponse(len(token_ids), engine.max_model_len, token_ids)
+        return Response(encode(body), media_type="application/json")
+
+    @router.post("/detokenize")
+    async def detokenize(raw: Request) -> Response:
+        request = decode_request(await read_body(raw), DetokenizeRequest)
+        check_model(request.model, engine)
+        if request.tokens:
+            check_prompt_token_ids(request.tokens, engine, param="tokens")
+        text = engine.tokenizer.decode(request.tokens, skip_special_tokens=False) if request.tokens else ""
+        return Response(encode(DetokenizeResponse(text)), media_type="application/json")
+
+    return router
+
+
+# ---- command line ----
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `engine serve`, named like `vllm serve`'s."""
+    parser.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
+    parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    parser.add_argument("--block-size", type=int, default=CacheConfig.block_size)
+    parser.add_argument("--kv-cache-memory", type=float, default=CacheConfig.kv_cache_memory, help="GiB")
+    parser.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
+    parser.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="refuse new requests (429) while this many wait (default: no limit)")
+    parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug", "trace"))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    model: dict[str, Any] = {"model": args.model, "max_model_len": args.max_model_len,
+                             "served_model_name": args.served_model_name}
+    if args.dtype != "auto":
+        model["dtype"] = args.dtype
+    return EngineConfig(
+        model=ModelConfig(**model),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy))
+
+
+def run_server(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    try:
+        config = engine_config_from_args(args)
+        if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
+            raise ConfigError(f"max_waiting_requests must be non-negative, got {args.max_waiting_requests}")
+    except ConfigError as e:
+        raise SystemExit(f"engine serve: {e}") from None
+    from engine.llm_engine import LLMEngine  # deferred: loading torch and the model is slow
+
+    llm_engine = LLMEngine(config)
+    disable_created_metrics()  # no `*_created` series: like vLLM, and half the /metrics size
+    metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens)
+    metrics.stat_logger.enabled = not args.disable_log_stats
+    engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests)
+    app = build_app(engine, metrics, args.api_key)
+    logger.info("Serving %s on http://%s:%d", llm_engine.model_name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="engine serve", description="OpenAI-compatible server")
+    add_serve_arguments(parser)
+    run_server(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""POST /v1/completions: one engine request per prompt; choice index = prompt_index * n + sample."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.responses import Response
+
+from engine.api.async_engine import AsyncEngine, RequestGroup
+from engine.api.errors import APIError
+from engine.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                 encode, random_id, sse_event)
+from engine.api.serving_common import (LOGPROB_FLOOR, MAX_NUM_PROMPTS, check_model, check_prompt_token_ids,
+                                       collect, resolve_max_tokens, streaming_response, to_sampling_params,
+                                       usage_of)
+from engine.outputs import CompletionOutput, RequestOutput, SampleLogprobs
+
+
+@dataclass(slots=True)
+class Prompt:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(slots=True)
+class _ChoiceProgress:
+    """What a stream has already sent for one choice."""
+
+    num_chars: int = 0
+    num_tokens: int = 0
+    text_offset: int = 0
+    is_started: bool = False
+    is_finished: bool = False
+
+
+async def create_completion(request: CompletionRequest, engine: AsyncEngine) -> Response:
+    check_model(request.model, engine)
+    _check_unsupported(request)
+    prompts = parse_prompts(request.prompt, engine)
+    sub_requests = []
+    completion_id = random_id("cmpl")
+    for i, prompt in enumerate(prompts):
+        max_tokens = resolve_max_tokens(request.max_tokens, len(prompt.token_ids), engine)
+        params = to_sampling_params(request, engine, max_tokens=max_tokens, logprobs=request.logprobs,
+                                    logprobs_param="logprobs")
+        sub_requests.append((f"{completion_id}-{i}", prompt.token_ids, params))
+    group = engine.generate(sub_requests, priority=request.priority)
+    if request.stream:
+        return streaming_response(_stream(request, engine, completion_id, prompts, group), group)
+    outputs = await collect(group)
+    choices = []
+    for prompt_index, (prompt, output) in enumerate(zip(prompts, outputs)):
+        base = prompt.text if request.echo else ""
+        for completion in output.outputs:
+            logprobs = (_logprobs(completion, 0, len(completion.token_ids), len(base))
+                        if request.logprobs is not None else None)
+            choices.append(CompletionChoice(prompt_index * request.n + completion.index, base + completion.text,
+                                            logprobs, completion.finish_reason, completion.stop_reason))
+    response = CompletionResponse(completion_id, int(time.time()), engine.model_name, choices,
+                                  usage_of([len(p.token_ids) for p in prompts], list(outputs)))
+    return Response(encode(response), media_type="application/json")
+
+
+def _check_unsupported(request: CompletionRequest) -> None:
+    if request.suffix is not None:
+        raise APIError("suffix is not supported.", param="suffix")
+    if request.best_of is not None and request.best_of != request.n:
+        raise APIError("best_of is not supported (only best_of == n).", param="best_of")
+    if request.echo and request.logprobs is not None:
+        raise APIError("echo with logprobs needs prompt logprobs, which this server does not compute.",
+                       param="echo")
+
+
+def parse_prompts(prompt: str | list[str | int | list[int]], engine: AsyncEngine) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(prompt, str):
+        items: list[str] | list[list[int]] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]  # type: ignore[list-item]
+    elif prompt and (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
+        items = prompt  # type: ignore[assignment]
+    else:
+        raise APIError("prompt must be a non-empty string, list of strings, list of token ids, or list of "
+                       "token-id lists.", param="prompt")
+    if len(items) > MAX_NUM_PROMPTS:
+        raise APIError(f"At most {MAX_NUM_PROMPTS} prompts per request.", param="prompt")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(Prompt(item, engine.tokenizer.encode(item)))
+        else:
+            check_prompt_token_ids(item, engine)
+            prompts.append(Prompt(engine.tokenizer.decode(item, skip_special_tokens=False), item))
+        if not prompts[-1].token_ids:
+            raise APIError("The prompt is empty.", param="prompt")
+    return prompts
+
+
+def _logprobs(completion: CompletionOutput, start: int, end: int, text_offset: int) -> CompletionLogprobs:
+    """Completions' logprobs for tokens [start, end): token strings, their logprobs, the
+    alternatives by string, and each token's character offset in the choice's text."""
+    result = CompletionLogprobs()
+    entries: SampleLogprobs = completion.logprobs or []
+    for token_id, entry in zip(completion.token_ids[start:end], entries[start:end]):
+        sampled = entry.get(token_id)
+        token = sampled.decoded_token if sampled is not None else ""
+        result.tokens.append(token)
+        result.token_logprobs.append(_finite(sampled.logprob) if sampled is not None else None)
+        result.top_logprobs.append({lp.decoded_token: _finite(lp.logprob)
+                                    for lp in sorted(entry.values(), key=lambda lp: lp.rank)})
+        result.text_offset.append(text_offset)
+        text_offset += len(token)
+    return result
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+async def _stream(request: CompletionRequest, engine: AsyncEngine, completion_id: str, prompts: list[Prompt],
+                  group: RequestGroup) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    progress: dict[int, _ChoiceProgress] = {}
+    finals: list[RequestOutput | None] = [None] * len(prompts)
+    async for prompt_index, output in group:
+        finals[prompt_index] = output
+        for completion in output.outputs:
+            index = prompt_index * request.n + completion.index
+            sent = progress.setdefault(index, _ChoiceProgress(
+                text_offset=len(prompts[prompt_index].text) if request.echo else 0))
+            choice = _next_choice(request, prompts[prompt_index], completion, index, sent)
+            if choice is not None:
+                yield sse_event(CompletionResponse(completion_id, created, engine.model_name, [choice]))
+    if request.stream_options is not None and request.stream_options.include_usage:
+        usage = usage_of([len(p.token_ids) for p in prompts], finals)
+        yield sse_event(CompletionResponse(completion_id, created, engine.model_name, [], usage))
+
+
+def _next_choice(request: CompletionRequest, prompt: Prompt, completion: CompletionOutput, index: int,
+                 sent: _ChoiceProgress) -> CompletionChoice | None:
+    """The delta of one choice since the last chunk, or None when there is nothing new."""
+    if sent.is_finished:
+        return None
+    delta = completion.text[sent.num_chars:]
+    num_tokens = len(completion.token_ids)
+    has_new_logprobs = request.logprobs is not None and num_tokens > sent.num_tokens
+    if not delta and completion.finish_reason is None and not has_new_logprobs:
+        return None
+    logprobs = None
+    if request.logprobs is not None:
+        logprobs = _logprobs(completion, sent.num_tokens, num_tokens, sent.text_offset)
+        sent.text_offset += sum(len(token) for token in logprobs.tokens)
+    text = prompt.text + delta if request.echo and not sent.is_started else delta
+    sent.num_chars = max(sent.num_chars, len(completion.text))
+    sent.num_tokens = num_tokens
+    sent.is_started = True
+    sent.is_finished = completion.finish_reason is not None
+    return CompletionChoice(index, text, logprobs, completion.finish_reason, completion.stop_reason)

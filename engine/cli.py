@@ -1,0 +1,67 @@
+"""The `engine` command: `engine serve`, `engine generate`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", type=float, default=2.0, help="GiB for the KV cache")
+    parser.add_argument("--scheduling-policy", default="fcfs")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from engine import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+              block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+              scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        outputs = llm.generate([args.prompt], params, use_tqdm=False)
+    print(outputs[0].outputs[0].text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="engine", description="Elastic Engine: an LLM serving engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate a completion for one prompt, offline")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_engine_arguments(generate)
+    generate.set_defaults(handler=_generate)
+
+    try:
+        from engine.api.server import add_serve_arguments, run_server
+    except ImportError:  # the server's optional pieces are missing
+        pass
+    else:
+        serve = commands.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+        add_serve_arguments(serve)
+        serve.set_defaults(handler=run_server)
+
+    args = parser.parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

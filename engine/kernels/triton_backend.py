@@ -1,0 +1,45 @@
+"""The attention backend for CUDA tensors: the Triton KV-write, decode and prefill kernels.
+
+Same contract as TorchAttentionBackend (engine/worker/attention.py): write this step's K/V at
+slot_mapping, then attend. The batch's first num_decodes sequences (one query token each) go to
+the flash-decoding kernel, the prefill chunks after them to the prefill kernel in one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kernels.kv_cache_write import kv_cache_write
+from engine.kernels.paged_decode_attention import paged_decode_attention
+from engine.kernels.paged_prefill_attention import paged_prefill_attention
+from engine.worker.attention import AttentionMetadata
+
+
+class TritonAttentionBackend:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """query [T, Hq, D], key/value [T, Hkv, D] -> output [T, Hq, D]."""
+        kv_cache_write(key, value, kv_cache, meta.slot_mapping)
+        output = torch.empty_like(query)
+        num_decodes = meta.num_decodes
+        if num_decodes:
+            paged_decode_attention(query[:num_decodes], kv_cache, meta.block_tables[:num_decodes],
+                                   meta.seq_lens[:num_decodes], _max_decode_seq_len(meta),
+                                   out=output[:num_decodes])
+        if meta.num_seqs > num_decodes:
+            # query_start_loc keeps absolute row numbers, so the prefill rows index `query` as is.
+            paged_prefill_attention(query, kv_cache, meta.block_tables[num_decodes:],
+                                    meta.seq_lens[num_decodes:], meta.query_start_loc[num_decodes:],
+                                    meta.max_query_len, out=output)
+        return output
+
+
+def _max_decode_seq_len(meta: AttentionMetadata) -> int:
+    """Longest decode context (sizes the split grid); computed once per step, shared by layers."""
+    if meta.cache is None:
+        meta.cache = {}
+    value = meta.cache.get("triton_max_decode_seq_len")
+    if value is None:
+        value = max(meta.seq_lens_cpu[:meta.num_decodes])
+        meta.cache["triton_max_decode_seq_len"] = value
+    return value
