@@ -103,8 +103,9 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{asked} tokens ({num_prompt_tokens} in the messages, {max_tokens or 1} in the completion). "
                 "Please reduce the length of the messages or completion.", "max_tokens")
-        max_tokens = room if max_tokens is None else max_tokens
         capacity = self.kv.pool.num_blocks * self.kv.block_size
+        if max_tokens is None:  # up to the context window, and never past what the KV cache holds
+            max_tokens = max(1, min(room, capacity - num_prompt_tokens))
         if num_prompt_tokens + max_tokens > capacity:
             raise InvalidRequestError(f"prompt + max_tokens ({num_prompt_tokens + max_tokens} tokens) exceeds the "
                                       f"KV cache capacity ({capacity} tokens)", "max_tokens")
@@ -162,7 +163,10 @@ class LLMEngine:
                 - s.num_computed_tokens) for s in scheduler_output.scheduled)
 
     def get_stats(self) -> EngineStats:
-        return replace(self.stats)
+        """Queue and KV figures as of now (so an abort shows at once); per-step counts as of the
+        last step."""
+        return replace(self.stats, num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+                       kv_cache_usage=self.kv.usage)
 
     def memory_report(self) -> dict[str, int]:
         return {"weights_bytes": self.runner.weights_bytes, "kv_cache_bytes": self.runner.kv_cache_bytes}

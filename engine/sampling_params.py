@@ -64,6 +64,8 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
              f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"),
+            (self.seed is None or -(2**63) <= self.seed < 2**63, "seed",
+             f"seed must fit in a signed 64-bit integer, got {self.seed}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
         ]
@@ -84,8 +86,8 @@ class SamplingParams:
         """The params of the index-th of n samples: n=1, and a distinct derived seed."""
         child = SamplingParams(**{name: getattr(self, name) for name in _INIT_FIELDS})
         child.n = 1
-        if self.seed is not None:
-            child.seed = self.seed + index
+        if self.seed is not None:  # wrapped so the derived seed stays a signed 64-bit integer
+            child.seed = (self.seed + index + 2**63) % 2**64 - 2**63
         return child
 
 
