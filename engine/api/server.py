@@ -31,8 +31,8 @@ from engine.api.protocol import (ChatCompletionRequest, CompletionRequest, Detok
 from engine.api.serving_chat import chat_prompt_token_ids, create_chat_completion
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
-from engine.config import DTYPES, SCHEDULING_POLICIES, CacheConfig, ConfigError, EngineConfig, ModelConfig, \
-    SchedulerConfig
+from engine.config import ATTENTION_BACKENDS, DTYPES, SCHEDULING_POLICIES, CacheConfig, ConfigError, EngineConfig, \
+    ModelConfig, RunnerConfig, SchedulerConfig
 
 logger = logging.getLogger("engine.api")
 
@@ -192,6 +192,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="refuse new requests (429) while this many wait (default: no limit)")
+    parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
+                        help="auto: Triton kernels on CUDA, the torch path on CPU")
     parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug", "trace"))
@@ -206,7 +208,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(**model),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy))
+                                  max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy),
+        runner=RunnerConfig(attention_backend=args.attention_backend))
 
 
 def run_server(args: argparse.Namespace) -> None:

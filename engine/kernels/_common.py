@@ -1,4 +1,4 @@
-"""What the kernel files share: argument checks for the wrappers, and the interpreter's dot fix.
+"""What the kernel files share: argument checks for the wrappers, and GPU-faithful interpreter helpers.
 
 Each wrapper validates its arguments before launch and raises ValueError with a message a caller
 can act on; a bad launch would otherwise read or write out of bounds on the GPU without a word.

@@ -65,18 +65,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = Non
     check_launchable(_gemv_kernel, x.device)
     num_rows, k = x.shape
     n = weight.shape[0]
+    if num_rows == 0 or n == 0 or k == 0:
+        return torch.zeros(num_rows, n, dtype=x.dtype, device=x.device)
     num_n_tiles = triton.cdiv(n, BLOCK_N)
     num_k_tiles = triton.cdiv(k, BLOCK_K)
     split_k = _default_split_k(x.device, num_n_tiles) if split_k is None else split_k
-    split_k = max(1, min(split_k, num_k_tiles))
-    k_per_split = triton.cdiv(num_k_tiles, split_k) * BLOCK_K
-    split_k = triton.cdiv(k, k_per_split)  # no empty splits
+    k_per_split = triton.cdiv(num_k_tiles, max(1, min(split_k, num_k_tiles))) * BLOCK_K
+    split_k = triton.cdiv(k, k_per_split)  # every split non-empty
+    # One split writes y itself; more write fp32 partials [split, M, N] for one torch sum.
     if split_k == 1:
         out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(split_k, num_rows, n, dtype=torch.float32, device=x.device)
-    if num_rows == 0 or n == 0 or k == 0:
-        return out.zero_() if split_k == 1 else out.sum(0).to(x.dtype)
     _gemv_kernel[(num_n_tiles, split_k)](
         x, weight, scale if scale is not None else x, out,
         num_rows, n, k, k_per_split,

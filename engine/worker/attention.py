@@ -58,13 +58,12 @@ class TorchAttentionBackend:
     """CPU path: gather each sequence's context through its block table with index_select, then
     matmul-softmax-matmul.
 
-    PERF (measured on the 2-core dev machine, bf16, 64 sequences x 512 context, one layer):
+    PERF (measured on the 2-core dev machine, bf16, 64 sequences x 580 context, one layer):
     scaled_dot_product_attention with one query and enable_gqa took ~14 ms; advanced indexing
     (cache[slots]) gathered 12x slower than index_select; a matmul over a permuted, non-contiguous
-    K was ~10x slower than over a contiguous one.  So decodes gather K/V as [B, L, Hkv * D] (one
-    contiguous row per token) and multiply by a block-diagonal query [B, Hq, Hkv * D] whose
-    off-diagonal head blocks are zero: Hkv times the FLOPs of the ideal product, but every operand
-    stays contiguous and the whole batch is two batched matmuls (~3 ms at that shape).
+    K was ~10x slower than over a contiguous one.  So decodes gather K/V straight into a
+    contiguous head-major [B, Hkv, L, D] (index_select of (slot, head) rows, into buffers reused
+    by every layer), then run two batched matmuls with the query heads of a group as rows.
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -72,6 +71,8 @@ class TorchAttentionBackend:
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         if meta.cache is None:
             meta.cache = {}
+        if meta.num_decodes == meta.num_seqs:
+            return self._decode(query, kv_cache, meta)
         output = torch.empty_like(query)
         num_decode_tokens = meta.num_decodes
         if num_decode_tokens:
@@ -82,23 +83,19 @@ class TorchAttentionBackend:
         return output
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        slots, bias = _decode_gather_plan(meta)
+        rows, bias = _decode_gather_plan(meta, kv_cache.shape[3])
         num_seqs, num_q_heads, head_dim = query.shape
         num_kv_heads = kv_cache.shape[3]
         group = num_q_heads // num_kv_heads
         context_len = bias.shape[-1]
-        flat = kv_cache.view(2, -1, num_kv_heads * head_dim)
-        keys = flat[0].index_select(0, slots).view(num_seqs, context_len, num_kv_heads * head_dim)
-        values = flat[1].index_select(0, slots).view(num_seqs, context_len, num_kv_heads * head_dim)
-        q = query.view(num_seqs, num_kv_heads, group, 1, head_dim) * head_dim ** -0.5
-        eye = torch.eye(num_kv_heads, dtype=query.dtype, device=query.device).view(1, num_kv_heads, 1, num_kv_heads, 1)
-        q_block_diagonal = (q * eye).view(num_seqs, num_q_heads, num_kv_heads * head_dim)
-        scores = torch.matmul(q_block_diagonal, keys.transpose(1, 2)).float() + bias  # [B, Hq, L]
+        flat = kv_cache.view(2, -1, head_dim)  # one row per (slot, kv head)
+        key_buffer, value_buffer = _gather_buffers(meta, "decode", rows.numel(), head_dim, flat.dtype)
+        keys = torch.index_select(flat[0], 0, rows, out=key_buffer).view(num_seqs, num_kv_heads, context_len, head_dim)
+        values = torch.index_select(flat[1], 0, rows, out=value_buffer).view(num_seqs, num_kv_heads, context_len, head_dim)
+        q = query.view(num_seqs, num_kv_heads, group, head_dim) * head_dim ** -0.5
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() + bias  # [B, Hkv, G, L]
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        out = torch.matmul(probs, values).view(num_seqs, num_kv_heads, group, num_kv_heads, head_dim)
-        # Keep each query head's own KV head: the diagonal of (query kv head, value kv head).
-        out = torch.diagonal(out, dim1=1, dim2=3)  # [B, G, D, Hkv]
-        return out.permute(0, 3, 1, 2).reshape(num_seqs, num_q_heads, head_dim)
+        return torch.matmul(probs, values).view(num_seqs, num_q_heads, head_dim)
 
     def _prefill(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                  seq: int) -> torch.Tensor:
@@ -128,28 +125,51 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
+def _gather_buffers(meta: AttentionMetadata, kind: str, num_rows: int, row_size: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V gather destinations, allocated once per step and reused by every layer.
+
+    PERF: a fresh 10+ MB tensor per layer costs page faults on first touch (glibc hands large
+    blocks back to the kernel on free); reusing one buffer made the decode gather ~4x faster.
+    """
+    key = (kind, num_rows, row_size, dtype)
+    buffers = meta.cache.get(key)
+    if buffers is None:
+        buffers = tuple(torch.empty(num_rows, row_size, dtype=dtype, device=meta.slot_mapping.device)
+                        for _ in range(2))
+        meta.cache[key] = buffers
+    return buffers
+
+
 def _context_slots(meta: AttentionMetadata, seq: int, seq_len: int) -> torch.Tensor:
     positions = torch.arange(seq_len, device=meta.block_tables.device)
     blocks = meta.block_tables[seq, positions // meta.block_size].long()
     return blocks * meta.block_size + positions % meta.block_size
 
 
-def _decode_gather_plan(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots [B * L] of every decode sequence's context, padded to the longest, and the additive
-    mask [B, 1, L] (-inf on padding).  Built once per step, shared by all layers."""
+def _decode_gather_plan(meta: AttentionMetadata, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache rows [B * Hkv * L] holding every decode sequence's context, head-major, padded to
+    the longest context rounded up to whole blocks, and the additive mask [B, 1, 1, L] (-inf on
+    padding).  Built once per step, shared by all layers.
+
+    Row r of the cache viewed as [num_slots * Hkv, D] is (slot = r // Hkv, kv head = r % Hkv), so
+    gathering rows (slot * Hkv + h) in [b, h, position] order yields K as [B, Hkv, L, D]
+    contiguous: the layout the batched matmul wants.
+    """
     plan = meta.cache.get("decode")
     if plan is None:
         num_decodes = meta.num_decodes
         seq_lens = meta.seq_lens[:num_decodes].long()
-        max_len = int(max(meta.seq_lens_cpu[:num_decodes]))
-        positions = torch.arange(max_len, device=seq_lens.device)
+        num_blocks = -(-max(meta.seq_lens_cpu[:num_decodes]) // meta.block_size)
+        positions = torch.arange(num_blocks * meta.block_size, device=seq_lens.device)
         valid = positions[None, :] < seq_lens[:, None]
-        block_index = (positions // meta.block_size).clamp(max=meta.block_tables.shape[1] - 1)
-        blocks = meta.block_tables[:num_decodes][:, block_index].long()
-        slots = torch.where(valid, blocks * meta.block_size + positions % meta.block_size, 0)
+        blocks = meta.block_tables[:num_decodes, :num_blocks].long()
+        slots = (blocks[:, :, None] * meta.block_size + torch.arange(meta.block_size, device=blocks.device)).flatten(1)
+        heads = torch.arange(num_kv_heads, device=blocks.device)
+        rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [B, Hkv, L]
         bias = torch.zeros(valid.shape, dtype=torch.float32, device=seq_lens.device)
         bias.masked_fill_(~valid, float("-inf"))
-        plan = (slots.view(-1), bias[:, None, :])
+        plan = (rows.flatten(), bias[:, None, None, :])
         meta.cache["decode"] = plan
     return plan
 
