@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=128,
                         help="tokens generated per request; 0 = the reference answer's length")
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="skip longer prompts (tokens)")
-    parser.add_argument("--max-prompt-chars", type=int, default=None, help="skip longer prompts (characters)")
+    parser.add_argument("--max-prompt-chars", type=int, default=None, help="cut longer prompts to this many characters")
     parser.add_argument("--model", default=None, help="GGUF file or HF directory; default: the bundled SmolLM2")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     # None = the engine's own default.

@@ -111,8 +111,8 @@ def sample_sharegpt(tokenizer: Tokenizer, num_requests: int, *, seed: int = 0, m
 
     The prompt is a conversation's first human turn, the reference answer the gpt turn after it.
     The output length is `fixed_output_len`, or the reference answer's token count when None.
-    Skipped: prompts longer than `max_prompt_chars` characters (checked before tokenizing),
-    prompts under 4 or over `max_prompt_len` tokens, reference answers under 4 tokens (only when
+    Prompts longer than `max_prompt_chars` characters are cut to that length (before tokenizing).
+    Skipped: prompts under 4 or over `max_prompt_len` tokens, reference answers under 4 tokens (only when
     they set the output length), and requests whose prompt + output exceed `max_model_len`.
     Raises ValueError when fewer than `num_requests` records pass.
     """
@@ -131,7 +131,7 @@ def sample_sharegpt(tokenizer: Tokenizer, num_requests: int, *, seed: int = 0, m
             requests.append(request)
     if len(requests) < num_requests:
         raise ValueError(f"only {len(requests)} ShareGPT requests pass the filters, {num_requests} asked: "
-                         "raise max_prompt_len, max_model_len or max_prompt_chars")
+                         "raise max_prompt_len or max_model_len")
     return requests
 
 
@@ -142,8 +142,8 @@ def _sharegpt_request(tokenizer: Tokenizer, record: dict[str, Any], max_prompt_l
     if exchange is None:
         return None
     prompt, answer = exchange
-    if max_prompt_chars is not None and len(prompt) > max_prompt_chars:
-        return None
+    if max_prompt_chars is not None:
+        prompt = prompt[:max_prompt_chars]
     prompt_len = len(tokenizer.encode(prompt))
     if not MIN_SHAREGPT_LEN <= prompt_len <= max_prompt_len:
         return None

@@ -83,17 +83,27 @@ class TorchAttentionBackend:
         return output
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        rows, bias = _decode_gather_plan(meta, kv_cache.shape[3])
+        buckets = _decode_buckets(meta, kv_cache.shape[3])
+        if len(buckets) == 1:
+            return self._decode_bucket(query, kv_cache, meta, buckets[0])
+        output = torch.empty_like(query)
+        for bucket in buckets:
+            output.index_copy_(0, bucket.seq_index, self._decode_bucket(query[bucket.seq_index], kv_cache, meta, bucket))
+        return output
+
+    def _decode_bucket(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                       bucket: DecodeBucket) -> torch.Tensor:
         num_seqs, num_q_heads, head_dim = query.shape
         num_kv_heads = kv_cache.shape[3]
         group = num_q_heads // num_kv_heads
-        context_len = bias.shape[-1]
+        context_len = bucket.bias.shape[-1]
         flat = kv_cache.view(2, -1, head_dim)  # one row per (slot, kv head)
-        key_buffer, value_buffer = _gather_buffers(meta, "decode", rows.numel(), head_dim, flat.dtype)
-        keys = torch.index_select(flat[0], 0, rows, out=key_buffer).view(num_seqs, num_kv_heads, context_len, head_dim)
-        values = torch.index_select(flat[1], 0, rows, out=value_buffer).view(num_seqs, num_kv_heads, context_len, head_dim)
+        key_buffer, value_buffer = _gather_buffers(meta, bucket.rows.numel(), head_dim, flat.dtype)
+        shape = (num_seqs, num_kv_heads, context_len, head_dim)
+        keys = torch.index_select(flat[0], 0, bucket.rows, out=key_buffer).view(shape)
+        values = torch.index_select(flat[1], 0, bucket.rows, out=value_buffer).view(shape)
         q = query.view(num_seqs, num_kv_heads, group, head_dim) * head_dim ** -0.5
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() + bias  # [B, Hkv, G, L]
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() + bucket.bias  # [B, Hkv, G, L]
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         return torch.matmul(probs, values).view(num_seqs, num_q_heads, head_dim)
 
@@ -125,20 +135,20 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
-def _gather_buffers(meta: AttentionMetadata, kind: str, num_rows: int, row_size: int,
+def _gather_buffers(meta: AttentionMetadata, num_rows: int, row_size: int,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V gather destinations, allocated once per step and reused by every layer.
+    """K and V gather destinations, allocated once per step and reused by every layer and bucket
+    (each is sliced to the size asked).
 
     PERF: a fresh 10+ MB tensor per layer costs page faults on first touch (glibc hands large
     blocks back to the kernel on free); reusing one buffer made the decode gather ~4x faster.
     """
-    key = (kind, num_rows, row_size, dtype)
-    buffers = meta.cache.get(key)
-    if buffers is None:
+    buffers = meta.cache.get("gather_buffers")
+    if buffers is None or buffers[0].shape[0] < num_rows or buffers[0].dtype != dtype:
         buffers = tuple(torch.empty(num_rows, row_size, dtype=dtype, device=meta.slot_mapping.device)
                         for _ in range(2))
-        meta.cache[key] = buffers
-    return buffers
+        meta.cache["gather_buffers"] = buffers
+    return buffers[0][:num_rows], buffers[1][:num_rows]
 
 
 def _context_slots(meta: AttentionMetadata, seq: int, seq_len: int) -> torch.Tensor:
@@ -147,31 +157,65 @@ def _context_slots(meta: AttentionMetadata, seq: int, seq_len: int) -> torch.Ten
     return blocks * meta.block_size + positions % meta.block_size
 
 
-def _decode_gather_plan(meta: AttentionMetadata, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache rows [B * Hkv * L] holding every decode sequence's context, head-major, padded to
-    the longest context rounded up to whole blocks, and the additive mask [B, 1, 1, L] (-inf on
-    padding).  Built once per step, shared by all layers.
+@dataclass(slots=True)
+class DecodeBucket:
+    """Decode sequences of similar context length, attended together."""
+
+    seq_index: torch.Tensor  # [n] which decode sequences (rows of the query)
+    rows: torch.Tensor  # [n * Hkv * L] cache rows to gather, see _bucket_rows
+    bias: torch.Tensor  # [n, 1, 1, L] additive mask, -inf past each sequence's length
+
+
+# A bucket's padded size (members x longest context) may exceed its real context by this factor.
+MAX_PADDING_RATIO = 1.3
+
+
+def _decode_buckets(meta: AttentionMetadata, num_kv_heads: int) -> list[DecodeBucket]:
+    """Split the decode sequences into buckets of similar length, built once per step.
+
+    PERF: one padded gather over a ragged batch (ShareGPT: contexts from 10 to 1,000 tokens)
+    spent most of its time on padding; sorting by length and cutting where padding would pass
+    MAX_PADDING_RATIO cut a 64-sequence decode step from 179 to ~80 ms here.
+    """
+    buckets = meta.cache.get("decode_buckets")
+    if buckets is None:
+        lengths = meta.seq_lens_cpu[: meta.num_decodes]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        groups: list[list[int]] = [[]]
+        total = 0
+        for seq in order:  # ascending, so the newcomer is the group's longest
+            if groups[-1] and (len(groups[-1]) + 1) * lengths[seq] > MAX_PADDING_RATIO * (total + lengths[seq]):
+                groups.append([])
+                total = 0
+            groups[-1].append(seq)
+            total += lengths[seq]
+        if len(groups) == 1:
+            groups = [list(range(len(lengths)))]  # keep the batch order: no scatter needed
+        buckets = [_bucket(meta, group, num_kv_heads) for group in groups]
+        meta.cache["decode_buckets"] = buckets
+    return buckets
+
+
+def _bucket(meta: AttentionMetadata, seqs: list[int], num_kv_heads: int) -> DecodeBucket:
+    """Cache rows holding these sequences' contexts, head-major, padded to the longest context
+    rounded up to whole blocks.
 
     Row r of the cache viewed as [num_slots * Hkv, D] is (slot = r // Hkv, kv head = r % Hkv), so
-    gathering rows (slot * Hkv + h) in [b, h, position] order yields K as [B, Hkv, L, D]
+    gathering rows (slot * Hkv + h) in [seq, h, position] order yields K as [n, Hkv, L, D]
     contiguous: the layout the batched matmul wants.
     """
-    plan = meta.cache.get("decode")
-    if plan is None:
-        num_decodes = meta.num_decodes
-        seq_lens = meta.seq_lens[:num_decodes].long()
-        num_blocks = -(-max(meta.seq_lens_cpu[:num_decodes]) // meta.block_size)
-        positions = torch.arange(num_blocks * meta.block_size, device=seq_lens.device)
-        valid = positions[None, :] < seq_lens[:, None]
-        blocks = meta.block_tables[:num_decodes, :num_blocks].long()
-        slots = (blocks[:, :, None] * meta.block_size + torch.arange(meta.block_size, device=blocks.device)).flatten(1)
-        heads = torch.arange(num_kv_heads, device=blocks.device)
-        rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [B, Hkv, L]
-        bias = torch.zeros(valid.shape, dtype=torch.float32, device=seq_lens.device)
-        bias.masked_fill_(~valid, float("-inf"))
-        plan = (rows.flatten(), bias[:, None, None, :])
-        meta.cache["decode"] = plan
-    return plan
+    device = meta.block_tables.device
+    seq_index = torch.tensor(seqs, dtype=torch.long, device=device)
+    seq_lens = meta.seq_lens[seq_index].long()
+    num_blocks = -(-max(meta.seq_lens_cpu[s] for s in seqs) // meta.block_size)
+    positions = torch.arange(num_blocks * meta.block_size, device=device)
+    blocks = meta.block_tables[seq_index, :num_blocks].long()
+    slots = (blocks[:, :, None] * meta.block_size + torch.arange(meta.block_size, device=device)).flatten(1)
+    heads = torch.arange(num_kv_heads, device=device)
+    rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [n, Hkv, L]
+    bias = torch.zeros(len(seqs), positions.numel(), dtype=torch.float32, device=device)
+    bias.masked_fill_(positions[None, :] >= seq_lens[:, None], float("-inf"))
+    return DecodeBucket(seq_index=seq_index, rows=rows.flatten(), bias=bias[:, None, None, :])
 
 
 def _causal_bias(num_query: int, seq_len: int, device: torch.device) -> torch.Tensor:
