@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--kv-cache-memory", type=float, default=None, help="GiB")
     parser.add_argument("--compare-hf", action="store_true", help="also run transformers' generate")
+    parser.add_argument("--plot", type=Path, default=None, help="with --compare-hf: save a PNG bar chart here")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--output-json", type=Path, default=None, help="save the figures here")
     args = parser.parse_args()
@@ -191,6 +192,32 @@ def print_ratios(ours: RunResult, theirs: RunResult) -> dict[str, float]:
     return ratios
 
 
+def plot_comparison(ours: RunResult, theirs: RunResult, path: Path) -> None:
+    """Bars of each throughput, ours beside transformers', measured in the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["input_tokens_per_s", "output_tokens_per_s", "total_tokens_per_s"]
+    ours_figures, their_figures = ours.throughputs(), theirs.throughputs()
+    x = range(len(keys))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([i - 0.2 for i in x], [ours_figures[k] for k in keys], width=0.4, label="Elastic Engine")
+    ax.bar([i + 0.2 for i in x], [their_figures[k] for k in keys], width=0.4, label="transformers generate")
+    for i, key in enumerate(keys):
+        ax.annotate(f"{ours_figures[key] / their_figures[key]:.2f}x", (i - 0.2, ours_figures[key]),
+                    ha="center", va="bottom")
+    ax.set_xticks(list(x), [k.replace("_per_s", "/s").replace("_", " ") for k in keys])
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"Offline throughput, {ours.num_requests} ShareGPT requests, same machine, same run")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"saved {path}")
+
+
 def main() -> None:
     args = parse_args()
     llm = build_engine(args)
@@ -211,6 +238,8 @@ def main() -> None:
         print_result("transformers", theirs)
         report["transformers"] = {**asdict(theirs), **theirs.throughputs()}
         report["ratios"] = print_ratios(ours, theirs)
+        if args.plot is not None:
+            plot_comparison(ours, theirs, args.plot)
     if args.output_json is not None:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(report, indent=2) + "\n")

@@ -175,7 +175,6 @@ class AsyncEngine:
 
     def _drain_commands(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
         aborted: dict[str, int] = {}  # request id -> n
-        num_added = 0
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -191,7 +190,6 @@ class AsyncEngine:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
                                         arrival_time=command.arrival_time, priority=command.priority)
                 self._num_samples[command.request_id] = command.params.n
-                num_added += 1
             except ValueError as e:  # the engine refused it (InvalidRequestError and kin)
                 batch.append((command.request_id, APIError(str(e), param=getattr(e, "param", None))))
             except Exception as e:  # an engine bug on this one request: fail it alone
@@ -203,8 +201,7 @@ class AsyncEngine:
             if self.metrics is not None:
                 for request_id, num_samples in aborted.items():
                     self.metrics.record_abort(request_id, num_samples)
-        # The engine's stats are refreshed by step(): the requests just added wait on top of them.
-        self._num_waiting = self.engine.get_stats().num_waiting + num_added
+        self._num_waiting = self.engine.get_stats().num_waiting  # live: includes the requests just added
 
     def _step(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
         outputs = self.engine.step()
@@ -219,8 +216,7 @@ class AsyncEngine:
             self.metrics.record_outputs(outputs, time.time())
 
     def _publish_idle_stats(self) -> None:
-        # get_stats() is refreshed by step() only, so after the last requests were aborted it still
-        # shows them; with no unfinished request nothing runs, waits or holds KV blocks.
+        # With no unfinished request nothing runs, waits or holds KV blocks.
         self._num_waiting = 0
         if self.metrics is not None:
             self.metrics.set_idle()
