@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import hmac
 import logging
+import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -64,10 +67,11 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def build_app(engine: AsyncEngine, metrics: EngineMetrics | None = None, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine, metrics: EngineMetrics | None = None, api_key: str | None = None,
+              engine_on_own_thread: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        engine.start(own_thread=engine_on_own_thread)
         yield
         engine.shutdown()
 
@@ -227,9 +231,35 @@ def run_server(args: argparse.Namespace) -> None:
     metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens)
     metrics.stat_logger.enabled = not args.disable_log_stats
     engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests)
-    app = build_app(engine, metrics, args.api_key)
+    app = build_app(engine, metrics, args.api_key, engine_on_own_thread=False)
     logger.info("Serving %s on http://%s:%d", llm_engine.model_name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level)
+    serve_http_beside_engine(engine, uvicorn.Config(app, host=args.host, port=args.port,
+                                                    log_level=args.uvicorn_log_level))
+
+
+def serve_http_beside_engine(engine: AsyncEngine, config: uvicorn.Config) -> None:
+    """uvicorn's event loop on a thread of its own, the engine loop on this (the main) thread,
+    which loaded the model (see AsyncEngine.run_engine_loop for why).  Ctrl-C or SIGTERM stops both."""
+    server = uvicorn.Server(config)
+    http_thread = threading.Thread(target=server.run, name="http", daemon=True)
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:  # noqa: ARG001
+        stop.set()
+        server.should_exit = True
+        engine.shutdown()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    http_thread.start()
+    while not server.started and http_thread.is_alive():
+        time.sleep(0.05)
+    if server.started:
+        engine.run_engine_loop()  # returns after shutdown()
+    server.should_exit = True
+    http_thread.join(timeout=10)
+    if not stop.is_set() and not server.started:
+        raise SystemExit("engine serve: the HTTP server failed to start (is the port free?)")
 
 
 def main(argv: list[str] | None = None) -> None:
