@@ -1,0 +1,145 @@
+"""llama.cpp's `llama-server` on loopback, serving the engine's default GGUF, as a benchmark peer.
+
+`build_llama_server.sh` builds the binary into a cache outside the repository; this module finds
+it there, starts it with one slot per concurrent stream, waits for /health and stops it on exit.
+
+    .venv/bin/python benchmarks/peers/llama_server.py --port 8081   # serve until Ctrl-C
+
+In a benchmark:
+
+    with LlamaServer(binary, model_file, num_slots=32, num_threads=2, ctx_size=32 * 1152) as server:
+        ...  # POST f"{server.url}/v1/completions"
+
+`ctx_size` is the KV cache of all slots together: llama-server gives each slot ctx_size / num_slots
+tokens, so pass num_slots * (longest prompt + output length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+HEALTH_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0
+
+
+def default_cache_dir() -> Path:
+    """Where build_llama_server.sh keeps sources and binary (the same default as the script)."""
+    if "LLAMA_SERVER_CACHE" in os.environ:
+        return Path(os.environ["LLAMA_SERVER_CACHE"])
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache_home / "elastic-engine" / "llama-server"
+
+
+def default_binary() -> Path:
+    return default_cache_dir() / "llama.cpp" / "build" / "bin" / "llama-server"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Poll GET {url}/health until 200; raise if the process exits or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass  # not listening yet, or 503 while the model loads
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within STOP_TIMEOUT_S."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+class LlamaServer:
+    """A llama-server process for the length of a `with` block."""
+
+    def __init__(self, binary: Path, model_file: Path, *, num_slots: int, num_threads: int, ctx_size: int,
+                 port: int | None = None, log_file: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            str(binary), "--model", str(model_file), "--host", "127.0.0.1", "--port", str(self.port),
+            "--parallel", str(num_slots), "--ctx-size", str(ctx_size),
+            "--threads", str(num_threads), "--threads-batch", str(num_threads),
+            "--cont-batching", "--no-webui",
+        ]
+        self.log_file = log_file
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LlamaServer:
+        log = open(self.log_file, "wb") if self.log_file is not None else subprocess.DEVNULL
+        try:
+            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # the child holds its own descriptor
+        try:
+            wait_until_healthy(self.url, self._process)
+        except BaseException:
+            stop_process(self._process)
+            raise
+        return self
+
+    def wait(self) -> None:
+        """Block until the server exits (it runs until stopped)."""
+        if self._process is not None:
+            self._process.wait()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._process is not None:
+            stop_process(self._process)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the engine's default GGUF with llama-server until Ctrl-C.")
+    parser.add_argument("--binary", type=Path, default=default_binary())
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the engine's default model)")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--num-slots", type=int, default=32, help="llama-server -np")
+    parser.add_argument("--threads", type=int, default=2, help="llama-server -t and -tb")
+    parser.add_argument("--ctx-size", type=int, default=32 * (1024 + 128), help="tokens, all slots together")
+    args = parser.parse_args()
+    if not args.binary.exists():
+        parser.error(f"{args.binary} does not exist: run benchmarks/peers/build_llama_server.sh")
+    if args.model is None:
+        from engine.model.loader import default_model_path
+        args.model = default_model_path()
+    with LlamaServer(args.binary, args.model, num_slots=args.num_slots, num_threads=args.threads,
+                     ctx_size=args.ctx_size, port=args.port) as server:
+        print(f"llama-server ready on {server.url}; Ctrl-C stops it")
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Server throughput on ShareGPT: our OpenAI server against the offline engine and llama.cpp's server.
+
+One run, one set of requests, three systems one after another on the same machine:
+
+1. the offline engine (`LLM.generate`, all requests at once, max_num_seqs = concurrency);
+2. our server (`python -m engine.api.server`) in a subprocess, driven by `concurrency` streaming
+   /v1/completions requests at a time over keep-alive connections;
+3. llama.cpp's `llama-server` on the same GGUF (built by benchmarks/peers/build_llama_server.sh),
+   one slot per stream, driven the same way but with a fresh connection per request: it drops
+   keep-alive connections under load.  Skipped with a message when the binary is missing.
+
+Every request is a raw ShareGPT prompt (no chat template) generating exactly --output-len tokens
+(greedy, EOS ignored), so every system does the same work.  Like `vllm bench serve`: requests
+all arrive at once and at most --concurrency are in flight; TTFT is the time to the first chunk
+with text, TPOT = (latency - TTFT) / (output tokens - 1), output tokens come from the final usage
+chunk (`stream_options.include_usage`), and total tokens/s counts the sampled prompt lengths.
+
+    .venv/bin/python benchmarks/serve_throughput.py
+    .venv/bin/python benchmarks/serve_throughput.py --num-prompts 16 --skip-llama-server   # quick
+
+Writes --save-result (JSON, per-request timings included), a markdown table beside it (.md), a
+PNG of throughputs and TTFT/TPOT CDFs (.png), and the servers' logs (.ours.log, .llama-server.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from engine.bench.datasets import SampleRequest, load_sharegpt, sample_sharegpt
+from engine.model.loader import default_model_path
+from peers.llama_server import LlamaServer, default_binary, free_port, stop_process, wait_until_healthy
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUEST_TIMEOUT_S = 600.0
+WARMUP_OUTPUT_LEN = 8
+# Acceptance points of the server issue.
+MIN_SERVER_OVER_OFFLINE = 0.9
+MIN_OURS_OVER_LLAMA_SERVER = 2.5
+
+
+@dataclass(frozen=True, slots=True)
+class RequestResult:
+    """One streamed request as the client saw it (times in seconds from sending it)."""
+
+    prompt_len: int
+    num_output_tokens: int
+    ttft_s: float | None
+    latency_s: float
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.num_output_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.num_output_tokens - 1)
+
+
+@dataclass(slots=True)
+class SystemResult:
+    """What one system did with all the requests; `requests` is empty for the offline engine."""
+
+    name: str
+    num_input_tokens: int
+    num_output_tokens: int
+    elapsed_s: float
+    requests: list[RequestResult] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int | None]:
+        figures: dict[str, float | int | None] = {
+            "num_failed": sum(r.error is not None for r in self.requests),
+            "elapsed_s": self.elapsed_s,
+            "output_tokens_per_s": self.num_output_tokens / self.elapsed_s,
+            "total_tokens_per_s": (self.num_input_tokens + self.num_output_tokens) / self.elapsed_s,
+        }
+        for metric in ("ttft", "tpot"):
+            values = [getattr(r, f"{metric}_s") for r in self.requests]
+            values_ms = np.array([v * 1000 for v in values if v is not None])
+            for stat, fn in (("mean", np.mean), ("median", np.median), ("p99", lambda a: np.percentile(a, 99))):
+                figures[f"{stat}_{metric}_ms"] = float(fn(values_ms)) if values_ms.size else None
+        return figures
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=32,
+                        help="streams in flight; also our max_num_seqs and llama-server's slots")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--max-prompt-len", type=int, default=1024, help="skip longer prompts (tokens)")
+    parser.add_argument("--max-prompt-chars", type=int, default=None, help="cut longer prompts to this many characters")
+    parser.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle seed")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="ours; default: the engine's")
+    parser.add_argument("--llama-server", type=Path, default=default_binary(), help="llama-server binary")
+    parser.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t and -tb")
+    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--skip-llama-server", action="store_true")
+    parser.add_argument("--save-result", type=Path, default=REPO_ROOT / "benchmarks/results/serve_throughput.json",
+                        help="JSON; the .md table and .png plot go beside it")
+    args = parser.parse_args()
+    if min(args.num_prompts, args.concurrency, args.output_len, args.max_prompt_len) < 1:
+        parser.error("--num-prompts, --concurrency, --output-len and --max-prompt-len must be positive")
+    return args
+
+
+# --- the offline engine ----------------------------------------------------------------------
+
+def build_engine(args: argparse.Namespace) -> Any:
+    from engine import LLM
+
+    extra = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
+    return LLM(dtype=args.dtype, max_num_seqs=args.concurrency, **extra)
+
+
+def run_offline(llm: Any, warmup_request: SampleRequest, requests: list[SampleRequest],
+                output_len: int) -> SystemResult:
+    from engine import SamplingParams
+
+    warmup = SamplingParams(temperature=0.0, max_tokens=WARMUP_OUTPUT_LEN, ignore_eos=True)
+    llm.generate([warmup_request.prompt], warmup, use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt for r in requests], params, use_tqdm=True)
+    elapsed_s = time.perf_counter() - start
+    num_output_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+    return SystemResult("offline engine", sum(r.prompt_len for r in requests), num_output_tokens, elapsed_s)
+
+
+# --- streaming clients -----------------------------------------------------------------------
+
+def completion_body(prompt: str, max_tokens: int) -> dict[str, Any]:
+    """A streaming /v1/completions body that both servers read the same way.
+
+    `n_predict` is llama-server's own name for max_tokens; our server ignores unknown fields.
+    """
+    return {"prompt": prompt, "max_tokens": max_tokens, "n_predict": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, request: SampleRequest,
+                            max_tokens: int) -> RequestResult:
+    """Send one streaming completion and time it from the client's side."""
+    ttft_s, num_text_chunks, num_usage_tokens = None, 0, None
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=completion_body(request.prompt, max_tokens)) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")[:200]
+                return RequestResult(request.prompt_len, 0, None, time.perf_counter() - start,
+                                     f"HTTP {response.status_code}: {body}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data:") or (data := line.removeprefix("data:").strip()) == "[DONE]":
+                    continue
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    num_usage_tokens = chunk["usage"]["completion_tokens"]
+                if any(choice.get("text") for choice in chunk.get("choices") or []):
+                    num_text_chunks += 1
+                    if ttft_s is None:
+                        ttft_s = time.perf_counter() - start
+    except httpx.HTTPError as e:
+        return RequestResult(request.prompt_len, 0, ttft_s, time.perf_counter() - start, f"{type(e).__name__}: {e}")
+    num_output_tokens = num_usage_tokens if num_usage_tokens is not None else num_text_chunks
+    return RequestResult(request.prompt_len, num_output_tokens, ttft_s, time.perf_counter() - start)
+
+
+def new_client(concurrency: int, fresh_connections: bool) -> httpx.AsyncClient:
+    # Without keep-alive every request opens (and closes) its own connection.
+    limits = httpx.Limits(max_connections=concurrency,
+                          max_keepalive_connections=0 if fresh_connections else concurrency)
+    headers = {"Connection": "close"} if fresh_connections else {}
+    return httpx.AsyncClient(limits=limits, headers=headers, timeout=REQUEST_TIMEOUT_S)
+
+
+async def drive_server(name: str, base_url: str, warmup_request: SampleRequest, requests: list[SampleRequest],
+                       output_len: int, concurrency: int, fresh_connections: bool) -> SystemResult:
+    """One warm-up request, then all requests with at most `concurrency` in flight."""
+    url = f"{base_url}/v1/completions"
+    semaphore = asyncio.Semaphore(concurrency)
+    async with new_client(concurrency, fresh_connections) as client:
+        warmup = await stream_completion(client, url, warmup_request, WARMUP_OUTPUT_LEN)
+        if warmup.error is not None:
+            raise RuntimeError(f"{name} failed the warm-up request: {warmup.error}")
+        with tqdm(total=len(requests), desc=name) as progress:
+            async def one(request: SampleRequest) -> RequestResult:
+                async with semaphore:
+                    result = await stream_completion(client, url, request, output_len)
+                progress.update(1)
+                return result
+
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(request) for request in requests))
+            elapsed_s = time.perf_counter() - start
+    return SystemResult(name, sum(r.prompt_len for r in requests),
+                        sum(r.num_output_tokens for r in results), elapsed_s, list(results))
+
+
+# --- the servers -----------------------------------------------------------------------------
+
+class OurServer(AbstractContextManager["OurServer"]):
+    """`python -m engine.api.server` on a free loopback port for the length of a `with` block."""
+
+    def __init__(self, args: argparse.Namespace, log_file: Path) -> None:
+        self.url = f"http://127.0.0.1:{(port := free_port())}"
+        self.command = [sys.executable, "-m", "engine.api.server", "--port", str(port),
+                        "--max-num-seqs", str(args.concurrency), "--dtype", args.dtype,
+                        "--disable-log-stats", "--uvicorn-log-level", "warning"]
+        if args.max_num_batched_tokens is not None:
+            self.command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        self.log_file = log_file
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> OurServer:
+        with open(self.log_file, "wb") as log:
+            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        try:
+            wait_until_healthy(self.url, self._process)
+        except BaseException:
+            stop_process(self._process)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process is not None:
+            stop_process(self._process)
+
+
+def run_against(name: str, server: AbstractContextManager[Any], warmup_request: SampleRequest,
+                requests: list[SampleRequest], args: argparse.Namespace, fresh_connections: bool) -> SystemResult:
+    with server as running:
+        return asyncio.run(drive_server(name, running.url, warmup_request, requests, args.output_len,
+                                        args.concurrency, fresh_connections))
+
+
+def llama_server_version(binary: Path) -> str:
+    """`llama-server --version`, plus the sdist it was built from where build_llama_server.sh noted it."""
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    version = " ".join((done.stdout + done.stderr).split())
+    source = binary.parents[2] / "SOURCE"  # llama.cpp/build/bin/llama-server -> llama.cpp/SOURCE
+    return f"{version}; source {source.read_text().strip()}" if source.exists() else version
+
+
+# --- report ----------------------------------------------------------------------------------
+
+COLUMNS = [("output tok/s", "output_tokens_per_s", ".1f"), ("total tok/s", "total_tokens_per_s", ".1f"),
+           ("mean TTFT ms", "mean_ttft_ms", ".0f"), ("median TTFT ms", "median_ttft_ms", ".0f"),
+           ("p99 TTFT ms", "p99_ttft_ms", ".0f"), ("mean TPOT ms", "mean_tpot_ms", ".1f"),
+           ("median TPOT ms", "median_tpot_ms", ".1f"), ("p99 TPOT ms", "p99_tpot_ms", ".1f")]
+
+
+def table_rows(summaries: dict[str, dict[str, Any]]) -> list[list[str]]:
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    return [[name, *(cell(figures[key], spec) for _, key, spec in COLUMNS)] for name, figures in summaries.items()]
+
+
+def ratios_of(summaries: dict[str, dict[str, Any]]) -> dict[str, float]:
+    ours = summaries.get("our server")
+    ratios = {}
+    for other, label in (("offline engine", "server_over_offline"), ("llama-server", "ours_over_llama_server")):
+        if ours is not None and other in summaries:
+            for key in ("output_tokens_per_s", "total_tokens_per_s"):
+                ratios[f"{label}_{key.removesuffix('_per_s')}"] = ours[key] / summaries[other][key]
+    return ratios
+
+
+def acceptance(ratios: dict[str, float]) -> list[str]:
+    lines = []
+    if "server_over_offline_output_tokens" in ratios:
+        ratio = ratios["server_over_offline_output_tokens"]
+        verdict = "meets" if ratio >= MIN_SERVER_OVER_OFFLINE else "MISSES"
+        lines.append(f"our server / offline output tok/s = {ratio:.3f} ({verdict} >= {MIN_SERVER_OVER_OFFLINE})")
+    if "ours_over_llama_server_output_tokens" in ratios:
+        ratio = ratios["ours_over_llama_server_output_tokens"]
+        verdict = "meets" if ratio >= MIN_OURS_OVER_LLAMA_SERVER else "MISSES"
+        lines.append(f"our server / llama-server output tok/s = {ratio:.2f}x "
+                     f"({verdict} >= {MIN_OURS_OVER_LLAMA_SERVER}x)")
+    return lines
+
+
+def print_report(summaries: dict[str, dict[str, Any]], ratios: dict[str, float]) -> None:
+    headers = ["system", *(title for title, _, _ in COLUMNS)]
+    widths = [max(len(headers[0]), *(len(name) for name in summaries))] + [len(title) for title in headers[1:]]
+    print("\n" + "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(headers, widths))))
+    for row in table_rows(summaries):
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    for name, figures in summaries.items():
+        if figures["num_failed"]:
+            print(f"WARNING: {figures['num_failed']} requests to {name} failed")
+    print()
+    for line in acceptance(ratios):
+        print(line)
+
+
+def markdown_table(summaries: dict[str, dict[str, Any]], ratios: dict[str, float]) -> str:
+    headers = ["system", *(title for title, _, _ in COLUMNS)]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summaries)]
+    return "\n".join(lines + [""] + [f"- {line}" for line in acceptance(ratios)]) + "\n"
+
+
+def plot(results: list[SystemResult], path: Path, title: str) -> None:
+    """Throughput bars for every system; TTFT and TPOT CDFs for the servers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, ttft, tpot) = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = ["output_tokens_per_s", "total_tokens_per_s"]
+    width = 0.8 / len(results)
+    for i, result in enumerate(results):
+        figures = result.summary()
+        xs = [k + (i - (len(results) - 1) / 2) * width for k in range(len(keys))]
+        drawn = bars.bar(xs, [figures[key] for key in keys], width=width, label=result.name)
+        bars.bar_label(drawn, fmt="%.0f", fontsize=8)
+    bars.set_xticks(range(len(keys)), ["output tok/s", "total tok/s"])
+    bars.set_ylabel("tokens / s")
+    bars.legend(fontsize=8)
+    for axis, metric in ((ttft, "ttft"), (tpot, "tpot")):
+        for result in results:
+            values = sorted(v * 1000 for r in result.requests if (v := getattr(r, f"{metric}_s")) is not None)
+            if values:
+                axis.plot(values, np.arange(1, len(values) + 1) / len(values), label=result.name,
+                          drawstyle="steps-post")
+        axis.set_xlabel(f"{metric.upper()} (ms)")
+        axis.set_ylabel("fraction of requests")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu_model, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def save(args: argparse.Namespace, results: list[SystemResult], extra: dict[str, Any]) -> None:
+    summaries = {result.name: result.summary() for result in results}
+    ratios = ratios_of(summaries)
+    print_report(summaries, ratios)
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "machine": machine(), **extra, "summaries": summaries, "ratios": ratios,
+              "requests": {result.name: [asdict(r) for r in result.requests] for result in results if result.requests}}
+    path = args.save_result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown_table(summaries, ratios))
+    title = (f"{args.num_prompts} ShareGPT requests, {args.concurrency} concurrent streams, "
+             f"{args.output_len} output tokens, {machine()['cpu_count']} CPU cores, one run")
+    plot(results, path.with_suffix(".png"), title)
+    print(f"\nsaved {path}, {path.with_suffix('.md').name} and {path.with_suffix('.png').name}")
+
+
+def make_llama_server(args: argparse.Namespace, log_file: Path) -> LlamaServer | None:
+    """llama-server with one slot per stream, each slot holding the longest prompt plus its output."""
+    if args.skip_llama_server:
+        return None
+    if not args.llama_server.exists():
+        print(f"\nSKIPPED llama-server: {args.llama_server} does not exist; "
+              "build it with benchmarks/peers/build_llama_server.sh (about ten minutes on two cores)")
+        return None
+    ctx_size = args.concurrency * (args.max_prompt_len + args.output_len)
+    return LlamaServer(args.llama_server, default_model_path(), num_slots=args.concurrency,
+                       num_threads=args.llama_threads, ctx_size=ctx_size, log_file=log_file)
+
+
+def main() -> None:
+    args = parse_args()
+    llm = build_engine(args)
+    # One more than measured: the warm-up request, so that no measured prompt is cached beforehand.
+    warmup_request, *requests = sample_sharegpt(
+        llm.get_tokenizer(), args.num_prompts + 1, seed=args.seed, max_prompt_len=args.max_prompt_len,
+        fixed_output_len=args.output_len, max_prompt_chars=args.max_prompt_chars)
+    load_sharegpt.cache_clear()  # the parsed dataset (~200 MB) is not needed past sampling
+    results: list[SystemResult] = []
+    if not args.skip_offline:
+        results.append(run_offline(llm, warmup_request, requests, args.output_len))
+    del llm  # free our weights and KV cache before the servers load theirs
+    gc.collect()
+    extra: dict[str, Any] = {"num_input_tokens": sum(r.prompt_len for r in requests)}
+    # Server logs go beside the result (*.log is git-ignored): read them when a server fails to start.
+    args.save_result.parent.mkdir(parents=True, exist_ok=True)
+    log_stem = args.save_result.with_suffix("")
+    ours = OurServer(args, Path(f"{log_stem}.ours.log"))
+    results.append(run_against("our server", ours, warmup_request, requests, args, fresh_connections=False))
+    llama_server = make_llama_server(args, Path(f"{log_stem}.llama-server.log"))
+    if llama_server is not None:
+        extra["llama_server"] = {"version": llama_server_version(args.llama_server), "command": llama_server.command}
+        results.append(run_against("llama-server", llama_server, warmup_request, requests, args,
+                                   fresh_connections=True))
+    save(args, results, extra)
+
+
+if __name__ == "__main__":
+    main()
