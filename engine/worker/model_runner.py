@@ -12,6 +12,7 @@ from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
 from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.worker.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from engine.worker.prepacked_linear import can_prepack, prepack_linears
 from engine.worker.sampler import Sampler, SamplingRow
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -45,6 +46,8 @@ class ModelRunner:
         self.model: LlamaForCausalLM = load_model(source, self.dtype,
                                                   make_attention_backend(runner.attention_backend, runner.device),
                                                   runner.device)
+        if can_prepack(self.device, self.dtype):
+            prepack_linears(self.model)
         self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype)
         arch = source.arch
         # [2, num_blocks, block_size, num_kv_heads, head_dim] per layer; zeros so masked-out
@@ -56,7 +59,8 @@ class ModelRunner:
 
     @property
     def weights_bytes(self) -> int:
-        unique = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.device.type != "meta"}
         return sum(unique.values())
 
     @property
