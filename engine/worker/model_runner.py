@@ -60,7 +60,9 @@ class ModelRunner:
     @property
     def weights_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if t.device.type != "meta"}
+        # Prepacked oneDNN weights are opaque (no data pointer): count them by identity.
+        unique = {(t.data_ptr() if t.layout == torch.strided else id(t)): t.numel() * t.element_size()
+                  for t in tensors}
         return sum(unique.values())
 
     @property

@@ -146,3 +146,14 @@ def test_abort_frees_kv_mid_generation(llm_fp32):
     engine.abort_request(["abort-me"])
     assert_kv_empty(llm_fp32)
     assert engine.step() == []
+
+
+def test_memory_report_counts_weights_and_kv_budget(llm_bf16):
+    report = llm_bf16.memory_report()
+    # SmolLM2-135M in bf16: ~135M parameters (the tied LM head packed separately for oneDNN).
+    assert 0.25e9 <= report["weights_bytes"] <= 0.40e9
+    assert 0.99 * (1 << 30) <= report["kv_cache_bytes"] <= 1 << 30  # kv_cache_memory=1.0 GiB
+    out = llm_bf16.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=8),
+                            use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 8 or out.finish_reason == "stop"
+    assert_kv_empty(llm_bf16)
