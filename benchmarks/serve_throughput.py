@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from engine.bench.datasets import SampleRequest, load_sharegpt, sample_sharegpt
 from engine.model.loader import default_model_path
-from peers.llama_server import LlamaServer, default_binary, free_port, stop_process, wait_until_healthy
+from peers.llama_server import LlamaServer, ServerProcess, default_binary, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUEST_TIMEOUT_S = 600.0
@@ -213,32 +213,17 @@ async def drive_server(name: str, base_url: str, warmup_request: SampleRequest, 
 
 # --- the servers -----------------------------------------------------------------------------
 
-class OurServer(AbstractContextManager["OurServer"]):
-    """`python -m engine.api.server` on a free loopback port for the length of a `with` block."""
+class OurServer(ServerProcess):
+    """`python -m engine.api.server` on a free loopback port."""
 
     def __init__(self, args: argparse.Namespace, log_file: Path) -> None:
-        self.url = f"http://127.0.0.1:{(port := free_port())}"
-        self.command = [sys.executable, "-m", "engine.api.server", "--port", str(port),
-                        "--max-num-seqs", str(args.concurrency), "--dtype", args.dtype,
-                        "--disable-log-stats", "--uvicorn-log-level", "warning"]
+        port = free_port()
+        command = [sys.executable, "-m", "engine.api.server", "--port", str(port),
+                   "--max-num-seqs", str(args.concurrency), "--dtype", args.dtype,
+                   "--disable-log-stats", "--uvicorn-log-level", "warning"]
         if args.max_num_batched_tokens is not None:
-            self.command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        self.log_file = log_file
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> OurServer:
-        with open(self.log_file, "wb") as log:
-            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        try:
-            wait_until_healthy(self.url, self._process)
-        except BaseException:
-            stop_process(self._process)
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._process is not None:
-            stop_process(self._process)
+            command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+        super().__init__(command, port, log_file, cwd=REPO_ROOT)
 
 
 def run_against(name: str, server: AbstractContextManager[Any], warmup_request: SampleRequest,

@@ -77,26 +77,22 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-class LlamaServer:
-    """A llama-server process for the length of a `with` block."""
+class ServerProcess:
+    """A server process on a loopback port for the length of a `with` block: started, waited on
+    until /health answers, stopped on exit.  Subclasses only build the command."""
 
-    def __init__(self, binary: Path, model_file: Path, *, num_slots: int, num_threads: int, ctx_size: int,
-                 port: int | None = None, log_file: Path | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            str(binary), "--model", str(model_file), "--host", "127.0.0.1", "--port", str(self.port),
-            "--parallel", str(num_slots), "--ctx-size", str(ctx_size),
-            "--threads", str(num_threads), "--threads-batch", str(num_threads),
-            "--cont-batching", "--no-webui",
-        ]
+    def __init__(self, command: list[str], port: int, log_file: Path | None = None, cwd: Path | None = None) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.command = command
         self.log_file = log_file
+        self.cwd = cwd
         self._process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> LlamaServer:
+    def __enter__(self) -> ServerProcess:
         log = open(self.log_file, "wb") if self.log_file is not None else subprocess.DEVNULL
         try:
-            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # the child holds its own descriptor
@@ -116,6 +112,20 @@ class LlamaServer:
                  traceback: TracebackType | None) -> None:
         if self._process is not None:
             stop_process(self._process)
+
+
+class LlamaServer(ServerProcess):
+    """llama.cpp's llama-server on the given GGUF."""
+
+    def __init__(self, binary: Path, model_file: Path, *, num_slots: int, num_threads: int, ctx_size: int,
+                 port: int | None = None, log_file: Path | None = None) -> None:
+        port = port or free_port()
+        super().__init__([
+            str(binary), "--model", str(model_file), "--host", "127.0.0.1", "--port", str(port),
+            "--parallel", str(num_slots), "--ctx-size", str(ctx_size),
+            "--threads", str(num_threads), "--threads-batch", str(num_threads),
+            "--cont-batching", "--no-webui",
+        ], port, log_file)
 
 
 def main() -> None:
