@@ -18,7 +18,7 @@ be recomputed.  A victim is never lost: it goes back to the waiting queue.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
@@ -28,8 +28,11 @@ from engine.scheduler.policy import SchedulingPolicy
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, policy: SchedulingPolicy, *,
-                 max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+                 max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                 clock: Callable[[], float] = time.time) -> None:
         self.kv = kv_cache_manager
+        # Where "now" comes from: wall time in the engine, a virtual clock in the simulator.
+        self.clock = clock
         self.policy = policy
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -124,7 +127,7 @@ class Scheduler:
 
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         self.waiting.sort(key=self.policy.waiting_key)
-        now = time.time()
+        now = self.clock()
         admitted: list[Request] = []
         for request in self.waiting:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
