@@ -38,6 +38,8 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: float = 2.0  # GiB for K and V of all layers; ignored if num_kv_blocks is set
     num_kv_blocks: int | None = None
+    # Share the KV of identical prompt prefixes between requests (full blocks, LRU-evicted).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
@@ -48,11 +50,47 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class MLFQConfig:
+    """FastServe's skip-join multi-level feedback queue.  Service is counted in quanta units: one
+    decode step of a request is one unit; prefill counts prefill_tokens_per_unit tokens a unit."""
+
+    num_levels: int = 8  # queue i has quantum base_quantum * 2**i units; the last is unbounded
+    base_quantum: int = 1
+    # Prefill tokens that cost about one decode step of the batch on this CPU (a 512-token chunk
+    # costs a few decode steps): a prompt of L tokens joins the highest queue whose quantum covers
+    # ceil(L / prefill_tokens_per_unit).
+    prefill_tokens_per_unit: int = 128
+    starvation_s: float = 20.0  # unscheduled this long -> promoted back to the top queue
+
+    def __post_init__(self) -> None:
+        _require(self.num_levels >= 1, f"mlfq num_levels must be positive, got {self.num_levels}")
+        _require(self.base_quantum >= 1, f"mlfq base_quantum must be positive, got {self.base_quantum}")
+        _require(self.prefill_tokens_per_unit >= 1,
+                 f"mlfq prefill_tokens_per_unit must be positive, got {self.prefill_tokens_per_unit}")
+        _require(self.starvation_s > 0, f"mlfq starvation_s must be positive, got {self.starvation_s}")
+
+
+@dataclass(frozen=True)
+class SLOConfig:
+    """Server-wide latency targets for requests that bring none (None = no target)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    best_effort: bool = False  # serve requests whose TTFT target is out of reach instead of refusing them
+
+    def __post_init__(self) -> None:
+        _require(self.ttft_ms is None or self.ttft_ms > 0, f"slo ttft_ms must be positive, got {self.ttft_ms}")
+        _require(self.tpot_ms is None or self.tpot_ms > 0, f"slo tpot_ms must be positive, got {self.tpot_ms}")
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 512  # token budget of one step (decodes + prefill chunks)
-    max_num_seqs: int = 128  # running requests at most
+    max_num_seqs: int = 128  # requests in one step at most
     policy: str = "fcfs"
     max_model_len: int = 8192  # resolved from the model by the engine
+    mlfq: MLFQConfig = field(default_factory=MLFQConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
 
     def __post_init__(self) -> None:
         _require(self.max_num_batched_tokens >= 1,

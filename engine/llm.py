@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, RunnerConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, MLFQConfig, ModelConfig, RunnerConfig, SchedulerConfig, SLOConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -19,12 +19,14 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 128, block_size: int = 16,
                  kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
+                 enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
                  attention_backend: str = "auto", device: str = "cpu") -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
+                              enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      policy=scheduling_policy),
+                                      policy=scheduling_policy, mlfq=mlfq or MLFQConfig(), slo=slo or SLOConfig()),
             runner=RunnerConfig(device=device, attention_backend=attention_backend),
         )
         self.engine = LLMEngine(config)
@@ -38,12 +40,16 @@ class LLM:
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of the prompts."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts.
+        `priority` (one per prompt, lower first) matters under the priority policy, as in vLLM."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params_per_prompt(len(prompts), sampling_params)
-        request_ids = [self._add(prompt, p) for prompt, p in zip(prompts, params)]
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        priorities = priority if priority is not None else [0] * len(prompts)
+        request_ids = [self._add(prompt, p, level) for prompt, p, level in zip(prompts, params, priorities)]
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -66,12 +72,12 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
         return list(sampling_params)
 
-    def _add(self, prompt: PromptInput, params: SamplingParams) -> str:
+    def _add(self, prompt: PromptInput, params: SamplingParams, priority: int = 0) -> str:
         request_id = str(self._next_id)
         self._next_id += 1
         if isinstance(prompt, dict):
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
-        self.engine.add_request(request_id, prompt, params)
+        self.engine.add_request(request_id, prompt, params, priority=priority)
         return request_id
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

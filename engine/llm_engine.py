@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from engine.config import EngineConfig, SchedulerConfig
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.model.loader import resolve_model, load_tokenizer
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
-from engine.request import Request, RequestStatus
+from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
+from engine.scheduler.cost_model import StepCostModel, features_of
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from engine.scheduler.policy import make_policy
+from engine.scheduler.policy import FCFSPolicy, make_policy
 from engine.scheduler.scheduler import Scheduler
 from engine.worker.model_runner import ModelRunner
 
@@ -39,6 +40,11 @@ class EngineStats:
     num_prompt_tokens_step: int = 0  # prompt tokens whose KV the last step computed
     num_generation_tokens_step: int = 0  # tokens sampled in the last step
     num_batched_tokens_step: int = 0
+    num_rejected_total: dict[str, int] = field(default_factory=dict)  # reason -> refused requests
+    num_slo_attained_total: int = 0  # finished samples that met every latency target they had
+    num_slo_violated_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of which found
 
 
 class LLMEngine:
@@ -50,12 +56,19 @@ class LLMEngine:
                                  source.arch.max_position_embeddings)
         self.tokenizer = load_tokenizer(source)
         self.runner = ModelRunner(source, config.model.dtype, config.cache, config.runner)
-        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.cache.block_size)
+        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.cache.block_size,
+                                 enable_prefix_caching=config.cache.enable_prefix_caching)
         scheduler_config: SchedulerConfig = replace(config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(self.kv, make_policy(scheduler_config.policy),
+        self.scheduler = Scheduler(self.kv, FCFSPolicy(),
                                    max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
                                    max_num_seqs=scheduler_config.max_num_seqs,
                                    max_model_len=self.max_model_len)
+        # The step cost model, for policies that predict step times: profiled now by running real
+        # steps (under FCFS, with no request yet), then refined from every step the engine runs.
+        self.cost_model: StepCostModel | None = None
+        if scheduler_config.policy == "slo":
+            self.cost_model = self._profile_cost_model()
+        self.scheduler.policy = make_policy(scheduler_config, self.cost_model)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         logger.info("engine ready: model=%s dtype=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
@@ -65,21 +78,24 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0, slo: SLOTarget | None = None) -> None:
+        """Queue a request.  Raises InvalidRequestError for a request the engine cannot serve, and
+        AdmissionRejected when the scheduling policy refuses it (an unreachable latency target)."""
         if request_id in self.outputs.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_token_ids = self._prompt_token_ids(prompt)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
         arrival_time = time.time() if arrival_time is None else arrival_time
+        slo_defaults = self.config.scheduler.slo
+        slo = SLOTarget.resolve(slo, slo_defaults.ttft_ms, slo_defaults.tpot_ms)
         children = [Request(request_id=request_id if params.n == 1 else f"{request_id}#{i}",
                             prompt_token_ids=prompt_token_ids,
                             sampling_params=params if params.n == 1 else params.for_child(i),
                             max_tokens=max_tokens, eos_token_ids=self.tokenizer.stop_token_ids,
-                            arrival_time=arrival_time, priority=priority)
+                            arrival_time=arrival_time, priority=priority, slo=slo)
                     for i in range(params.n)]
+        self.scheduler.add_requests(children)
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, children)
-        for child in children:
-            self.scheduler.add_request(child)
 
     def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -126,7 +142,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
+        start = time.perf_counter()
         runner_output = self.runner.execute(scheduler_output)
+        if self.cost_model is not None and not scheduler_output.is_empty:
+            self.cost_model.observe(features_of(scheduler_output), time.perf_counter() - start)
         progressed = self.scheduler.update_from_output(scheduler_output, runner_output)
         now = time.time()
         for request in progressed:
@@ -148,7 +167,21 @@ class LLMEngine:
             request.stop_reason = stop
         if request.is_finished:
             metrics.finished_time = now
+            self._count_slo(request)
             self.outputs.on_finished(request)
+
+    def _count_slo(self, request: Request) -> None:
+        if request.slo is None:
+            return
+        metrics = request.metrics
+        ttft_s = metrics.first_token_time - metrics.arrival_time
+        tpot_s = None
+        if request.num_output_tokens > 1:
+            tpot_s = (metrics.last_token_time - metrics.first_token_time) / (request.num_output_tokens - 1)
+        if request.slo.attained(ttft_s, tpot_s):
+            self.stats.num_slo_attained_total += 1
+        else:
+            self.stats.num_slo_violated_total += 1
 
     def _update_stats(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
         stats = self.stats
@@ -156,6 +189,9 @@ class LLMEngine:
         stats.num_waiting = self.scheduler.num_waiting
         stats.kv_cache_usage = self.kv.usage
         stats.num_preemptions_total = self.scheduler.num_preemptions_total
+        stats.num_rejected_total = dict(self.scheduler.num_rejected_total)
+        stats.prefix_cache_queries_total = self.kv.prefix_cache_queries_total
+        stats.prefix_cache_hits_total = self.kv.prefix_cache_hits_total
         stats.num_batched_tokens_step = scheduler_output.num_batched_tokens
         stats.num_generation_tokens_step = len(runner_output.sampled)
         stats.num_prompt_tokens_step = sum(
@@ -166,7 +202,15 @@ class LLMEngine:
         """Queue and KV figures as of now (so an abort shows at once); per-step counts as of the
         last step."""
         return replace(self.stats, num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-                       kv_cache_usage=self.kv.usage)
+                       kv_cache_usage=self.kv.usage, num_rejected_total=dict(self.scheduler.num_rejected_total))
+
+    def _profile_cost_model(self) -> StepCostModel:
+        from engine.profiling import profile_step_costs
+
+        start = time.perf_counter()
+        model = StepCostModel.fit(profile_step_costs(self), description=f"profiled {self.model_name} at start-up")
+        logger.info("step cost model profiled in %.1f s: %s", time.perf_counter() - start, model)
+        return model
 
     def memory_report(self) -> dict[str, int]:
         return {"weights_bytes": self.runner.weights_bytes, "kv_cache_bytes": self.runner.kv_cache_bytes}

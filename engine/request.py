@@ -34,6 +34,33 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
 
+@dataclass(frozen=True, slots=True)
+class SLOTarget:
+    """A request's latency targets in seconds (None = no target)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+
+    @classmethod
+    def resolve(cls, own: SLOTarget | None, default_ttft_ms: float | None,
+                default_tpot_ms: float | None) -> SLOTarget | None:
+        """A request's targets with missing ones taken from the defaults; None if it has none."""
+        own = own or cls()
+        ttft_s = own.ttft_s if own.ttft_s is not None else _ms_to_s(default_ttft_ms)
+        tpot_s = own.tpot_s if own.tpot_s is not None else _ms_to_s(default_tpot_ms)
+        return None if ttft_s is None and tpot_s is None else cls(ttft_s, tpot_s)
+
+    def attained(self, ttft_s: float | None, tpot_s: float | None) -> bool:
+        """Whether measured latencies meet every target (a missing measurement meets nothing)."""
+        if self.ttft_s is not None and (ttft_s is None or ttft_s > self.ttft_s):
+            return False
+        return self.tpot_s is None or tpot_s is None or tpot_s <= self.tpot_s
+
+
+def _ms_to_s(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     request_id: str
@@ -42,7 +69,9 @@ class Request:
     max_tokens: int  # resolved: never past the context window
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
-    priority: int = 0
+    priority: int = 0  # smaller first (the priority policy); ties by arrival
+    slo: SLOTarget | None = None
+    best_effort: bool = False  # the SLO policy found its TTFT target out of reach and serves it last
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

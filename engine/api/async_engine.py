@@ -24,12 +24,16 @@ from typing import Any
 from engine.api.errors import APIError
 from engine.api.metrics import EngineMetrics
 from engine.outputs import RequestOutput
+from engine.request import SLOTarget
+from engine.scheduler.policy import AdmissionRejected
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# What a reader's queue receives: (index of the sub-request in its group, output or error).
-StreamItem = tuple[int, RequestOutput | BaseException]
+# Sent once the engine has taken a sub-request (before any output): it will not be refused now.
+ACCEPTED = object()
+# What a reader's queue receives: (index of the sub-request in its group, ACCEPTED, output or error).
+StreamItem = tuple[int, RequestOutput | BaseException | object]
 
 
 @dataclass(slots=True)
@@ -38,6 +42,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
+    slo: SLOTarget | None
     arrival_time: float
 
 
@@ -58,18 +63,39 @@ class RequestGroup:
         self.request_ids = request_ids
         self._stream = stream
         self._unfinished = set(range(len(request_ids)))
+        self._not_yet_accepted = set(range(len(request_ids)))
+        self._early: list[tuple[int, RequestOutput]] = []  # outputs read by `accepted`, not yet iterated
 
     def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         return self
 
+    async def accepted(self) -> None:
+        """Wait until the engine has taken every sub-request, raising the error of one it refused.
+        Streaming replies wait here before sending their headers, so a refusal (400, 429) is a
+        real HTTP status, not an error event inside a 200 stream."""
+        while self._not_yet_accepted:
+            index, item = await self._next_item()
+            if isinstance(item, RequestOutput):
+                self._early.append((index, item))
+
     async def __anext__(self) -> tuple[int, RequestOutput]:
-        if not self._unfinished:
-            raise StopAsyncIteration
+        while self._unfinished:
+            if self._early:
+                index, item = self._early.pop(0)
+            else:
+                index, item = await self._next_item()
+                if item is ACCEPTED:
+                    continue
+            if item.finished:
+                self._unfinished.discard(index)
+            return index, item
+        raise StopAsyncIteration
+
+    async def _next_item(self) -> tuple[int, RequestOutput | object]:
         index, item = await self._stream.get()
         if isinstance(item, BaseException):
             raise item
-        if item.finished:
-            self._unfinished.discard(index)
+        self._not_yet_accepted.discard(index)  # an output also means it was accepted
         return index, item
 
     def close(self) -> None:
@@ -132,14 +158,15 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
-    def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0) -> RequestGroup:
+    def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0,
+                 slo: SLOTarget | None = None) -> RequestGroup:
         """Queue sub-requests (request_id, prompt_token_ids, params) and return their outputs."""
         self._check_capacity(len(requests))
         stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         arrival_time = time.time()
         for index, (request_id, prompt_token_ids, params) in enumerate(requests):
             self._streams[request_id] = (stream, index)
-            self._commands.put(_Add(request_id, prompt_token_ids, params, priority, arrival_time))
+            self._commands.put(_Add(request_id, prompt_token_ids, params, priority, slo, arrival_time))
         self._num_adds_queued += len(requests)
         self._wakeup.set()
         return RequestGroup(self, [request_id for request_id, _, _ in requests], stream)
@@ -158,14 +185,14 @@ class AsyncEngine:
             raise APIError(f"The server is busy: {num_waiting} requests are waiting. Retry later.",
                            status=429, code="too_many_waiting_requests", headers={"Retry-After": "1"})
 
-    def _deliver(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
+    def _deliver(self, batch: list[tuple[str, RequestOutput | BaseException | object]]) -> None:
         for request_id, item in batch:
             entry = self._streams.get(request_id)
             if entry is None:
                 continue  # aborted by its reader meanwhile
             stream, index = entry
             stream.put_nowait((index, item))
-            if isinstance(item, BaseException) or item.finished:
+            if isinstance(item, BaseException) or (isinstance(item, RequestOutput) and item.finished):
                 del self._streams[request_id]
 
     # ---- engine thread ----
@@ -190,6 +217,7 @@ class AsyncEngine:
 
     def _drain_commands(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
         aborted: dict[str, int] = {}  # request id -> n
+        refused = False
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -203,8 +231,14 @@ class AsyncEngine:
             self._num_adds_drained += 1
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
-                                        arrival_time=command.arrival_time, priority=command.priority)
+                                        arrival_time=command.arrival_time, priority=command.priority,
+                                        slo=command.slo)
                 self._num_samples[command.request_id] = command.params.n
+                batch.append((command.request_id, ACCEPTED))
+            except AdmissionRejected as e:  # the scheduling policy refused it: come back later
+                refused = True
+                batch.append((command.request_id, APIError(str(e), status=429, code=e.reason,
+                                                           headers={"Retry-After": "1"})))
             except ValueError as e:  # the engine refused it (InvalidRequestError and kin)
                 batch.append((command.request_id, APIError(str(e), param=getattr(e, "param", None))))
             except Exception as e:  # an engine bug on this one request: fail it alone
@@ -216,7 +250,10 @@ class AsyncEngine:
             if self.metrics is not None:
                 for request_id, num_samples in aborted.items():
                     self.metrics.record_abort(request_id, num_samples)
-        self._num_waiting = self.engine.get_stats().num_waiting  # live: includes the requests just added
+        stats = self.engine.get_stats()
+        self._num_waiting = stats.num_waiting  # live: includes the requests just added
+        if self.metrics is not None and refused:
+            self.metrics.record_totals(stats)  # rejections show even if nothing runs
 
     def _step(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
         outputs = self.engine.step()

@@ -62,6 +62,14 @@ class EngineMetrics:
         self.prompt_tokens = counter("engine:prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = counter("engine:generation_tokens", "Tokens generated.")
         self.num_preemptions = counter("engine:num_preemptions", "Cumulative preemptions.")
+        self.prefix_cache_queries = counter("engine:prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("engine:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.slo_attained = counter("engine:slo_attained", "Finished requests that met every latency target.")
+        self.slo_violated = counter("engine:slo_violated", "Finished requests that missed a latency target.")
+        self._requests_rejected = Counter("engine:requests_rejected", "Requests the scheduling policy refused.",
+                                          ["model_name", "reason"], registry=r)
+        self._requests_rejected.labels(model_name, "slo_ttft_unattainable")
         self._request_success = Counter("engine:request_success", "Finished requests by finish reason.",
                                         ["model_name", "finished_reason"], registry=r)
         for reason in ("stop", "length", "abort"):  # export every series from the start
@@ -86,7 +94,7 @@ class EngineMetrics:
         self.iteration_tokens = histogram("engine:iteration_tokens_total", "Tokens scheduled per step.",
                                           buckets_1_2_5(max(max_num_batched_tokens, 1)))
         self.stat_logger = StatLogger()
-        self._last_num_preemptions = 0
+        self._last_totals: dict[str, int] = {}  # engine-side running totals already exported
         self._progress: dict[str, list[_SampleProgress]] = {}  # request id -> per sample
 
     def render(self) -> bytes:
@@ -99,11 +107,27 @@ class EngineMetrics:
         self.generation_tokens.inc(stats.num_generation_tokens_step)
         if stats.num_batched_tokens_step > 0:
             self.iteration_tokens.observe(stats.num_batched_tokens_step)
-        new_preemptions = stats.num_preemptions_total - self._last_num_preemptions
-        if new_preemptions > 0:
-            self.num_preemptions.inc(new_preemptions)
-        self._last_num_preemptions = stats.num_preemptions_total
+        self.record_totals(stats)
         self.stat_logger.record(stats, time.monotonic())
+
+    def record_totals(self, stats: Any) -> None:
+        """Counters the engine keeps as running totals: export what grew since the last call."""
+        totals = {"preemptions": stats.num_preemptions_total, "prefix_queries": stats.prefix_cache_queries_total,
+                  "prefix_hits": stats.prefix_cache_hits_total, "slo_attained": stats.num_slo_attained_total,
+                  "slo_violated": stats.num_slo_violated_total,
+                  **{f"rejected:{reason}": count for reason, count in stats.num_rejected_total.items()}}
+        for key, total in totals.items():
+            new = total - self._last_totals.get(key, 0)
+            if new > 0:
+                self._counter_for(key).inc(new)
+            self._last_totals[key] = total
+
+    def _counter_for(self, key: str) -> Any:
+        if key.startswith("rejected:"):
+            return self._requests_rejected.labels(self.model_name, key.removeprefix("rejected:"))
+        return {"preemptions": self.num_preemptions, "prefix_queries": self.prefix_cache_queries,
+                "prefix_hits": self.prefix_cache_hits, "slo_attained": self.slo_attained,
+                "slo_violated": self.slo_violated}[key]
 
     def set_gauges(self, stats: Any) -> None:
         self.num_requests_running.set(stats.num_running)

@@ -31,6 +31,13 @@ class StreamOptions(msgspec.Struct):
     continuous_usage_stats: bool = False
 
 
+class SLOField(msgspec.Struct, kw_only=True):
+    """Per-request latency targets (this engine's extension; the `slo` policy schedules by them)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+
 class SamplingFields(msgspec.Struct, kw_only=True):
     """Fields shared by both generation endpoints (OpenAI's plus vLLM's extras)."""
 
@@ -57,6 +64,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    slo: SLOField | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

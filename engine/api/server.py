@@ -35,7 +35,7 @@ from engine.api.serving_chat import chat_prompt_token_ids, create_chat_completio
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
 from engine.config import ATTENTION_BACKENDS, DTYPES, SCHEDULING_POLICIES, CacheConfig, ConfigError, EngineConfig, \
-    ModelConfig, RunnerConfig, SchedulerConfig
+    MLFQConfig, ModelConfig, RunnerConfig, SchedulerConfig, SLOConfig
 
 logger = logging.getLogger("engine.api")
 
@@ -194,6 +194,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     parser.add_argument("--kv-cache-memory", type=float, default=CacheConfig.kv_cache_memory, help="GiB")
     parser.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=CacheConfig.enable_prefix_caching,
+                        help="share the KV of identical prompt prefixes (--no-enable-prefix-caching or "
+                             "--no-prefix-caching turns it off)")
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help=argparse.SUPPRESS)
+    add_policy_arguments(parser)
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="refuse new requests (429) while this many wait (default: no limit)")
     parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
@@ -203,6 +210,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=("critical", "error", "warning", "info", "debug", "trace"))
 
 
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Settings of the mlfq and slo scheduling policies (see engine/scheduler/mlfq.py, slo_policy.py)."""
+    mlfq = MLFQConfig()
+    parser.add_argument("--mlfq-num-levels", type=int, default=mlfq.num_levels,
+                        help="queues; queue i has quantum base * 2**i decode steps, the last unbounded")
+    parser.add_argument("--mlfq-base-quantum", type=int, default=mlfq.base_quantum,
+                        help="quantum of the top queue, in decode steps")
+    parser.add_argument("--mlfq-prefill-tokens-per-unit", type=int, default=mlfq.prefill_tokens_per_unit,
+                        help="prefill tokens that cost one decode step (skip-join placement, service)")
+    parser.add_argument("--mlfq-starvation-s", type=float, default=mlfq.starvation_s,
+                        help="a request unscheduled this long is promoted to the top queue")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None,
+                        help="default TTFT target for requests without `slo` (the slo policy)")
+    parser.add_argument("--slo-tpot-ms", type=float, default=None,
+                        help="default TPOT target for requests without `slo` (the slo policy)")
+    parser.add_argument("--slo-best-effort", action="store_true",
+                        help="serve requests whose TTFT target is out of reach last instead of refusing them (429)")
+
+
+def policy_configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """SchedulerConfig keyword arguments for the policy settings of `add_policy_arguments`."""
+    return {"mlfq": MLFQConfig(num_levels=args.mlfq_num_levels, base_quantum=args.mlfq_base_quantum,
+                               prefill_tokens_per_unit=args.mlfq_prefill_tokens_per_unit,
+                               starvation_s=args.mlfq_starvation_s),
+            "slo": SLOConfig(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, best_effort=args.slo_best_effort)}
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     model: dict[str, Any] = {"model": args.model, "max_model_len": args.max_model_len,
                              "served_model_name": args.served_model_name}
@@ -210,9 +244,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model["dtype"] = args.dtype
     return EngineConfig(
         model=ModelConfig(**model),
-        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                          enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy),
+                                  max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy,
+                                  **policy_configs_from_args(args)),
         runner=RunnerConfig(attention_backend=args.attention_backend))
 
 

@@ -14,7 +14,7 @@ from engine.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletion
                                  ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
                                  ChatTokenLogprob, DeltaMessage, TopLogprob, encode, random_id, sse_event)
 from engine.api.serving_common import (LOGPROB_FLOOR, check_model, collect, resolve_max_tokens,
-                                       streaming_response, to_sampling_params, usage_of)
+                                       streaming_response, to_sampling_params, usage_of, slo_target)
 from engine.outputs import CompletionOutput, Logprob
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -39,8 +39,13 @@ async def create_chat_completion(request: ChatCompletionRequest, engine: AsyncEn
     params = to_sampling_params(request, engine, max_tokens=max_tokens, logprobs=logprobs,
                                 logprobs_param="top_logprobs")
     chat_id = random_id("chatcmpl")
-    group = engine.generate([(chat_id, prompt_token_ids, params)], priority=request.priority)
+    group = engine.generate([(chat_id, prompt_token_ids, params)], priority=request.priority, slo=slo_target(request))
     if request.stream:
+        try:
+            await group.accepted()
+        except BaseException:
+            group.close()
+            raise
         return streaming_response(_stream(request, engine, chat_id, len(prompt_token_ids), group), group)
     [output] = await collect(group)
     choices = [ChatChoice(c.index, ChatResponseMessage(content=c.text),

@@ -16,6 +16,7 @@ from engine.api.async_engine import AsyncEngine, RequestGroup
 from engine.api.errors import APIError
 from engine.api.protocol import ErrorInfo, ErrorResponse, UsageInfo, SamplingFields, sse_event
 from engine.outputs import RequestOutput
+from engine.request import SLOTarget
 from engine.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,17 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, engine: As
                        f"you requested {num_prompt_tokens} tokens in the prompt and {asked}. Please reduce "
                        f"the length of the prompt or the completion.", param=param, code="context_length_exceeded")
     return requested if requested is not None else room
+
+
+def slo_target(request: SamplingFields) -> SLOTarget | None:
+    """The request's `slo` field in seconds; 400 for a target that is not a positive number."""
+    if request.slo is None:
+        return None
+    for name in ("ttft_ms", "tpot_ms"):
+        value = getattr(request.slo, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise APIError(f"slo.{name} must be a positive number of milliseconds, got {value}.", param=f"slo.{name}")
+    return SLOTarget.resolve(None, request.slo.ttft_ms, request.slo.tpot_ms)
 
 
 def to_sampling_params(request: SamplingFields, engine: AsyncEngine, *, max_tokens: int,

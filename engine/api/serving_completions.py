@@ -14,7 +14,7 @@ from engine.api.protocol import (CompletionChoice, CompletionLogprobs, Completio
                                  encode, random_id, sse_event)
 from engine.api.serving_common import (LOGPROB_FLOOR, MAX_NUM_PROMPTS, check_model, check_prompt_token_ids,
                                        collect, resolve_max_tokens, streaming_response, to_sampling_params,
-                                       usage_of)
+                                       usage_of, slo_target)
 from engine.outputs import CompletionOutput, RequestOutput, SampleLogprobs
 
 
@@ -46,8 +46,13 @@ async def create_completion(request: CompletionRequest, engine: AsyncEngine) -> 
         params = to_sampling_params(request, engine, max_tokens=max_tokens, logprobs=request.logprobs,
                                     logprobs_param="logprobs")
         sub_requests.append((f"{completion_id}-{i}", prompt.token_ids, params))
-    group = engine.generate(sub_requests, priority=request.priority)
+    group = engine.generate(sub_requests, priority=request.priority, slo=slo_target(request))
     if request.stream:
+        try:
+            await group.accepted()
+        except BaseException:
+            group.close()
+            raise
         return streaming_response(_stream(request, engine, completion_id, prompts, group), group)
     outputs = await collect(group)
     choices = []

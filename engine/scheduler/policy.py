@@ -1,36 +1,86 @@
-"""Scheduling policies: small objects that order and choose, never allocate or compute.
+"""Scheduling policies: small objects that rank and choose, never allocate or compute.
 
 The mechanism (token budget, chunking, KV allocation, preemption) lives in Scheduler and is the
-same for every policy.  A policy answers three questions:
-    which waiting request goes next        -> waiting_key (smaller first)
-    which running request is preempted     -> pick_victim
-    may this request be admitted now       -> can_admit
+same for every policy.  Each step the scheduler ranks running and waiting requests together with
+`rank_key` and walks that order, giving each request its tokens while budget and seats last.  A
+policy answers:
+    how do requests rank right now                 -> rank_key (smaller first)
+    what may a waiting request do to running work  -> displacement
+    which running request is preempted             -> pick_victim
+    how many tokens may this step run              -> token_budget
+    is a new request admitted at all               -> on_arrival (raise AdmissionRejected)
+and hears what happened (`prepare_step`, `on_scheduled`, `on_finished`) to keep its own per-request state.
+
+Phases: within a policy's own order, running decodes come before running prefills, which come
+before waiting requests, so that decodes never stall behind a long prefill.
 """
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from engine.request import Request
+from engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from engine.config import SchedulerConfig
+    from engine.scheduler.cost_model import StepCostModel
+    from engine.scheduler.output import ScheduledRequest
+
+
+class AdmissionRejected(Exception):
+    """The policy refuses a new request (the server answers 429); `reason` labels the metric."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Displacement(enum.Enum):
+    """What a waiting request ranked above running work may do when seats or KV run out."""
+
+    NONE = "none"  # wait (FCFS, SLO): running work keeps its seat and its KV
+    PREEMPT = "preempt"  # recompute-preempt the lowest-ranked running request below it (priority)
+    PAUSE = "pause"  # take its seat; the displaced request keeps its KV while memory allows (MLFQ)
+
+
+def phase(request: Request) -> int:
+    """0: a running decode, 1: a running prefill, 2: waiting (new or preempted)."""
+    if request.status != RequestStatus.RUNNING:
+        return 2
+    return 0 if request.num_tokens_to_compute == 1 else 1
 
 
 class SchedulingPolicy(ABC):
     name: str
+    displacement = Displacement.NONE
 
     @abstractmethod
-    def waiting_key(self, request: Request) -> tuple:
-        """Sort key for the waiting queue; smaller keys are admitted first."""
+    def rank_key(self, request: Request, now: float) -> tuple:
+        """Sort key over running and waiting requests; smaller keys are served first."""
 
-    def running_key(self, request: Request) -> tuple:
-        """Sort key for running requests when they claim budget; smaller first."""
-        return self.waiting_key(request)
+    def pick_victim(self, candidates: Sequence[Request], now: float) -> Request:
+        """The running request to preempt when KV runs out (candidates is non-empty): the lowest-ranked."""
+        return max(candidates, key=lambda r: self.rank_key(r, now))
 
-    @abstractmethod
-    def pick_victim(self, candidates: list[Request]) -> Request:
-        """The running request to preempt when KV blocks run out (candidates is non-empty)."""
+    def token_budget(self, running: Sequence[Request], max_budget: int, now: float) -> int:
+        """Tokens this step may run; policies that guard latency shrink it."""
+        return max_budget
 
-    def can_admit(self, request: Request, now: float) -> bool:
-        return True
+    def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
+        """Called once at the start of every step, before ranking (MLFQ promotes starved work)."""
+
+    def on_arrival(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
+                   now: float) -> None:
+        """Admission control for a new request; raise AdmissionRejected to refuse it."""
+
+    def on_scheduled(self, scheduled: Sequence[ScheduledRequest], now: float) -> None:
+        """The step about to run (MLFQ counts service here)."""
+
+    def on_finished(self, request: Request) -> None:
+        """The request left the scheduler: drop any state kept for it."""
 
 
 class FCFSPolicy(SchedulingPolicy):
@@ -38,15 +88,43 @@ class FCFSPolicy(SchedulingPolicy):
 
     name = "fcfs"
 
-    def waiting_key(self, request: Request) -> tuple:
-        return (request.arrival_time, request.request_id)
+    def rank_key(self, request: Request, now: float) -> tuple:
+        return (phase(request), request.arrival_time, request.request_id)
 
-    def pick_victim(self, candidates: list[Request]) -> Request:
-        return max(candidates, key=self.waiting_key)
+    def pick_victim(self, candidates: Sequence[Request], now: float) -> Request:
+        return max(candidates, key=lambda r: (r.arrival_time, r.request_id))
 
 
-def make_policy(name: str) -> SchedulingPolicy:
-    policies = {"fcfs": FCFSPolicy}
-    if name not in policies:
-        raise ValueError(f"scheduling policy {name!r} is not available yet; available: {sorted(policies)}")
-    return policies[name]()
+class PriorityPolicy(SchedulingPolicy):
+    """vLLM's priority scheduling: lower `priority` first, ties by arrival.  A higher-priority
+    arrival recompute-preempts the lowest-priority running request when seats or KV run out, so a
+    full batch of low-priority work cannot block it (the inversion vLLM users report)."""
+
+    name = "priority"
+    displacement = Displacement.PREEMPT
+
+    def rank_key(self, request: Request, now: float) -> tuple:
+        return (request.priority, phase(request), request.arrival_time, request.request_id)
+
+
+def make_policy(config: SchedulerConfig | str, cost_model: StepCostModel | None = None) -> SchedulingPolicy:
+    """The policy a SchedulerConfig names (or a bare name, with default settings)."""
+    if isinstance(config, str):
+        from engine.config import SchedulerConfig
+
+        config = SchedulerConfig(policy=config)
+    if config.policy == "fcfs":
+        return FCFSPolicy()
+    if config.policy == "priority":
+        return PriorityPolicy()
+    if config.policy == "mlfq":
+        from engine.scheduler.mlfq import MLFQPolicy
+
+        return MLFQPolicy(config.mlfq)
+    if config.policy == "slo":
+        from engine.scheduler.slo_policy import SLOPolicy
+
+        if cost_model is None:
+            raise ValueError("the slo policy needs a step cost model")
+        return SLOPolicy(config.slo, cost_model, max_budget=config.max_num_batched_tokens)
+    raise ValueError(f"unknown scheduling policy {config.policy!r}")

@@ -5,14 +5,18 @@ gives requests a number of tokens to compute under a token budget (max_num_batch
 decode is a request one token short; a prefill chunk is a request many tokens short; a prefix-
 cache hit starts with num_computed_tokens > 0; recompute after preemption starts again from 0.
 
-Order within a step (split-and-fuse, as in Sarathi-Serve / Dynamic SplitFuse):
-    1. every running request one token short gets its decode token,
-    2. running requests still in prefill get chunks from what budget is left,
-    3. waiting requests are admitted, in policy order, into what budget is still left;
-       a long prompt is split over several steps, several short ones share one step.
-When a running request cannot get KV blocks, the policy picks a victim among the requests not yet
-scheduled this step (possibly the request itself); the victim's blocks are freed and it waits to
-be recomputed.  A victim is never lost: it goes back to the waiting queue.
+One step (split-and-fuse, as in Sarathi-Serve / Dynamic SplitFuse):
+    the policy sets the token budget, then running and waiting requests are ranked together by
+    the policy and walked in that order; each gets the tokens it still needs, cut to what budget
+    is left, while fewer than max_num_seqs requests are in the step.  Every policy ranks running
+    decodes before running prefills before waiting requests within its own order, so decodes do
+    not stall behind a long prompt; a long prompt is split over several steps, several short ones
+    share one step.
+When a running request cannot get KV blocks, the policy picks a victim among the running requests
+not yet in this step (possibly the request itself); the victim's blocks are freed and it waits to
+be recomputed.  A waiting request that finds no seat or KV may displace lower-ranked running work
+only as its policy allows (Displacement).  A victim is never lost: it goes back to waiting.
+Running requests the walk does not reach this step are paused: they keep their KV.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Callable, Iterable
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from engine.scheduler.policy import SchedulingPolicy
+from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingPolicy
 
 
 class Scheduler:
@@ -41,16 +45,32 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions_total = 0
+        self.num_rejected_total: dict[str, int] = {}  # reason -> requests the policy refused
         self._finished_since_last_step: set[str] = set()
         self._preempted_since_last_step: set[str] = set()
 
     # ---- request lifecycle -------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Add the samples of one request (n > 1 gives several) after the policy admits the first;
+        AdmissionRejected leaves the scheduler unchanged."""
+        for request in requests:
+            if request.request_id in self.requests:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+        try:
+            for request in requests:
+                self.policy.on_arrival(request, self.waiting, self.running, self.clock())
+        except AdmissionRejected as rejection:
+            for request in requests:
+                self.policy.on_finished(request)
+            self.num_rejected_total[rejection.reason] = self.num_rejected_total.get(rejection.reason, 0) + 1
+            raise
+        for request in requests:
+            self.requests[request.request_id] = request
+            self.waiting.append(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """End requests (abort, or a stop string found by the engine); frees their KV now."""
@@ -81,11 +101,23 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        budget = self._schedule_running(scheduled, budget)
-        self._schedule_waiting(scheduled, budget)
-        scheduled.sort(key=lambda s: s.num_scheduled_tokens != 1)  # decodes first, stable
+        now = self.clock()
+        self.policy.prepare_step(self.running, self.waiting, now)
+        step = _StepBuilder(budget=self.policy.token_budget(self.running, self.max_num_batched_tokens, now),
+                            seats=self.max_num_seqs)
+        ranked = sorted(self.running + self.waiting, key=lambda r: self.policy.rank_key(r, now))
+        for request in ranked:
+            if step.is_full:
+                break
+            if request.request_id in self._preempted_since_last_step:
+                continue  # a victim earlier in this walk: it waits at least one step
+            if request.status == RequestStatus.RUNNING:
+                self._schedule_running(request, step, now)
+            elif not self._admit(request, step, now) and self.policy.displacement == Displacement.NONE:
+                break  # head-of-line: nothing ranked below it may jump ahead
+        self.waiting = [r for r in self.waiting if r.status != RequestStatus.RUNNING]
+        scheduled = sorted(step.scheduled, key=lambda s: s.num_scheduled_tokens != 1)  # decodes first, stable
+        self.policy.on_scheduled(scheduled, now)
         output = SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=sum(s.num_scheduled_tokens for s in scheduled),
@@ -96,57 +128,50 @@ class Scheduler:
         self._preempted_since_last_step = set()
         return output
 
-    def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int) -> int:
-        # Decodes (one token short) first, then running prefills, each group in policy order.
-        ordered = sorted(self.running, key=lambda r: (r.num_tokens_to_compute > 1, self.policy.running_key(r)))
-        scheduled_ids: set[str] = set()
-        for request in ordered:
-            if budget == 0:
-                break
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens_to_compute, budget)
-            if not self._allocate_or_preempt(request, num_new, scheduled_ids):
-                continue
-            scheduled.append(self._scheduled(request, num_new))
-            scheduled_ids.add(request.request_id)
-            budget -= num_new
-        return budget
-
-    def _allocate_or_preempt(self, request: Request, num_new: int, scheduled_ids: set[str]) -> bool:
-        """Get KV for num_new more tokens of a running request, preempting others as needed.
-        False if the request itself became the victim."""
+    def _schedule_running(self, request: Request, step: _StepBuilder, now: float) -> None:
+        num_new = min(request.num_tokens_to_compute, step.budget)
         total = request.num_computed_tokens + num_new
-        while not self.kv.allocate_slots(request.request_id, total):
-            candidates = [r for r in self.running if r.request_id not in scheduled_ids]
-            victim = self.policy.pick_victim(candidates)
+        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids):
+            victim = self.policy.pick_victim(self._unscheduled_running(step), now)
             self._preempt(victim)
             if victim is request:
+                return
+        step.add(self._scheduled(request, num_new))
+
+    def _admit(self, request: Request, step: _StepBuilder, now: float) -> bool:
+        """Start (or restart) a waiting request in this step if it gets a seat and KV."""
+        displacement = self.policy.displacement
+        if len(self.running) >= self.max_num_seqs and displacement != Displacement.PAUSE:
+            if displacement == Displacement.NONE or not self._preempt_below(request, step, now):
                 return False
+        request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids)
+        num_new = min(request.num_tokens_to_compute, step.budget)
+        total = request.num_computed_tokens + num_new
+        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids):
+            if displacement == Displacement.NONE or not self._preempt_below(request, step, now):
+                self.kv.free(request.request_id)  # hands back any prefix-cache hit
+                request.num_computed_tokens = 0
+                return False
+        request.status = RequestStatus.RUNNING
+        if request.metrics.first_scheduled_time is None:
+            request.metrics.first_scheduled_time = now
+        self.running.append(request)
+        step.add(self._scheduled(request, num_new))
         return True
 
-    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
-        self.waiting.sort(key=self.policy.waiting_key)
-        now = self.clock()
-        admitted: list[Request] = []
-        for request in self.waiting:
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
-                break
-            if not self.policy.can_admit(request, now):
-                continue
-            num_new = min(request.num_tokens_to_compute, budget)
-            if not self.kv.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
-                break  # no preemption to admit new work: running requests keep their KV
-            request.status = RequestStatus.RUNNING
-            if request.metrics.first_scheduled_time is None:
-                request.metrics.first_scheduled_time = now
-            self.running.append(request)
-            admitted.append(request)
-            scheduled.append(self._scheduled(request, num_new))
-            budget -= num_new
-        if admitted:
-            admitted_ids = {id(r) for r in admitted}
-            self.waiting = [r for r in self.waiting if id(r) not in admitted_ids]
+    def _preempt_below(self, request: Request, step: _StepBuilder, now: float) -> bool:
+        """Preempt the lowest-ranked running request not in this step, if it ranks below `request`."""
+        candidates = self._unscheduled_running(step)
+        if not candidates:
+            return False
+        victim = self.policy.pick_victim(candidates, now)
+        if self.policy.rank_key(victim, now) <= self.policy.rank_key(request, now):
+            return False
+        self._preempt(victim)
+        return True
+
+    def _unscheduled_running(self, step: _StepBuilder) -> list[Request]:
+        return [r for r in self.running if r.request_id not in step.scheduled_ids]
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         return ScheduledRequest(request=request, num_computed_tokens=request.num_computed_tokens,
@@ -188,7 +213,28 @@ class Scheduler:
         return progressed
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.policy.on_finished(request)
         request.status = status
         self.kv.free(request.request_id)
         del self.requests[request.request_id]
         self._finished_since_last_step.add(request.request_id)
+
+
+class _StepBuilder:
+    """The requests of the step being built, and the token budget and seats still free."""
+
+    def __init__(self, budget: int, seats: int) -> None:
+        self.budget = budget
+        self.seats = seats
+        self.scheduled: list[ScheduledRequest] = []
+        self.scheduled_ids: set[str] = set()
+
+    @property
+    def is_full(self) -> bool:
+        return self.budget <= 0 or self.seats <= 0
+
+    def add(self, item: ScheduledRequest) -> None:
+        self.scheduled.append(item)
+        self.scheduled_ids.add(item.request.request_id)
+        self.budget -= item.num_scheduled_tokens
+        self.seats -= 1

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine.llm_engine import EngineStats
 from engine.api.async_engine import AsyncEngine
 from engine.api.errors import APIError
 from engine.api.metrics import EngineMetrics, StatLogger
@@ -40,7 +41,7 @@ class FakeEngine:
         self.fail_next_step = False
         self.num_steps = 0
 
-    def add_request(self, request_id, prompt, params, *, arrival_time=None, priority=0) -> None:
+    def add_request(self, request_id, prompt, params, *, arrival_time=None, priority=0, slo=None) -> None:
         self.thread_ids.add(threading.get_ident())
         if prompt == BAD_PROMPT:
             error = ValueError("bad prompt")
@@ -81,9 +82,9 @@ class FakeEngine:
         return bool(self.requests)
 
     def get_stats(self):
-        return SimpleNamespace(num_running=len(self.requests), num_waiting=0, kv_cache_usage=0.5 * bool(self.requests),
-                               num_preemptions_total=0, num_prompt_tokens_step=1, num_generation_tokens_step=1,
-                               num_batched_tokens_step=2)
+        return EngineStats(num_running=len(self.requests), num_waiting=0, kv_cache_usage=0.5 * bool(self.requests),
+                           num_preemptions_total=0, num_prompt_tokens_step=1, num_generation_tokens_step=1,
+                           num_batched_tokens_step=2)
 
 
 def run(coro_fn, max_waiting_requests: int | None = None):

@@ -192,6 +192,9 @@ BAD_COMPLETIONS = [
     ({"prompt": PROMPT, "stop_token_ids": [10**9]}, "stop_token_ids"),
     ({"prompt": PROMPT, "stream_options": "yes"}, "stream_options"),
     ({"prompt": PROMPT, "stream": True, "temperature": -1}, "temperature"),
+    ({"prompt": PROMPT, "slo": {"ttft_ms": -1}}, "slo.ttft_ms"),
+    ({"prompt": PROMPT, "slo": {"tpot_ms": 0}}, "slo.tpot_ms"),
+    ({"prompt": PROMPT, "slo": "fast"}, "slo"),
     ({}, "prompt"),
 ]
 BAD_CHATS = [

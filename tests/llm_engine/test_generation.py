@@ -5,24 +5,10 @@ from __future__ import annotations
 import pytest
 
 from engine import SamplingParams
-from engine.bench.datasets import first_exchange, load_sharegpt
 from engine.llm_engine import InvalidRequestError
 from tests.conftest import assert_kv_empty, make_llm
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def sharegpt_prompts(llm_fp32) -> list[str]:
-    tokenizer = llm_fp32.get_tokenizer()
-    prompts = []
-    for record in load_sharegpt():
-        exchange = first_exchange(record)
-        if exchange and 8 <= len(tokenizer.encode(exchange[0])) <= 200:
-            prompts.append(exchange[0])
-        if len(prompts) == 32:
-            return prompts
-    raise AssertionError("not enough prompts")
 
 
 def test_batch_invariance(llm_fp32, sharegpt_prompts):

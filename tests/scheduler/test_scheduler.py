@@ -18,8 +18,10 @@ EOS = 0
 
 
 def make_scheduler(num_blocks=64, block_size=4, budget=16, max_num_seqs=8, max_model_len=1024) -> Scheduler:
-    return Scheduler(KVCacheManager(num_blocks, block_size), FCFSPolicy(), max_num_batched_tokens=budget,
-                     max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    # Prompts here share prefixes (1, 2, 3, ...): prefix caching is off so token counts stay exact;
+    # tests/scheduler/test_prefix_caching_scheduler.py covers it on.
+    return Scheduler(KVCacheManager(num_blocks, block_size, enable_prefix_caching=False), FCFSPolicy(),
+                     max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
 
 
 def make_request(request_id: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.0, **params) -> Request:

@@ -1,0 +1,305 @@
+"""Policy tests on fake runner outputs and a virtual clock: no torch, no model.
+
+Each test builds a real Scheduler + KVCacheManager with one policy and checks what the policy is
+for: the order work is served in, who is displaced or preempted, the budget, admission.  KV
+invariants are checked after every step (see `step`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import MLFQConfig, SLOConfig
+from engine.kv.kv_cache_manager import KVCacheManager
+from engine.request import Request, RequestStatus, SLOTarget
+from engine.sampling_params import SamplingParams
+from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of
+from engine.scheduler.mlfq import MLFQPolicy
+from engine.scheduler.output import ModelRunnerOutput, SampledToken, SchedulerOutput
+from engine.scheduler.policy import AdmissionRejected, FCFSPolicy, PriorityPolicy, SchedulingPolicy
+from engine.scheduler.scheduler import Scheduler
+from engine.scheduler.slo_policy import SLOPolicy
+
+EOS = 0
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_scheduler(policy: SchedulingPolicy, *, clock: VirtualClock | None = None, num_blocks=256, block_size=4,
+                   budget=64, max_num_seqs=8) -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, block_size, enable_prefix_caching=False), policy,
+                     max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=4096,
+                     clock=clock or VirtualClock())
+
+
+_next_token = iter(range(10**9))
+
+
+def make_request(request_id: str, prompt_len: int, max_tokens: int = 4, arrival: float = 0.0, priority: int = 0,
+                 slo: SLOTarget | None = None) -> Request:
+    # Distinct prompts: no two requests share a prefix.
+    prompt = [1000 + next(_next_token) for _ in range(prompt_len)]
+    return Request(request_id=request_id, prompt_token_ids=prompt,
+                   sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True), max_tokens=max_tokens,
+                   eos_token_ids=frozenset({EOS}), arrival_time=arrival, priority=priority, slo=slo)
+
+
+def step(scheduler: Scheduler, clock: VirtualClock | None = None, step_s: float = 0.1) -> SchedulerOutput:
+    output = scheduler.schedule()
+    sampled = {s.request.request_id: SampledToken(7) for s in output.scheduled if s.samples}
+    scheduler.update_from_output(output, ModelRunnerOutput(sampled=sampled))
+    scheduler.kv.check_invariants()
+    if clock is not None:
+        clock.now += step_s
+    return output
+
+
+def ids(output: SchedulerOutput) -> list[str]:
+    return [s.request.request_id for s in output.scheduled]
+
+
+def run_to_completion(scheduler: Scheduler, clock: VirtualClock | None = None, max_steps: int = 5000) -> list[str]:
+    """Step until nothing is left; the request ids in the order they finished."""
+    finished: list[str] = []
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished_requests():
+            return finished
+        before = set(scheduler.requests)
+        step(scheduler, clock)
+        finished += sorted(before - set(scheduler.requests))
+    raise AssertionError(f"not finished after {max_steps} steps: {sorted(scheduler.requests)}")
+
+
+# ---- priority ------------------------------------------------------------------------------------
+
+def test_priority_admits_lower_value_first_ties_by_arrival():
+    scheduler = make_scheduler(PriorityPolicy(), budget=8)
+    scheduler.add_request(make_request("late-urgent", 8, priority=-1, arrival=3))
+    scheduler.add_request(make_request("first-normal", 8, priority=0, arrival=1))
+    scheduler.add_request(make_request("second-normal", 8, priority=0, arrival=2))
+    scheduler.add_request(make_request("background", 8, priority=5, arrival=0))
+    order = [ids(step(scheduler))[-1] for _ in range(4)]  # one 8-token prefill per step; decodes first
+    assert order == ["late-urgent", "first-normal", "second-normal", "background"]
+
+
+def test_priority_arrival_preempts_lowest_priority_when_the_batch_is_full():
+    scheduler = make_scheduler(PriorityPolicy(), max_num_seqs=2)
+    scheduler.add_request(make_request("low-old", 4, max_tokens=50, priority=5, arrival=0))
+    scheduler.add_request(make_request("low-new", 4, max_tokens=50, priority=5, arrival=1))
+    step(scheduler)
+    step(scheduler)
+    scheduler.add_request(make_request("urgent", 4, max_tokens=50, priority=0, arrival=2))
+    output = step(scheduler)
+    assert "urgent" in ids(output) and "low-new" not in ids(output)
+    assert output.preempted_request_ids == {"low-new"}  # the lowest-ranked: same priority, newer
+    victim = next(r for r in scheduler.waiting if r.request_id == "low-new")
+    assert victim.status == RequestStatus.PREEMPTED and victim.num_computed_tokens == 0
+    assert scheduler.num_preemptions_total == 1
+    assert sorted(run_to_completion(scheduler)) == ["low-new", "low-old", "urgent"]
+
+
+def test_priority_arrival_preempts_for_kv():
+    # 6 blocks of 4 tokens: the low-priority request holds 5 of them.
+    scheduler = make_scheduler(PriorityPolicy(), num_blocks=6, budget=32)
+    scheduler.add_request(make_request("low", 20, max_tokens=4, priority=1))
+    step(scheduler)
+    scheduler.add_request(make_request("urgent", 8, max_tokens=4, priority=0, arrival=1))
+    output = step(scheduler)
+    assert ids(output) == ["urgent"] and output.preempted_request_ids == {"low"}
+    assert run_to_completion(scheduler)[0] == "urgent"
+
+
+def test_fcfs_never_displaces_running_work():
+    scheduler = make_scheduler(FCFSPolicy(), max_num_seqs=1)
+    scheduler.add_request(make_request("first", 4, max_tokens=6))
+    step(scheduler)
+    scheduler.add_request(make_request("second", 4, max_tokens=2, priority=-9, arrival=1))
+    assert run_to_completion(scheduler) == ["first", "second"]
+    assert scheduler.num_preemptions_total == 0
+
+
+# ---- mlfq ----------------------------------------------------------------------------------------
+
+def test_mlfq_skip_join_places_by_prefill_cost():
+    policy = MLFQPolicy(MLFQConfig(num_levels=6, base_quantum=1, prefill_tokens_per_unit=128))
+    # cost = ceil(L / 128) units; the first queue whose quantum 1, 2, 4, 8, 16 covers it.
+    assert [policy.join_level(n) for n in (1, 128, 129, 256, 257, 1000, 2048, 100_000)] == [0, 0, 1, 1, 2, 3, 4, 5]
+    scheduler = make_scheduler(policy)
+    scheduler.add_request(make_request("long", 1000))
+    scheduler.add_request(make_request("short", 10, arrival=1))
+    assert policy.level_of(scheduler.requests["long"]) == 3 and policy.level_of(scheduler.requests["short"]) == 0
+    assert ids(step(scheduler))[0] == "short"  # the later, shorter request is served first
+
+
+def test_mlfq_demotes_after_each_quantum():
+    policy = MLFQPolicy(MLFQConfig(num_levels=4, base_quantum=1, prefill_tokens_per_unit=128))
+    scheduler = make_scheduler(policy)
+    scheduler.add_request(make_request("a", 4, max_tokens=20))
+    levels = []
+    for _ in range(8):
+        step(scheduler)
+        levels.append(policy.level_of(scheduler.requests["a"]))
+    # prefill (4/128 unit) + 1 decode fills quantum 1; then 2 decodes; then 4; the last queue is unbounded.
+    assert levels == [0, 1, 1, 2, 2, 2, 2, 3]
+    assert policy.num_demotions == 3
+
+
+def test_mlfq_pauses_demoted_work_for_a_new_arrival_and_keeps_its_kv():
+    policy = MLFQPolicy(MLFQConfig(num_levels=4))
+    scheduler = make_scheduler(policy, max_num_seqs=1)
+    scheduler.add_request(make_request("long", 4, max_tokens=100))
+    for _ in range(5):
+        step(scheduler)
+    long_request = scheduler.requests["long"]
+    blocks = list(scheduler.kv.block_table("long"))
+    scheduler.add_request(make_request("short", 4, max_tokens=3, arrival=1))
+    assert ids(step(scheduler)) == ["short"]
+    assert long_request.status == RequestStatus.RUNNING  # paused, not preempted
+    assert scheduler.kv.block_table("long") == blocks and scheduler.num_preemptions_total == 0
+    finished = run_to_completion(scheduler)
+    assert finished == ["short", "long"]
+
+
+def first_service_of_starved_request(starvation_s: float) -> tuple[float | None, MLFQPolicy]:
+    """A demoted request paused by a stream of fresh top-queue arrivals (one seat, one arrival a
+    step): when is it served again?"""
+    clock = VirtualClock()
+    policy = MLFQPolicy(MLFQConfig(num_levels=4, starvation_s=starvation_s))
+    scheduler = make_scheduler(policy, clock=clock, max_num_seqs=1)
+    scheduler.add_request(make_request("old", 4, max_tokens=100))
+    for _ in range(4):
+        step(scheduler, clock)  # demoted below the top
+    assert policy.level_of(scheduler.requests["old"]) >= 1
+    for i in range(60):
+        scheduler.add_request(make_request(f"new{i}", 4, max_tokens=100, arrival=clock.now))
+        if "old" in ids(step(scheduler, clock)):
+            return clock.now, policy
+    return None, policy
+
+
+def test_mlfq_promotes_starved_work_to_the_top():
+    served_at, policy = first_service_of_starved_request(starvation_s=1.0)
+    # Promoted once unserved for 1 s (at t = 1.4); it then waits behind the top queue's older
+    # arrivals (first in, first out), each of which takes two steps before it is demoted.
+    assert served_at is not None and served_at <= 3.0
+    assert policy.num_promotions >= 1
+    never, _ = first_service_of_starved_request(starvation_s=1e9)
+    assert never is None  # without promotion it would starve for as long as arrivals continue
+
+
+def test_mlfq_preempts_the_lowest_ranked_paused_request_when_kv_runs_out():
+    policy = MLFQPolicy(MLFQConfig(num_levels=4))
+    scheduler = make_scheduler(policy, num_blocks=8, max_num_seqs=1)
+    scheduler.add_request(make_request("long", 20, max_tokens=8))
+    for _ in range(5):
+        step(scheduler)  # 24 tokens: 6 of 8 blocks, demoted
+    scheduler.add_request(make_request("short", 12, max_tokens=2, arrival=1))
+    output = step(scheduler)
+    assert ids(output) == ["short"] and output.preempted_request_ids == {"long"}
+    assert run_to_completion(scheduler) == ["short", "long"]
+
+
+# ---- slo -----------------------------------------------------------------------------------------
+
+# 20 ms a step + 1 ms a token: a step of n tokens is predicted at 20 + n ms.
+COST = StepCostModel(CostCoefficients(overhead_s=0.020, per_scheduled_token_s=0.001))
+
+
+def slo_scheduler(best_effort: bool = False, **kwargs) -> tuple[Scheduler, SLOPolicy, VirtualClock]:
+    clock = VirtualClock()
+    policy = SLOPolicy(SLOConfig(best_effort=best_effort), StepCostModel(COST.coefficients),
+                       max_budget=kwargs.get("budget", 256))
+    kwargs.setdefault("budget", 256)
+    return make_scheduler(policy, clock=clock, **kwargs), policy, clock
+
+
+def test_slo_budget_keeps_the_tightest_tpot_target():
+    scheduler, policy, _ = slo_scheduler()
+    for i in range(4):
+        scheduler.add_request(make_request(f"d{i}", 4, max_tokens=50, arrival=i, slo=SLOTarget(tpot_s=0.100)))
+    step(scheduler)  # prefills: no decode with a target yet, whole budget
+    scheduler.add_request(make_request("big", 1000, arrival=5))
+    output = step(scheduler)
+    # 0.9 * 100 ms = 90 ms -> at most 70 tokens: 4 decodes + 66 prefill tokens.
+    assert output.num_batched_tokens == 70
+    assert COST.predict_s(features_of(output)) <= 0.090 + 1e-9
+    # A TTFT target puts "tight" ahead of the long prefill, which has none.
+    scheduler.add_request(make_request("tight", 4, max_tokens=50, arrival=6,
+                                       slo=SLOTarget(ttft_s=5.0, tpot_s=0.050)))
+    assert "tight" in ids(step(scheduler))
+    output = step(scheduler)  # "tight" decodes now: 0.9 * 50 = 45 ms -> 25 tokens: 5 decodes + 20
+    assert output.num_batched_tokens == 25
+
+
+def test_slo_budget_keeps_a_minimum_of_prefill_progress():
+    scheduler, _, _ = slo_scheduler()
+    scheduler.add_request(make_request("d", 4, max_tokens=50, slo=SLOTarget(tpot_s=0.001)))  # impossible
+    step(scheduler)
+    scheduler.add_request(make_request("big", 500, arrival=1))
+    output = step(scheduler)
+    assert output.num_batched_tokens == 1 + 16
+
+
+def test_slo_serves_least_slack_first_and_lost_causes_last():
+    scheduler, _, clock = slo_scheduler(budget=32, best_effort=True)
+    clock.now = 10.0
+    # Deadlines: relaxed 10 + 60, tight 10 + 1, lost (arrived long ago) 0 + 1.
+    scheduler.add_request(make_request("relaxed", 32, arrival=10.0, slo=SLOTarget(ttft_s=60)))
+    scheduler.add_request(make_request("tight", 32, arrival=10.0, slo=SLOTarget(ttft_s=1)))
+    scheduler.add_request(make_request("lost", 32, arrival=0.0, slo=SLOTarget(ttft_s=1)))
+    scheduler.add_request(make_request("no-target", 32, arrival=9.0))
+    order = [ids(step(scheduler, clock, step_s=0.0))[-1] for _ in range(4)]
+    assert order == ["tight", "relaxed", "no-target", "lost"]
+
+
+def test_slo_refuses_a_request_whose_ttft_target_is_out_of_reach():
+    scheduler, policy, _ = slo_scheduler(budget=64)
+    # 64-token steps take 84 ms: 4 x 500 queued prompt tokens are 32 steps, 2.7 s, within their 3 s.
+    for i in range(4):
+        scheduler.add_request(make_request(f"q{i}", 500, arrival=0, slo=SLOTarget(ttft_s=3.0)))
+    with pytest.raises(AdmissionRejected, match="TTFT target") as refused:  # 40 steps: 3.4 s
+        scheduler.add_request(make_request("hopeless", 500, arrival=0, slo=SLOTarget(ttft_s=3.0)))
+    assert refused.value.reason == "slo_ttft_unattainable"
+    assert scheduler.num_rejected_total == {"slo_ttft_unattainable": 1}
+    assert "hopeless" not in scheduler.requests
+    # An earlier deadline is served before the queue, so only its own prefill counts.
+    scheduler.add_request(make_request("urgent", 100, arrival=0, slo=SLOTarget(ttft_s=1.0)))
+    assert ids(step(scheduler))[0] == "urgent"
+
+
+def test_slo_best_effort_serves_instead_of_refusing():
+    scheduler, _, _ = slo_scheduler(budget=64, best_effort=True)
+    for i in range(4):
+        scheduler.add_request(make_request(f"q{i}", 500, slo=SLOTarget(ttft_s=3.0)))
+    scheduler.add_request(make_request("hopeless", 500, slo=SLOTarget(ttft_s=3.0)))
+    hopeless = scheduler.requests["hopeless"]
+    assert hopeless.best_effort and scheduler.num_rejected_total == {}
+    assert run_to_completion(scheduler)[-1] == "hopeless"
+
+
+# ---- every policy --------------------------------------------------------------------------------
+
+def all_policies() -> list[SchedulingPolicy]:
+    return [FCFSPolicy(), PriorityPolicy(), MLFQPolicy(MLFQConfig(starvation_s=0.5)),
+            SLOPolicy(SLOConfig(best_effort=True), StepCostModel(COST.coefficients), max_budget=16)]
+
+
+@pytest.mark.parametrize("policy", all_policies(), ids=lambda p: p.name)
+def test_tiny_kv_many_requests_every_request_finishes(policy):
+    clock = VirtualClock()
+    scheduler = make_scheduler(policy, clock=clock, num_blocks=10, block_size=4, budget=16, max_num_seqs=6)
+    expected = set()
+    for i in range(32):
+        request = make_request(f"r{i}", 3 + (7 * i) % 13, max_tokens=2 + (5 * i) % 11, arrival=0.01 * i,
+                               priority=i % 3, slo=SLOTarget(ttft_s=5.0, tpot_s=0.5))
+        scheduler.add_request(request)
+        expected.add(request.request_id)
+    finished = run_to_completion(scheduler, clock, max_steps=20_000)
+    assert set(finished) == expected and len(finished) == 32
+    assert scheduler.kv.pool.num_used_blocks == 0
