@@ -69,7 +69,8 @@ class EngineMetrics:
         self.slo_violated = counter("engine:slo_violated", "Finished requests that missed a latency target.")
         self._requests_rejected = Counter("engine:requests_rejected", "Requests the scheduling policy refused.",
                                           ["model_name", "reason"], registry=r)
-        self._requests_rejected.labels(model_name, "slo_ttft_unattainable")
+        for reason in ("slo_ttft_unattainable", "slo_tpot_unattainable"):
+            self._requests_rejected.labels(model_name, reason)
         self._request_success = Counter("engine:request_success", "Finished requests by finish reason.",
                                         ["model_name", "finished_reason"], registry=r)
         for reason in ("stop", "length", "abort"):  # export every series from the start

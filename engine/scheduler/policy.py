@@ -126,5 +126,6 @@ def make_policy(config: SchedulerConfig | str, cost_model: StepCostModel | None 
 
         if cost_model is None:
             raise ValueError("the slo policy needs a step cost model")
-        return SLOPolicy(config.slo, cost_model, max_budget=config.max_num_batched_tokens)
+        return SLOPolicy(config.slo, cost_model, max_budget=config.max_num_batched_tokens,
+                         max_num_seqs=config.max_num_seqs)
     raise ValueError(f"unknown scheduling policy {config.policy!r}")

@@ -205,6 +205,8 @@ class Scheduler:
             if sampled is None:
                 continue
             request.append_output_token(sampled.token_id)
+            if request.metrics.first_token_time is None:  # policies pace decodes from it (SLO)
+                request.metrics.first_token_time = self.clock()
             progressed.append(request)
             status = request.check_stop(self.max_model_len)
             if status is not None:

@@ -1,16 +1,24 @@
 """SLO-aware scheduling: per-request TTFT and TPOT targets.
 
+A TPOT target is a rate, not a step-by-step deadline: a request decoding at 40 ms a step with a
+250 ms target may sit out several steps and still meet it.  This policy spends that slack: seats
+go to the work whose target is closest to being missed, and everything else pauses (keeping its KV).
+
     budget      each step's token budget is the largest whose predicted step time keeps the
                 tightest TPOT target among running decodes (Sarathi-Serve's rule), never fewer
                 than the decodes plus MIN_PREFILL_TOKENS, so prefills still make progress;
-    order       running decodes, then prefills (started or waiting) in least-slack order (slack =
-                TTFT deadline - now - predicted prefill time), lost deadlines after every feasible one;
-    admission   a new request whose TTFT target the queue ahead of it already rules out is refused
-                (AdmissionRejected -> HTTP 429) or, with best_effort, served after everyone else.
+    order       decodes about to miss their TPOT (their next token is due within URGENT_STEPS
+                steps), then prefills whose TTFT is still reachable in least-slack order (slack =
+                TTFT deadline - now - predicted prefill time), then decodes ahead of schedule, then
+                work whose target is already lost;
+    admission   a new request is refused (AdmissionRejected -> HTTP 429) or, with best_effort,
+                served last when its TTFT target is out of reach (the prefills due before it, at
+                the prefill rate the budget leaves) or when the decodes already admitted leave no
+                seat time for one more at its TPOT target.
 
 Step times come from a StepCostModel that the engine profiles at start-up and refines online.
 The engine fills a request's missing targets from the server defaults (SLOConfig); requests with
-no TTFT target at all are served in arrival order after every request that has a deadline.
+no target at all are served after every request that has one.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import TYPE_CHECKING
 from engine.config import SLOConfig
 from engine.request import Request, SLOTarget
 from engine.scheduler.cost_model import StepFeatures, features_of_chunks
-from engine.scheduler.policy import AdmissionRejected, SchedulingPolicy, phase
+from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingPolicy, phase
 
 if TYPE_CHECKING:
     from engine.scheduler.cost_model import StepCostModel
@@ -31,18 +39,27 @@ if TYPE_CHECKING:
 TPOT_SAFETY = 0.9
 # Prefill tokens every step keeps even under tight TPOT targets, so waiting work cannot starve.
 MIN_PREFILL_TOKENS = 16
-REJECT_REASON = "slo_ttft_unattainable"
+# A decode is urgent when its next token is due within this many (predicted) steps.
+URGENT_STEPS = 2.0
+# Decode seat time admitted TPOT targets may claim, as a fraction of what steps of nothing but
+# decodes would give (the rest is for prefills and for the step-to-step spread).
+MAX_DECODE_SEAT_SHARE = 0.6
+TTFT_REJECT_REASON = "slo_ttft_unattainable"
+TPOT_REJECT_REASON = "slo_tpot_unattainable"
 NO_TARGET = SLOTarget()
 
 
 class SLOPolicy(SchedulingPolicy):
     name = "slo"
+    displacement = Displacement.PAUSE
 
-    def __init__(self, config: SLOConfig, cost_model: StepCostModel, max_budget: int) -> None:
+    def __init__(self, config: SLOConfig, cost_model: StepCostModel, max_budget: int, max_num_seqs: int) -> None:
         self.config = config
         self.cost_model = cost_model
         self.max_budget = max_budget
+        self.max_num_seqs = max_num_seqs
         self._last_budget = max_budget
+        self._last_step_s = cost_model.predict_s(StepFeatures.of_chunk(0, max_budget, False))
 
     @staticmethod
     def target(request: Request) -> SLOTarget:
@@ -56,15 +73,23 @@ class SLOPolicy(SchedulingPolicy):
     # ---- ranking -----------------------------------------------------------------------------
 
     def rank_key(self, request: Request, now: float) -> tuple:
-        # Decodes first; then every prefill, started or not, by slack (a started one holds KV, but
-        # a tighter deadline still goes first).  Slack is taken on the whole prefill, not on what
-        # is left of it: on the remainder, equal deadlines would take turns chunk by chunk and
-        # every one of them would finish late.
         if phase(request) == 0:
-            return (0, False, 0.0, request.arrival_time, request.request_id)
+            slack = self.next_token_due(request) - now
+            urgent = slack < URGENT_STEPS * self._last_step_s
+            return (0 if urgent else 2, slack, request.arrival_time, request.request_id)
+        # Slack is taken on the whole prefill, not on what is left of it: on the remainder, equal
+        # deadlines would take turns chunk by chunk and every one of them would finish late.
         latest_start = self.deadline(request) - self.prefill_time_s(request.num_tokens)
         lost = request.best_effort or latest_start < now
-        return (1, lost, latest_start, request.arrival_time, request.request_id)
+        return (3 if lost else 1, latest_start, request.arrival_time, request.request_id)
+
+    def next_token_due(self, request: Request) -> float:
+        """When the next token must come for the request's mean TPOT to stay on target."""
+        tpot_s = self.target(request).tpot_s
+        first = request.metrics.first_token_time
+        if tpot_s is None or first is None:
+            return math.inf if tpot_s is None else -math.inf
+        return first + tpot_s * request.num_output_tokens
 
     def prefill_time_s(self, num_tokens: int) -> float:
         """Predicted time to prefill num_tokens alone, in chunks of the current budget."""
@@ -74,48 +99,69 @@ class SLOPolicy(SchedulingPolicy):
     # ---- budget ------------------------------------------------------------------------------
 
     def token_budget(self, running: Sequence[Request], max_budget: int, now: float) -> int:
-        decodes = [r for r in running if phase(r) == 0]
+        decodes = [r for r in running if phase(r) == 0][:self.max_num_seqs]  # at most a step's worth
         tpot_targets = [t for t in (self.target(r).tpot_s for r in decodes) if t is not None]
-        if not tpot_targets:
-            self._last_budget = max_budget
-            return max_budget
         room = max_budget - len(decodes)
-        prefill_tokens = self.cost_model.max_chunk_tokens(
-            _decode_features(decodes), num_computed_tokens=0, max_tokens=room,
-            budget_s=min(tpot_targets) * TPOT_SAFETY)
+        prefill_tokens = room
+        if tpot_targets:
+            prefill_tokens = self.cost_model.max_chunk_tokens(
+                _decode_features(decodes), num_computed_tokens=0, max_tokens=room,
+                budget_s=min(tpot_targets) * TPOT_SAFETY)
         self._last_budget = len(decodes) + min(room, max(prefill_tokens, MIN_PREFILL_TOKENS))
+        self._last_step_s = self.cost_model.predict_s(
+            _decode_features(decodes) + StepFeatures.of_chunk(0, self._last_budget - len(decodes), False))
         return self._last_budget
 
     # ---- admission ---------------------------------------------------------------------------
 
     def on_arrival(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
                    now: float) -> None:
-        deadline = self.deadline(request)
-        if math.isinf(deadline):
-            return
-        eta_s = self.first_token_eta_s(request, waiting, running)
-        if now + eta_s <= deadline:
-            return
+        target = self.target(request)
+        if target.ttft_s is not None:
+            eta_s = self.first_token_eta_s(request, waiting, running)
+            if now + eta_s > self.deadline(request):
+                self._refuse(request, TTFT_REJECT_REASON,
+                             f"The TTFT target ({1000 * target.ttft_s:.0f} ms) cannot be met: about "
+                             f"{1000 * eta_s:.0f} ms of prefill is due before this request.")
+                return
+        if target.tpot_s is not None:
+            admitted = [r for r in (*waiting, *running) if not r.best_effort]
+            demand, supply = self.decode_seat_demand([*admitted, request]), self.decode_seat_supply()
+            if demand > MAX_DECODE_SEAT_SHARE * supply:
+                self._refuse(request, TPOT_REJECT_REASON,
+                             f"The TPOT target ({1000 * target.tpot_s:.0f} ms) cannot be met: with it the "
+                             f"admitted requests would need {demand:.0f} of the {supply:.0f} decode seats a "
+                             "second this server has.")
+
+    def _refuse(self, request: Request, reason: str, message: str) -> None:
         if self.config.best_effort:
             request.best_effort = True
             return
-        raise AdmissionRejected(
-            f"The TTFT target ({1000 * self.target(request).ttft_s:.0f} ms) cannot be met: about "
-            f"{1000 * eta_s:.0f} ms of work is queued ahead of this request. Retry later or relax the target.",
-            REJECT_REASON)
+        raise AdmissionRejected(message + " Retry later or relax the target.", reason)
 
     def first_token_eta_s(self, request: Request, waiting: Sequence[Request], running: Sequence[Request]) -> float:
         """Predicted time until the request's first token: every prefill token due before it, and
-        its own, at the prefill rate a step under the current budget leaves."""
+        its own, at the prefill rate the current budget leaves.  Seats are not the limit: decodes
+        ahead of their TPOT schedule pause for prefills."""
         deadline = self.deadline(request)
         ahead = sum(r.num_tokens_to_compute for r in (*waiting, *running)
                     if phase(r) != 0 and not r.best_effort and self.deadline(r) <= deadline)
         num_tokens = ahead + request.num_prompt_tokens
-        decodes = [r for r in running if phase(r) == 0]
+        decodes = [r for r in running if phase(r) == 0][:self.max_num_seqs]
         prefill_per_step = max(self._last_budget - len(decodes), MIN_PREFILL_TOKENS)
         step_s = self.cost_model.predict_s(_decode_features(decodes)
                                            + StepFeatures.of_chunk(0, prefill_per_step, False))
         return math.ceil(num_tokens / prefill_per_step) * step_s
+
+    def decode_seat_demand(self, requests: Sequence[Request]) -> float:
+        """Seats a second the requests' TPOT targets need: one seat a token each."""
+        return sum(1 / t for t in (self.target(r).tpot_s for r in requests) if t is not None)
+
+    def decode_seat_supply(self) -> float:
+        """Decode seats a second if every step were a full step of decodes (no prefill); admission
+        lets TPOT targets claim MAX_DECODE_SEAT_SHARE of it and leaves the rest to prefills."""
+        full_decode_step_s = self.cost_model.predict_s(features_of_chunks([(0, 1, True)] * self.max_num_seqs))
+        return self.max_num_seqs / max(full_decode_step_s, 1e-6)
 
 
 def _decode_features(decodes: Sequence[Request]) -> StepFeatures:

@@ -214,7 +214,7 @@ COST = StepCostModel(CostCoefficients(overhead_s=0.020, per_scheduled_token_s=0.
 def slo_scheduler(best_effort: bool = False, **kwargs) -> tuple[Scheduler, SLOPolicy, VirtualClock]:
     clock = VirtualClock()
     policy = SLOPolicy(SLOConfig(best_effort=best_effort), StepCostModel(COST.coefficients),
-                       max_budget=kwargs.get("budget", 256))
+                       max_budget=kwargs.get("budget", 256), max_num_seqs=kwargs.get("max_num_seqs", 8))
     kwargs.setdefault("budget", 256)
     return make_scheduler(policy, clock=clock, **kwargs), policy, clock
 
@@ -238,7 +238,7 @@ def test_slo_budget_keeps_the_tightest_tpot_target():
 
 
 def test_slo_budget_keeps_a_minimum_of_prefill_progress():
-    scheduler, _, _ = slo_scheduler()
+    scheduler, _, _ = slo_scheduler(best_effort=True)
     scheduler.add_request(make_request("d", 4, max_tokens=50, slo=SLOTarget(tpot_s=0.001)))  # impossible
     step(scheduler)
     scheduler.add_request(make_request("big", 500, arrival=1))
@@ -273,6 +273,41 @@ def test_slo_refuses_a_request_whose_ttft_target_is_out_of_reach():
     assert ids(step(scheduler))[0] == "urgent"
 
 
+def test_slo_pauses_decodes_ahead_of_their_tpot_schedule_for_a_prefill():
+    scheduler, policy, clock = slo_scheduler(budget=64, max_num_seqs=2)
+    for i in range(2):
+        scheduler.add_request(make_request(f"d{i}", 8, max_tokens=200, slo=SLOTarget(ttft_s=60, tpot_s=1.0)))
+    step(scheduler, clock, step_s=0.05)
+    step(scheduler, clock, step_s=0.05)  # both decoding at 50 ms a token, targets 1 s a token
+    scheduler.add_request(make_request("new", 8, arrival=clock.now, slo=SLOTarget(ttft_s=0.5, tpot_s=1.0)))
+    output = step(scheduler, clock, step_s=0.05)
+    assert "new" in ids(output) and len(output.scheduled) == 2  # one decode sat this step out
+    assert scheduler.requests["d0"].status == RequestStatus.RUNNING and scheduler.num_preemptions_total == 0
+
+
+def test_slo_urgent_decodes_go_before_prefills():
+    scheduler, policy, clock = slo_scheduler(budget=64, max_num_seqs=1)
+    scheduler.add_request(make_request("d", 8, max_tokens=50, slo=SLOTarget(ttft_s=60, tpot_s=0.5)))
+    step(scheduler, clock, step_s=0.05)
+    clock.now += 1.0  # behind its TPOT schedule: its next token is overdue
+    scheduler.add_request(make_request("new", 8, arrival=clock.now, slo=SLOTarget(ttft_s=60, tpot_s=0.5)))
+    assert ids(step(scheduler, clock)) == ["d"]
+
+
+def test_slo_refuses_when_admitted_decodes_fill_the_seats():
+    scheduler, policy, _ = slo_scheduler(budget=64, max_num_seqs=2)
+    # Steps of 2 decodes take 22 ms: 91 seats a second; 0.6 of that is 54 tokens/s of decode.
+    supply = policy.decode_seat_supply()
+    assert supply == pytest.approx(2 / 0.022)
+    admitted = 0
+    with pytest.raises(AdmissionRejected) as refused:
+        for i in range(100):  # each needs 2 seats a second at a 500 ms TPOT target
+            scheduler.add_request(make_request(f"r{i}", 8, max_tokens=50, slo=SLOTarget(tpot_s=0.5)))
+            admitted += 1
+    assert refused.value.reason == "slo_tpot_unattainable"
+    assert admitted == int(0.6 * supply / 2) and "TPOT target" in str(refused.value)
+
+
 def test_slo_best_effort_serves_instead_of_refusing():
     scheduler, _, _ = slo_scheduler(budget=64, best_effort=True)
     for i in range(4):
@@ -287,7 +322,7 @@ def test_slo_best_effort_serves_instead_of_refusing():
 
 def all_policies() -> list[SchedulingPolicy]:
     return [FCFSPolicy(), PriorityPolicy(), MLFQPolicy(MLFQConfig(starvation_s=0.5)),
-            SLOPolicy(SLOConfig(best_effort=True), StepCostModel(COST.coefficients), max_budget=16)]
+            SLOPolicy(SLOConfig(best_effort=True), StepCostModel(COST.coefficients), max_budget=16, max_num_seqs=6)]
 
 
 @pytest.mark.parametrize("policy", all_policies(), ids=lambda p: p.name)
