@@ -1,4 +1,4 @@
-"""The `engine` command: `engine serve`, `engine generate`."""
+"""The `engine` command: `engine serve`, `engine generate`, `engine bench ...`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         serve = commands.add_parser("serve", help="start the OpenAI-compatible HTTP server")
         add_serve_arguments(serve)
         serve.set_defaults(handler=run_server)
+
+    from engine.bench.cli import add_bench_commands
+
+    add_bench_commands(commands)
 
     args = parser.parse_args(argv)
     args.handler(args)

@@ -159,11 +159,12 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
     def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0,
-                 slo: SLOTarget | None = None) -> RequestGroup:
-        """Queue sub-requests (request_id, prompt_token_ids, params) and return their outputs."""
+                 slo: SLOTarget | None = None, arrival_time: float | None = None) -> RequestGroup:
+        """Queue sub-requests (request_id, prompt_token_ids, params) and return their outputs.
+        `arrival_time` (time.time()) is when the HTTP request came in; now if not given."""
         self._check_capacity(len(requests))
         stream: asyncio.Queue[StreamItem] = asyncio.Queue()
-        arrival_time = time.time()
+        arrival_time = time.time() if arrival_time is None else arrival_time
         for index, (request_id, prompt_token_ids, params) in enumerate(requests):
             self._streams[request_id] = (stream, index)
             self._commands.put(_Add(request_id, prompt_token_ids, params, priority, slo, arrival_time))

@@ -112,13 +112,15 @@ def _openai_routes(engine: AsyncEngine, api_key: str | None) -> APIRouter:
 
     @router.post("/completions")
     async def completions(raw: Request) -> Response:
+        arrival_time = time.time()  # before reading, parsing and tokenizing: the client's clock starts here
         request = decode_request(await read_body(raw), CompletionRequest)
-        return await run_until_disconnected(raw, create_completion(request, engine))
+        return await run_until_disconnected(raw, create_completion(request, engine, arrival_time))
 
     @router.post("/chat/completions")
     async def chat_completions(raw: Request) -> Response:
+        arrival_time = time.time()
         request = decode_request(await read_body(raw), ChatCompletionRequest)
-        return await run_until_disconnected(raw, create_chat_completion(request, engine))
+        return await run_until_disconnected(raw, create_chat_completion(request, engine, arrival_time))
 
     return router
 

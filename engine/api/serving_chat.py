@@ -27,7 +27,8 @@ class _ChoiceProgress:
     is_finished: bool = False
 
 
-async def create_chat_completion(request: ChatCompletionRequest, engine: AsyncEngine) -> Response:
+async def create_chat_completion(request: ChatCompletionRequest, engine: AsyncEngine,
+                                 arrival_time: float | None = None) -> Response:
     check_model(request.model, engine)
     prompt_token_ids = chat_prompt_token_ids(request.messages, engine, request.add_generation_prompt)
     if request.top_logprobs is not None and not request.logprobs:
@@ -39,7 +40,8 @@ async def create_chat_completion(request: ChatCompletionRequest, engine: AsyncEn
     params = to_sampling_params(request, engine, max_tokens=max_tokens, logprobs=logprobs,
                                 logprobs_param="top_logprobs")
     chat_id = random_id("chatcmpl")
-    group = engine.generate([(chat_id, prompt_token_ids, params)], priority=request.priority, slo=slo_target(request))
+    group = engine.generate([(chat_id, prompt_token_ids, params)], priority=request.priority, slo=slo_target(request),
+                            arrival_time=arrival_time)
     if request.stream:
         try:
             await group.accepted()

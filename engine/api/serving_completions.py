@@ -35,7 +35,8 @@ class _ChoiceProgress:
     is_finished: bool = False
 
 
-async def create_completion(request: CompletionRequest, engine: AsyncEngine) -> Response:
+async def create_completion(request: CompletionRequest, engine: AsyncEngine,
+                            arrival_time: float | None = None) -> Response:
     check_model(request.model, engine)
     _check_unsupported(request)
     prompts = parse_prompts(request.prompt, engine)
@@ -46,7 +47,8 @@ async def create_completion(request: CompletionRequest, engine: AsyncEngine) -> 
         params = to_sampling_params(request, engine, max_tokens=max_tokens, logprobs=request.logprobs,
                                     logprobs_param="logprobs")
         sub_requests.append((f"{completion_id}-{i}", prompt.token_ids, params))
-    group = engine.generate(sub_requests, priority=request.priority, slo=slo_target(request))
+    group = engine.generate(sub_requests, priority=request.priority, slo=slo_target(request),
+                            arrival_time=arrival_time)
     if request.stream:
         try:
             await group.accepted()

@@ -1,4 +1,10 @@
-"""Benchmark support: request datasets shared by the offline and serving benchmarks."""
+"""Benchmark support: request datasets shared by the offline and serving benchmarks, and
+`engine bench serve`, the open-loop load generator for OpenAI-compatible servers.
+
+One module per piece: `datasets` (what to send), `arrivals` (when), `client` (one timed streaming
+request), `serve` (a run), `metrics` (records to vLLM-named figures, shared with the simulator),
+`server_metrics` (the server's own Prometheus view), `report` and `plots` (output), `cli` (flags).
+"""
 
 from engine.bench.datasets import SampleRequest, load_sharegpt, sample_random, sample_sharegpt
 

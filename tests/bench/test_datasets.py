@@ -115,6 +115,21 @@ def test_sample_sharegpt_filters_hand_made_records(monkeypatch: pytest.MonkeyPat
     assert len(short) == 2 and all(len(r.prompt) <= 11 and r.prompt_len <= 6 for r in short)
 
 
+def test_sample_sharegpt_caps_output_len_before_the_model_len_filter(monkeypatch: pytest.MonkeyPatch) -> None:
+    records = (
+        _record(("human", _words(5)), ("gpt", _words(13))),  # 5 + 13 > 12, but 5 + 6 fits
+        _record(("human", _words(6)), ("gpt", _words(4))),  # under the cap: kept as is
+        _record(("human", _words(5)), ("gpt", _words(3))),  # the reference is still too short
+    )
+    monkeypatch.setattr(datasets, "load_sharegpt", lambda: records)
+    kept = sample_sharegpt(WhitespaceTokenizer(), 2, max_model_len=12, max_output_len=6)
+    assert sorted((r.prompt_len, r.expected_output_len) for r in kept) == [(5, 6), (6, 4)]
+    with pytest.raises(ValueError, match="only 1"):
+        sample_sharegpt(WhitespaceTokenizer(), 2, max_model_len=12)
+    with pytest.raises(ValueError, match="max_output_len"):
+        sample_sharegpt(WhitespaceTokenizer(), 1, max_output_len=0)
+
+
 def test_sample_sharegpt_rejects_a_non_positive_fixed_output_len() -> None:
     with pytest.raises(ValueError, match="fixed_output_len"):
         sample_sharegpt(WhitespaceTokenizer(), 1, fixed_output_len=0)
