@@ -1,0 +1,206 @@
+"""Measure what engine steps cost, to fit the step cost model (engine/scheduler/cost_model.py).
+
+Two sources of samples:
+  - `profile_step_costs`: synthetic steps run through the engine's model runner, chosen to span
+    the features (prefill chunks of several sizes and contexts, decode batches of several sizes
+    and contexts, mixed steps).  The KV a step reads need not hold real keys for its timing, so a
+    decode "with 1,024 tokens of context" costs one decode step, not a 1,024-token prefill first:
+    the profile takes a few seconds.  Timing covers `runner.execute` only; scheduling and output
+    processing (about 1-3% of a step here) are left to online refinement.
+  - `timed_step`: one real `engine.step()`, timed, with the features of what it ran.
+
+    engine = LLM(...).engine
+    model = StepCostModel.fit(profile_step_costs(engine))
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler.cost_model import StepFeatures, StepSample, features_of_chunks
+from engine.scheduler.output import ScheduledRequest, SchedulerOutput
+
+if TYPE_CHECKING:
+    from engine.kv.kv_cache_manager import KVCacheManager
+    from engine.llm_engine import LLMEngine
+    from engine.outputs import RequestOutput
+
+# Any in-vocabulary id does: the cost of a step does not depend on which tokens it reads.
+PROFILE_TOKEN_ID = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileChunk:
+    """One request of a synthetic step: tokens [num_computed_tokens, + num_scheduled_tokens)."""
+
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    samples: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileStep:
+    name: str
+    chunks: tuple[ProfileChunk, ...]
+
+    @property
+    def features(self) -> StepFeatures:
+        return features_of_chunks((c.num_computed_tokens, c.num_scheduled_tokens, c.samples) for c in self.chunks)
+
+    @property
+    def max_position(self) -> int:
+        return max(c.num_computed_tokens + c.num_scheduled_tokens for c in self.chunks)
+
+
+def prefill(num_tokens: int, context: int = 0, samples: bool = True) -> ProfileChunk:
+    return ProfileChunk(context, num_tokens, samples)
+
+
+def decodes(num_seqs: int, context: int) -> tuple[ProfileChunk, ...]:
+    return tuple(ProfileChunk(context, 1) for _ in range(num_seqs))
+
+
+def ragged_decodes(num_seqs: int, context: int) -> tuple[ProfileChunk, ...]:
+    """Decodes with contexts spread evenly in log scale over [context / 8, 2 * context], as real
+    batches are (ShareGPT contexts run from tens to thousands of tokens).  Raggedness costs time
+    of its own: the CPU attention groups decodes of similar length, one kernel call per group, so
+    a batch of equal contexts would time real batches of its size some 10-30% short."""
+    if num_seqs == 1:
+        return (ProfileChunk(context, 1),)
+    return tuple(ProfileChunk(int(context * 2 ** (-3 + 4 * i / (num_seqs - 1))), 1) for i in range(num_seqs))
+
+
+def default_profile_steps(max_num_batched_tokens: int, max_num_seqs: int) -> list[ProfileStep]:
+    """Steps that span what the scheduler produces under this budget and seat limit: each feature
+    varies on its own somewhere, so the fit can tell them apart."""
+    t, s = max_num_batched_tokens, max_num_seqs
+    steps = [ProfileStep(f"prefill {n}", (prefill(n),)) for n in sorted({max(2, t // 8), max(2, t // 2), t})]
+    steps += [
+        ProfileStep(f"prefill chunk {t // 2} at {t}", (prefill(max(2, t // 2), t, samples=False),)),
+        ProfileStep(f"prefill chunk {t} at {t}", (prefill(t, t),)),
+        ProfileStep("short prefills", tuple(prefill(max(2, t // 16)) for _ in range(min(16, s)))),
+    ]
+    for num_seqs in sorted({1, min(2, s), min(8, s), min(32, s), min(64, s)}):
+        for context in (128, 1024):
+            steps.append(ProfileStep(f"decode {num_seqs} x ~{context}", ragged_decodes(num_seqs, context)))
+    num_mixed = min(16, s - 1)
+    if num_mixed >= 1 and t > num_mixed + 1:
+        steps.append(ProfileStep(f"mixed {num_mixed} decodes + prefill",
+                                 (*ragged_decodes(num_mixed, 512), prefill(t - num_mixed))))
+        steps.append(ProfileStep(f"mixed {num_mixed} decodes + chunk",
+                                 (*ragged_decodes(num_mixed, 256), prefill(max(2, t // 2), t // 2, samples=False))))
+    return steps
+
+
+def profile_step_costs(engine: LLMEngine, steps: Sequence[ProfileStep] | None = None, *,
+                       num_repeats: int = 2) -> list[StepSample]:
+    """Run each synthetic step `num_repeats` times through the engine's model runner and return
+    one sample per step: its fastest run (contention from other processes only ever adds time).
+    The engine must be idle; its KV is empty afterwards.  Steps that need more KV blocks (half
+    the pool is theirs) or positions than the engine has are skipped."""
+    if engine.has_unfinished_requests():
+        raise RuntimeError("profile_step_costs needs an idle engine: its requests would share the KV cache")
+    if steps is None:
+        steps = default_profile_steps(engine.scheduler.max_num_batched_tokens, engine.scheduler.max_num_seqs)
+    with _scattered_free_blocks(engine.kv):
+        runnable = [step for step in steps if _fits(engine, step)]
+        if runnable:  # the very first large step pays one-time set-up: keep it out of the samples
+            _run_step(engine, max(runnable, key=lambda step: step.features.num_scheduled_tokens))
+        return [StepSample(step.features, min(_run_step(engine, step) for _ in range(num_repeats)))
+                for step in runnable]
+
+
+@contextmanager
+def _scattered_free_blocks(kv: KVCacheManager, seed: int = 0) -> Iterator[None]:
+    """Make the next allocations draw blocks scattered over the whole pool, as they are once real
+    requests have come and gone: hold every free block, then free a random half in random order.
+    A fresh pool hands out consecutive blocks, and reading K/V from consecutive blocks is faster
+    (64 decodes at ~512 tokens of context: 102 ms a step, 123 ms from scattered blocks)."""
+    filler_ids = [f"profile-filler-{i}" for i in range(kv.num_free_blocks)]
+    for filler_id in filler_ids:
+        kv.allocate_slots(filler_id, 1)
+    random.Random(seed).shuffle(filler_ids)
+    for filler_id in filler_ids[: len(filler_ids) // 2]:
+        kv.free(filler_id)
+    try:
+        yield
+    finally:
+        for filler_id in filler_ids[len(filler_ids) // 2:]:
+            kv.free(filler_id)
+
+
+def _fits(engine: LLMEngine, step: ProfileStep) -> bool:
+    block_size = engine.kv.block_size
+    blocks = sum(-(-(c.num_computed_tokens + c.num_scheduled_tokens) // block_size) for c in step.chunks)
+    return blocks <= engine.kv.num_free_blocks and step.max_position <= engine.max_model_len
+
+
+def _run_step(engine: LLMEngine, step: ProfileStep) -> float:
+    """Seconds `runner.execute` takes on this step; the step's KV blocks are freed after."""
+    scheduled = []
+    try:
+        for i, chunk in enumerate(step.chunks):
+            scheduled.append(_scheduled_chunk(engine, f"profile-{i}", chunk))
+        scheduled.sort(key=lambda s: s.num_scheduled_tokens != 1)  # decodes first, as the runner expects
+        output = SchedulerOutput(scheduled=scheduled, num_batched_tokens=step.features.num_scheduled_tokens)
+        start = time.perf_counter()
+        engine.runner.execute(output)
+        return time.perf_counter() - start
+    finally:
+        for item in scheduled:
+            engine.kv.free(item.request.request_id)
+
+
+def _scheduled_chunk(engine: LLMEngine, request_id: str, chunk: ProfileChunk) -> ScheduledRequest:
+    end = chunk.num_computed_tokens + chunk.num_scheduled_tokens
+    # A chunk that does not sample stops short of the request's last token.
+    num_tokens = end if chunk.samples else end + 1
+    request = Request(request_id=request_id, prompt_token_ids=[PROFILE_TOKEN_ID] * num_tokens,
+                      sampling_params=SamplingParams(temperature=0.0, max_tokens=1), max_tokens=1)
+    request.num_computed_tokens = chunk.num_computed_tokens
+    if not engine.kv.allocate_slots(request_id, end):
+        raise RuntimeError(f"no KV blocks for profile request {request_id} ({end} tokens)")
+    return ScheduledRequest(request=request, num_computed_tokens=chunk.num_computed_tokens,
+                            num_scheduled_tokens=chunk.num_scheduled_tokens,
+                            block_ids=engine.kv.block_table(request_id), samples=chunk.samples)
+
+
+# ---- real steps ------------------------------------------------------------------------------
+
+def timed_step(engine: LLMEngine) -> tuple[list[RequestOutput], StepSample | None]:
+    """`engine.step()`, timed, with the features of what it ran (None for an empty step).
+
+    The features are read from the requests' progress: a request whose num_computed_tokens went
+    from c to c + n ran a chunk of n tokens at context c, and sampled if it gained an output token.
+    (A request preempted and readmitted within one step would be misread; preemption needs a full
+    KV cache.)  LLMEngine.step itself feeds its cost model features_of(scheduler_output) and the
+    runner's time; this is for callers that time whole steps of any engine (benchmarks).
+    """
+    before = [(r, r.num_computed_tokens, r.num_output_tokens) for r in engine.scheduler.requests.values()]
+    start = time.perf_counter()
+    outputs = engine.step()
+    elapsed_s = time.perf_counter() - start
+    chunks = [(c, r.num_computed_tokens - c, r.num_output_tokens > o) for r, c, o in before
+              if r.num_computed_tokens > c]
+    if not chunks:
+        return outputs, None
+    return outputs, StepSample(features_of_chunks(chunks), elapsed_s)
+
+
+class StepRecorder:
+    """Collects (features, seconds) of steps: anything with `observe` can watch the engine's steps,
+    a StepCostModel to refine itself, or this to keep them (for a fit, or to compare with a model)."""
+
+    def __init__(self) -> None:
+        self.samples: list[StepSample] = []
+
+    def observe(self, features: StepFeatures, elapsed_s: float) -> None:
+        if not features.is_empty:
+            self.samples.append(StepSample(features, elapsed_s))

@@ -1,0 +1,306 @@
+"""How long will one engine step take?  A linear model over what the scheduler knows before the step.
+
+A step's wall time is the sum of the kinds of work it does, each proportional to one count:
+
+    step_s = overhead_s                                          Python, scheduling, launches, weight reads
+           + per_scheduled_token_s        * num_scheduled_tokens   every linear layer runs once per token
+           + per_seq_s                    * num_seqs               per-request metadata and attention calls
+           + per_sampled_seq_s            * num_sampled_seqs       one LM-head row and one sampler row each
+           + per_decode_context_token_s   * num_decode_context_tokens    decode attention reads every key
+           + per_prefill_attention_pair_s * num_prefill_attention_pairs  prefill attention, n * (c + n) scores
+
+A request scheduled for tokens [c, c + n) is a decode when n == 1 (it reads c + 1 keys: memory
+bound) and a prefill chunk otherwise (n queries times c + n keys: compute bound), so the two kinds
+of attention get separate coefficients.  Coefficients are fitted by non-negative least squares on
+relative errors, and refined online from the engine's own steps.  Relative errors because a 20 ms
+decode step matters as much as a 1 s prefill step, and because a step that another process slowed
+down tenfold then weighs no more than one mispredicted by 100% (slowdowns are all contention can do).
+
+Nothing here imports torch: the scheduler's SLO policy and the simulator use this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from engine.scheduler.output import SchedulerOutput
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StepFeatures:
+    """The counts a step's cost depends on (see the module docstring).  Features of a step are the
+    sum of the features of its chunks, so a policy can price a candidate step chunk by chunk."""
+
+    num_scheduled_tokens: int = 0
+    num_seqs: int = 0
+    num_sampled_seqs: int = 0
+    num_decode_context_tokens: int = 0
+    num_prefill_attention_pairs: int = 0
+
+    @classmethod
+    def of_chunk(cls, num_computed_tokens: int, num_scheduled_tokens: int, samples: bool) -> StepFeatures:
+        """One request running tokens [num_computed_tokens, num_computed_tokens + num_scheduled_tokens)."""
+        return cls(*_chunk_counts(num_computed_tokens, num_scheduled_tokens, samples))
+
+    def __add__(self, other: StepFeatures) -> StepFeatures:
+        return StepFeatures(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
+
+    def as_tuple(self) -> tuple[int, ...]:
+        return (self.num_scheduled_tokens, self.num_seqs, self.num_sampled_seqs,
+                self.num_decode_context_tokens, self.num_prefill_attention_pairs)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_seqs == 0
+
+
+def _chunk_counts(num_computed_tokens: int, num_scheduled_tokens: int, samples: bool) -> tuple[int, ...]:
+    n, c = num_scheduled_tokens, num_computed_tokens
+    is_decode = n == 1
+    return (n, 1, int(samples), c + 1 if is_decode else 0, 0 if is_decode else n * (c + n))
+
+
+def features_of_chunks(chunks: Iterable[tuple[int, int, bool]]) -> StepFeatures:
+    """Features of a step running (num_computed_tokens, num_scheduled_tokens, samples) chunks."""
+    # PERF: one pass over plain ints; the simulator calls this every simulated step.
+    tokens = seqs = sampled = decode_context = prefill_pairs = 0
+    for c, n, samples in chunks:
+        tokens += n
+        seqs += 1
+        sampled += samples
+        if n == 1:
+            decode_context += c + 1
+        else:
+            prefill_pairs += n * (c + n)
+    return StepFeatures(tokens, seqs, sampled, decode_context, prefill_pairs)
+
+
+def features_of(scheduler_output: SchedulerOutput) -> StepFeatures:
+    """Features of the step a SchedulerOutput describes."""
+    return features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples)
+                              for s in scheduler_output.scheduled)
+
+
+@dataclass(frozen=True, slots=True)
+class StepSample:
+    """One measured step: what ran and how long it took (seconds of wall time)."""
+
+    features: StepFeatures
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class CostCoefficients:
+    """Seconds per unit of each feature, in StepFeatures order after the fixed overhead; all >= 0."""
+
+    overhead_s: float = 0.0
+    per_scheduled_token_s: float = 0.0
+    per_seq_s: float = 0.0
+    per_sampled_seq_s: float = 0.0
+    per_decode_context_token_s: float = 0.0
+    per_prefill_attention_pair_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"cost coefficient {f.name} must be finite and non-negative, got {value}")
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+@dataclass(frozen=True)
+class OnlineFitConfig:
+    """How `observe` refines the coefficients: a sliding-window refit, pulled toward the prior."""
+
+    window_size: int = 256  # most recent observed steps the refit uses
+    refit_interval: int = 16  # refit after this many observations (a refit costs about 1 ms)
+    # Pull toward the prior: each coefficient pays prior_weight * (relative change)^2, each observed
+    # step its relative error^2 (so at 0.1, doubling one coefficient costs as much as 10 steps
+    # mispredicted by 10%).  Any positive weight keeps coefficients of features the window never
+    # exercises at their prior values; larger weights also slow the following of real drift.
+    prior_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1 or self.refit_interval < 1:
+            raise ValueError(f"window_size and refit_interval must be positive, got {self.window_size}, "
+                             f"{self.refit_interval}")
+        if not self.prior_weight >= 0:
+            raise ValueError(f"prior_weight must be non-negative, got {self.prior_weight}")
+
+
+class StepCostModel:
+    """Predicts a step's wall time; `fit` from samples, `observe` real steps to follow drift."""
+
+    def __init__(self, coefficients: CostCoefficients, *, description: str = "",
+                 online: OnlineFitConfig = OnlineFitConfig()) -> None:
+        self.prior = coefficients  # what observations are pulled toward
+        self.coefficients = coefficients
+        self.description = description
+        self.online = online
+        self._weights = coefficients.as_tuple()
+        self._window: deque[tuple[tuple[int, ...], float]] = deque(maxlen=online.window_size)
+        self._num_since_refit = 0
+
+    # ---- fitting -----------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, samples: Sequence[StepSample], *, description: str = "",
+            online: OnlineFitConfig = OnlineFitConfig()) -> StepCostModel:
+        """Non-negative least squares on relative errors over `samples` (at least one)."""
+        if not samples:
+            raise ValueError("fitting a step cost model needs at least one sample")
+        rows = np.array([_design_row(s.features.as_tuple()) for s in samples], dtype=np.float64)
+        elapsed = np.array([s.elapsed_s for s in samples], dtype=np.float64)
+        if not (elapsed > 0).all():
+            raise ValueError("every sample needs a positive elapsed_s")
+        # Dividing each row by its target makes residuals relative; column scaling conditions NNLS.
+        weighted = rows / elapsed[:, None]
+        scale = np.sqrt((weighted ** 2).mean(axis=0))
+        scale[scale == 0] = 1.0
+        solution = nnls(weighted / scale, np.ones(len(samples))) / scale
+        return cls(CostCoefficients(*solution.tolist()), description=description, online=online)
+
+    # ---- prediction --------------------------------------------------------------------------
+
+    def predict_s(self, features: StepFeatures) -> float:
+        """Predicted wall time of a step with these features; 0 for an empty step."""
+        if features.is_empty:
+            return 0.0
+        # PERF: a plain-Python dot product; numpy's call overhead is larger for six numbers.
+        w = self._weights
+        return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_seqs
+                + w[3] * features.num_sampled_seqs + w[4] * features.num_decode_context_tokens
+                + w[5] * features.num_prefill_attention_pairs)
+
+    def max_chunk_tokens(self, base: StepFeatures, num_computed_tokens: int, max_tokens: int,
+                         budget_s: float, samples_at: int | None = None) -> int:
+        """The most tokens (<= max_tokens) a prefill chunk starting at num_computed_tokens can add
+        to a step that already holds `base` and still be predicted to finish within budget_s; 0 if
+        not even one fits.  The chunk samples when it reaches `samples_at` tokens (its request's
+        tokens still to compute), if given.  Binary search: the prediction grows with the chunk."""
+        def fits(n: int) -> bool:
+            samples = samples_at is not None and n >= samples_at
+            return self.predict_s(base + StepFeatures.of_chunk(num_computed_tokens, n, samples)) <= budget_s
+
+        low, high = 0, max_tokens  # invariant: fits(low) or low == 0; high is the largest candidate
+        while low < high:
+            middle = (low + high + 1) // 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    # ---- online refinement -------------------------------------------------------------------
+
+    def observe(self, features: StepFeatures, elapsed_s: float) -> None:
+        """Record a measured step; every refit_interval observations, refit over the window."""
+        if features.is_empty or not elapsed_s > 0:
+            return
+        self._window.append((features.as_tuple(), elapsed_s))
+        self._num_since_refit += 1
+        if self._num_since_refit >= self.online.refit_interval:
+            self.refit()
+
+    def refit(self) -> None:
+        """Minimize  sum_t ((x_t . w - y_t) / y_t)^2 + prior_weight * sum_j (w_j / p_j - 1)^2,  w >= 0,
+        solved in v_j = w_j / p_j: the column of feature j is then the fraction of each step the
+        prior attributes to it, and the prior is v = 1.  Coefficients with p_j = 0 stay 0."""
+        self._num_since_refit = 0
+        prior = np.array(self.prior.as_tuple())
+        free = prior > 0
+        if not free.any() or not self._window:
+            return
+        rows = np.array([_design_row(x) for x, _ in self._window])
+        elapsed = np.array([y for _, y in self._window])
+        columns = rows[:, free] * prior[free] / elapsed[:, None]
+        targets = np.ones(len(elapsed))
+        strength = math.sqrt(self.online.prior_weight)
+        columns = np.vstack([columns, strength * np.eye(int(free.sum()))])
+        targets = np.concatenate([targets, np.full(int(free.sum()), strength)])
+        weights = np.zeros_like(prior)
+        weights[free] = nnls(columns, targets) * prior[free]
+        self._set(CostCoefficients(*weights.tolist()))
+
+    def _set(self, coefficients: CostCoefficients) -> None:
+        self.coefficients = coefficients
+        self._weights = coefficients.as_tuple()
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the current coefficients (observations included) and the description."""
+        return {"format_version": FORMAT_VERSION, "description": self.description,
+                "coefficients": asdict(self.coefficients)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, online: OnlineFitConfig = OnlineFitConfig()) -> StepCostModel:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"step cost model format_version {version!r} is not {FORMAT_VERSION}")
+        known = {f.name for f in fields(CostCoefficients)}
+        given = data.get("coefficients") or {}
+        unknown = set(given) - known
+        if unknown:
+            raise ValueError(f"unknown step cost coefficients {sorted(unknown)}; known: {sorted(known)}")
+        return cls(CostCoefficients(**given), description=data.get("description", ""), online=online)
+
+    def __repr__(self) -> str:
+        return f"StepCostModel({self.coefficients})"
+
+
+def _design_row(features: tuple[int, ...]) -> tuple[float, ...]:
+    return (1.0, *features)
+
+
+def relative_errors(model: StepCostModel, samples: Iterable[StepSample]) -> list[float]:
+    """(predicted - measured) / measured for each sample: how a fit is judged."""
+    return [(model.predict_s(s.features) - s.elapsed_s) / s.elapsed_s for s in samples]
+
+
+def nnls(a: np.ndarray, b: np.ndarray, max_iterations: int | None = None) -> np.ndarray:
+    """argmin ||a x - b|| subject to x >= 0 (Lawson and Hanson's active-set method).
+
+    scipy.optimize.nnls does the same; scipy is not a dependency of the engine.  The problems here
+    have six unknowns, so the cost is a few small least-squares solves.
+    """
+    num_unknowns = a.shape[1]
+    x = np.zeros(num_unknowns)
+    passive = np.zeros(num_unknowns, dtype=bool)  # unknowns free to be positive
+    tolerance = 10 * np.finfo(float).eps * np.linalg.norm(a, 1) * max(a.shape)
+    for _ in range(max_iterations or 3 * num_unknowns + 10):
+        gradient = a.T @ (b - a @ x)
+        candidates = ~passive & (gradient > tolerance)
+        if not candidates.any():
+            break
+        passive[np.argmax(np.where(candidates, gradient, -np.inf))] = True
+        x = _nnls_inner_loop(a, b, x, passive)
+    return x
+
+
+def _nnls_inner_loop(a: np.ndarray, b: np.ndarray, x: np.ndarray, passive: np.ndarray) -> np.ndarray:
+    """Solve on the passive set; while that leaves a passive unknown <= 0, step back toward the
+    last feasible x until one hits zero and drop it from the set."""
+    while True:
+        z = np.zeros_like(x)
+        z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+        if (z[passive] > 0).all():
+            return z
+        blocking = passive & (z <= 0)
+        step = np.min(x[blocking] / (x[blocking] - z[blocking]))
+        x = x + step * (z - x)
+        passive &= x > 1e-15
+        x[~passive] = 0.0
+        if not passive.any():
+            return x

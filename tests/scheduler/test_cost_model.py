@@ -1,0 +1,195 @@
+"""The step cost model: features, the non-negative fit, online refinement, JSON.  No torch."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.kv.kv_cache_manager import KVCacheManager
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler.cost_model import (CostCoefficients, OnlineFitConfig, StepCostModel, StepFeatures,
+                                         StepSample, features_of, features_of_chunks, nnls, relative_errors)
+from engine.scheduler.policy import FCFSPolicy
+from engine.scheduler.scheduler import Scheduler
+
+TRUE = CostCoefficients(overhead_s=0.015, per_scheduled_token_s=3e-4, per_seq_s=1e-3, per_sampled_seq_s=6e-4,
+                        per_decode_context_token_s=2e-6, per_prefill_attention_pair_s=8e-7)
+
+
+def true_time(features: StepFeatures, coefficients: CostCoefficients = TRUE) -> float:
+    return float(np.dot(coefficients.as_tuple(), (1, *features.as_tuple())))
+
+
+def synthetic_steps(seed: int = 0, num_steps: int = 200) -> list[StepFeatures]:
+    """Decode batches, prefill chunks (some not sampling) and mixed steps, like a scheduler makes."""
+    rng = random.Random(seed)
+    steps = []
+    for _ in range(num_steps):
+        chunks = [(rng.randint(16, 2000), 1, True) for _ in range(rng.choice([0, 1, 4, 16, 48]))]
+        for _ in range(rng.choice([0, 0, 1, 2, 8])):
+            chunks.append((rng.choice([0, 0, 256, 1024]), rng.randint(8, 512), rng.random() < 0.5))
+        if chunks:
+            steps.append(features_of_chunks(chunks))
+    return steps
+
+
+def noisy_samples(steps: list[StepFeatures], noise: float, seed: int = 1,
+                  coefficients: CostCoefficients = TRUE) -> list[StepSample]:
+    rng = np.random.default_rng(seed)
+    return [StepSample(f, true_time(f, coefficients) * (1 + noise * rng.standard_normal())) for f in steps]
+
+
+# ---- features ----------------------------------------------------------------------------------
+
+def test_cost_model_imports_no_torch() -> None:
+    code = "import sys, engine.scheduler.cost_model; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chunk_features_count_each_kind_of_work() -> None:
+    decode = StepFeatures.of_chunk(num_computed_tokens=99, num_scheduled_tokens=1, samples=True)
+    assert decode == StepFeatures(num_scheduled_tokens=1, num_seqs=1, num_sampled_seqs=1,
+                                  num_decode_context_tokens=100, num_prefill_attention_pairs=0)
+    chunk = StepFeatures.of_chunk(num_computed_tokens=64, num_scheduled_tokens=32, samples=False)
+    assert chunk == StepFeatures(num_scheduled_tokens=32, num_seqs=1, num_sampled_seqs=0,
+                                 num_decode_context_tokens=0, num_prefill_attention_pairs=32 * 96)
+    assert features_of_chunks([(99, 1, True), (64, 32, False)]) == decode + chunk
+    assert features_of_chunks([]).is_empty
+
+
+def make_request(request_id: str, prompt_len: int, first_token_id: int, max_tokens: int = 8) -> Request:
+    return Request(request_id=request_id, prompt_token_ids=list(range(first_token_id, first_token_id + prompt_len)),
+                   sampling_params=SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens)
+
+
+def test_features_of_a_real_scheduler_output() -> None:
+    scheduler = Scheduler(KVCacheManager(64, 4), FCFSPolicy(), max_num_batched_tokens=16, max_num_seqs=8,
+                          max_model_len=1024)
+    scheduler.add_request(make_request("a", 5, first_token_id=1))
+    first = scheduler.schedule()  # a: prefill of 5, samples
+    assert features_of(first) == StepFeatures(5, 1, 1, 0, 5 * 5)
+    scheduler.update_from_output(first, _sampled(first))
+    scheduler.add_request(make_request("b", 40, first_token_id=100))  # no shared prefix
+    second = scheduler.schedule()  # a decodes at context 5, b gets the other 15 tokens
+    assert [(s.num_computed_tokens, s.num_scheduled_tokens, s.samples) for s in second.scheduled] == \
+        [(5, 1, True), (0, 15, False)]
+    assert features_of(second) == StepFeatures(16, 2, 1, 6, 15 * 15)
+
+
+def _sampled(output):
+    from engine.scheduler.output import ModelRunnerOutput, SampledToken
+    return ModelRunnerOutput(sampled={s.request.request_id: SampledToken(7) for s in output.scheduled if s.samples})
+
+
+# ---- fitting -----------------------------------------------------------------------------------
+
+def test_nnls_finds_the_constrained_optimum() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((30, 4))
+    b = a @ np.array([1.0, -2.0, 0.5, 3.0]) + 0.01 * rng.standard_normal(30)
+    x = nnls(a, b)
+    assert (x >= 0).all() and x[1] == 0
+    # The optimum over every active set (brute force) is no better.
+    best = min(np.linalg.norm(a[:, list(s)] @ np.linalg.lstsq(a[:, list(s)], b, rcond=None)[0] - b)
+               for r in range(1, 5) for s in itertools.combinations(range(4), r)
+               if (np.linalg.lstsq(a[:, list(s)], b, rcond=None)[0] >= 0).all())
+    assert np.linalg.norm(a @ x - b) <= best + 1e-9
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    exact = StepCostModel.fit(noisy_samples(synthetic_steps(), noise=0.0))
+    np.testing.assert_allclose(exact.coefficients.as_tuple(), TRUE.as_tuple(), rtol=1e-6)
+
+
+def test_fit_recovers_known_coefficients_from_noisy_samples() -> None:
+    model = StepCostModel.fit(noisy_samples(synthetic_steps(), noise=0.02))
+    fitted, true = model.coefficients, TRUE
+    for name in ("overhead_s", "per_scheduled_token_s", "per_decode_context_token_s", "per_prefill_attention_pair_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(true, name), rel=0.15), name
+    # Almost every request in a step samples, so 2% noise hides how per-request cost splits
+    # between per_seq_s and per_sampled_seq_s; their sum is what predictions depend on.
+    assert fitted.per_seq_s + fitted.per_sampled_seq_s == pytest.approx(true.per_seq_s + true.per_sampled_seq_s,
+                                                                        rel=0.15)
+    errors = relative_errors(model, [StepSample(f, true_time(f)) for f in synthetic_steps(seed=7)])
+    assert np.mean(np.abs(errors)) < 0.02
+
+
+def test_fit_never_goes_negative() -> None:
+    # Data in which more sequences make a step cheaper: least squares would say per_seq_s < 0.
+    steps = synthetic_steps()
+    samples = [StepSample(f, max(1e-3, true_time(f) - 2e-3 * f.num_seqs)) for f in steps]
+    model = StepCostModel.fit(samples)
+    assert all(c >= 0 for c in model.coefficients.as_tuple())
+    assert model.coefficients.per_seq_s == 0
+    assert all(model.predict_s(f) > 0 for f in synthetic_steps(seed=9))
+    assert model.predict_s(StepFeatures()) == 0.0
+
+
+def test_coefficients_must_be_non_negative() -> None:
+    with pytest.raises(ValueError, match="per_seq_s"):
+        CostCoefficients(per_seq_s=-1e-3)
+    with pytest.raises(ValueError, match="at least one sample"):
+        StepCostModel.fit([])
+
+
+# ---- online refinement -------------------------------------------------------------------------
+
+def test_observe_moves_predictions_toward_new_data() -> None:
+    model = StepCostModel(TRUE, online=OnlineFitConfig(window_size=128, refit_interval=8))
+    slower = CostCoefficients(*(2 * c for c in TRUE.as_tuple()))  # the machine got twice as slow
+    decode_steps = [features_of_chunks([(512, 1, True)] * n) for n in (1, 4, 8, 16, 32, 48, 64)]
+    probe = features_of_chunks([(300, 1, True)] * 24)
+    before = model.predict_s(probe)
+    for features in decode_steps * 10:
+        model.observe(features, true_time(features, slower))
+    after = model.predict_s(probe)
+    assert before < after and abs(after - true_time(probe, slower)) < 0.25 * abs(before - true_time(probe, slower))
+    # Prefill attention never ran in the observed steps: its coefficient keeps the prior value.
+    assert model.coefficients.per_prefill_attention_pair_s == pytest.approx(TRUE.per_prefill_attention_pair_s)
+    assert all(c >= 0 for c in model.coefficients.as_tuple())
+
+
+def test_observe_ignores_empty_steps_and_refits_on_schedule() -> None:
+    model = StepCostModel(TRUE, online=OnlineFitConfig(refit_interval=4))
+    features = features_of_chunks([(100, 1, True)] * 8)
+    for _ in range(3):
+        model.observe(features, 1.0)
+    model.observe(StepFeatures(), 1.0)
+    assert model.coefficients == TRUE  # three real observations: no refit yet
+    model.observe(features, 1.0)
+    assert model.coefficients != TRUE
+
+
+# ---- planning and persistence ------------------------------------------------------------------
+
+def test_max_chunk_tokens_is_the_largest_chunk_within_budget() -> None:
+    model = StepCostModel(TRUE)
+    base = features_of_chunks([(400, 1, True)] * 16)
+    budget_s = 0.1
+    n = model.max_chunk_tokens(base, num_computed_tokens=128, max_tokens=2048, budget_s=budget_s)
+    assert 0 < n < 2048
+    assert model.predict_s(base + StepFeatures.of_chunk(128, n, False)) <= budget_s
+    assert model.predict_s(base + StepFeatures.of_chunk(128, n + 1, False)) > budget_s
+    assert model.max_chunk_tokens(base, 0, 2048, budget_s=model.predict_s(base)) == 0
+    assert model.max_chunk_tokens(StepFeatures(), 0, 64, budget_s=10.0) == 64
+    # A chunk that completes its prompt also pays for its LM-head row and sample.
+    assert model.max_chunk_tokens(base, 128, 2048, budget_s, samples_at=n) < n
+
+
+def test_json_round_trip() -> None:
+    model = StepCostModel.fit(noisy_samples(synthetic_steps(), noise=0.02), description="synthetic")
+    loaded = StepCostModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert loaded.coefficients == model.coefficients and loaded.description == "synthetic"
+    for features in synthetic_steps(seed=5)[:20]:
+        assert loaded.predict_s(features) == model.predict_s(features)
+    with pytest.raises(ValueError, match="format_version"):
+        StepCostModel.from_dict({"coefficients": {}})
+    with pytest.raises(ValueError, match="unknown"):
+        StepCostModel.from_dict({"format_version": 1, "coefficients": {"per_layer_s": 1.0}})
