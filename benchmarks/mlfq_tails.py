@@ -34,8 +34,10 @@ def cost_model() -> StepCostModel:
     fitted = RESULTS / "policies.json"
     if fitted.exists():
         data = json.loads(fitted.read_text()).get("cost_model")
-        if data:
-            return StepCostModel.from_dict({k: v for k, v in data.items() if k != "num_samples"})
+        try:
+            return StepCostModel.from_dict({k: v for k, v in (data or {}).items() if k != "num_samples"})
+        except ValueError:  # none saved, or saved by an older version of the cost model
+            pass
     return SMOLLM2_CPU.cost_model()
 
 

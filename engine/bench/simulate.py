@@ -17,8 +17,9 @@ An idle replica skips ahead to its next arrival.  The result is the records `eng
 makes, summarized by engine/bench/metrics.py, so simulated and measured runs read alike.
 
 Built-in cost profiles (`--cost-profile`), and where their numbers come from:
-    smollm2-cpu       fitted by `profile_step_costs` on SmolLM2-135M-Instruct, bf16, on the
-                      2-vCPU development machine (benchmarks/README.md) at max_num_batched_tokens 512
+    smollm2-cpu       SmolLM2-135M-Instruct, bf16, on the 2-vCPU development machine
+                      (benchmarks/README.md) at max_num_batched_tokens 512: fitted on the real steps
+                      of benchmarks/simulator_validation.py
     llama-70b-a100x4  a roofline estimate of Llama-2-70B, bf16, tensor parallel over 4 A100-80GB
                       SXM (see LLAMA_70B_A100X4 below for the arithmetic)
 """
@@ -76,11 +77,12 @@ class CostProfile:
 
 
 SMOLLM2_CPU = CostProfile(
-    description="SmolLM2-135M-Instruct bf16 on 2 vCPUs (AVX-512), profile_step_costs at 512 tokens/step",
-    # From `engine bench simulate --fit-cost-model` on the development machine, idle.
-    coefficients=CostCoefficients(overhead_s=0.0150, per_scheduled_token_s=3.3e-4, per_seq_s=0.0,
-                                  per_sampled_seq_s=6.0e-4, per_decode_context_token_s=2.0e-6,
-                                  per_prefill_attention_pair_s=7.8e-7),
+    description="SmolLM2-135M-Instruct bf16 on 2 vCPUs (AVX-512), fitted on real ShareGPT steps at 512 tokens/step",
+    # StepCostModel.fit on the 1,382 uncontended steps that the real engine ran serving
+    # benchmarks/simulator_validation.py's measured trace (2026-11-24; "real_steps" in its JSON).
+    coefficients=CostCoefficients(overhead_s=0.0158, per_scheduled_token_s=3.2e-4, per_prefill_seq_s=4.5e-3,
+                                  per_sampled_seq_s=5.2e-4, per_decode_context_token_s=4.1e-6,
+                                  per_prefill_attention_pair_s=5.6e-7),
     num_kv_blocks=5825,  # what 2 GiB of bf16 KV holds for SmolLM2 (30 layers, 3 KV heads of 64)
 )
 
@@ -103,7 +105,7 @@ SMOLLM2_CPU = CostProfile(
 #   KV blocks       4 * 80 GB * 0.9 - 141 GB weights = 147 GB of KV / 320 KB = 460k tokens
 LLAMA_70B_A100X4 = CostProfile(
     description="Llama-2-70B bf16, TP=4 on A100-80GB SXM: roofline estimate (engine/bench/simulate.py)",
-    coefficients=CostCoefficients(overhead_s=0.025, per_scheduled_token_s=2.0e-4, per_seq_s=0.0,
+    coefficients=CostCoefficients(overhead_s=0.025, per_scheduled_token_s=2.0e-4, per_prefill_seq_s=0.0,
                                   per_sampled_seq_s=4.0e-5, per_decode_context_token_s=5.0e-8,
                                   per_prefill_attention_pair_s=3.0e-9),
     num_kv_blocks=28_700, max_num_batched_tokens=2048, max_num_seqs=256, max_model_len=4096,

@@ -4,17 +4,21 @@ A step's wall time is the sum of the kinds of work it does, each proportional to
 
     step_s = overhead_s                                          Python, scheduling, launches, weight reads
            + per_scheduled_token_s        * num_scheduled_tokens   every linear layer runs once per token
-           + per_seq_s                    * num_seqs               per-request metadata and attention calls
-           + per_sampled_seq_s            * num_sampled_seqs       one LM-head row and one sampler row each
+           + per_prefill_seq_s            * num_prefill_seqs       attention runs per prefill chunk
+           + per_sampled_seq_s            * num_sampled_seqs       LM-head row, sampler row, bookkeeping
            + per_decode_context_token_s   * num_decode_context_tokens    decode attention reads every key
            + per_prefill_attention_pair_s * num_prefill_attention_pairs  prefill attention, n * (c + n) scores
 
 A request scheduled for tokens [c, c + n) is a decode when n == 1 (it reads c + 1 keys: memory
 bound) and a prefill chunk otherwise (n queries times c + n keys: compute bound), so the two kinds
-of attention get separate coefficients.  Coefficients are fitted by non-negative least squares on
-relative errors, and refined online from the engine's own steps.  Relative errors because a 20 ms
-decode step matters as much as a 1 s prefill step, and because a step that another process slowed
-down tenfold then weighs no more than one mispredicted by 100% (slowdowns are all contention can do).
+of attention get separate coefficients.  Every decode samples, so a decode's own fixed cost is in
+per_sampled_seq_s; a prefill chunk pays per_prefill_seq_s (the CPU attention runs each prefill
+chunk on its own, decodes together) and per_sampled_seq_s only when it completes its prompt.
+
+Coefficients are fitted by non-negative least squares on relative errors, and refined online from
+the engine's own steps.  Relative errors because a 20 ms decode step matters as much as a 1 s
+prefill step, and because a step that another process slowed down tenfold then weighs no more
+than one mispredicted by 100% (slowdowns are all that contention can do).
 
 Nothing here imports torch: the scheduler's SLO policy and the simulator use this module.
 """
@@ -41,7 +45,7 @@ class StepFeatures:
     sum of the features of its chunks, so a policy can price a candidate step chunk by chunk."""
 
     num_scheduled_tokens: int = 0
-    num_seqs: int = 0
+    num_prefill_seqs: int = 0  # requests running more than one token
     num_sampled_seqs: int = 0
     num_decode_context_tokens: int = 0
     num_prefill_attention_pairs: int = 0
@@ -55,33 +59,33 @@ class StepFeatures:
         return StepFeatures(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
 
     def as_tuple(self) -> tuple[int, ...]:
-        return (self.num_scheduled_tokens, self.num_seqs, self.num_sampled_seqs,
+        return (self.num_scheduled_tokens, self.num_prefill_seqs, self.num_sampled_seqs,
                 self.num_decode_context_tokens, self.num_prefill_attention_pairs)
 
     @property
     def is_empty(self) -> bool:
-        return self.num_seqs == 0
+        return self.num_scheduled_tokens == 0
 
 
 def _chunk_counts(num_computed_tokens: int, num_scheduled_tokens: int, samples: bool) -> tuple[int, ...]:
     n, c = num_scheduled_tokens, num_computed_tokens
     is_decode = n == 1
-    return (n, 1, int(samples), c + 1 if is_decode else 0, 0 if is_decode else n * (c + n))
+    return (n, int(not is_decode), int(samples), c + 1 if is_decode else 0, 0 if is_decode else n * (c + n))
 
 
 def features_of_chunks(chunks: Iterable[tuple[int, int, bool]]) -> StepFeatures:
     """Features of a step running (num_computed_tokens, num_scheduled_tokens, samples) chunks."""
     # PERF: one pass over plain ints; the simulator calls this every simulated step.
-    tokens = seqs = sampled = decode_context = prefill_pairs = 0
+    tokens = prefill_seqs = sampled = decode_context = prefill_pairs = 0
     for c, n, samples in chunks:
         tokens += n
-        seqs += 1
         sampled += samples
         if n == 1:
             decode_context += c + 1
         else:
+            prefill_seqs += 1
             prefill_pairs += n * (c + n)
-    return StepFeatures(tokens, seqs, sampled, decode_context, prefill_pairs)
+    return StepFeatures(tokens, prefill_seqs, sampled, decode_context, prefill_pairs)
 
 
 def features_of(scheduler_output: SchedulerOutput) -> StepFeatures:
@@ -104,7 +108,7 @@ class CostCoefficients:
 
     overhead_s: float = 0.0
     per_scheduled_token_s: float = 0.0
-    per_seq_s: float = 0.0
+    per_prefill_seq_s: float = 0.0
     per_sampled_seq_s: float = 0.0
     per_decode_context_token_s: float = 0.0
     per_prefill_attention_pair_s: float = 0.0
@@ -124,7 +128,7 @@ class OnlineFitConfig:
     """How `observe` refines the coefficients: a sliding-window refit, pulled toward the prior."""
 
     window_size: int = 256  # most recent observed steps the refit uses
-    refit_interval: int = 16  # refit after this many observations (a refit costs about 1 ms)
+    refit_interval: int = 16  # refit after this many observations (a refit of 256 steps: ~0.3 ms)
     # Pull toward the prior: each coefficient pays prior_weight * (relative change)^2, each observed
     # step its relative error^2 (so at 0.1, doubling one coefficient costs as much as 10 steps
     # mispredicted by 10%).  Any positive weight keeps coefficients of features the window never
@@ -179,7 +183,7 @@ class StepCostModel:
             return 0.0
         # PERF: a plain-Python dot product; numpy's call overhead is larger for six numbers.
         w = self._weights
-        return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_seqs
+        return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_prefill_seqs
                 + w[3] * features.num_sampled_seqs + w[4] * features.num_decode_context_tokens
                 + w[5] * features.num_prefill_attention_pairs)
 
@@ -214,23 +218,30 @@ class StepCostModel:
             self.refit()
 
     def refit(self) -> None:
-        """Minimize  sum_t ((x_t . w - y_t) / y_t)^2 + prior_weight * sum_j (w_j / p_j - 1)^2,  w >= 0,
-        solved in v_j = w_j / p_j: the column of feature j is then the fraction of each step the
-        prior attributes to it, and the prior is v = 1.  Coefficients with p_j = 0 stay 0."""
+        """Minimize  sum_t ((x_t . w - y_t) / y_t)^2 + prior_weight * sum_j ((w_j - p_j) / s_j)^2  over
+        w >= 0, where p is the prior and s_j = p_j (so a coefficient pays for its relative change).
+        Solved in v_j = w_j / s_j: the column of feature j is then the fraction of each step it
+        accounts for at scale s_j.  A coefficient the prior set to 0 (NNLS zeroes one of two
+        features that always move together) gets s_j = the coefficient at which feature j alone
+        would take a mean step, so that it can still grow; features the window never exercises
+        keep their prior value."""
         self._num_since_refit = 0
-        prior = np.array(self.prior.as_tuple())
-        free = prior > 0
-        if not free.any() or not self._window:
+        if not self._window:
             return
         rows = np.array([_design_row(x) for x, _ in self._window])
         elapsed = np.array([y for _, y in self._window])
-        columns = rows[:, free] * prior[free] / elapsed[:, None]
-        targets = np.ones(len(elapsed))
+        prior = np.array(self.prior.as_tuple())
+        scale = prior.copy()
+        mean_feature = rows.mean(axis=0)
+        unset = (prior == 0) & (mean_feature > 0)
+        scale[unset] = elapsed.mean() / mean_feature[unset]
+        free = scale > 0
+        num_free = int(free.sum())
         strength = math.sqrt(self.online.prior_weight)
-        columns = np.vstack([columns, strength * np.eye(int(free.sum()))])
-        targets = np.concatenate([targets, np.full(int(free.sum()), strength)])
-        weights = np.zeros_like(prior)
-        weights[free] = nnls(columns, targets) * prior[free]
+        columns = np.vstack([rows[:, free] * scale[free] / elapsed[:, None], strength * np.eye(num_free)])
+        targets = np.concatenate([np.ones(len(elapsed)), strength * (prior[free] > 0)])
+        weights = prior.copy()
+        weights[free] = nnls(columns, targets) * scale[free]
         self._set(CostCoefficients(*weights.tolist()))
 
     def _set(self, coefficients: CostCoefficients) -> None:

@@ -152,7 +152,8 @@ def test_profiling_the_real_engine_leaves_its_kv_empty(llm_bf16) -> None:
     steps = [ProfileStep("prefill", (prefill(48),)), ProfileStep("decodes", decodes(4, 200)),
              ProfileStep("mixed", (*decodes(2, 64), prefill(30, 16, samples=False)))]
     samples = profile_step_costs(engine, steps, num_repeats=2)
-    assert [s.features.num_seqs for s in samples] == [1, 4, 3] and all(s.elapsed_s > 0 for s in samples)
+    assert [s.features.num_prefill_seqs for s in samples] == [1, 0, 1] and all(s.elapsed_s > 0 for s in samples)
+    assert [s.features.num_scheduled_tokens for s in samples] == [48, 4, 32]
     assert_kv_empty(llm_bf16)
 
     engine.add_request("timed", list(range(100, 120)), SamplingParams(max_tokens=2, ignore_eos=True))
