@@ -5,7 +5,8 @@ time only when attained service predicts remaining service, i.e. when output len
 heavy-tailed (coefficient of variation above 1).  ShareGPT's reference answers are not
 (CV about 0.7), so on ShareGPT FCFS is hard to beat (benchmarks/policies.py).  This script runs
 both policies in the simulator on ShareGPT's output lengths and on log-normal lengths of rising
-spread, at 100% and 130% of capacity, with the cost model benchmarks/policies.py fitted on real steps.
+spread, at 100% and 130% of capacity, with the cost model benchmarks/policies.py fitted on real
+steps when its JSON holds one, else the built-in smollm2-cpu profile (also fitted on real steps).
 
     .venv/bin/python benchmarks/mlfq_tails.py      # writes benchmarks/results/mlfq_tails.md
 """
