@@ -41,7 +41,8 @@ from engine.bench.simulate import SimConfig, SimRequest, simulate
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SLOConfig
 from engine.llm_engine import LLMEngine
 from engine.request import SLOTarget
-from engine.scheduler.cost_model import StepCostModel, StepSample
+from engine.profiling import StepRecorder
+from engine.scheduler.cost_model import StepCostModel
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("fcfs", "priority", "mlfq", "slo")
@@ -179,16 +180,6 @@ def rank_agreement(real: dict[str, float], simulated: dict[str, float]) -> str:
     verdict = "holds" if not wrong else f"DIFFERS on {', '.join(wrong)}"
     return (f"{verdict} ({len(separated)} pairs apart by > {TIE_FRACTION:.0%}); real "
             f"{ {p: round(v, 3) for p, v in real.items()} }, simulated { {p: round(v, 3) for p, v in simulated.items()} }")
-
-
-class StepRecorder:
-    """Stands in for an engine's cost model: keeps every step's features and measured time."""
-
-    def __init__(self) -> None:
-        self.samples: list[StepSample] = []
-
-    def observe(self, features: Any, elapsed_s: float) -> None:
-        self.samples.append(StepSample(features, elapsed_s))
 
 
 # ---- 3. chunked against unchunked prefill ------------------------------------------------------

@@ -63,15 +63,21 @@ class ServerProcess:
         self._log.close()
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[ServerProcess]:
-    process = ServerProcess()
+def running_server(*extra_args: str) -> Iterator[ServerProcess]:
+    """A fixture body: a server with these flags, healthy for the fixture's scope, then stopped;
+    a server that died meanwhile fails the last test that used it."""
+    process = ServerProcess(*extra_args)
     try:
         process.wait_ready()
         yield process
         assert process.process.poll() is None, f"server died:\n{process.log()}"
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    yield from running_server()
 
 
 @pytest.fixture(scope="session")

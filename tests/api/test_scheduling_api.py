@@ -11,20 +11,14 @@ import pytest
 
 from engine.api.server import add_serve_arguments, engine_config_from_args
 
-from .conftest import ServerProcess, metric, scrape
+from .conftest import ServerProcess, metric, running_server, scrape
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
 @pytest.fixture(scope="module")
 def slo_server() -> Iterator[ServerProcess]:
-    process = ServerProcess("--scheduling-policy", "slo", "--slo-ttft-ms", "30000", "--slo-tpot-ms", "1000")
-    try:
-        process.wait_ready()
-        yield process
-        assert process.process.poll() is None, f"server died:\n{process.log()}"
-    finally:
-        process.stop()
+    yield from running_server("--scheduling-policy", "slo", "--slo-ttft-ms", "30000", "--slo-tpot-ms", "1000")
 
 
 def test_unattainable_ttft_is_refused_with_429_and_counted(slo_server: ServerProcess) -> None:

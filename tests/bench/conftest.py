@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import ServerProcess
+from tests.api.conftest import ServerProcess, running_server
 
 
 @pytest.fixture(scope="session")
@@ -21,10 +21,4 @@ def tokenizer() -> Any:
 @pytest.fixture(scope="session")
 def bench_server() -> Iterator[ServerProcess]:
     """Our server with a small KV cache and token budget (1,024-token context), for short runs."""
-    process = ServerProcess("--max-num-batched-tokens", "256", "--max-num-seqs", "8")
-    try:
-        process.wait_ready()
-        yield process
-        assert process.process.poll() is None, f"server died:\n{process.log()}"
-    finally:
-        process.stop()
+    yield from running_server("--max-num-batched-tokens", "256", "--max-num-seqs", "8")
