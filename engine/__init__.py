@@ -4,6 +4,7 @@
 be imported, and tested, without loading torch.
 """
 
+import engine.process_env  # noqa: F401  (first: sets variables torch reads when it loads)
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 

@@ -83,7 +83,7 @@ class TorchAttentionBackend:
         return output
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        buckets = _decode_buckets(meta, kv_cache.shape[3], kv_cache.shape[4], kv_cache.element_size())
+        buckets = _decode_buckets(meta, kv_cache.shape[3], kv_cache.shape[4], kv_cache.dtype)
         if len(buckets) == 1:
             return self._decode_bucket(query, kv_cache, meta, buckets[0])
         output = torch.empty_like(query)
@@ -103,8 +103,8 @@ class TorchAttentionBackend:
         keys = torch.index_select(flat[0], 0, bucket.rows, out=key_buffer).view(shape)
         values = torch.index_select(flat[1], 0, bucket.rows, out=value_buffer).view(shape)
         q = query.view(num_seqs, num_kv_heads, group, head_dim) * head_dim ** -0.5
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() + bucket.bias  # [B, Hkv, G, L]
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        scores = torch.matmul(q, keys.transpose(-1, -2)).add_(bucket.bias)  # [B, Hkv, G, L]
+        probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 whatever the input dtype
         return torch.matmul(probs, values).view(num_seqs, num_q_heads, head_dim)
 
     def _prefill(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -119,9 +119,11 @@ class TorchAttentionBackend:
         values = flat[1].index_select(0, slots).transpose(0, 1).contiguous()
         q = query.view(num_query, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         q = q.reshape(num_kv_heads, group * num_query, head_dim) * head_dim ** -0.5
-        scores = torch.matmul(q, keys.transpose(1, 2)).float().view(num_kv_heads, group, num_query, seq_len)
-        scores = scores + _causal_bias(num_query, seq_len, scores.device)
-        probs = torch.softmax(scores, dim=-1).to(values.dtype).view(num_kv_heads, group * num_query, seq_len)
+        scores = torch.matmul(q, keys.transpose(1, 2))  # [Hkv, G * q, L]
+        # Keys before the chunk are visible to all its queries; only the chunk's own square is causal.
+        chunk = scores.view(num_kv_heads, group, num_query, seq_len)[..., seq_len - num_query:]
+        chunk.masked_fill_(_future_mask(meta, num_query), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 whatever the input dtype
         out = torch.matmul(probs, values).view(num_kv_heads, group, num_query, head_dim)
         return out.permute(2, 0, 1, 3).reshape(num_query, num_q_heads, head_dim)
 
@@ -152,9 +154,24 @@ def _gather_buffers(meta: AttentionMetadata, num_rows: int, row_size: int,
 
 
 def _context_slots(meta: AttentionMetadata, seq: int, seq_len: int) -> torch.Tensor:
-    positions = torch.arange(seq_len, device=meta.block_tables.device)
-    blocks = meta.block_tables[seq, positions // meta.block_size].long()
-    return blocks * meta.block_size + positions % meta.block_size
+    """Cache slots of a sequence's context in position order, built once per step."""
+    key = ("context_slots", seq)
+    slots = meta.cache.get(key)
+    if slots is None:
+        positions = torch.arange(seq_len, device=meta.block_tables.device)
+        blocks = meta.block_tables[seq, positions // meta.block_size].long()
+        slots = meta.cache[key] = blocks * meta.block_size + positions % meta.block_size
+    return slots
+
+
+def _future_mask(meta: AttentionMetadata, num_query: int) -> torch.Tensor:
+    """[q, q] bool, True where query j would see chunk key i > j; built once per step and size."""
+    key = ("future_mask", num_query)
+    mask = meta.cache.get(key)
+    if mask is None:
+        mask = meta.cache[key] = torch.ones(num_query, num_query, dtype=torch.bool,
+                                            device=meta.block_tables.device).triu_(1)
+    return mask
 
 
 @dataclass(slots=True)
@@ -163,7 +180,7 @@ class DecodeBucket:
 
     seq_index: torch.Tensor  # [n] which decode sequences (rows of the query)
     rows: torch.Tensor  # [n * Hkv * L] cache rows to gather, see _bucket_rows
-    bias: torch.Tensor  # [n, 1, 1, L] additive mask, -inf past each sequence's length
+    bias: torch.Tensor  # [n, 1, 1, L] additive mask in the cache dtype, -inf past each sequence's length
 
 
 # A bucket's padded size (members x longest context) may exceed its real context by this factor.
@@ -174,7 +191,7 @@ MAX_BUCKET_BYTES = 4 << 20
 
 
 def _decode_buckets(meta: AttentionMetadata, num_kv_heads: int, head_dim: int,
-                    element_size: int) -> list[DecodeBucket]:
+                    dtype: torch.dtype) -> list[DecodeBucket]:
     """Split the decode sequences into buckets of similar length and bounded size, built once
     per step.
 
@@ -198,10 +215,10 @@ def _decode_buckets(meta: AttentionMetadata, num_kv_heads: int, head_dim: int,
             groups[-1].append(seq)
             total += lengths[seq]
         groups = [chunk for group in groups
-                  for chunk in _split_by_bytes(group, lengths, 2 * num_kv_heads * head_dim * element_size)]
+                  for chunk in _split_by_bytes(group, lengths, 2 * num_kv_heads * head_dim * dtype.itemsize)]
         if len(groups) == 1:
             groups = [list(range(len(lengths)))]  # keep the batch order: no scatter needed
-        buckets = [_bucket(meta, group, num_kv_heads) for group in groups]
+        buckets = [_bucket(meta, group, num_kv_heads, dtype) for group in groups]
         meta.cache["decode_buckets"] = buckets
     return buckets
 
@@ -213,7 +230,7 @@ def _split_by_bytes(group: list[int], lengths: list[int], bytes_per_token: int) 
     return [group[i: i + size] for i in range(0, len(group), size)]
 
 
-def _bucket(meta: AttentionMetadata, seqs: list[int], num_kv_heads: int) -> DecodeBucket:
+def _bucket(meta: AttentionMetadata, seqs: list[int], num_kv_heads: int, dtype: torch.dtype) -> DecodeBucket:
     """Cache rows holding these sequences' contexts, head-major, padded to the longest context
     rounded up to whole blocks.
 
@@ -230,14 +247,7 @@ def _bucket(meta: AttentionMetadata, seqs: list[int], num_kv_heads: int) -> Deco
     slots = (blocks[:, :, None] * meta.block_size + torch.arange(meta.block_size, device=device)).flatten(1)
     heads = torch.arange(num_kv_heads, device=device)
     rows = slots[:, None, :] * num_kv_heads + heads[None, :, None]  # [n, Hkv, L]
-    bias = torch.zeros(len(seqs), positions.numel(), dtype=torch.float32, device=device)
+    bias = torch.zeros(len(seqs), positions.numel(), dtype=dtype, device=device)  # 0 and -inf: exact in any dtype
     bias.masked_fill_(positions[None, :] >= seq_lens[:, None], float("-inf"))
     return DecodeBucket(seq_index=seq_index, rows=rows.flatten(), bias=bias[:, None, None, :])
 
-
-def _causal_bias(num_query: int, seq_len: int, device: torch.device) -> torch.Tensor:
-    """[num_query, seq_len] additive mask: query j sees keys 0 .. seq_len - num_query + j."""
-    query_pos = torch.arange(seq_len - num_query, seq_len, device=device)
-    key_pos = torch.arange(seq_len, device=device)
-    bias = torch.zeros(num_query, seq_len, dtype=torch.float32, device=device)
-    return bias.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))

@@ -12,6 +12,7 @@ from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
 from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.worker.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from engine.worker.host_allocator import keep_freed_memory
 from engine.worker.prepacked_linear import can_prepack, prepack_linears
 from engine.worker.sampler import Sampler, SamplingRow
 
@@ -41,6 +42,8 @@ class ModelRunner:
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)
         self.device = torch.device(runner.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = TORCH_DTYPES[dtype]
         self.block_size = cache.block_size
         self.model: LlamaForCausalLM = load_model(source, self.dtype,
