@@ -10,13 +10,13 @@ One run measures, in this process, on the default model (bf16):
 3. chunked prefill (budget --max-num-batched-tokens) against unchunked (budget = the context
    window, so a prompt is prefilled in one step) at --chunked-load: p99 inter-token latency;
 4. prefix caching on against off: TTFT with a --shared-prefix-len-token shared system prompt;
-5. the simulator (engine bench simulate) on the same traces with a cost model profiled on this
-   engine: does it rank the policies as the real runs do?
+5. the simulator (engine bench simulate) on the same traces with a cost model fitted on this run's
+   FCFS steps: does it rank the policies as the real runs do?
 
 Output lengths are the reference answers' (heavy-tailed), capped at --max-output-len.  Priorities
 for the priority policy are drawn at random (0 or 1), so that policy is measured, not favoured.
 
-    .venv/bin/python benchmarks/policies.py                              # about 25 minutes here
+    .venv/bin/python benchmarks/policies.py                              # about 35 minutes here
     .venv/bin/python benchmarks/policies.py --num-prompts 24 --loads 1.0 --skip-chunked --skip-prefix  # quick
 
 Writes --out.json (every summary), --out.md (tables) and --out.png (metrics against load).
@@ -131,11 +131,15 @@ def load_traces(args: argparse.Namespace, trace: list[TraceRequest], capacity: f
             for load in loads}
 
 
-def evaluate_policies(args: argparse.Namespace, traces: dict[float, list[TraceRequest]]) -> dict[str, Any]:
+def evaluate_policies(args: argparse.Namespace, traces: dict[float, list[TraceRequest]],
+                      recorder: StepRecorder) -> dict[str, Any]:
+    """Every policy at every load; the recorder keeps FCFS's steps (to fit the simulator's model)."""
     policies = args.policies.split(",")
     real: dict[str, dict[str, Any]] = {p: {} for p in policies}
     for policy in policies:
         engine = make_engine(args, policy)
+        if policy == "fcfs":
+            engine.cost_model = recorder  # FCFS predicts nothing: the engine only reports its steps
         for load, timed in traces.items():
             summary = run(engine, timed, args, f"{policy} @ {load:.0%}")
             real[policy][str(load)] = headline(summary)
@@ -184,10 +188,9 @@ def rank_agreement(real: dict[str, float], simulated: dict[str, float]) -> str:
 
 # ---- 3. chunked against unchunked prefill ------------------------------------------------------
 
-def evaluate_chunking(args: argparse.Namespace, trace: list[TraceRequest], capacity: float,
-                      recorder: StepRecorder) -> dict[str, Any]:
+def evaluate_chunking(args: argparse.Namespace, trace: list[TraceRequest], capacity: float) -> dict[str, Any]:
     """ShareGPT requests with every fourth replaced by a long document: does a long prompt stall
-    the running decodes?  The recorder keeps both runs' steps (to fit the simulator's cost model)."""
+    the running decodes?"""
     tokenizer = make_engine.tokenizer
     documents = sample_long(tokenizer, len(trace) // 4 + 1, args.long_prompt_len, 64, seed=args.seed)
     mixed = [TraceRequest(tokenizer.encode(documents[i // 4].prompt), 64, 0.0) if i % 4 == 3 else r
@@ -197,7 +200,6 @@ def evaluate_chunking(args: argparse.Namespace, trace: list[TraceRequest], capac
     out = {}
     for name, budget in (("chunked", args.max_num_batched_tokens), ("unchunked", args.max_model_len)):
         engine = make_engine(args, "fcfs", max_num_batched_tokens=budget)
-        engine.cost_model = recorder  # FCFS predicts nothing: the engine only reports its steps
         summary = run(engine, timed, args, f"{name} prefill (budget {budget})")
         out[name] = {"max_num_batched_tokens": budget, "p99_itl_ms": summary["p99_itl_ms"],
                      "mean_itl_ms": summary["mean_itl_ms"], **headline(summary)}
@@ -335,14 +337,17 @@ def main() -> None:
         report["prefix_caching"] = evaluate_prefix_caching(args, trace, profiler)
         print("prefix caching:", json.dumps(report["prefix_caching"]), flush=True)
     if "policies" in parts:
-        report["policies"] = evaluate_policies(args, traces)
+        report["policies"] = evaluate_policies(args, traces, recorder)
     if "chunked" in parts:
-        report["chunking"] = evaluate_chunking(args, trace, capacity, recorder)
+        report["chunking"] = evaluate_chunking(args, trace, capacity)
         print("chunking:", json.dumps(report["chunking"]), flush=True)
     if "simulate" in parts and "policies" in report:
-        # Fitted on the real steps this run measured (the start-up profile misses decode attention
-        # on long contexts, which online refinement cannot add back).
-        cost_model = StepCostModel.fit(recorder.samples, description="fitted on this run's real steps") \
+        # Fitted on the real FCFS steps this run measured, the capacity run's and every load's: the
+        # batches the simulated policies will form.  (The start-up profile misses decode attention
+        # on long contexts, which online refinement cannot add back; the chunking experiment's
+        # whole-prompt steps are another regime, and fitting them too cost the policies' decode
+        # steps ~25% of their predicted time.)
+        cost_model = StepCostModel.fit(recorder.samples, description="fitted on this run's real FCFS steps") \
             if len(recorder.samples) >= 100 else profiler.cost_model
         report["cost_model"] = {**cost_model.to_dict(), "num_samples": len(recorder.samples)}
         report["policies"]["simulated"] = simulate_policies(args, traces, cost_model)
