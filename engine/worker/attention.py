@@ -64,6 +64,10 @@ class TorchAttentionBackend:
     K was ~10x slower than over a contiguous one.  So decodes gather K/V straight into a
     contiguous head-major [B, Hkv, L, D] (index_select of (slot, head) rows, into buffers reused
     by every layer), then run two batched matmuls with the query heads of a group as rows.
+    Scores stay in the model dtype, masked in place: the bf16 matmul has already rounded them, and
+    softmax accumulates in fp32 whatever its input, so an fp32 copy, an out-of-place mask add and
+    a cast back bought no precision; dropping them took a 512-token chunk over 1,108 tokens of
+    context from ~6.3 to ~4.3 ms a layer, with identical outputs.
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

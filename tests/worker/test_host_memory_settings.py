@@ -1,0 +1,56 @@
+"""Process-level memory settings: huge pages for torch's large allocations (engine.process_env)
+and glibc keeping freed blocks (engine.worker.host_allocator).  Each runs in a fresh interpreter:
+both are process-wide and must not leak into, or depend on, this test process."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_python(code: str, **env: str) -> str:
+    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_importing_engine_turns_on_huge_pages_before_torch_loads():
+    assert run_python("import engine, os, torch; print(os.environ['THP_MEM_ALLOC_ENABLE'])") == "1"
+
+
+def test_a_value_the_user_set_is_kept():
+    assert run_python("import engine, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])", THP_MEM_ALLOC_ENABLE="0") == "0"
+
+
+# Bytes glibc holds in mmapped chunks (mallinfo2().hblkhd), before and after a 16 MiB tensor.
+MMAPPED_GROWTH = """
+import ctypes
+from engine.worker.host_allocator import keep_freed_memory
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+if {keep}:
+    assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+tensor = torch.empty(16 << 20, dtype=torch.uint8)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc 2.33+ (mallinfo2)")
+def test_large_temporaries_come_from_the_heap_once_freed_memory_is_kept():
+    # The control shows the measure can fail: by default glibc mmaps a 16 MiB block.
+    assert int(run_python(MMAPPED_GROWTH.format(keep=False))) >= 16 << 20
+    assert int(run_python(MMAPPED_GROWTH.format(keep=True))) == 0
