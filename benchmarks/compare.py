@@ -25,7 +25,6 @@ import gc
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,10 @@ from engine.bench.report import cell, format_summary, jsonable
 from engine.bench.serve import RunConfig, fetch_model_info, run_benchmark
 from engine.model.loader import default_model_path, load_tokenizer, resolve_model
 from offline_throughput import run_transformers
-from peers.llama_server import LlamaServer, ServerProcess, default_binary, free_port
-from serve_throughput import llama_server_version, machine
+from peers.llama_server import (LlamaServer, ServerProcess, add_llama_server_arguments, llama_server_from_args,
+                                llama_server_version)
+from peers.our_server import our_server
+from serve_throughput import machine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OURS, LLAMA_SERVER, TRANSFORMERS = "our server", "llama-server", "transformers (offline)"
@@ -66,9 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle seed")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="ours; default: the engine's")
-    parser.add_argument("--llama-server", type=Path, default=default_binary(), help="llama-server binary")
-    parser.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t and -tb")
-    parser.add_argument("--skip-llama-server", action="store_true")
+    add_llama_server_arguments(parser)
     parser.add_argument("--skip-hf", action="store_true", help="no offline transformers baseline")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--save-result", type=Path, default=REPO_ROOT / "benchmarks/results/compare.json",
@@ -92,27 +91,11 @@ def sample_trace(args: argparse.Namespace) -> tuple[SampleRequest, list[SampleRe
 
 # --- the systems ---------------------------------------------------------------------------------
 
-def our_server(args: argparse.Namespace, log_file: Path) -> ServerProcess:
-    """`python -m engine.api.server` with one sequence slot per stream, otherwise at its defaults."""
-    port = free_port()
-    command = [sys.executable, "-m", "engine.api.server", "--port", str(port), "--max-num-seqs",
-               str(args.max_concurrency), "--dtype", args.dtype, "--disable-log-stats", "--uvicorn-log-level", "warning"]
-    if args.max_num_batched_tokens is not None:
-        command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    return ServerProcess(command, port, log_file, cwd=REPO_ROOT)
-
-
 def llama_server(args: argparse.Namespace, requests: list[SampleRequest], log_file: Path) -> LlamaServer | None:
     """llama-server with one slot per stream, each slot holding the trace's longest request."""
-    if args.skip_llama_server:
-        return None
-    if not args.llama_server.exists():
-        print(f"\nSKIPPED llama-server: {args.llama_server} does not exist; "
-              "build it with benchmarks/peers/build_llama_server.sh (about ten minutes on two cores)")
-        return None
     slot_tokens = max(r.prompt_len + r.expected_output_len for r in requests) + SLOT_SLACK_TOKENS
-    return LlamaServer(args.llama_server, default_model_path(), num_slots=args.max_concurrency,
-                       num_threads=args.llama_threads, ctx_size=args.max_concurrency * slot_tokens, log_file=log_file)
+    return llama_server_from_args(args, num_slots=args.max_concurrency, ctx_size=args.max_concurrency * slot_tokens,
+                                  log_file=log_file)
 
 
 def drive(name: str, server: ServerProcess, args: argparse.Namespace, warmup: SampleRequest,
@@ -188,7 +171,9 @@ def main() -> None:
     log_stem = args.save_result.with_suffix("")  # server logs beside the result (*.log is git-ignored)
     extra: dict[str, Any] = {"num_input_tokens": sum(r.prompt_len for r in requests),
                              "num_output_tokens": sum(r.expected_output_len for r in requests)}
-    runs = {OURS: drive(OURS, our_server(args, Path(f"{log_stem}.ours.log")), args, warmup, requests,
+    runs = {OURS: drive(OURS, our_server(max_num_seqs=args.max_concurrency, dtype=args.dtype,
+                                      max_num_batched_tokens=args.max_num_batched_tokens,
+                                      log_file=Path(f"{log_stem}.ours.log")), args, warmup, requests,
                         fresh_connections=False)}
     peer = llama_server(args, requests, Path(f"{log_stem}.llama-server.log"))
     if peer is not None:

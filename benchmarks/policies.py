@@ -37,7 +37,7 @@ import numpy as np
 
 from engine.bench.arrivals import arrival_times
 from engine.bench.datasets import sample_long, sample_sharegpt
-from engine.bench.metrics import summarize
+from engine.bench.metrics import RequestRecord, summarize
 from engine.bench.replay import TraceRequest, replay_trace
 from engine.bench.simulate import SimConfig, SimRequest, simulate
 from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SLOConfig
@@ -114,10 +114,13 @@ def at_rate(trace: list[TraceRequest], rate: float, seed: int) -> list[TraceRequ
     return [replace(request, arrival_time_s=t) for request, t in zip(trace, times)]
 
 
-def run(engine: LLMEngine, trace: list[TraceRequest], args: argparse.Namespace, desc: str) -> dict[str, Any]:
+def replay_cold(engine: LLMEngine, trace: list[TraceRequest], desc: str) -> tuple[list[RequestRecord], float]:
     engine.kv.reset_prefix_cache()  # every run starts cold
-    records, duration_s = replay_trace(engine, trace, desc=desc)
-    return summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
+    return replay_trace(engine, trace, desc=desc)
+
+
+def run(engine: LLMEngine, trace: list[TraceRequest], args: argparse.Namespace, desc: str) -> dict[str, Any]:
+    return summarize(*replay_cold(engine, trace, desc), args.slo_ttft_ms, args.slo_tpot_ms)
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
@@ -209,8 +212,7 @@ def evaluate_chunking(args: argparse.Namespace, trace: list[TraceRequest], capac
     out: dict[str, Any] = {}
     for name, budget in budgets.items():
         engine = make_engine(args, "fcfs", max_num_batched_tokens=budget)
-        engine.kv.reset_prefix_cache()
-        records, duration_s = replay_trace(engine, timed, desc=f"{name} prefill (budget {budget})")
+        records, duration_s = replay_cold(engine, timed, f"{name} prefill (budget {budget})")
         summary = summarize(records, duration_s, args.slo_ttft_ms, args.slo_tpot_ms)
         itl_ms = 1000 * np.array([gap for r in records if r.success for gap in r.itl_s])
         out[name] = {"max_num_batched_tokens": budget, "p99_itl_ms": summary["p99_itl_ms"],

@@ -30,8 +30,6 @@ import gc
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -43,8 +41,8 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.bench.datasets import SampleRequest, load_sharegpt, sample_sharegpt
-from engine.model.loader import default_model_path
-from peers.llama_server import LlamaServer, ServerProcess, default_binary, free_port
+from peers.llama_server import add_llama_server_arguments, llama_server_from_args, llama_server_version
+from peers.our_server import our_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUEST_TIMEOUT_S = 600.0
@@ -107,10 +105,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle seed")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="ours; default: the engine's")
-    parser.add_argument("--llama-server", type=Path, default=default_binary(), help="llama-server binary")
-    parser.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t and -tb")
     parser.add_argument("--skip-offline", action="store_true")
-    parser.add_argument("--skip-llama-server", action="store_true")
+    add_llama_server_arguments(parser)
     parser.add_argument("--save-result", type=Path, default=REPO_ROOT / "benchmarks/results/serve_throughput.json",
                         help="JSON; the .md table and .png plot go beside it")
     args = parser.parse_args()
@@ -213,32 +209,11 @@ async def drive_server(name: str, base_url: str, warmup_request: SampleRequest, 
 
 # --- the servers -----------------------------------------------------------------------------
 
-class OurServer(ServerProcess):
-    """`python -m engine.api.server` on a free loopback port."""
-
-    def __init__(self, args: argparse.Namespace, log_file: Path) -> None:
-        port = free_port()
-        command = [sys.executable, "-m", "engine.api.server", "--port", str(port),
-                   "--max-num-seqs", str(args.concurrency), "--dtype", args.dtype,
-                   "--disable-log-stats", "--uvicorn-log-level", "warning"]
-        if args.max_num_batched_tokens is not None:
-            command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-        super().__init__(command, port, log_file, cwd=REPO_ROOT)
-
-
 def run_against(name: str, server: AbstractContextManager[Any], warmup_request: SampleRequest,
                 requests: list[SampleRequest], args: argparse.Namespace, fresh_connections: bool) -> SystemResult:
     with server as running:
         return asyncio.run(drive_server(name, running.url, warmup_request, requests, args.output_len,
                                         args.concurrency, fresh_connections))
-
-
-def llama_server_version(binary: Path) -> str:
-    """`llama-server --version`, plus the sdist it was built from where build_llama_server.sh noted it."""
-    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
-    version = " ".join((done.stdout + done.stderr).split())
-    source = binary.parents[2] / "SOURCE"  # llama.cpp/build/bin/llama-server -> llama.cpp/SOURCE
-    return f"{version}; source {source.read_text().strip()}" if source.exists() else version
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -359,19 +334,6 @@ def save(args: argparse.Namespace, results: list[SystemResult], extra: dict[str,
     print(f"\nsaved {path}, {path.with_suffix('.md').name} and {path.with_suffix('.png').name}")
 
 
-def make_llama_server(args: argparse.Namespace, log_file: Path) -> LlamaServer | None:
-    """llama-server with one slot per stream, each slot holding the longest prompt plus its output."""
-    if args.skip_llama_server:
-        return None
-    if not args.llama_server.exists():
-        print(f"\nSKIPPED llama-server: {args.llama_server} does not exist; "
-              "build it with benchmarks/peers/build_llama_server.sh (about ten minutes on two cores)")
-        return None
-    ctx_size = args.concurrency * (args.max_prompt_len + args.output_len)
-    return LlamaServer(args.llama_server, default_model_path(), num_slots=args.concurrency,
-                       num_threads=args.llama_threads, ctx_size=ctx_size, log_file=log_file)
-
-
 def main() -> None:
     args = parse_args()
     llm = build_engine(args)
@@ -389,9 +351,13 @@ def main() -> None:
     # Server logs go beside the result (*.log is git-ignored): read them when a server fails to start.
     args.save_result.parent.mkdir(parents=True, exist_ok=True)
     log_stem = args.save_result.with_suffix("")
-    ours = OurServer(args, Path(f"{log_stem}.ours.log"))
+    ours = our_server(max_num_seqs=args.concurrency, dtype=args.dtype,
+                      max_num_batched_tokens=args.max_num_batched_tokens, log_file=Path(f"{log_stem}.ours.log"))
     results.append(run_against("our server", ours, warmup_request, requests, args, fresh_connections=False))
-    llama_server = make_llama_server(args, Path(f"{log_stem}.llama-server.log"))
+    # One slot per stream, each holding the longest allowed prompt plus its output.
+    llama_server = llama_server_from_args(args, num_slots=args.concurrency,
+                                          ctx_size=args.concurrency * (args.max_prompt_len + args.output_len),
+                                          log_file=Path(f"{log_stem}.llama-server.log"))
     if llama_server is not None:
         extra["llama_server"] = {"version": llama_server_version(args.llama_server), "command": llama_server.command}
         results.append(run_against("llama-server", llama_server, warmup_request, requests, args,

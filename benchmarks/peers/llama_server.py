@@ -128,6 +128,35 @@ class LlamaServer(ServerProcess):
         ], port, log_file)
 
 
+def add_llama_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every benchmark that runs llama-server as a peer takes."""
+    parser.add_argument("--llama-server", type=Path, default=default_binary(), help="llama-server binary")
+    parser.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t and -tb")
+    parser.add_argument("--skip-llama-server", action="store_true")
+
+
+def llama_server_from_args(args: argparse.Namespace, *, num_slots: int, ctx_size: int,
+                           log_file: Path) -> LlamaServer | None:
+    """The peer those flags ask for, or None (with a message) when skipped or not built."""
+    if args.skip_llama_server:
+        return None
+    if not args.llama_server.exists():
+        print(f"\nSKIPPED llama-server: {args.llama_server} does not exist; "
+              "build it with benchmarks/peers/build_llama_server.sh (about ten minutes on two cores)")
+        return None
+    from engine.model.loader import default_model_path
+    return LlamaServer(args.llama_server, default_model_path(), num_slots=num_slots, num_threads=args.llama_threads,
+                       ctx_size=ctx_size, log_file=log_file)
+
+
+def llama_server_version(binary: Path) -> str:
+    """`llama-server --version`, plus the sdist it was built from where build_llama_server.sh noted it."""
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    version = " ".join((done.stdout + done.stderr).split())
+    source = binary.parents[2] / "SOURCE"  # llama.cpp/build/bin/llama-server -> llama.cpp/SOURCE
+    return f"{version}; source {source.read_text().strip()}" if source.exists() else version
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the engine's default GGUF with llama-server until Ctrl-C.")
     parser.add_argument("--binary", type=Path, default=default_binary())
