@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from engine.config import ATTENTION_BACKENDS
+
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
@@ -16,7 +18,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=2.0, help="GiB for the KV cache")
     parser.add_argument("--scheduling-policy", default="fcfs")
-    parser.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
 
 
 def _generate(args: argparse.Namespace) -> None:

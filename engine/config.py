@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("bfloat16", "float32", "float16")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "native", "triton")
 SCHEDULING_POLICIES = ("fcfs", "priority", "mlfq", "slo")
 
 
@@ -103,7 +103,7 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class RunnerConfig:
     device: str = "cpu"
-    attention_backend: str = "auto"  # auto: triton on CUDA tensors, torch otherwise
+    attention_backend: str = "auto"  # auto: triton on CUDA, native (C++ decode, else torch) on CPU
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
 
     def __post_init__(self) -> None:

@@ -206,7 +206,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="refuse new requests (429) while this many wait (default: no limit)")
     parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
-                        help="auto: Triton kernels on CUDA, the torch path on CPU")
+                        help="auto: Triton kernels on CUDA; on CPU the C++ decode kernel where it builds, else the torch path")
     parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug", "trace"))

@@ -21,11 +21,18 @@ GiB = 1 << 30
 
 
 def make_attention_backend(name: str, device: str) -> AttentionBackend:
-    """auto: the Triton kernels on CUDA, the torch path elsewhere; triton on CPU runs the
-    Triton interpreter (set TRITON_INTERPRET=1), for tests."""
+    """auto: the Triton kernels on CUDA, the C++ decode kernel on CPU where it builds (else the
+    torch path); triton on CPU runs the Triton interpreter (set TRITON_INTERPRET=1), for tests."""
     if name == "triton" or (name == "auto" and device.startswith("cuda")):
         from engine.kernels.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend()
+    if name == "native" or (name == "auto" and device == "cpu"):
+        from engine.kernels.cpu import native_library
+        from engine.kernels.cpu.native_backend import NativeCpuAttentionBackend
+        if name == "native" and native_library.load() is None:
+            raise RuntimeError("attention_backend='native' needs the C++ CPU kernels, which could not be "
+                               "built or loaded here (see the log); use 'auto' or 'torch'")
+        return NativeCpuAttentionBackend()
     return TorchAttentionBackend()
 
 

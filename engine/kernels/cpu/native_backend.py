@@ -1,0 +1,25 @@
+"""The attention backend for CPU tensors: decodes through the C++ kernel, prefill chunks through
+the torch path it extends (whose matmuls already run near the CPU's peak on whole chunks)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kernels.cpu.paged_decode_attention import paged_decode_attention, supports
+from engine.worker.attention import AttentionMetadata, TorchAttentionBackend
+
+
+class NativeCpuAttentionBackend(TorchAttentionBackend):
+    """Falls back to the torch path, per cache shape, where the kernel cannot run (no compiler,
+    no AVX-512, an unsupported head size): `auto` never fails for want of it."""
+
+    def __init__(self) -> None:
+        self._supported: dict[tuple, bool] = {}
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        key = (tuple(kv_cache.shape), kv_cache.dtype, query.shape[1])
+        if key not in self._supported:
+            self._supported[key] = supports(kv_cache, query.shape[1])
+        if not self._supported[key]:
+            return super()._decode(query, kv_cache, meta)
+        return paged_decode_attention(query.contiguous(), kv_cache, meta.block_tables, meta.seq_lens)

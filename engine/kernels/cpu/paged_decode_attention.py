@@ -1,0 +1,71 @@
+"""Decode attention over the paged KV cache in C++ (paged_decode_attention.cpp): the wrapper
+that checks arguments and calls the library.
+
+Same contract as the decode half of TorchAttentionBackend (engine/worker/attention.py), which is
+its reference: one query token per sequence, context = the sequence's first seq_lens[i] slots
+through its block table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kernels.cpu import native_library
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MAX_GROUP = 16
+MAX_HEAD_DIM = 256
+
+
+def supports(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
+    """Whether the kernel can serve this cache and model on this machine."""
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    return (kv_cache.device.type == "cpu" and kv_cache.dtype in DTYPE_CODES and head_dim % 16 == 0
+            and head_dim <= MAX_HEAD_DIM and num_q_heads % num_kv_heads == 0
+            and num_q_heads // num_kv_heads <= MAX_GROUP and native_library.load() is not None)
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """query [B, Hq, D] (one token per sequence), kv_cache [2, num_blocks, block_size, Hkv, D],
+    block_tables [B, max_blocks] int32, seq_lens [B] int32 (each >= 1) -> out [B, Hq, D]."""
+    _check(query, kv_cache, block_tables, seq_lens)
+    if out is None:
+        out = torch.empty_like(query)
+    elif out.shape != query.shape or out.dtype != query.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {tuple(query.shape)} {query.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    num_seqs, num_q_heads, head_dim = query.shape
+    if num_seqs == 0:
+        return out
+    library = native_library.load()
+    if library is None:
+        raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
+    status = library.paged_decode_attention(
+        query.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
+        block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_q_heads,
+        kv_cache.shape[3], head_dim, kv_cache.shape[2], head_dim ** -0.5, DTYPE_CODES[query.dtype],
+        torch.get_num_threads())
+    if status != 0:
+        raise ValueError("paged_decode_attention: shapes or dtype not supported by the kernel")
+    return out
+
+
+def _check(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor) -> None:
+    if query.dim() != 3 or kv_cache.dim() != 5:
+        raise ValueError(f"query must be [B, Hq, D] and kv_cache [2, blocks, block_size, Hkv, D], got "
+                         f"{tuple(query.shape)} and {tuple(kv_cache.shape)}")
+    if not supports(kv_cache, query.shape[1]):
+        raise ValueError(f"kernel does not support kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype} "
+                         f"on {kv_cache.device} with {query.shape[1]} query heads")
+    if query.dtype != kv_cache.dtype or query.shape[2] != kv_cache.shape[4]:
+        raise ValueError("query and kv_cache must share dtype and head_dim")
+    if not (query.is_contiguous() and kv_cache.is_contiguous()):
+        raise ValueError("query and kv_cache must be contiguous")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_tables and seq_lens must be int32")
+    if block_tables.dim() != 2 or block_tables.stride(1) != 1 or not seq_lens.is_contiguous():
+        raise ValueError("block_tables must be 2-D with contiguous rows, seq_lens contiguous")
+    if block_tables.shape[0] < query.shape[0] or seq_lens.shape[0] < query.shape[0]:
+        raise ValueError("block_tables and seq_lens need a row per query sequence")

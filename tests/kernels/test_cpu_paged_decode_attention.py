@@ -1,0 +1,101 @@
+"""The C++ CPU decode-attention kernel against a per-sequence fp32 reference, and its backend
+against the torch backend on a mixed step.
+
+The kernel needs a C++ compiler and AVX-512; where either is missing these tests skip and say why
+(the engine then runs its torch path, which other tests cover).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels.cpu import native_library
+from engine.kernels.cpu.native_backend import NativeCpuAttentionBackend
+from engine.kernels.cpu.paged_decode_attention import paged_decode_attention, supports
+from engine.worker.attention import TorchAttentionBackend
+
+from .paged_batch import make_metadata, random_block_tables, random_kv_cache
+
+pytestmark = pytest.mark.skipif(native_library.load() is None,
+                                reason="no C++ compiler or no AVX-512 here: the native kernel cannot run")
+
+
+def reference_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: list[int]) -> torch.Tensor:
+    """fp32, one sequence at a time, slots spelled out from the block table."""
+    num_seqs, num_q_heads, head_dim = query.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = num_q_heads // num_kv_heads
+    flat = kv_cache.float().reshape(2, -1, num_kv_heads, head_dim)
+    out = torch.empty(num_seqs, num_q_heads, head_dim)
+    for seq, seq_len in enumerate(seq_lens):
+        slots = [int(block_tables[seq, p // block_size]) * block_size + p % block_size for p in range(seq_len)]
+        keys = flat[0, slots].repeat_interleave(group, dim=1)  # [L, Hq, D]
+        values = flat[1, slots].repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", query[seq].float(), keys) * head_dim ** -0.5
+        out[seq] = torch.einsum("hl,lhd->hd", scores.softmax(-1), values)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [
+    (9, 3, 64),    # SmolLM2: groups of 3, the unrolled 64-wide path
+    (8, 8, 128),   # no GQA, the unrolled 128-wide path
+    (8, 2, 80),    # a head size without an unrolled path
+    (16, 1, 32),   # MQA: one KV head for all
+])
+def test_matches_reference(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    block_size, num_blocks = 16, 64
+    # one token, block edges (15, 16, 17), several blocks, one sequence much longer than the rest
+    seq_lens = [1, 15, 16, 17, 50, 300]
+    block_tables = random_block_tables(seq_lens, block_size, num_blocks)
+    kv_cache = random_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim).to(dtype)
+    out = paged_decode_attention(query, kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32))
+    expected = reference_decode(query, kv_cache, block_tables, seq_lens)
+    # the kernel works in fp32 throughout; low-precision outputs differ by their final rounding
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), expected, **tolerance)
+
+
+def test_block_size_one_and_large_scores() -> None:
+    """Tiny blocks (every position its own block) and scores large enough that softmax without the
+    max shift would overflow fp32."""
+    seq_lens = [7, 33]
+    block_tables = random_block_tables(seq_lens, 1, 48)
+    kv_cache = random_kv_cache(48, 1, 2, 64, torch.float32) * 30
+    query = torch.randn(2, 4, 64) * 30
+    out = paged_decode_attention(query, kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference_decode(query, kv_cache, block_tables, seq_lens), atol=1e-4, rtol=1e-4)
+
+
+def test_rejects_what_it_cannot_run() -> None:
+    kv_cache = random_kv_cache(4, 16, 2, 72, torch.float32)  # 72 is not a multiple of 16
+    assert not supports(kv_cache, num_q_heads=4)
+    query = torch.randn(1, 4, 72)
+    with pytest.raises(ValueError, match="does not support"):
+        paged_decode_attention(query, kv_cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    good_cache = random_kv_cache(4, 16, 2, 64, torch.float32)
+    with pytest.raises(ValueError, match="int32"):
+        paged_decode_attention(torch.randn(1, 4, 64), good_cache, torch.zeros(1, 1, dtype=torch.int64),
+                               torch.ones(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("head_dim", [64, 72])  # 72: the backend falls back to the torch path
+def test_backend_matches_torch_backend_on_a_mixed_step(head_dim: int) -> None:
+    block_size, num_blocks = 16, 32
+    context_lens, query_lens, num_decodes = [15, 16, 40, 17, 0], [1, 1, 1, 20, 9], 3
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    block_tables = random_block_tables(seq_lens, block_size, num_blocks)
+    meta, _ = make_metadata(context_lens, query_lens, num_decodes, block_size, block_tables)
+    num_tokens = sum(query_lens)
+    query, key, value = (torch.randn(num_tokens, heads, head_dim).to(torch.bfloat16) for heads in (6, 2, 2))
+    torch_cache = random_kv_cache(num_blocks, block_size, 2, head_dim, torch.bfloat16)
+    native_cache = torch_cache.clone()
+    expected = TorchAttentionBackend().forward(query, key, value, torch_cache, meta)
+    meta.cache = None
+    out = NativeCpuAttentionBackend().forward(query, key, value, native_cache, meta)
+    assert torch.equal(native_cache, torch_cache)
+    torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
