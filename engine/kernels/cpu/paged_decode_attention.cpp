@@ -107,6 +107,31 @@ struct Problem {
   DType dtype;
 };
 
+// Asks for one head's rows of a block ahead of use: blocks lie anywhere in the cache, so the
+// hardware prefetcher cannot guess the next one.  Volatile asm, not _mm_prefetch: GCC deletes a
+// loop whose body is only prefetch builtins (it has no observable effect), at -O2 always and at
+// -O3 depending on inlining.
+template <typename T>
+inline void prefetch_block(const T* head_rows, int32_t block, const Problem& pb, int64_t row_stride) {
+  const char* first = reinterpret_cast<const char*>(head_rows + static_cast<int64_t>(block) * pb.block_size * row_stride);
+  const int64_t row_bytes = pb.head_dim * static_cast<int64_t>(sizeof(T)), stride_bytes = row_stride * sizeof(T);
+  for (int i = 0; i < pb.block_size; i++)
+    for (int64_t byte = 0; byte < row_bytes; byte += 64)
+      asm volatile("prefetcht0 %0" : : "m"(*(first + i * stride_bytes + byte)));
+}
+
+// Called at each block boundary `start`: asks for the next two blocks, so a block's rows are on
+// their way while the one before is computed.  Measured here (64 sequences x 512 tokens, K/V from
+// memory, ms a layer): no prefetch 2.37, the next block 1.6-1.7, the next two 1.29-1.35, three no
+// better.
+template <typename T>
+inline void prefetch_ahead(const T* head_rows, const int32_t* blocks, int start, int len, const Problem& pb,
+                           int64_t row_stride) {
+  const int block = start / pb.block_size;
+  if (start + pb.block_size < len) prefetch_block(head_rows, blocks[block + 1], pb, row_stride);
+  if (start + 2 * pb.block_size < len) prefetch_block(head_rows, blocks[block + 2], pb, row_stride);
+}
+
 // One (sequence, KV head): the `group` query heads that share it.  scores holds group rows of
 // `capacity` floats, capacity >= the sequence's length.  kVecs = head_dim / 16 when known at
 // compile time (the loops over a row unroll and K stays in registers: ~1.4x faster), 0 otherwise.
@@ -134,6 +159,7 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
   for (int start = 0; start < len; start += pb.block_size) {
     const int64_t first_slot = static_cast<int64_t>(blocks[start / pb.block_size]) * pb.block_size;
     const int count = len - start < pb.block_size ? len - start : pb.block_size;
+    prefetch_ahead(keys, blocks, start, len, pb, row_stride);
     for (int i = 0; i < count; i++) {
       const T* key = keys + (first_slot + i) * row_stride;
       __m512 k[kMaxHeadDim / 16];
@@ -159,6 +185,7 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
     for (int start = 0; start < len; start += pb.block_size) {
       const int64_t first_slot = static_cast<int64_t>(blocks[start / pb.block_size]) * pb.block_size;
       const int count = len - start < pb.block_size ? len - start : pb.block_size;
+      prefetch_ahead(values, blocks, start, len, pb, row_stride);
       for (int i = 0; i < count; i++) {
         const T* value = values + (first_slot + i) * row_stride;
         const __m512 w = _mm512_set1_ps(weights[start + i]);

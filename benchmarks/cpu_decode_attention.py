@@ -1,0 +1,82 @@
+"""Time one layer's decode attention on CPU: the C++ kernel against the torch path it replaces.
+
+SmolLM2-135M's shapes (9 query heads, 3 KV heads, head_dim 64, 16-token blocks, 30 layers), bf16.
+Each timed call is the next layer's, over that layer's own cache, as in a forward: a step's K/V
+comes from memory, not from the last call's cache lines.  Blocks are scattered over each cache as a
+busy engine leaves them, contexts drawn around each mean (+-50%) as ShareGPT's are ragged.  Prints
+each path's mean time per layer, the speed-up, and the kernel's K/V read rate (the contexts' bytes
+over its time).
+
+    .venv/bin/python benchmarks/cpu_decode_attention.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from engine.kernels.cpu import native_library
+from engine.kernels.cpu.paged_decode_attention import paged_decode_attention
+from engine.worker.attention import AttentionMetadata, TorchAttentionBackend
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 9, 3, 64, 16, 30
+
+
+def time_ms(fn, repeats: int) -> float:
+    """Mean ms of fn(layer) over `repeats` passes through every layer, after one warm-up pass."""
+    for layer in range(NUM_LAYERS):
+        fn(layer)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for layer in range(NUM_LAYERS):
+            fn(layer)
+    return (time.perf_counter() - start) / (repeats * NUM_LAYERS) * 1e3
+
+
+def case(num_seqs: int, mean_context: int, repeats: int) -> tuple[float, float, float]:
+    generator = torch.Generator().manual_seed(num_seqs * 10_000 + mean_context)
+    seq_lens = torch.randint(mean_context // 2, mean_context * 3 // 2 + 1, (num_seqs,), generator=generator,
+                             dtype=torch.int32)
+    blocks_per_seq = -(-int(seq_lens.max()) // BLOCK_SIZE)
+    num_blocks = num_seqs * blocks_per_seq * 5 // 4  # a quarter of each cache holds other requests' blocks
+    block_tables = torch.randperm(num_blocks, generator=generator)[: num_seqs * blocks_per_seq]
+    block_tables = block_tables.view(num_seqs, blocks_per_seq).int()
+    kv_caches = [torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, generator=generator).bfloat16()
+                 for _ in range(NUM_LAYERS)]
+    query = torch.randn(num_seqs, NUM_Q_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64), query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
+        seq_lens=seq_lens, block_tables=block_tables, num_decodes=num_seqs, max_query_len=1,
+        max_seq_len=int(seq_lens.max()), block_size=BLOCK_SIZE,
+        query_start_loc_cpu=list(range(num_seqs + 1)), seq_lens_cpu=seq_lens.tolist(), cache={})
+    torch_path = TorchAttentionBackend()
+    # meta.cache keeps the torch path's buckets and buffers across layers, as within one step
+    torch_ms = time_ms(lambda layer: torch_path._decode(query, kv_caches[layer], meta), repeats)
+    out = torch.empty_like(query)
+    native_ms = time_ms(lambda layer: paged_decode_attention(query, kv_caches[layer], block_tables, seq_lens, out),
+                        repeats)
+    context_bytes = int(seq_lens.sum()) * 2 * NUM_KV_HEADS * HEAD_DIM * query.element_size()
+    return torch_ms, native_ms, context_bytes / native_ms / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="8,32,64")
+    parser.add_argument("--contexts", default="128,512,1024")
+    parser.add_argument("--repeats", type=int, default=5, help="passes through the 30 layers")
+    args = parser.parse_args()
+    if native_library.load() is None:
+        print("the native CPU kernels are not available here (no C++ compiler or no AVX-512): nothing to time")
+        return
+    print(f"one layer, bf16, {NUM_Q_HEADS}/{NUM_KV_HEADS} heads x {HEAD_DIM}, {torch.get_num_threads()} threads")
+    print(f"{'seqs':>5} {'context':>8} {'torch ms':>9} {'native ms':>10} {'speed-up':>9} {'K/V GB/s':>9}")
+    for num_seqs in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            torch_ms, native_ms, rate = case(num_seqs, context, args.repeats)
+            print(f"{num_seqs:>5} {context:>8} {torch_ms:>9.3f} {native_ms:>10.3f} {torch_ms / native_ms:>8.2f}x {rate:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
