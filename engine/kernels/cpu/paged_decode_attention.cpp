@@ -5,7 +5,8 @@
 // cache after gathering each sequence's K and V into contiguous buffers (index_select), which
 // reads the context from memory, writes it out and reads it again in two small batched matmuls.
 // This kernel reads each K and V row once, where it lies.  On the 2-core dev machine (bf16,
-// SmolLM2, 32 sequences of ~170 tokens) a layer's decode attention went from ~0.34 to ~0.10 ms.
+// SmolLM2, K/V from memory, benchmarks/cpu_decode_attention.py) one layer's decode attention over
+// 64 sequences of ~512 tokens went from ~3.2 ms to ~1.0 ms.
 //
 // Layout (shared with the torch path and the Triton kernels):
 //   query, out      [num_seqs, num_q_heads, head_dim], contiguous
@@ -18,7 +19,11 @@
 //
 // Work split: one task per (sequence, KV head), handed out dynamically over OpenMP threads (the
 // OpenMP runtime is torch's own: the library is loaded after torch, which loaded libgomp.so.1).
-// Each task streams its context twice (K for the scores, V for the sum) in block order.
+// Each task streams its context twice (K for the scores, V for the sum) in block order,
+// prefetching ahead since blocks are scattered.  What else was tried and measured no better:
+// one task per sequence over all its heads (contiguous slot rows, but accumulators spill), and
+// bf16 dot products (vdpbf16ps) with a shuffle-tree reduction for the scores (2-5%: the passes
+// wait on memory, not arithmetic).
 
 #include <cmath>
 #include <cstdint>
@@ -177,24 +182,35 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
   float inverse_sum[kMaxGroup];
   for (int g = 0; g < group; g++) inverse_sum[g] = 1.0f / exp_and_sum(scores + g * capacity, len, max_score[g]);
 
-  // Weighted sum of V, one query head at a time so its accumulator stays in registers.
-  for (int g = 0; g < group; g++) {
-    __m512 acc[kMaxHeadDim / 16];
-    for (int v = 0; v < vecs; v++) acc[v] = _mm512_setzero_ps();
-    const float* weights = scores + g * capacity;
+  // Weighted sum of V: kHeads query heads per pass over the context, their accumulators and the
+  // converted V row in registers (3 x 4 + 4 of the 32 zmm registers at head_dim 64).
+  constexpr int kHeads = kVecs == 4 ? 3 : kVecs == 8 ? 2 : 1;
+  constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxHeadDim / 16;
+  for (int g0 = 0; g0 < group; g0 += kHeads) {
+    const int heads = group - g0 < kHeads ? group - g0 : kHeads;
+    __m512 acc[kHeads][kRowVecs];
+    for (int j = 0; j < kHeads; j++)
+      for (int v = 0; v < vecs; v++) acc[j][v] = _mm512_setzero_ps();
     for (int start = 0; start < len; start += pb.block_size) {
       const int64_t first_slot = static_cast<int64_t>(blocks[start / pb.block_size]) * pb.block_size;
       const int count = len - start < pb.block_size ? len - start : pb.block_size;
-      prefetch_ahead(values, blocks, start, len, pb, row_stride);
+      if (g0 == 0) prefetch_ahead(values, blocks, start, len, pb, row_stride);  // later passes hit the cache
       for (int i = 0; i < count; i++) {
         const T* value = values + (first_slot + i) * row_stride;
-        const __m512 w = _mm512_set1_ps(weights[start + i]);
-        for (int v = 0; v < vecs; v++) acc[v] = _mm512_fmadd_ps(w, load_row(value + 16 * v, pb.dtype), acc[v]);
+        __m512 row[kRowVecs];
+        for (int v = 0; v < vecs; v++) row[v] = load_row(value + 16 * v, pb.dtype);
+        for (int j = 0; j < kHeads; j++) {
+          if (j >= heads) break;
+          const __m512 w = _mm512_set1_ps(scores[(g0 + j) * capacity + start + i]);
+          for (int v = 0; v < vecs; v++) acc[j][v] = _mm512_fmadd_ps(w, row[v], acc[j][v]);
+        }
       }
     }
-    T* out = static_cast<T*>(pb.out) + query_offset + g * dim;
-    for (int v = 0; v < vecs; v++)
-      store16(out + 16 * v, _mm512_mul_ps(acc[v], _mm512_set1_ps(inverse_sum[g])), pb.dtype);
+    for (int j = 0; j < heads; j++) {
+      T* out = static_cast<T*>(pb.out) + query_offset + (g0 + j) * dim;
+      for (int v = 0; v < vecs; v++)
+        store16(out + 16 * v, _mm512_mul_ps(acc[j][v], _mm512_set1_ps(inverse_sum[g0 + j])), pb.dtype);
+    }
   }
 }
 
