@@ -11,4 +11,5 @@ wrapper that validates arguments before launch, and a plain torch reference with
     triton_backend.py           TritonAttentionBackend: the attention protocol on these kernels
 
 Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1, see tests/kernels/conftest.py).
+cpu/ holds the C++ kernels the CPU path runs (see cpu/__init__.py).
 """

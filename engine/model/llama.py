@@ -2,7 +2,12 @@
 
 The forward runs over one flattened batch: decode tokens and prefill chunks of many requests in
 a single [num_tokens, hidden] tensor; attention is the only place sequences are told apart.
-Q/K/V are one fused projection (`wqkv`) and gate/up another (`w13`), as in gpt-fast.
+Q/K/V are one fused projection (`wqkv`) and gate/up another (`w13`), as in gpt-fast.  Each layer
+hands the next its output and the residual stream separately, so that the residual add fuses
+into the next norm (as in vLLM).
+
+On a CPU with the native library (engine/kernels/cpu/) the norms, RoPE and SiLU-and-mul run as
+C++ kernels that round where these torch expressions round; elsewhere the torch code runs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels.cpu import layer_ops
 from engine.model.arch import LlamaArchConfig
 from engine.worker.attention import AttentionBackend, AttentionMetadata
 
@@ -24,11 +30,41 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with a residual, (norm(x + residual), x + residual).  The native path updates
+        the residual tensor in place; callers use the returned one either way."""
+        if x.dim() == 2 and layer_ops.usable(x):
+            out = layer_ops.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return self._normalize(x)
+        residual = x + residual
+        return self._normalize(residual), residual
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 (as HF does), then scale in the model dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class RopeTables:
+    """One forward's cos and sin [T, head_dim / 2] at its tokens' positions, in the activation
+    dtype (as HF does); built once per forward and shared by every layer."""
+
+    __slots__ = ("cos", "sin", "_full")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, [-sin, sin]) as [T, 1, head_dim], what apply_rotary takes; built on first use."""
+        if self._full is None:
+            self._full = (torch.cat((self.cos, self.cos), dim=-1)[:, None, :],
+                          torch.cat((-self.sin, self.sin), dim=-1)[:, None, :])
+        return self._full
 
 
 class RotaryEmbedding(nn.Module):
@@ -51,12 +87,12 @@ class RotaryEmbedding(nn.Module):
         return cls(config.head_dim, config.max_position_embeddings, config.rope_theta,
                    config.rope_scaling_dict, config.rope_freq_factors)
 
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        return RopeTables(self.cos[positions].to(dtype), self.sin[positions].to(dtype))
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, 1, D] tables for these positions in the activation dtype (as HF does), built once
-        per forward and shared by every layer."""
-        cos = self.cos[positions].to(dtype)
-        sin = self.sin[positions].to(dtype)
-        return torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
+        """[T, 1, D] tables for apply_rotary at these positions, in the activation dtype."""
+        return self.tables(positions, dtype).full()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -94,15 +130,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        qkv = self.wqkv(x)
+        if layer_ops.usable(qkv):
+            # Q and K heads are adjacent in each row: one call rotates both, in place.
+            query_and_key = qkv[:, : q_dim + kv_dim].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+            layer_ops.rotary_embedding_(query_and_key, rope.cos, rope.sin)
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if not layer_ops.usable(qkv):
+            q, k = apply_rotary(q, *rope.full()), apply_rotary(k, *rope.full())
         out = self.backend.forward(q, k, v, kv_cache, meta)
         return self.wo(out.view(num_tokens, q_dim))
 
@@ -114,7 +156,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
+        gate_up = self.w13(x)
+        if layer_ops.usable(gate_up):
+            return self.w2(layer_ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -126,10 +171,17 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, kv_cache, meta)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (this layer's FFN output, the residual stream before it); the stream
+        is x + residual, and just x for the first layer."""
+        if residual is None:
+            residual, h = x, self.attention_norm(x)
+        else:
+            h, residual = self.attention_norm(x, residual)
+        h = self.attention(h, rope, kv_cache, meta)
+        h, residual = self.ffn_norm(h, residual)
+        return self.feed_forward(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -149,10 +201,11 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
         x = self.tok_embeddings(input_ids)
-        rope = self.rotary.cos_sin(positions, x.dtype)
+        rope = self.rotary.tables(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Only the rows that sample this step come here; logits are fp32."""

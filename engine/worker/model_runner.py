@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from engine.config import CacheConfig, RunnerConfig
+from engine.kernels.cpu import native_library
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
 from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -27,7 +28,6 @@ def make_attention_backend(name: str, device: str) -> AttentionBackend:
         from engine.kernels.triton_backend import TritonAttentionBackend
         return TritonAttentionBackend()
     if name == "native" or (name == "auto" and device == "cpu"):
-        from engine.kernels.cpu import native_library
         from engine.kernels.cpu.native_backend import NativeCpuAttentionBackend
         if name == "native" and native_library.load() is None:
             raise RuntimeError("attention_backend='native' needs the C++ CPU kernels, which could not be "
@@ -51,6 +51,7 @@ class ModelRunner:
         self.device = torch.device(runner.device)
         if self.device.type == "cpu":
             keep_freed_memory()
+            native_library.load()  # a machine's first run builds the C++ kernels here, not in a request's step
         self.dtype = TORCH_DTYPES[dtype]
         self.block_size = cache.block_size
         self.model: LlamaForCausalLM = load_model(source, self.dtype,

@@ -22,4 +22,6 @@ class NativeCpuAttentionBackend(TorchAttentionBackend):
             self._supported[key] = supports(kv_cache, query.shape[1])
         if not self._supported[key]:
             return super()._decode(query, kv_cache, meta)
-        return paged_decode_attention(query.contiguous(), kv_cache, meta.block_tables, meta.seq_lens)
+        if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
+            query = query.contiguous()
+        return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens)

@@ -1,4 +1,4 @@
-"""Build and load the engine's C++ CPU kernels (the .cpp files beside this module).
+"""Build and load the engine's C++ CPU kernels (the .cpp and .h files beside this module).
 
 The library is compiled on first use with the system's C++ compiler for this very CPU
 (-march=native), then cached by a hash of source, compiler, flags and CPU, so later processes
@@ -30,8 +30,12 @@ import torch  # noqa: F401  (must be loaded first: see the invariant above)
 
 logger = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("paged_decode_attention.cpp"),)
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno")
+KERNEL_DIR = Path(__file__).parent
+SOURCES = tuple(sorted(KERNEL_DIR.glob("*.cpp")))
+HEADERS = tuple(sorted(KERNEL_DIR.glob("*.h")))
+# -ffp-contract=off: a multiply then an add must round twice, as torch's separate ops do (the
+# kernels ask for fused multiply-adds explicitly where they want them).
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 DISABLE_ENV = "ELASTIC_ENGINE_NATIVE_KERNELS"
 
 
@@ -65,7 +69,8 @@ def _built_library() -> Path:
 
 def _build_key(compiler: str) -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
+        digest.update(source.name.encode())
         digest.update(source.read_bytes())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest.update("\0".join((compiler, version, *FLAGS, platform.machine(), _cpu_flags())).encode())
@@ -104,9 +109,21 @@ def _compile(compiler: str, path: Path) -> None:
 
 
 def _declare_signatures(library: ctypes.CDLL) -> None:
-    pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    library.paged_decode_attention.argtypes = [
-        pointer, pointer, pointer, pointer, i64, pointer, pointer,  # tensors and the block-table stride
-        i32, i32, i32, i32, i32, ctypes.c_float, i32, i32,  # sizes, scale, dtype, threads
-    ]
-    library.paged_decode_attention.restype = i32
+    """Argument types of every kernel (see each .cpp's extern "C" function); all return 0 or -1."""
+    pointer, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        # query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens, out,
+        # num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, scale, dtype, threads
+        "paged_decode_attention": [pointer, i64, pointer, pointer, pointer, i64, pointer, pointer,
+                                   i32, i32, i32, i32, i32, f32, i32, i32],
+        # x, x_stride, residual, weight, out, rows, hidden, eps, dtype, threads
+        "rms_norm": [pointer, i64, pointer, pointer, pointer, i64, i64, f32, i32, i32],
+        # x, tokens, heads, head_dim, token_stride, cos, sin, dtype, threads
+        "rotary_embedding": [pointer, i64, i64, i64, i64, pointer, pointer, i32, i32],
+        # x, out, tokens, n, dtype, threads
+        "silu_and_mul": [pointer, pointer, i64, i64, i32, i32],
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = i32

@@ -9,7 +9,8 @@
 // 64 sequences of ~512 tokens went from ~3.2 ms to ~1.0 ms.
 //
 // Layout (shared with the torch path and the Triton kernels):
-//   query, out      [num_seqs, num_q_heads, head_dim], contiguous
+//   query           [num_seqs, num_q_heads, head_dim], heads contiguous, rows query_stride apart
+//   out             [num_seqs, num_q_heads, head_dim], contiguous
 //   key/value cache [num_slots, num_kv_heads, head_dim] rows, slot = block * block_size + offset
 //   block_tables    [num_seqs, block_table_stride] int32; seq_lens [num_seqs] int32
 // Query heads h * group .. h * group + group - 1 share KV head h (GQA).
@@ -30,61 +31,15 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include "simd.h"
 
 namespace {
 
 constexpr int kMaxGroup = 16;     // query heads per KV head
 constexpr int kMaxHeadDim = 256;  // the kernel handles head_dim % 16 == 0, up to this
 
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// 16 elements of the cache dtype -> 16 fp32 lanes, and back.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p, DType dtype) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  if (dtype == kFloat16) return _mm512_cvtph_ps(raw);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));  // bf16: high half of fp32
-}
-
-inline void store16(float* p, __m512 x, DType) { _mm512_storeu_ps(p, x); }
-inline void store16(uint16_t* p, __m512 x, DType dtype) {
-  __m256i packed;
-  if (dtype == kFloat16) {
-    packed = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  } else {  // bf16, round to nearest even; NaN stays NaN (quiet bit set)
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
-    packed = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
-}
-
-template <typename T> inline __m512 load_row(const T* p, DType dtype);
-template <> inline __m512 load_row<float>(const float* p, DType) { return load16(p); }
-template <> inline __m512 load_row<uint16_t>(const uint16_t* p, DType dtype) { return load16(p, dtype); }
-
-// exp(x) for x <= 0 (scores minus their max), 16 lanes: 2^n * p(r), n = round(x / ln 2),
-// r = x - n ln 2 in [-ln2/2, ln2/2], p the degree-6 Taylor polynomial (relative error ~2e-7).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // below this exp underflows fp32 anyway
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 split in two for accuracy
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+using namespace engine_cpu;
 
 // scores[0 .. len) <- exp(scores - max); returns their sum.
 float exp_and_sum(float* scores, int len, float max) {
@@ -92,7 +47,7 @@ float exp_and_sum(float* scores, int len, float max) {
   __m512 total = _mm512_setzero_ps();
   for (int p = 0; p < len; p += 16) {
     const __mmask16 live = len - p >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - p)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + p), shift));
+    const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + p), shift));
     _mm512_mask_storeu_ps(scores + p, live, e);
     total = _mm512_mask_add_ps(total, live, total, e);
   }
@@ -101,6 +56,7 @@ float exp_and_sum(float* scores, int len, float max) {
 
 struct Problem {
   const void* query;
+  int64_t query_stride;  // elements from one sequence's query row to the next (rows may be views)
   const void* key_cache;
   const void* value_cache;
   const int32_t* block_tables;
@@ -147,7 +103,8 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
   const int len = pb.seq_lens[seq];
   const int32_t* blocks = pb.block_tables + seq * pb.block_table_stride;
   const int64_t row_stride = static_cast<int64_t>(pb.num_kv_heads) * dim;  // elements per slot
-  const int64_t query_offset = (static_cast<int64_t>(seq) * pb.num_q_heads + kv_head * group) * dim;
+  const int64_t query_offset = seq * pb.query_stride + static_cast<int64_t>(kv_head) * group * dim;
+  const int64_t out_offset = (static_cast<int64_t>(seq) * pb.num_q_heads + kv_head * group) * dim;
   const T* keys = static_cast<const T*>(pb.key_cache) + kv_head * dim;
   const T* values = static_cast<const T*>(pb.value_cache) + kv_head * dim;
 
@@ -155,7 +112,7 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
   for (int g = 0; g < group; g++)
     for (int v = 0; v < vecs; v++)
       _mm512_store_ps(q[g] + 16 * v, _mm512_mul_ps(
-          load_row(static_cast<const T*>(pb.query) + query_offset + g * dim + 16 * v, pb.dtype),
+          load16(static_cast<const T*>(pb.query) + query_offset + g * dim + 16 * v, pb.dtype),
           _mm512_set1_ps(pb.scale)));
 
   // Scores, in block order; each K row is converted once and serves the whole group.
@@ -168,7 +125,7 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
     for (int i = 0; i < count; i++) {
       const T* key = keys + (first_slot + i) * row_stride;
       __m512 k[kMaxHeadDim / 16];
-      for (int v = 0; v < vecs; v++) k[v] = load_row(key + 16 * v, pb.dtype);
+      for (int v = 0; v < vecs; v++) k[v] = load16(key + 16 * v, pb.dtype);
       for (int g = 0; g < group; g++) {
         __m512 dot = _mm512_mul_ps(_mm512_load_ps(q[g]), k[0]);
         for (int v = 1; v < vecs; v++) dot = _mm512_fmadd_ps(_mm512_load_ps(q[g] + 16 * v), k[v], dot);
@@ -198,7 +155,7 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
       for (int i = 0; i < count; i++) {
         const T* value = values + (first_slot + i) * row_stride;
         __m512 row[kRowVecs];
-        for (int v = 0; v < vecs; v++) row[v] = load_row(value + 16 * v, pb.dtype);
+        for (int v = 0; v < vecs; v++) row[v] = load16(value + 16 * v, pb.dtype);
         for (int j = 0; j < kHeads; j++) {
           if (j >= heads) break;
           const __m512 w = _mm512_set1_ps(scores[(g0 + j) * capacity + start + i]);
@@ -207,7 +164,7 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
       }
     }
     for (int j = 0; j < heads; j++) {
-      T* out = static_cast<T*>(pb.out) + query_offset + (g0 + j) * dim;
+      T* out = static_cast<T*>(pb.out) + out_offset + (g0 + j) * dim;
       for (int v = 0; v < vecs; v++)
         store16(out + 16 * v, _mm512_mul_ps(acc[j][v], _mm512_set1_ps(inverse_sum[g0 + j])), pb.dtype);
     }
@@ -249,7 +206,7 @@ int engine_cpu_kernels_available(void) { return 1; }
 
 // Returns 0 on success, -1 for shapes or dtypes the kernel does not handle (the caller checks
 // first; this is a last guard against reading out of bounds).
-int paged_decode_attention(const void* query, const void* key_cache, const void* value_cache,
+int paged_decode_attention(const void* query, int64_t query_stride, const void* key_cache, const void* value_cache,
                            const int32_t* block_tables, int64_t block_table_stride, const int32_t* seq_lens,
                            void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim,
                            int block_size, float scale, int dtype, int num_threads) {
@@ -257,7 +214,7 @@ int paged_decode_attention(const void* query, const void* key_cache, const void*
       head_dim % 16 != 0 || head_dim > kMaxHeadDim || head_dim <= 0 || block_size <= 0 ||
       dtype < kFloat32 || dtype > kFloat16)
     return -1;
-  const Problem pb{query, key_cache, value_cache, block_tables, block_table_stride, seq_lens, out,
+  const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens, out,
                    num_q_heads, num_kv_heads, head_dim, block_size, scale, static_cast<DType>(dtype)};
   if (dtype == kFloat32)
     attend_all_dims<float>(pb, num_seqs, num_threads);

@@ -27,7 +27,7 @@ def supports(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """query [B, Hq, D] (one token per sequence), kv_cache [2, num_blocks, block_size, Hkv, D],
+    """query [B, Hq, D] (one token per sequence; rows may be strided views), kv_cache [2, num_blocks, block_size, Hkv, D],
     block_tables [B, max_blocks] int32, seq_lens [B] int32 (each >= 1) -> out [B, Hq, D]."""
     _check(query, kv_cache, block_tables, seq_lens)
     if out is None:
@@ -42,7 +42,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     if library is None:
         raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
     status = library.paged_decode_attention(
-        query.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
+        query.data_ptr(), query.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
         block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_q_heads,
         kv_cache.shape[3], head_dim, kv_cache.shape[2], head_dim ** -0.5, DTYPE_CODES[query.dtype],
         torch.get_num_threads())
@@ -61,8 +61,8 @@ def _check(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
                          f"on {kv_cache.device} with {query.shape[1]} query heads")
     if query.dtype != kv_cache.dtype or query.shape[2] != kv_cache.shape[4]:
         raise ValueError("query and kv_cache must share dtype and head_dim")
-    if not (query.is_contiguous() and kv_cache.is_contiguous()):
-        raise ValueError("query and kv_cache must be contiguous")
+    if query.stride(2) != 1 or query.stride(1) != query.shape[2] or not kv_cache.is_contiguous():
+        raise ValueError("query heads must be contiguous (rows may be strided) and kv_cache contiguous")
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError("block_tables and seq_lens must be int32")
     if block_tables.dim() != 2 or block_tables.stride(1) != 1 or not seq_lens.is_contiguous():
