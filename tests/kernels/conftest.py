@@ -8,7 +8,9 @@ earlier is harmless: it does not import triton.
 
 If something earlier in the session did import triton or a kernel module uninterpreted (another
 test directory, a plugin), those modules are dropped from sys.modules, keeping triton's compiled
-extension, so the imports below re-run their decorators under the interpreter. The variable stays
+extension, so the imports below re-run their decorators under the interpreter.  The C++ kernels'
+modules (engine.kernels.cpu) use no Triton and stay: the model and runner hold them, and a second
+copy would have a library cache of its own. The variable stays
 set for the rest of the session: on a CPU-only machine the interpreter is the only way a kernel
 can run at all.
 """
@@ -26,7 +28,8 @@ def _drop_uninterpreted_modules() -> None:
     triton_is_stale = standard is not None and type(standard.zeros).__name__ != "InterpretedFunction"
     for name in list(sys.modules):
         is_triton = (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C")
-        if name.startswith("engine.kernels.") or (triton_is_stale and is_triton):
+        is_triton_kernel = name.startswith("engine.kernels.") and not name.startswith("engine.kernels.cpu")
+        if is_triton_kernel or (triton_is_stale and is_triton):
             del sys.modules[name]
 
 

@@ -46,7 +46,7 @@ float exp_and_sum(float* scores, int len, float max) {
   const __m512 shift = _mm512_set1_ps(max);
   __m512 total = _mm512_setzero_ps();
   for (int p = 0; p < len; p += 16) {
-    const __mmask16 live = len - p >= 16 ? 0xffff : static_cast<__mmask16>((1u << (len - p)) - 1);
+    const __mmask16 live = lanes(len - p);
     const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + p), shift));
     _mm512_mask_storeu_ps(scores + p, live, e);
     total = _mm512_mask_add_ps(total, live, total, e);
