@@ -93,37 +93,43 @@ inline void prefetch_ahead(const T* head_rows, const int32_t* blocks, int start,
   if (start + 2 * pb.block_size < len) prefetch_block(head_rows, blocks[block + 2], pb, row_stride);
 }
 
-// One (sequence, KV head): the `group` query heads that share it.  scores holds group rows of
-// `capacity` floats, capacity >= the sequence's length.  kVecs = head_dim / 16 when known at
-// compile time (the loops over a row unroll and K stays in registers: ~1.4x faster), 0 otherwise.
+// One task's view of the problem: a sequence, one of its KV heads and the `group` query heads
+// that share it.
+template <typename T>
+struct Task {
+  int len;                 // context length
+  const int32_t* blocks;   // the sequence's block table
+  int64_t row_stride;      // elements from one slot to the next
+  const T* keys;           // K rows of this head: keys + slot * row_stride
+  const T* values;         // V rows likewise
+  const T* query;          // the group's query rows, head_dim apart
+  T* out;                  // the group's output rows, head_dim apart
+
+  Task(const Problem& pb, int seq, int kv_head) {
+    const int group = pb.num_q_heads / pb.num_kv_heads;
+    len = pb.seq_lens[seq];
+    blocks = pb.block_tables + seq * pb.block_table_stride;
+    row_stride = static_cast<int64_t>(pb.num_kv_heads) * pb.head_dim;
+    keys = static_cast<const T*>(pb.key_cache) + kv_head * pb.head_dim;
+    values = static_cast<const T*>(pb.value_cache) + kv_head * pb.head_dim;
+    query = static_cast<const T*>(pb.query) + seq * pb.query_stride + static_cast<int64_t>(kv_head) * group * pb.head_dim;
+    out = static_cast<T*>(pb.out) + (static_cast<int64_t>(seq) * pb.num_q_heads + kv_head * group) * pb.head_dim;
+  }
+};
+
+// scores[g * capacity + p] <- q_g . K[p] (q already scaled), in block order: each K row is
+// converted once and serves the whole group.  Returns each query head's maximum in max_score.
 template <typename T, int kVecs>
-void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t capacity) {
-  const int group = pb.num_q_heads / pb.num_kv_heads, dim = pb.head_dim;
-  const int vecs = kVecs > 0 ? kVecs : dim / 16;
-  const int len = pb.seq_lens[seq];
-  const int32_t* blocks = pb.block_tables + seq * pb.block_table_stride;
-  const int64_t row_stride = static_cast<int64_t>(pb.num_kv_heads) * dim;  // elements per slot
-  const int64_t query_offset = seq * pb.query_stride + static_cast<int64_t>(kv_head) * group * dim;
-  const int64_t out_offset = (static_cast<int64_t>(seq) * pb.num_q_heads + kv_head * group) * dim;
-  const T* keys = static_cast<const T*>(pb.key_cache) + kv_head * dim;
-  const T* values = static_cast<const T*>(pb.value_cache) + kv_head * dim;
-
-  alignas(64) float q[kMaxGroup][kMaxHeadDim];
-  for (int g = 0; g < group; g++)
-    for (int v = 0; v < vecs; v++)
-      _mm512_store_ps(q[g] + 16 * v, _mm512_mul_ps(
-          load16(static_cast<const T*>(pb.query) + query_offset + g * dim + 16 * v, pb.dtype),
-          _mm512_set1_ps(pb.scale)));
-
-  // Scores, in block order; each K row is converted once and serves the whole group.
-  float max_score[kMaxGroup];
+void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHeadDim], float* scores,
+                int64_t capacity, float* max_score) {
+  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / 16;
   for (int g = 0; g < group; g++) max_score[g] = -3.0e38f;
-  for (int start = 0; start < len; start += pb.block_size) {
-    const int64_t first_slot = static_cast<int64_t>(blocks[start / pb.block_size]) * pb.block_size;
-    const int count = len - start < pb.block_size ? len - start : pb.block_size;
-    prefetch_ahead(keys, blocks, start, len, pb, row_stride);
+  for (int start = 0; start < task.len; start += pb.block_size) {
+    const int64_t first_slot = static_cast<int64_t>(task.blocks[start / pb.block_size]) * pb.block_size;
+    const int count = task.len - start < pb.block_size ? task.len - start : pb.block_size;
+    prefetch_ahead(task.keys, task.blocks, start, task.len, pb, task.row_stride);
     for (int i = 0; i < count; i++) {
-      const T* key = keys + (first_slot + i) * row_stride;
+      const T* key = task.keys + (first_slot + i) * task.row_stride;
       __m512 k[kMaxHeadDim / 16];
       for (int v = 0; v < vecs; v++) k[v] = load16(key + 16 * v, pb.dtype);
       for (int g = 0; g < group; g++) {
@@ -135,40 +141,60 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
       }
     }
   }
+}
 
-  float inverse_sum[kMaxGroup];
-  for (int g = 0; g < group; g++) inverse_sum[g] = 1.0f / exp_and_sum(scores + g * capacity, len, max_score[g]);
-
-  // Weighted sum of V: kHeads query heads per pass over the context, their accumulators and the
-  // converted V row in registers (3 x 4 + 4 of the 32 zmm registers at head_dim 64).
+// out_g <- inverse_sum[g] * sum_p weights[g][p] V[p]: kHeads query heads per pass over the
+// context, their accumulators and the converted V row in registers (3 x 4 + 4 of the 32 zmm
+// registers at head_dim 64).  The first pass brings V in from memory; later ones hit the cache.
+template <typename T, int kVecs>
+void sum_values(const Problem& pb, const Task<T>& task, const float* weights, int64_t capacity,
+                const float* inverse_sum) {
   constexpr int kHeads = kVecs == 4 ? 3 : kVecs == 8 ? 2 : 1;
   constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxHeadDim / 16;
+  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / 16;
   for (int g0 = 0; g0 < group; g0 += kHeads) {
     const int heads = group - g0 < kHeads ? group - g0 : kHeads;
     __m512 acc[kHeads][kRowVecs];
     for (int j = 0; j < kHeads; j++)
       for (int v = 0; v < vecs; v++) acc[j][v] = _mm512_setzero_ps();
-    for (int start = 0; start < len; start += pb.block_size) {
-      const int64_t first_slot = static_cast<int64_t>(blocks[start / pb.block_size]) * pb.block_size;
-      const int count = len - start < pb.block_size ? len - start : pb.block_size;
-      if (g0 == 0) prefetch_ahead(values, blocks, start, len, pb, row_stride);  // later passes hit the cache
+    for (int start = 0; start < task.len; start += pb.block_size) {
+      const int64_t first_slot = static_cast<int64_t>(task.blocks[start / pb.block_size]) * pb.block_size;
+      const int count = task.len - start < pb.block_size ? task.len - start : pb.block_size;
+      if (g0 == 0) prefetch_ahead(task.values, task.blocks, start, task.len, pb, task.row_stride);
       for (int i = 0; i < count; i++) {
-        const T* value = values + (first_slot + i) * row_stride;
+        const T* value = task.values + (first_slot + i) * task.row_stride;
         __m512 row[kRowVecs];
         for (int v = 0; v < vecs; v++) row[v] = load16(value + 16 * v, pb.dtype);
         for (int j = 0; j < kHeads; j++) {
           if (j >= heads) break;
-          const __m512 w = _mm512_set1_ps(scores[(g0 + j) * capacity + start + i]);
+          const __m512 w = _mm512_set1_ps(weights[(g0 + j) * capacity + start + i]);
           for (int v = 0; v < vecs; v++) acc[j][v] = _mm512_fmadd_ps(w, row[v], acc[j][v]);
         }
       }
     }
-    for (int j = 0; j < heads; j++) {
-      T* out = static_cast<T*>(pb.out) + out_offset + (g0 + j) * dim;
+    for (int j = 0; j < heads; j++)
       for (int v = 0; v < vecs; v++)
-        store16(out + 16 * v, _mm512_mul_ps(acc[j][v], _mm512_set1_ps(inverse_sum[g0 + j])), pb.dtype);
-    }
+        store16(task.out + (g0 + j) * pb.head_dim + 16 * v,
+                _mm512_mul_ps(acc[j][v], _mm512_set1_ps(inverse_sum[g0 + j])), pb.dtype);
   }
+}
+
+// One (sequence, KV head): scores, softmax, weighted sum.  scores holds group rows of `capacity`
+// floats, capacity >= the sequence's length.  kVecs = head_dim / 16 when known at compile time
+// (the loops over a row unroll and K stays in registers: ~1.4x faster), 0 otherwise.
+template <typename T, int kVecs>
+void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t capacity) {
+  const Task<T> task(pb, seq, kv_head);
+  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / 16;
+  alignas(64) float q[kMaxGroup][kMaxHeadDim];
+  for (int g = 0; g < group; g++)
+    for (int v = 0; v < vecs; v++)
+      _mm512_store_ps(q[g] + 16 * v, _mm512_mul_ps(load16(task.query + g * pb.head_dim + 16 * v, pb.dtype),
+                                                   _mm512_set1_ps(pb.scale)));
+  float max_score[kMaxGroup], inverse_sum[kMaxGroup];
+  score_keys<T, kVecs>(pb, task, q, scores, capacity, max_score);
+  for (int g = 0; g < group; g++) inverse_sum[g] = 1.0f / exp_and_sum(scores + g * capacity, task.len, max_score[g]);
+  sum_values<T, kVecs>(pb, task, scores, capacity, inverse_sum);
 }
 
 template <typename T, int kVecs>
