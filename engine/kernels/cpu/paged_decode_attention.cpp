@@ -237,16 +237,13 @@ int paged_decode_attention(const void* query, int64_t query_stride, const void* 
                            void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim,
                            int block_size, float scale, int dtype, int num_threads) {
   if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > kMaxGroup ||
-      head_dim % 16 != 0 || head_dim > kMaxHeadDim || head_dim <= 0 || block_size <= 0 ||
-      dtype < kFloat32 || dtype > kFloat16)
+      head_dim % 16 != 0 || head_dim > kMaxHeadDim || head_dim <= 0 || block_size <= 0)
     return -1;
-  const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens, out,
-                   num_q_heads, num_kv_heads, head_dim, block_size, scale, static_cast<DType>(dtype)};
-  if (dtype == kFloat32)
-    attend_all_dims<float>(pb, num_seqs, num_threads);
-  else
-    attend_all_dims<uint16_t>(pb, num_seqs, num_threads);
-  return 0;
+  return with_storage_type(dtype, [&](auto element, DType type) {
+    const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens, out,
+                     num_q_heads, num_kv_heads, head_dim, block_size, scale, type};
+    attend_all_dims<decltype(element)>(pb, num_seqs, num_threads);
+  });
 }
 
 }  // extern "C"

@@ -63,13 +63,9 @@ void norm_rows(const void* x, int64_t x_stride, void* residual, const void* weig
 // Returns 0, or -1 for a dtype it does not handle.
 extern "C" int rms_norm(const void* x, int64_t x_stride, void* residual, const void* weight, void* out,
                         int64_t rows, int64_t hidden, float eps, int dtype, int num_threads) {
-  if (dtype == kFloat32)
-    norm_rows<float>(x, x_stride, residual, weight, out, rows, hidden, eps, kFloat32, num_threads);
-  else if (dtype == kBFloat16 || dtype == kFloat16)
-    norm_rows<uint16_t>(x, x_stride, residual, weight, out, rows, hidden, eps, static_cast<DType>(dtype), num_threads);
-  else
-    return -1;
-  return 0;
+  return with_storage_type(dtype, [&](auto element, DType type) {
+    norm_rows<decltype(element)>(x, x_stride, residual, weight, out, rows, hidden, eps, type, num_threads);
+  });
 }
 
 #endif

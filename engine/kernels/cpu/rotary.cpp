@@ -54,13 +54,9 @@ void rotate(void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t to
 extern "C" int rotary_embedding(void* x, int64_t tokens, int64_t heads, int64_t head_dim, int64_t token_stride,
                                 const void* cos, const void* sin, int dtype, int num_threads) {
   if (head_dim % 2 != 0) return -1;
-  if (dtype == kFloat32)
-    rotate<float>(x, tokens, heads, head_dim, token_stride, cos, sin, kFloat32, num_threads);
-  else if (dtype == kBFloat16 || dtype == kFloat16)
-    rotate<uint16_t>(x, tokens, heads, head_dim, token_stride, cos, sin, static_cast<DType>(dtype), num_threads);
-  else
-    return -1;
-  return 0;
+  return with_storage_type(dtype, [&](auto element, DType type) {
+    rotate<decltype(element)>(x, tokens, heads, head_dim, token_stride, cos, sin, type, num_threads);
+  });
 }
 
 #endif

@@ -51,13 +51,9 @@ void activate(const void* x, void* out, int64_t tokens, int64_t n, DType dtype, 
 
 // x [tokens, 2n] and out [tokens, n], contiguous.  Returns 0, or -1 for a dtype it does not handle.
 extern "C" int silu_and_mul(const void* x, void* out, int64_t tokens, int64_t n, int dtype, int num_threads) {
-  if (dtype == kFloat32)
-    activate<float>(x, out, tokens, n, kFloat32, num_threads);
-  else if (dtype == kBFloat16 || dtype == kFloat16)
-    activate<uint16_t>(x, out, tokens, n, static_cast<DType>(dtype), num_threads);
-  else
-    return -1;
-  return 0;
+  return with_storage_type(dtype, [&](auto element, DType type) {
+    activate<decltype(element)>(x, out, tokens, n, type, num_threads);
+  });
 }
 
 #endif

@@ -10,6 +10,21 @@ namespace engine_cpu {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Calls run(element, dtype) with a value of the storage type of `dtype` (float for fp32,
+// uint16_t for bf16 and fp16), so a kernel templated on it is instantiated once per storage type.
+// Returns 0, or -1 for an unknown dtype code.
+template <typename Run>
+inline int with_storage_type(int dtype, Run&& run) {
+  if (dtype == kFloat32) {
+    run(float{}, kFloat32);
+  } else if (dtype == kBFloat16 || dtype == kFloat16) {
+    run(uint16_t{}, static_cast<DType>(dtype));
+  } else {
+    return -1;
+  }
+  return 0;
+}
+
 // Lanes [0, n) of a 16-lane vector, for row tails.
 inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 
