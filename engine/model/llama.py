@@ -135,7 +135,8 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qkv = self.wqkv(x)
-        if layer_ops.usable(qkv):
+        native = layer_ops.usable(qkv)
+        if native:
             # Q and K heads are adjacent in each row: one call rotates both, in place.
             query_and_key = qkv[:, : q_dim + kv_dim].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
             layer_ops.rotary_embedding_(query_and_key, rope.cos, rope.sin)
@@ -143,7 +144,7 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if not layer_ops.usable(qkv):
+        if not native:
             q, k = apply_rotary(q, *rope.full()), apply_rotary(k, *rope.full())
         out = self.backend.forward(q, k, v, kv_cache, meta)
         return self.wo(out.view(num_tokens, q_dim))

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.cpu import native_library
-
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+from engine.kernels.cpu.native_library import DTYPE_CODES
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -21,8 +20,9 @@ def usable(x: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, H] (rows may be strided) -> weight * norm(x), as a new [T, H] tensor.  With a residual
     [T, H] (contiguous), first residual <- x + residual in place, and the norm is of that sum."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
     rows, hidden = x.shape
-    _check_rows("x", x, hidden)
     _check_same(x, weight, residual)
     if weight.shape != (hidden,) or not weight.is_contiguous():
         raise ValueError(f"weight must be contiguous ({hidden},), got {tuple(weight.shape)}")
@@ -60,11 +60,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _call("silu_and_mul", x.data_ptr(), out.data_ptr(), tokens, width // 2, DTYPE_CODES[x.dtype],
           torch.get_num_threads())
     return out
-
-
-def _check_rows(name: str, x: torch.Tensor, width: int) -> None:
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"{name} must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
 
 
 def _check_same(x: torch.Tensor, *others: torch.Tensor | None) -> None:

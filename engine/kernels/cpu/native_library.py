@@ -3,7 +3,7 @@
 The library is compiled on first use with the system's C++ compiler for this very CPU
 (-march=native), then cached by a hash of source, compiler, flags and CPU, so later processes
 load it in milliseconds.  It is plain C ABI called through ctypes (which releases the GIL): no
-Python headers, no torch headers, a build of about a second.
+Python headers, no torch headers, a build of about two seconds.
 
 Anything that goes wrong (no compiler, no AVX-512, a failed build) leaves `load()` returning
 None after one log line, and the engine keeps its torch path.  ELASTIC_ENGINE_NATIVE_KERNELS=0
@@ -26,9 +26,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401  (must be loaded first: see the invariant above)
+import torch  # loaded first: see the invariant above
 
 logger = logging.getLogger(__name__)
+
+# The dtype codes every kernel takes (DType in simd.h).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 KERNEL_DIR = Path(__file__).parent
 SOURCES = tuple(sorted(KERNEL_DIR.glob("*.cpp")))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.cpu import native_library
+from engine.kernels.cpu.native_library import DTYPE_CODES
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# kMaxGroup and kMaxHeadDim of paged_decode_attention.cpp
 MAX_GROUP = 16
 MAX_HEAD_DIM = 256
 
