@@ -4,22 +4,26 @@ SmolLM2-135M's shapes (9 query heads, 3 KV heads, head_dim 64, 16-token blocks, 
 Each timed call is the next layer's, over that layer's own cache, as in a forward: a step's K/V
 comes from memory, not from the last call's cache lines.  Blocks are scattered over each cache as a
 busy engine leaves them, contexts drawn around each mean (+-50%) as ShareGPT's are ragged.  Prints
+a row per build of the kernel (avx512_bf16, avx512, avx2: by default every one this CPU runs) with
 each path's mean time per layer, the speed-up, and the kernel's K/V read rate (the contexts' bytes
 over its time).
 
-    .venv/bin/python benchmarks/cpu_decode_attention.py
+    .venv/bin/python benchmarks/cpu_decode_attention.py [--isa avx2,avx512]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 
 import torch
 
+from engine.capabilities import cpu_features
 from engine.kernels.cpu import native_library
 from engine.kernels.cpu.paged_decode_attention import paged_decode_attention
-from engine.worker.attention import AttentionMetadata, TorchAttentionBackend
+from engine.model.attention_backends.metadata import AttentionMetadata
+from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_LAYERS = 9, 3, 64, 16, 30
 
@@ -35,7 +39,9 @@ def time_ms(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / (repeats * NUM_LAYERS) * 1e3
 
 
-def case(num_seqs: int, mean_context: int, repeats: int) -> tuple[float, float, float]:
+def case(num_seqs: int, mean_context: int, repeats: int,
+         libraries: dict[str, ctypes.CDLL]) -> tuple[float, dict[str, tuple[float, float]]]:
+    """The torch path's ms, and each build's (ms, K/V GB/s), on one batch."""
     generator = torch.Generator().manual_seed(num_seqs * 10_000 + mean_context)
     seq_lens = torch.randint(mean_context // 2, mean_context * 3 // 2 + 1, (num_seqs,), generator=generator,
                              dtype=torch.int32)
@@ -52,13 +58,16 @@ def case(num_seqs: int, mean_context: int, repeats: int) -> tuple[float, float, 
         max_seq_len=int(seq_lens.max()), block_size=BLOCK_SIZE,
         query_start_loc_cpu=list(range(num_seqs + 1)), seq_lens_cpu=seq_lens.tolist(), cache={})
     torch_path = TorchAttentionBackend()
-    # meta.cache keeps the torch path's buckets and buffers across layers, as within one step
+    # meta.scratch keeps the torch path's buckets and buffers across layers, as within one step
     torch_ms = time_ms(lambda layer: torch_path._decode(query, kv_caches[layer], meta), repeats)
     out = torch.empty_like(query)
-    native_ms = time_ms(lambda layer: paged_decode_attention(query, kv_caches[layer], block_tables, seq_lens, out),
-                        repeats)
     context_bytes = int(seq_lens.sum()) * 2 * NUM_KV_HEADS * HEAD_DIM * query.element_size()
-    return torch_ms, native_ms, context_bytes / native_ms / 1e6
+    native: dict[str, tuple[float, float]] = {}
+    for isa, library in libraries.items():
+        native_ms = time_ms(lambda layer, library=library: paged_decode_attention(
+            query, kv_caches[layer], block_tables, seq_lens, out, library=library), repeats)
+        native[isa] = native_ms, context_bytes / native_ms / 1e6
+    return torch_ms, native
 
 
 def main() -> None:
@@ -66,16 +75,26 @@ def main() -> None:
     parser.add_argument("--batches", default="8,32,64")
     parser.add_argument("--contexts", default="128,512,1024")
     parser.add_argument("--repeats", type=int, default=5, help="passes through the 30 layers")
+    parser.add_argument("--isa", default=",".join(cpu_features().kernel_isas),
+                        help=f"builds to time, comma-separated, of {', '.join(native_library.ISA_FLAGS)} "
+                             "(default: every one this CPU runs)")
     args = parser.parse_args()
-    if native_library.load() is None:
-        print("the native CPU kernels are not available here (no C++ compiler or no AVX-512): nothing to time")
+    libraries = {isa: native_library.load(isa) for isa in args.isa.split(",") if isa}
+    missing = [isa for isa, library in libraries.items() if library is None]
+    if missing:
+        print(f"skipping builds not available here (CPU, compiler: see the log): {', '.join(missing)}")
+    libraries = {isa: library for isa, library in libraries.items() if library is not None}
+    if not libraries:
+        print("no build of the native CPU kernels is available here: nothing to time")
         return
     print(f"one layer, bf16, {NUM_Q_HEADS}/{NUM_KV_HEADS} heads x {HEAD_DIM}, {torch.get_num_threads()} threads")
-    print(f"{'seqs':>5} {'context':>8} {'torch ms':>9} {'native ms':>10} {'speed-up':>9} {'K/V GB/s':>9}")
+    print(f"{'seqs':>5} {'context':>8} {'build':>12} {'torch ms':>9} {'native ms':>10} {'speed-up':>9} {'K/V GB/s':>9}")
     for num_seqs in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            torch_ms, native_ms, rate = case(num_seqs, context, args.repeats)
-            print(f"{num_seqs:>5} {context:>8} {torch_ms:>9.3f} {native_ms:>10.3f} {torch_ms / native_ms:>8.2f}x {rate:>9.1f}")
+            torch_ms, native = case(num_seqs, context, args.repeats, libraries)
+            for isa, (native_ms, rate) in native.items():
+                print(f"{num_seqs:>5} {context:>8} {isa:>12} {torch_ms:>9.3f} {native_ms:>10.3f} "
+                      f"{torch_ms / native_ms:>8.2f}x {rate:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Decode speed at a fixed batch: N running sequences at about C tokens of context.
 
 Fills the batch with C-token prompts (real ShareGPT text), lets every prefill finish, then times
-the decode steps alone and prints output tokens/s and ms per step.
+the decode steps alone and prints output tokens/s and ms per step, with the CPU (and the
+ELASTIC_ENGINE_CPU_ISA mask, if set) and the dtype and weight format the engine resolved.
 
     .venv/bin/python benchmarks/decode_speed.py --num-seqs 64 --context 512
+    .venv/bin/python benchmarks/decode_speed.py --num-seqs 64 --context 512 --weight-format dequantized
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from tqdm import tqdm
 
 from engine import LLM, SamplingParams
 from engine.bench.datasets import first_exchange, load_sharegpt
+from engine.config import DTYPES, WEIGHT_FORMATS
+from peers.machine import engine_setup, machine, machine_lines, setup_line
 
 
 def text_tokens(tokenizer, num_tokens: int) -> list[int]:
@@ -33,11 +37,14 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=64)
     parser.add_argument("--context", type=int, default=512, help="prompt tokens per sequence")
     parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the engine's pick for this CPU")
+    parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
+                        help="auto: the engine's pick for this CPU")
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, weight_format=args.weight_format, max_num_seqs=args.num_seqs)
+    setup = engine_setup(llm)
     engine = llm.engine
     text = text_tokens(engine.tokenizer, args.num_seqs * 7 + args.context)
     # Early prompts decode while later ones prefill: leave room so none finishes before the end.
@@ -59,8 +66,11 @@ def main() -> None:
     assert engine.scheduler.num_running == args.num_seqs, "a sequence finished or was preempted mid-measure"
     context = sum(r.num_tokens for r in engine.scheduler.running) / args.num_seqs
     engine.abort_request([f"seq{i}" for i in range(args.num_seqs)])
-    print(f"{args.num_seqs} sequences at {context:.0f} tokens of mean context, {args.dtype}: "
-          f"{generated / elapsed:.1f} output tokens/s, {1000 * elapsed / args.decode_steps:.1f} ms per decode step")
+    for line in [*machine_lines(machine()), setup_line("engine", setup)]:
+        print(line)
+    print(f"{args.num_seqs} sequences at {context:.0f} tokens of mean context, {setup['dtype']}, "
+          f"{setup['weight_format']} weights: {generated / elapsed:.1f} output tokens/s, "
+          f"{1000 * elapsed / args.decode_steps:.1f} ms per decode step")
 
 
 if __name__ == "__main__":

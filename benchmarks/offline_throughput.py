@@ -2,14 +2,21 @@
 
 Like `vllm bench throughput`: N ShareGPT prompts, raw (no chat template), all submitted at once,
 each generating exactly its output length (greedy, EOS ignored), so every system does the same
-work.  Prints requests/s, input, output and total tokens/s, elapsed time and peak RSS.
+work.  Prints requests/s, input, output and total tokens/s, elapsed time and peak RSS, and names
+the CPU (with the ELASTIC_ENGINE_CPU_ISA mask, if set) and the dtype and weight format the engine
+resolved (--dtype and --weight-format default to "auto": the engine's pick for this CPU).
 
     .venv/bin/python benchmarks/offline_throughput.py --num-prompts 64 --output-len 128
     .venv/bin/python benchmarks/offline_throughput.py --num-prompts 8 --output-len 16 --compare-hf
     .venv/bin/python benchmarks/offline_throughput.py --output-len 0   # reference-answer lengths
+    .venv/bin/python benchmarks/offline_throughput.py --weight-formats dequantized,native,int8
 
 --compare-hf also runs transformers' batched `generate` (left padding, greedy, min_new_tokens =
 max_new_tokens) on the same prompts in the same process, after ours, and prints ours/theirs.
+--weight-formats runs this script once per format, each in a fresh process (so that each peak
+RSS is that format's own), and prints one row per format: output tok/s, peak RSS, resident
+weight bytes.  The prompts are sampled before the engine loads, so the dataset's parsing peak is
+not added to the engine's.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import gc
 import importlib.metadata
 import json
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +37,8 @@ from typing import Any
 from tqdm import tqdm
 
 from engine.bench.datasets import SampleRequest, load_sharegpt, sample_sharegpt
+from engine.config import DTYPES, WEIGHT_FORMATS
+from peers.machine import engine_setup, machine, machine_lines, setup_line
 
 GIB = 1 << 30
 RSS_SLACK_BYTES = 1 * GIB  # interpreter, torch, tokenizer, dataset and activations, beyond weights + KV
@@ -59,7 +71,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-prompt-len", type=int, default=1024, help="skip longer prompts (tokens)")
     parser.add_argument("--max-prompt-chars", type=int, default=None, help="cut longer prompts to this many characters")
     parser.add_argument("--model", default=None, help="GGUF file or HF directory; default: the bundled SmolLM2")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the engine's pick for this CPU")
+    parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
+                        help="auto: the engine's pick for this CPU")
+    parser.add_argument("--weight-formats", default=None,
+                        help="comma-separated: run once per format, each in a fresh process, one table row each")
     # None = the engine's own default.
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
@@ -71,6 +87,13 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.output_len < 0 or args.num_prompts < 1:
         parser.error("--output-len must be >= 0 and --num-prompts >= 1")
+    if args.weight_formats is not None:
+        args.weight_formats = [name.strip() for name in args.weight_formats.split(",") if name.strip()]
+        unknown = [name for name in args.weight_formats if name not in WEIGHT_FORMATS]
+        if unknown or not args.weight_formats:
+            parser.error(f"--weight-formats: choose from {', '.join(WEIGHT_FORMATS)}")
+        if args.compare_hf:
+            parser.error("--weight-formats runs ours only: drop --compare-hf")
     return args
 
 
@@ -94,7 +117,8 @@ def build_engine(args: argparse.Namespace) -> Any:
 
     settings = {"max_num_batched_tokens": args.max_num_batched_tokens, "max_num_seqs": args.max_num_seqs,
                 "kv_cache_memory": args.kv_cache_memory}
-    return LLM(model=args.model, dtype=args.dtype, **{k: v for k, v in settings.items() if v is not None})
+    return LLM(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
+               **{k: v for k, v in settings.items() if v is not None})
 
 
 def run_engine(llm: Any, requests: list[SampleRequest]) -> RunResult:
@@ -218,23 +242,96 @@ def plot_comparison(ours: RunResult, theirs: RunResult, path: Path) -> None:
     print(f"saved {path}")
 
 
+# --- one row per weight format ---------------------------------------------------------------
+
+def child_command(args: argparse.Namespace, weight_format: str, output_json: Path) -> list[str]:
+    """This script for one weight format, on the same workload and engine settings."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--weight-format", weight_format,
+               "--output-json", str(output_json), "--num-prompts", str(args.num_prompts), "--seed", str(args.seed),
+               "--output-len", str(args.output_len), "--max-prompt-len", str(args.max_prompt_len),
+               "--dtype", args.dtype]
+    for flag, value in (("--max-prompt-chars", args.max_prompt_chars), ("--model", args.model),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens),
+                        ("--max-num-seqs", args.max_num_seqs), ("--kv-cache-memory", args.kv_cache_memory)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def run_formats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each format's report, from a fresh process each (peak RSS is a process's high-water mark)."""
+    reports = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for weight_format in args.weight_formats:
+            print(f"\n==== weight format {weight_format}", flush=True)
+            output_json = Path(tmp) / f"{weight_format}.json"
+            subprocess.run(child_command(args, weight_format, output_json), check=True)
+            reports[weight_format] = json.loads(output_json.read_text())
+    return reports
+
+
+FORMAT_HEADERS = ["weight format", "dtype", "output tok/s", "peak RSS GiB", "weights MiB", "KV cache GiB"]
+
+
+def format_rows(reports: dict[str, dict[str, Any]]) -> list[list[str]]:
+    def gib(value: int | None) -> str:
+        return "-" if value is None else f"{value / GIB:.3f}"
+
+    def mib(value: int | None) -> str:
+        return "-" if value is None else f"{value / (1 << 20):.1f}"
+
+    return [[report["setup"]["weight_format"], report["setup"]["dtype"], f"{report['ours']['output_tokens_per_s']:.1f}",
+             gib(report["memory"]["peak_rss_bytes"]), mib(report["memory"]["weights_bytes"]),
+             gib(report["memory"]["kv_cache_bytes"])] for report in reports.values()]
+
+
+def report_formats(args: argparse.Namespace, reports: dict[str, dict[str, Any]]) -> None:
+    rows = format_rows(reports)
+    first = next(iter(reports.values()))["ours"]
+    lines = [*machine_lines(machine()),
+             f"{first['num_requests']} ShareGPT prompts ({first['num_input_tokens']} tokens), "
+             f"{first['num_output_tokens']} output tokens, each format in a fresh process"]
+    table = ["| " + " | ".join(FORMAT_HEADERS) + " |", "|" + "---|" * len(FORMAT_HEADERS)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    print("\n" + "\n".join(table + [""] + lines))
+    if args.output_json is not None:
+        args.output_json.parent.mkdir(parents=True, exist_ok=True)
+        combined = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "machine": machine(), "formats": reports}
+        args.output_json.write_text(json.dumps(combined, indent=2) + "\n")
+        args.output_json.with_suffix(".md").write_text("\n".join(table + [""] + [f"- {line}" for line in lines]) + "\n")
+        print(f"\nsaved {args.output_json} and {args.output_json.with_suffix('.md').name}")
+
+
 def main() -> None:
     args = parse_args()
-    llm = build_engine(args)
-    requests = sample_sharegpt(llm.get_tokenizer(), args.num_prompts, seed=args.seed,
+    if args.weight_formats is not None:
+        report_formats(args, run_formats(args))
+        return
+    from engine.model.loader import load_tokenizer, resolve_model
+
+    # Sampled before the engine loads: the dataset's parsing peak stays out of the engine's peak RSS.
+    requests = sample_sharegpt(load_tokenizer(resolve_model(args.model)), args.num_prompts, seed=args.seed,
                                max_prompt_len=args.max_prompt_len, fixed_output_len=args.output_len or None,
                                max_prompt_chars=args.max_prompt_chars)
     load_sharegpt.cache_clear()  # the parsed dataset (~200 MB) is not needed past sampling
+    gc.collect()
+    llm = build_engine(args)
+    setup = engine_setup(llm)
     ours = run_engine(llm, requests)
     print_result("Elastic Engine", ours)
     report: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                              "machine": machine(), "setup": setup,
                               "ours": {**asdict(ours), **ours.throughputs()},
                               "memory": memory_check(engine_memory(llm), peak_rss_bytes())}
+    for line in [*machine_lines(report["machine"]), setup_line("engine", setup)]:
+        print(f"   {line}")
     if args.compare_hf:
         del llm  # free our weights and KV cache before transformers loads its copy
         gc.collect()
         model_file = Path(args.model) if args.model else default_model_file()
-        theirs = run_transformers(model_file, requests, args.hf_batch_size, args.dtype)
+        # transformers runs at the dtype ours resolved ("auto" is ours to resolve).
+        theirs = run_transformers(model_file, requests, args.hf_batch_size, setup["dtype"])
         print_result("transformers", theirs)
         report["transformers"] = {**asdict(theirs), **theirs.throughputs()}
         report["ratios"] = print_ratios(ours, theirs)

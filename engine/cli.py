@@ -6,12 +6,14 @@ import argparse
 import logging
 import sys
 
-from engine.config import ATTENTION_BACKENDS
+from engine.capabilities import CapabilityError, cpu_features
+from engine.config import ATTENTION_BACKENDS, DTYPES, WEIGHT_FORMATS
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--max-num-seqs", type=int, default=128)
@@ -24,7 +26,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    llm = LLM(args.model, dtype=args.dtype, weight_format=args.weight_format, max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
               scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend)
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     add_bench_commands(commands)
 
     args = parser.parse_args(argv)
+    try:
+        cpu_features()  # a bad ELASTIC_ENGINE_CPU_ISA is a one-line error, before anything loads
+    except CapabilityError as error:
+        raise SystemExit(f"engine: {error}") from None
     args.handler(args)
 
 

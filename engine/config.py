@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DTYPES = ("bfloat16", "float32", "float16")
+DTYPES = ("auto", "bfloat16", "float32", "float16")
+WEIGHT_FORMATS = ("auto", "dequantized", "native", "int8")
 ATTENTION_BACKENDS = ("auto", "torch", "native", "triton")
 SCHEDULING_POLICIES = ("fcfs", "priority", "mlfq", "slo")
 
@@ -23,12 +24,20 @@ def _require(condition: bool, message: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None  # GGUF file or Hugging Face directory; None = the default model
-    dtype: str = "bfloat16"  # weights, activations and KV cache
+    # Activations, KV cache and dense weights.  auto: the fastest correct one for the device
+    # (bf16 on CUDA and on CPUs with bf16 dot products, else fp32), logged with the reason.
+    dtype: str = "auto"
+    # How linear weights are held.  dequantized: floats in `dtype`; native: a GGUF file's own
+    # Q4_0/Q4_1/Q8_0 blocks through the C++ quantized linear; int8: float weights quantized to
+    # int8 blocks; auto: native where the C++ kernels run on this CPU, else dequantized.
+    weight_format: str = "auto"
     max_model_len: int | None = None  # None = the model's own context length
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.weight_format in WEIGHT_FORMATS,
+                 f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
         _require(self.max_model_len is None or self.max_model_len >= 1,
                  f"max_model_len must be positive, got {self.max_model_len}")
 

@@ -16,13 +16,13 @@ PromptInput = str | dict  # a string, or {"prompt_token_ids": [...]} / {"prompt"
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", max_model_len: int | None = None,
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", weight_format: str = "auto", max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 128, block_size: int = 16,
                  kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
                  enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
                  attention_backend: str = "auto", device: str = "cpu") -> None:
         config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
+            model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format, max_model_len=max_model_len),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

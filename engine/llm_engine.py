@@ -12,11 +12,13 @@ from engine.kv.kv_cache_manager import KVCacheManager
 from engine.model.loader import resolve_model, load_tokenizer
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
+from engine.profiling import profile_step_costs
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepCostModel, features_of
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from engine.scheduler.policy import FCFSPolicy, make_policy
+from engine.scheduler.policy import FCFSPolicy
+from engine.scheduler.policy_factory import make_policy
 from engine.scheduler.scheduler import Scheduler
 from engine.worker.model_runner import ModelRunner
 
@@ -55,7 +57,8 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or source.arch.max_position_embeddings,
                                  source.arch.max_position_embeddings)
         self.tokenizer = load_tokenizer(source)
-        self.runner = ModelRunner(source, config.model.dtype, config.cache, config.runner)
+        self.runner = ModelRunner(source, config.model.dtype, config.cache, config.runner,
+                                  weight_format=config.model.weight_format)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.cache.block_size,
                                  enable_prefix_caching=config.cache.enable_prefix_caching)
         scheduler_config: SchedulerConfig = replace(config.scheduler, max_model_len=self.max_model_len)
@@ -71,8 +74,8 @@ class LLMEngine:
         self.scheduler.policy = make_policy(scheduler_config, self.cost_model)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
-        logger.info("engine ready: model=%s dtype=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
-                    self.model_name, config.model.dtype, self.max_model_len, self.runner.num_kv_blocks,
+        logger.info("engine ready: model=%s dtype=%s weights=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
+                    self.model_name, self.runner.dtype_name, self.runner.plan.weight_format, self.max_model_len, self.runner.num_kv_blocks,
                     config.cache.block_size, self.runner.kv_cache_bytes / (1 << 30))
 
     # ---- requests ----------------------------------------------------------------------------
@@ -205,8 +208,6 @@ class LLMEngine:
                        kv_cache_usage=self.kv.usage, num_rejected_total=dict(self.scheduler.num_rejected_total))
 
     def _profile_cost_model(self) -> StepCostModel:
-        from engine.profiling import profile_step_costs
-
         start = time.perf_counter()
         model = StepCostModel.fit(profile_step_costs(self), description=f"profiled {self.model_name} at start-up")
         logger.info("step cost model profiled in %.1f s: %s", time.perf_counter() - start, model)

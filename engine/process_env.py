@@ -9,18 +9,31 @@ transparent huge pages (madvise), which this kernel grants only on request.  The
 gathers and activations then take far fewer TLB misses.  On the 2-core dev machine it took the
 offline benchmark (64 ShareGPT requests x 128 tokens) from 14.9 to 13.4 s when the heap had been
 fragmented by a freed dataset, and ~3% faster on a fresh heap.
+
+Under a CPU-feature mask (ELASTIC_ENGINE_CPU_ISA, see engine/capabilities.py) torch's and oneDNN's
+own kernel dispatch is capped to the same level through ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA,
+which both libraries read once, when they load.
 """
 
 from __future__ import annotations
 
 import os
 
+from engine import capabilities
+
 DEFAULTS = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def apply_defaults() -> None:
-    for name, value in DEFAULTS.items():
+    for name, value in {**DEFAULTS, **_library_caps()}.items():
         os.environ.setdefault(name, value)
+
+
+def _library_caps() -> dict[str, str]:
+    try:
+        return capabilities.library_env(capabilities.cpu_features())
+    except capabilities.CapabilityError:
+        return {}  # said where the engine starts (engine/llm_engine.py), with the values it takes
 
 
 apply_defaults()

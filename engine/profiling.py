@@ -23,20 +23,46 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepFeatures, StepSample, features_of_chunks
-from engine.scheduler.output import ScheduledRequest, SchedulerOutput
+from engine.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
     from engine.kv.kv_cache_manager import KVCacheManager
-    from engine.llm_engine import LLMEngine
     from engine.outputs import RequestOutput
+    from engine.scheduler.output import ModelRunnerOutput
+    from engine.scheduler.scheduler import Scheduler
 
 # Any in-vocabulary id does: the cost of a step does not depend on which tokens it reads.
 PROFILE_TOKEN_ID = 1
+
+
+class StepRunner(Protocol):
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+
+class ProfiledEngine(Protocol):
+    """The parts of an engine profiling uses.  LLMEngine is one; it is described here rather
+    than imported because LLMEngine itself profiles at start-up, through this module."""
+
+    @property
+    def kv(self) -> KVCacheManager: ...
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def runner(self) -> StepRunner: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +130,7 @@ def default_profile_steps(max_num_batched_tokens: int, max_num_seqs: int) -> lis
     return steps
 
 
-def profile_step_costs(engine: LLMEngine, steps: Sequence[ProfileStep] | None = None, *,
+def profile_step_costs(engine: ProfiledEngine, steps: Sequence[ProfileStep] | None = None, *,
                        num_repeats: int = 2) -> list[StepSample]:
     """Run each synthetic step `num_repeats` times through the engine's model runner and return
     one sample per step: its fastest run (contention from other processes only ever adds time).
@@ -141,13 +167,13 @@ def _scattered_free_blocks(kv: KVCacheManager, seed: int = 0) -> Iterator[None]:
             kv.free(filler_id)
 
 
-def _fits(engine: LLMEngine, step: ProfileStep) -> bool:
+def _fits(engine: ProfiledEngine, step: ProfileStep) -> bool:
     block_size = engine.kv.block_size
     blocks = sum(-(-(c.num_computed_tokens + c.num_scheduled_tokens) // block_size) for c in step.chunks)
     return blocks <= engine.kv.num_free_blocks and step.max_position <= engine.max_model_len
 
 
-def _run_step(engine: LLMEngine, step: ProfileStep) -> float:
+def _run_step(engine: ProfiledEngine, step: ProfileStep) -> float:
     """Seconds `runner.execute` takes on this step; the step's KV blocks are freed after."""
     scheduled = []
     try:
@@ -163,7 +189,7 @@ def _run_step(engine: LLMEngine, step: ProfileStep) -> float:
             engine.kv.free(item.request.request_id)
 
 
-def _scheduled_chunk(engine: LLMEngine, request_id: str, chunk: ProfileChunk) -> ScheduledRequest:
+def _scheduled_chunk(engine: ProfiledEngine, request_id: str, chunk: ProfileChunk) -> ScheduledRequest:
     end = chunk.num_computed_tokens + chunk.num_scheduled_tokens
     # A chunk that does not sample stops short of the request's last token.
     num_tokens = end if chunk.samples else end + 1
@@ -172,14 +198,16 @@ def _scheduled_chunk(engine: LLMEngine, request_id: str, chunk: ProfileChunk) ->
     request.num_computed_tokens = chunk.num_computed_tokens
     if not engine.kv.allocate_slots(request_id, end):
         raise RuntimeError(f"no KV blocks for profile request {request_id} ({end} tokens)")
+    # Each profiled step is the runner's first sight of its requests (ids repeat across steps).
     return ScheduledRequest(request=request, num_computed_tokens=chunk.num_computed_tokens,
                             num_scheduled_tokens=chunk.num_scheduled_tokens,
-                            block_ids=engine.kv.block_table(request_id), samples=chunk.samples)
+                            block_ids=engine.kv.block_table(request_id), samples=chunk.samples,
+                            new_request=NewRequestData.of(request))
 
 
 # ---- real steps ------------------------------------------------------------------------------
 
-def timed_step(engine: LLMEngine) -> tuple[list[RequestOutput], StepSample | None]:
+def timed_step(engine: ProfiledEngine) -> tuple[list[RequestOutput], StepSample | None]:
     """`engine.step()`, timed, with the features of what it ran (None for an empty step).
 
     The features are read from the requests' progress: a request whose num_computed_tokens went

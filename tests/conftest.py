@@ -31,12 +31,13 @@ def make_llm(**kwargs) -> LLM:
 @pytest.fixture(scope="session")
 def llm_fp32() -> LLM:
     """fp32, small token budget and 16-token blocks so prompts are chunked across steps."""
-    return make_llm(dtype="float32", max_num_batched_tokens=64, block_size=16, kv_cache_memory=1.0)
+    return make_llm(dtype="float32", weight_format="dequantized", max_num_batched_tokens=64, block_size=16,
+                    kv_cache_memory=1.0)
 
 
 @pytest.fixture(scope="session")
 def llm_bf16() -> LLM:
-    return make_llm(dtype="bfloat16", kv_cache_memory=1.0)
+    return make_llm(dtype="bfloat16", weight_format="dequantized", kv_cache_memory=1.0)
 
 
 def assert_kv_empty(llm: LLM) -> None:

@@ -3,15 +3,49 @@
 # peer for benchmarks/serve_throughput.py. Sources and binary are cached outside
 # the repository and never committed.
 #
-#   benchmarks/peers/build_llama_server.sh   # prints the path of llama-server
+#   benchmarks/peers/build_llama_server.sh              # prints the path of llama-server
+#   benchmarks/peers/build_llama_server.sh --isa avx2   # an AVX2-only build beside it
+#
+# The default build is tuned to this CPU (-DGGML_NATIVE=ON) in llama.cpp/build. `--isa avx2`
+# (or LLAMA_SERVER_ISA=avx2) builds a second binary in llama.cpp/build-avx2 limited to AVX2, FMA
+# and F16C: the peer benchmarks/peers/llama_server.py runs when ELASTIC_ENGINE_CPU_ISA=avx2 caps
+# our engine, so that a masked run compares like with like.
 #
 # Environment: LLAMA_SERVER_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/elastic-engine/llama-server),
-# PIP (default: the repository's .venv/bin/pip, else pip), JOBS (default 2).
+# LLAMA_SERVER_ISA (native or avx2; default native), PIP (default: the repository's .venv/bin/pip,
+# else pip), JOBS (default 2).
 set -euo pipefail
+
+isa="${LLAMA_SERVER_ISA:-native}"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --isa) isa="${2:?--isa needs a value: native or avx2}"; shift 2 ;;
+        --isa=*) isa="${1#--isa=}"; shift ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $1 (expected --isa native|avx2)" >&2; exit 2 ;;
+    esac
+done
+
+# Every x86 level named (the option names of ggml/CMakeLists.txt), so that neither ggml's defaults
+# nor a reused CMake cache adds one. SSE4.2 and BMI2 stay at ggml's default (on without NATIVE),
+# as ELASTIC_ENGINE_CPU_ISA=avx2 keeps them.
+case "$isa" in
+    native)
+        build_dir="build"
+        isa_flags=(-DGGML_NATIVE=ON) ;;
+    avx2)
+        build_dir="build-avx2"
+        isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                   -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
+                   -DGGML_AVX_VNNI=OFF) ;;
+    *)
+        echo "unknown ISA: $isa (expected native or avx2)" >&2
+        exit 2 ;;
+esac
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cache_dir="${LLAMA_SERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/elastic-engine/llama-server}"
-binary="$cache_dir/llama.cpp/build/bin/llama-server"
+binary="$cache_dir/llama.cpp/$build_dir/bin/llama-server"
 jobs="${JOBS:-2}"
 
 if [[ -x "$binary" ]]; then
@@ -38,8 +72,8 @@ if [[ ! -d "$cache_dir/llama.cpp" ]]; then
 fi
 
 cd "$cache_dir/llama.cpp"
-echo "building llama-server with $jobs jobs in $PWD/build" >&2
-cmake -B build -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+echo "building llama-server ($isa) with $jobs jobs in $PWD/$build_dir" >&2
+cmake -B "$build_dir" -DLLAMA_BUILD_SERVER=ON "${isa_flags[@]}" -DLLAMA_CURL=OFF \
     -DCMAKE_BUILD_TYPE=Release >&2
-cmake --build build --target llama-server -j"$jobs" >&2
+cmake --build "$build_dir" --target llama-server -j"$jobs" >&2
 echo "$binary"

@@ -2,6 +2,9 @@
 
 `build_llama_server.sh` builds the binary into a cache outside the repository; this module finds
 it there, starts it with one slot per concurrent stream, waits for /health and stops it on exit.
+llama.cpp reads the CPU itself, so ELASTIC_ENGINE_CPU_ISA cannot cap it: with the mask at avx2
+the benchmarks run the AVX2-only build (`build_llama_server.sh --isa avx2`) instead, so that a
+masked run compares like with like.
 
     .venv/bin/python benchmarks/peers/llama_server.py --port 8081   # serve until Ctrl-C
 
@@ -38,8 +41,22 @@ def default_cache_dir() -> Path:
     return cache_home / "elastic-engine" / "llama-server"
 
 
+# ELASTIC_ENGINE_CPU_ISA level -> the build directory of the llama.cpp build limited to it.
+BUILD_DIRS = {"avx2": "build-avx2"}
+
+
 def default_binary() -> Path:
-    return default_cache_dir() / "llama.cpp" / "build" / "bin" / "llama-server"
+    """The build for the ISA mask in force (ELASTIC_ENGINE_CPU_ISA), else the native build."""
+    from engine.capabilities import cpu_features
+
+    build_dir = BUILD_DIRS.get(cpu_features().mask or "", "build")
+    return default_cache_dir() / "llama.cpp" / build_dir / "bin" / "llama-server"
+
+
+def build_command(binary: Path) -> str:
+    """The command that builds `binary` where it is one of build_llama_server.sh's builds."""
+    isa = next((isa for isa, build_dir in BUILD_DIRS.items() if binary.parent.parent.name == build_dir), None)
+    return "benchmarks/peers/build_llama_server.sh" + (f" --isa {isa}" if isa else "")
 
 
 def free_port() -> int:
@@ -130,7 +147,9 @@ class LlamaServer(ServerProcess):
 
 def add_llama_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every benchmark that runs llama-server as a peer takes."""
-    parser.add_argument("--llama-server", type=Path, default=default_binary(), help="llama-server binary")
+    parser.add_argument("--llama-server", type=Path, default=default_binary(),
+                        help="llama-server binary (default: the build for ELASTIC_ENGINE_CPU_ISA=avx2 "
+                             "when that is set, else the native build)")
     parser.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t and -tb")
     parser.add_argument("--skip-llama-server", action="store_true")
 
@@ -142,11 +161,22 @@ def llama_server_from_args(args: argparse.Namespace, *, num_slots: int, ctx_size
         return None
     if not args.llama_server.exists():
         print(f"\nSKIPPED llama-server: {args.llama_server} does not exist; "
-              "build it with benchmarks/peers/build_llama_server.sh (about ten minutes on two cores)")
+              f"build it with {build_command(args.llama_server)} (about ten minutes on two cores)")
         return None
+    warn_if_unmasked(args.llama_server)
     from engine.model.loader import default_model_path
     return LlamaServer(args.llama_server, default_model_path(), num_slots=num_slots, num_threads=args.llama_threads,
                        ctx_size=ctx_size, log_file=log_file)
+
+
+def warn_if_unmasked(binary: Path) -> None:
+    """Say so when the engine runs under an ISA mask that this llama-server build ignores."""
+    from engine.capabilities import MASK_ENV, cpu_features
+
+    mask = cpu_features().mask
+    if mask is not None and binary.parent.parent.name != BUILD_DIRS.get(mask):
+        print(f"WARNING: {MASK_ENV}={mask} caps our engine but not {binary}, which uses every feature "
+              f"it was built for (build_llama_server.sh --isa builds: {', '.join(BUILD_DIRS)})")
 
 
 def llama_server_version(binary: Path) -> str:
@@ -167,7 +197,7 @@ def main() -> None:
     parser.add_argument("--ctx-size", type=int, default=32 * (1024 + 128), help="tokens, all slots together")
     args = parser.parse_args()
     if not args.binary.exists():
-        parser.error(f"{args.binary} does not exist: run benchmarks/peers/build_llama_server.sh")
+        parser.error(f"{args.binary} does not exist: run {build_command(args.binary)}")
     if args.model is None:
         from engine.model.loader import default_model_path
         args.model = default_model_path()

@@ -34,7 +34,7 @@ from engine.api.protocol import (ChatCompletionRequest, CompletionRequest, Detok
 from engine.api.serving_chat import chat_prompt_token_ids, create_chat_completion
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
-from engine.config import ATTENTION_BACKENDS, DTYPES, SCHEDULING_POLICIES, CacheConfig, ConfigError, EngineConfig, \
+from engine.config import ATTENTION_BACKENDS, DTYPES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
     MLFQConfig, ModelConfig, RunnerConfig, SchedulerConfig, SLOConfig
 
 logger = logging.getLogger("engine.api")
@@ -189,7 +189,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1")
-    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES))
+    parser.add_argument("--dtype", default=ModelConfig.dtype, choices=DTYPES,
+                        help="auto: bf16 on CUDA and on CPUs with bf16 dot products, else float32")
+    parser.add_argument("--weight-format", default=ModelConfig.weight_format, choices=WEIGHT_FORMATS,
+                        help="auto: a GGUF file's quantized blocks through the C++ linear where it runs, "
+                             "else dequantized; dequantized, native, int8")
     parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
@@ -240,12 +244,9 @@ def policy_configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    model: dict[str, Any] = {"model": args.model, "max_model_len": args.max_model_len,
-                             "served_model_name": args.served_model_name}
-    if args.dtype != "auto":
-        model["dtype"] = args.dtype
     return EngineConfig(
-        model=ModelConfig(**model),
+        model=ModelConfig(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
+                          max_model_len=args.max_model_len, served_model_name=args.served_model_name),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

@@ -3,7 +3,8 @@
 
 One module per piece: `datasets` (what to send), `arrivals` (when), `client` (one timed streaming
 request), `serve` (a run), `metrics` (records to vLLM-named figures, shared with the simulator),
-`server_metrics` (the server's own Prometheus view), `report` and `plots` (output), `cli` (flags).
+`server_metrics` (the server's own Prometheus view), `report` and `plots` (output), `cli` (flags),
+`workload` (the requests the dataset flags of `serve` and `simulate` ask for).
 """
 
 from engine.bench.datasets import SampleRequest, load_sharegpt, sample_random, sample_sharegpt

@@ -17,7 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("sharegpt", "random", "long", "prefix")
+from engine.bench.workload import DATASETS, load_tokenizer, sample_requests
+
 DEFAULT_MAX_MODEL_LEN = 2048  # when the server does not say (vLLM's ShareGPT filter uses the same)
 
 
@@ -139,40 +140,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def plot_main(args: argparse.Namespace) -> None:
-    from engine.bench.plots import plot_files
+    from engine.bench.report import plot_files
 
     plot_files(args.results, args.output, args.title)
     print(f"saved {args.output}")
 
-
-def load_tokenizer(path: str | None) -> Any:
-    """The tokenizer of a GGUF file or HF directory (default: the engine's default model)."""
-    from engine.model.loader import load_tokenizer as load, resolve_model
-
-    return load(resolve_model(path))
-
-
-def sample_requests(args: argparse.Namespace, tokenizer: Any, num_requests: int, max_model_len: int) -> list[Any]:
-    """`num_requests` requests of the dataset `args.dataset`, with its length flags."""
-    from engine.bench import datasets
-
-    cap = args.max_output_tokens
-    if cap is not None and cap < 1:
-        raise ValueError(f"--max-output-tokens must be positive, got {cap}")
-    if args.dataset == "sharegpt":
-        return datasets.sample_sharegpt(tokenizer, num_requests, seed=args.seed, max_prompt_len=args.max_prompt_len,
-                                        max_model_len=max_model_len, fixed_output_len=args.sharegpt_output_len,
-                                        max_output_len=cap)
-    if args.dataset == "prefix":
-        return datasets.sample_prefix(tokenizer, num_requests, args.prefix_len, args.num_prefixes, seed=args.seed,
-                                      max_prompt_len=args.max_prompt_len, max_model_len=max_model_len,
-                                      fixed_output_len=args.sharegpt_output_len, max_output_len=cap)
-    if args.dataset == "random":
-        requests = datasets.sample_random(tokenizer, num_requests, args.random_input_len, args.random_output_len,
-                                          args.random_range_ratio, seed=args.seed)
-        return datasets.cap_output_lens(requests, cap)
-    output_len = min(args.long_output_len, cap or args.long_output_len)
-    if args.long_input_len + output_len > max_model_len:
-        raise ValueError(f"--long-input-len {args.long_input_len} + {output_len} output tokens exceed "
-                         f"the model length {max_model_len}: lower --long-input-len")
-    return datasets.sample_long(tokenizer, num_requests, args.long_input_len, output_len, seed=args.seed)

@@ -2,17 +2,15 @@
 
 - `plot_runs`: several runs side by side: throughput bars, then TTFT, TPOT and E2EL CDFs.
 - `plot_sweeps`: request-rate sweeps: output throughput, p99 TTFT and p99 TPOT against the rate.
-- `plot_files`: `engine bench plot A.json B.json -o out.png`: whichever of the two fits the files.
+
+`engine bench plot` reads saved results and picks between the two: `report.plot_files`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
-
-from engine.bench.report import label_of, runs_of
 
 CDF_METRICS = (("ttfts", "TTFT (ms)"), ("tpots", "TPOT (ms)"), ("latencies", "E2EL (ms)"))
 THROUGHPUTS = (("output_throughput", "output tok/s"), ("total_token_throughput", "total tok/s"))
@@ -92,26 +90,3 @@ def _save(fig: Any, path: Path, title: str | None) -> None:
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
 
-
-def plot_files(paths: list[Path], out: Path, title: str | None = None) -> None:
-    """Plot saved results side by side: sweeps against the rate when every file is a sweep,
-    else throughput and CDFs per file.  Raises ValueError on a mix of both."""
-    saved = [(path, json.loads(path.read_text())) for path in paths]
-    labels = _unique([label_of(result, path) for path, result in saved])
-    is_sweep = ["sweep" in result for _, result in saved]
-    if all(is_sweep):
-        plot_sweeps({label: runs_of(result) for label, (_, result) in zip(labels, saved)}, out, title)
-    elif not any(is_sweep):
-        plot_runs({label: result for label, (_, result) in zip(labels, saved)}, out, title)
-    else:
-        raise ValueError("plot either request-rate sweeps or single runs, not a mix of both")
-
-
-def _unique(labels: list[str]) -> list[str]:
-    """The labels, with '#2', '#3', ... after repeats so no run hides another in a legend."""
-    seen: dict[str, int] = {}
-    unique = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        unique.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
-    return unique

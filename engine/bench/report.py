@@ -1,4 +1,5 @@
-"""Benchmark results as text: the console block, a markdown table, and the files `--save-result` writes.
+"""Benchmark results as text: the console block, a markdown table, and the files `--save-result`
+writes (`save_result`) and `engine bench plot` reads (`plot_files`).
 
 A saved result is one run's dictionary (`serve.run_benchmark`), or for a request-rate sweep
 {"label": ..., "sweep": [run, run, ...]}.  Beside PATH.json go PATH.md (the table) and PATH.png
@@ -11,6 +12,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any
+
+from engine.bench.plots import plot_runs, plot_sweeps  # matplotlib loads when one draws
 
 # (title, key, format) of the console block, in vLLM's order.
 SUMMARY_LINES = [
@@ -105,8 +108,6 @@ def label_of(saved: dict[str, Any], path: Path | None = None) -> str:
 
 def save_result(path: Path, runs: list[dict[str, Any]], *, sweep: bool, extra: dict[str, Any] | None = None) -> None:
     """Write PATH (JSON), PATH.md and the plots; `extra` (e.g. the arguments) goes into the JSON."""
-    from engine.bench.plots import plot_runs, plot_sweeps  # matplotlib only when saving
-
     path.parent.mkdir(parents=True, exist_ok=True)
     label = runs[0]["label"] if runs else path.stem
     saved = {"label": label, "sweep": runs, **(extra or {})} if sweep else {**runs[0], **(extra or {})}
@@ -117,3 +118,28 @@ def save_result(path: Path, runs: list[dict[str, Any]], *, sweep: bool, extra: d
     if sweep:
         plot_sweeps({label: runs}, path.with_name(path.stem + ".sweep.png"),
                     title=f"{label}: throughput and p99 latencies against the request rate")
+
+
+def plot_files(paths: list[Path], out: Path, title: str | None = None) -> None:
+    """`engine bench plot A.json B.json -o out.png`: saved results side by side, sweeps against the
+    rate when every file is a sweep, else throughput and CDFs per file.  Raises ValueError on a
+    mix of both."""
+    saved = [(path, json.loads(path.read_text())) for path in paths]
+    labels = _unique([label_of(result, path) for path, result in saved])
+    is_sweep = ["sweep" in result for _, result in saved]
+    if all(is_sweep):
+        plot_sweeps({label: runs_of(result) for label, (_, result) in zip(labels, saved)}, out, title)
+    elif not any(is_sweep):
+        plot_runs({label: result for label, (_, result) in zip(labels, saved)}, out, title)
+    else:
+        raise ValueError("plot either request-rate sweeps or single runs, not a mix of both")
+
+
+def _unique(labels: list[str]) -> list[str]:
+    """The labels, with '#2', '#3', ... after repeats so no run hides another in a legend."""
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
+    return unique

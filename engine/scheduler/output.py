@@ -1,22 +1,55 @@
-"""The typed messages between scheduler and runner."""
+"""The typed messages between scheduler and runner.
+
+The runner gets plain data, as in vLLM V1: a request's tokens and sampling settings once, in
+`NewRequestData`, when it starts running (and again when it restarts after a preemption); after
+that only counts and block ids.  The runner keeps its own copy of each running request's tokens,
+appending what it samples, so it never reads (or could change) the scheduler's live `Request`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from engine.request import Request
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequestData:
+    """What the runner keeps of a request from the step it starts (or restarts) running."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]  # non-empty when it restarts after a preemption
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+
+    @classmethod
+    def of(cls, request: Request) -> NewRequestData:
+        return cls(request.request_id, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
+                   request.sampling_params, request.eos_token_ids)
 
 
 @dataclass(slots=True)
 class ScheduledRequest:
-    """Run tokens [num_computed_tokens, num_computed_tokens + num_scheduled_tokens) of `request`
-    this step; if that reaches the request's last token, sample the next one."""
+    """Run tokens [num_computed_tokens, num_computed_tokens + num_scheduled_tokens) of the request
+    this step; if that reaches the request's last token, sample the next one.
+
+    `request` is the scheduler's live object, for the policies and the engine; the runner reads
+    only the plain fields (request_id, counts, block_ids, samples, new_request).
+    """
 
     request: Request
     num_computed_tokens: int
     num_scheduled_tokens: int
     block_ids: list[int]
     samples: bool  # this step reaches the request's last token, so the model samples one more
+    # Set on the step a request starts or restarts running: the runner holds no state for it yet.
+    new_request: NewRequestData | None = None
+    request_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.request_id = self.request.request_id
 
 
 @dataclass(slots=True)

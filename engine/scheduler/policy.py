@@ -13,6 +13,8 @@ and hears what happened (`prepare_step`, `on_scheduled`, `on_finished`) to keep 
 
 Phases: within a policy's own order, running decodes come before running prefills, which come
 before waiting requests, so that decodes never stall behind a long prefill.
+
+`make_policy` (policy_factory.py) builds the policy a SchedulerConfig names.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from typing import TYPE_CHECKING
 from engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
-    from engine.config import SchedulerConfig
-    from engine.scheduler.cost_model import StepCostModel
     from engine.scheduler.output import ScheduledRequest
 
 
@@ -106,26 +106,3 @@ class PriorityPolicy(SchedulingPolicy):
     def rank_key(self, request: Request, now: float) -> tuple:
         return (request.priority, phase(request), request.arrival_time, request.request_id)
 
-
-def make_policy(config: SchedulerConfig | str, cost_model: StepCostModel | None = None) -> SchedulingPolicy:
-    """The policy a SchedulerConfig names (or a bare name, with default settings)."""
-    if isinstance(config, str):
-        from engine.config import SchedulerConfig
-
-        config = SchedulerConfig(policy=config)
-    if config.policy == "fcfs":
-        return FCFSPolicy()
-    if config.policy == "priority":
-        return PriorityPolicy()
-    if config.policy == "mlfq":
-        from engine.scheduler.mlfq import MLFQPolicy
-
-        return MLFQPolicy(config.mlfq)
-    if config.policy == "slo":
-        from engine.scheduler.slo_policy import SLOPolicy
-
-        if cost_model is None:
-            raise ValueError("the slo policy needs a step cost model")
-        return SLOPolicy(config.slo, cost_model, max_budget=config.max_num_batched_tokens,
-                         max_num_seqs=config.max_num_seqs)
-    raise ValueError(f"unknown scheduling policy {config.policy!r}")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
-from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.scheduler.output import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
 from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingPolicy
 
 
@@ -156,7 +156,7 @@ class Scheduler:
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = now
         self.running.append(request)
-        step.add(self._scheduled(request, num_new))
+        step.add(self._scheduled(request, num_new, starts=True))
         return True
 
     def _preempt_below(self, request: Request, step: _StepBuilder, now: float) -> bool:
@@ -173,11 +173,13 @@ class Scheduler:
     def _unscheduled_running(self, step: _StepBuilder) -> list[Request]:
         return [r for r in self.running if r.request_id not in step.scheduled_ids]
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(self, request: Request, num_new: int, starts: bool = False) -> ScheduledRequest:
+        """`starts`: the request (re)starts running this step, so the runner gets its tokens."""
         return ScheduledRequest(request=request, num_computed_tokens=request.num_computed_tokens,
                                 num_scheduled_tokens=num_new,
                                 block_ids=self.kv.block_table(request.request_id),
-                                samples=num_new == request.num_tokens_to_compute)
+                                samples=num_new == request.num_tokens_to_compute,
+                                new_request=NewRequestData.of(request) if starts else None)
 
     def _preempt(self, request: Request) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, wait again."""

@@ -7,10 +7,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from engine.gguf_fields import field_value
 from engine.tokenizer.chat_template import render_chat_template
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -57,9 +62,7 @@ class Tokenizer:
         return "" if token_id is None else (self.backend.id_to_token(token_id) or "")
 
 
-def tokenizer_from_gguf(reader) -> Tokenizer:
-    from engine.model.gguf_loader import field_value
-
+def tokenizer_from_gguf(reader: GGUFReader) -> Tokenizer:
     model = field_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2 (byte-level BPE)")

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from engine.bench import cli as bench_cli
+from engine.bench.workload import sample_requests
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,8 +57,8 @@ def test_simulate_is_registered_from_its_module(monkeypatch: pytest.MonkeyPatch)
 def test_sample_requests_caps_random_outputs(tokenizer: Any) -> None:
     args = _parser().parse_args(["bench", "serve", "--dataset", "random", "--random-input-len", "20",
                                  "--random-output-len", "50", "--random-range-ratio", "0.5", "--max-output-tokens", "30"])
-    requests = bench_cli.sample_requests(args, tokenizer, 40, max_model_len=2048)
+    requests = sample_requests(args, tokenizer, 40, max_model_len=2048)
     assert all(r.expected_output_len <= 30 for r in requests) and max(r.expected_output_len for r in requests) == 30
     long_args = _parser().parse_args(["bench", "serve", "--dataset", "long", "--long-input-len", "2000"])
     with pytest.raises(ValueError, match="--long-input-len"):
-        bench_cli.sample_requests(long_args, tokenizer, 1, max_model_len=2048)
+        sample_requests(long_args, tokenizer, 1, max_model_len=2048)

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from engine.bench.metrics import RequestRecord, summarize
-from engine.bench.plots import plot_files
-from engine.bench.report import label_of, markdown_table, runs_of, save_result
+from engine.bench.report import label_of, markdown_table, plot_files, runs_of, save_result
 
 
 def _run(label: str, rate: float | str, ttft_s: float) -> dict[str, Any]:

@@ -13,8 +13,7 @@ import pytest
 
 from engine.bench.client import CHAT_COMPLETIONS, RequestOptions
 from engine.bench.datasets import sample_prefix, sample_random
-from engine.bench.plots import plot_files
-from engine.bench.report import format_summary, markdown_table, save_result
+from engine.bench.report import format_summary, markdown_table, plot_files, save_result
 from engine.bench.serve import RunConfig, fetch_model_info, run_benchmark, warm_up
 from engine.bench.server_metrics import scrape, server_latency_means
 from tests.api.conftest import MAX_MODEL_LEN, MODEL_NAME, REPO_ROOT, ServerProcess

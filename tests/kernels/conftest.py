@@ -35,6 +35,8 @@ def _drop_uninterpreted_modules() -> None:
 
 _drop_uninterpreted_modules()
 
+import ctypes  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -42,3 +44,21 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# ---- the C++ kernels: one fixture runs a test against every build this CPU supports ----
+
+from engine.capabilities import cpu_features  # noqa: E402
+from engine.kernels.cpu import native_library  # noqa: E402
+
+
+@pytest.fixture(params=list(native_library.ISA_FLAGS))
+def library(request: pytest.FixtureRequest) -> ctypes.CDLL:
+    """Each build of the kernels in turn; one this CPU cannot run, or cannot build, skips."""
+    isa = request.param
+    if isa not in cpu_features().kernel_isas:
+        pytest.skip(f"this CPU cannot run the {isa} build ({cpu_features().describe()})")
+    built = native_library.load(isa)
+    if built is None:
+        pytest.skip(f"the {isa} build is not available here (no C++ compiler or a failed build: see the log)")
+    return built

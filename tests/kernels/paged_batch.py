@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.worker.attention import AttentionMetadata
+from engine.model.attention_backends.metadata import AttentionMetadata
 
 
 def random_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

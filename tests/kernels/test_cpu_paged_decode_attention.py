@@ -1,24 +1,26 @@
 """The C++ CPU decode-attention kernel against a per-sequence fp32 reference, and its backend
-against the torch backend on a mixed step.
+against the torch backend on a mixed step, for every build of the kernels this CPU runs
+(avx512_bf16, avx512, avx2).
 
-The kernel needs a C++ compiler and AVX-512; where either is missing these tests skip and say why
-(the engine then runs its torch path, which other tests cover).
+A build needs a C++ compiler and a CPU with its instruction set; where either is missing its tests
+skip and say why (the engine then runs another build, or its torch path, which other tests cover).
 """
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
+from engine.capabilities import cpu_features
 from engine.kernels.cpu import native_library
-from engine.kernels.cpu.native_backend import NativeCpuAttentionBackend
+from engine.model.attention_backends.native_cpu_backend import NativeCpuAttentionBackend
 from engine.kernels.cpu.paged_decode_attention import paged_decode_attention, supports
-from engine.worker.attention import TorchAttentionBackend
+from engine.model.attention_backends.metadata import TorchAttentionScratch
+from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 
 from .paged_batch import make_metadata, random_block_tables, random_kv_cache
-
-pytestmark = pytest.mark.skipif(native_library.load() is None,
-                                reason="no C++ compiler or no AVX-512 here: the native kernel cannot run")
 
 
 def reference_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -45,46 +47,65 @@ def reference_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: 
     (8, 2, 80),    # a head size without an unrolled path
     (16, 1, 32),   # MQA: one KV head for all
 ])
-def test_matches_reference(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def test_matches_reference(library: ctypes.CDLL, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int,
+                           head_dim: int) -> None:
     block_size, num_blocks = 16, 64
     # one token, block edges (15, 16, 17), several blocks, one sequence much longer than the rest
     seq_lens = [1, 15, 16, 17, 50, 300]
     block_tables = random_block_tables(seq_lens, block_size, num_blocks)
     kv_cache = random_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
     query = torch.randn(len(seq_lens), num_q_heads, head_dim).to(dtype)
-    out = paged_decode_attention(query, kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32))
+    out = paged_decode_attention(query, kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32),
+                                 library=library)
     expected = reference_decode(query, kv_cache, block_tables, seq_lens)
     # the kernel works in fp32 throughout; low-precision outputs differ by their final rounding
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(out.float(), expected, **tolerance)
 
 
-def test_block_size_one_and_large_scores() -> None:
+def test_block_size_one_and_large_scores(library: ctypes.CDLL) -> None:
     """Tiny blocks (every position its own block) and scores large enough that softmax without the
     max shift would overflow fp32."""
     seq_lens = [7, 33]
     block_tables = random_block_tables(seq_lens, 1, 48)
     kv_cache = random_kv_cache(48, 1, 2, 64, torch.float32) * 30
     query = torch.randn(2, 4, 64) * 30
-    out = paged_decode_attention(query, kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32))
+    out = paged_decode_attention(query, kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32),
+                                 library=library)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, reference_decode(query, kv_cache, block_tables, seq_lens), atol=1e-4, rtol=1e-4)
 
 
-def test_rejects_what_it_cannot_run() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_builds_agree_bit_for_bit(library: ctypes.CDLL, dtype: torch.dtype) -> None:
+    """Every build adds in the same order (kSumLanes in simd.h): the best build's bits."""
+    seq_lens = [1, 17, 70, 129]
+    block_tables = random_block_tables(seq_lens, 16, 24)
+    kv_cache = random_kv_cache(24, 16, 2, 64, dtype)
+    query = torch.randn(len(seq_lens), 6, 64).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    best = native_library.load(cpu_features().kernel_isa)
+    assert torch.equal(paged_decode_attention(query, kv_cache, block_tables, lens, library=library),
+                       paged_decode_attention(query, kv_cache, block_tables, lens, library=best))
+
+
+def test_rejects_what_it_cannot_run(library: ctypes.CDLL) -> None:
     kv_cache = random_kv_cache(4, 16, 2, 72, torch.float32)  # 72 is not a multiple of 16
     assert not supports(kv_cache, num_q_heads=4)
     query = torch.randn(1, 4, 72)
     with pytest.raises(ValueError, match="does not support"):
-        paged_decode_attention(query, kv_cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+        paged_decode_attention(query, kv_cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                               library=library)
     good_cache = random_kv_cache(4, 16, 2, 64, torch.float32)
     with pytest.raises(ValueError, match="int32"):
         paged_decode_attention(torch.randn(1, 4, 64), good_cache, torch.zeros(1, 1, dtype=torch.int64),
-                               torch.ones(1, dtype=torch.int32))
+                               torch.ones(1, dtype=torch.int32), library=library)
 
 
 @pytest.mark.parametrize("head_dim", [64, 72])  # 72: the backend falls back to the torch path
-def test_backend_matches_torch_backend_on_a_mixed_step(head_dim: int) -> None:
+def test_backend_matches_torch_backend_on_a_mixed_step(library: ctypes.CDLL, head_dim: int,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_library, "load", lambda isa=None: library)  # the backend uses this build
     block_size, num_blocks = 16, 32
     context_lens, query_lens, num_decodes = [15, 16, 40, 17, 0], [1, 1, 1, 20, 9], 3
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
@@ -95,7 +116,7 @@ def test_backend_matches_torch_backend_on_a_mixed_step(head_dim: int) -> None:
     torch_cache = random_kv_cache(num_blocks, block_size, 2, head_dim, torch.bfloat16)
     native_cache = torch_cache.clone()
     expected = TorchAttentionBackend().forward(query, key, value, torch_cache, meta)
-    meta.cache = None
+    meta.scratch = TorchAttentionScratch()
     out = NativeCpuAttentionBackend().forward(query, key, value, native_cache, meta)
     assert torch.equal(native_cache, torch_cache)
     torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from engine.kernels.rms_norm import rms_norm, rms_norm_reference
-from engine.model.llama import RMSNorm
+from engine.model.compute_plan import ComputePlan
+from engine.model.layers.norm import RMSNorm
 
 EPS = 1e-5
 
@@ -16,7 +17,7 @@ def test_plain_matches_reference_and_model(dtype: torch.dtype, num_rows: int, hi
     weight = torch.randn(hidden_size).to(dtype)
     out = rms_norm(x, weight, EPS)
     torch.testing.assert_close(out, rms_norm_reference(x, weight, EPS), atol=1e-6, rtol=1e-5)
-    model_norm = RMSNorm(hidden_size, EPS).to(dtype)
+    model_norm = RMSNorm(hidden_size, EPS, ComputePlan.reference()).to(dtype)
     model_norm.weight.data.copy_(weight)
     torch.testing.assert_close(out, model_norm(x), atol=1e-6, rtol=1e-5)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.kernels.rotary import apply_rotary, apply_rotary_reference
-from engine.model.llama import RotaryEmbedding, apply_rotary as model_apply_rotary
+from engine.model.layers.rotary import RotaryEmbedding, apply_rotary as model_apply_rotary
 
 
 def fused_qkv_views(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_dim: int,

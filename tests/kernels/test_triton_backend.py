@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.triton_backend import TritonAttentionBackend
+from engine.model.attention_backends.triton_backend import TritonAttentionBackend
 from engine.model.arch import LlamaArchConfig
 from engine.model.llama import LlamaForCausalLM
-from engine.worker.attention import TorchAttentionBackend
+from tests.tiny_llama import forward, tiny_llama
+from engine.model.attention_backends.metadata import TorchAttentionScratch
+from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 
 from .paged_batch import make_metadata, random_block_tables, random_kv_cache
 
@@ -37,7 +39,7 @@ def test_forward_matches_torch_backend(dtype: torch.dtype, num_q_heads: int, num
     torch_cache = random_kv_cache(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype)
     triton_cache = torch_cache.clone()
     expected = TorchAttentionBackend().forward(query, key, value, torch_cache, meta)
-    meta.cache = None
+    meta.scratch = TorchAttentionScratch()
     out = TritonAttentionBackend().forward(query, key, value, triton_cache, meta)
     assert torch.equal(triton_cache, torch_cache)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
@@ -47,12 +49,7 @@ def test_forward_matches_torch_backend(dtype: torch.dtype, num_q_heads: int, num
 def tiny_llama_pair() -> tuple[LlamaForCausalLM, LlamaForCausalLM, LlamaArchConfig]:
     config = LlamaArchConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
                              num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256)
-    torch_model = LlamaForCausalLM(config, TorchAttentionBackend())
-    for param in torch_model.parameters():
-        param.data.normal_(0.0, 0.5 if param.dim() == 1 else 0.1)  # norms too, not just ones
-    triton_model = LlamaForCausalLM(config, TritonAttentionBackend())
-    triton_model.load_state_dict(torch_model.state_dict())
-    return torch_model, triton_model, config
+    return tiny_llama(config, TorchAttentionBackend()), tiny_llama(config, TritonAttentionBackend()), config
 
 
 def test_tiny_llama_forward_matches_torch_backend() -> None:
@@ -80,7 +77,7 @@ def test_tiny_llama_forward_matches_torch_backend() -> None:
         for name, model in models.items():
             meta, positions = make_metadata(context_lens, query_lens, num_decodes, BLOCK_SIZE, block_tables[seqs])
             input_ids = torch.cat([token_ids[seq][c:c + q] for seq, c, q in zip(seqs, context_lens, query_lens)])
-            hidden[name] = model(input_ids, positions, caches[name], meta)
+            hidden[name] = forward(model, input_ids, positions, caches[name], meta)
         torch.testing.assert_close(hidden["triton"], hidden["torch"], atol=1e-4, rtol=1e-4)
     for torch_cache, triton_cache in zip(caches["torch"], caches["triton"]):
         torch.testing.assert_close(triton_cache, torch_cache, atol=1e-5, rtol=1e-5)

@@ -10,8 +10,11 @@ from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 
 from engine.model.gguf_loader import iter_gguf_weights, read_arch_config, unpermute_qk
+from engine.model.compute_plan import ComputePlan
 from engine.model.llama import LlamaForCausalLM
-from engine.worker.attention import AttentionMetadata, TorchAttentionBackend
+from tests.tiny_llama import forward
+from engine.model.attention_backends.metadata import AttentionMetadata
+from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 
 HIDDEN, FFN, HEADS, KV_HEADS, VOCAB, LAYERS = 64, 128, 4, 2, 96, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -115,7 +118,7 @@ def test_model_runs_on_the_loaded_weights(written):
     path, _ = written
     reader = GGUFReader(path)
     config = read_arch_config(reader)
-    model = LlamaForCausalLM(config, TorchAttentionBackend())
+    model = LlamaForCausalLM(config, TorchAttentionBackend(), ComputePlan.reference())
     model.load_weights(iter_gguf_weights(reader, config, torch.float32))
     num_tokens = 5
     kv = [torch.zeros(2, 1, 16, KV_HEADS, HEAD_DIM) for _ in range(LAYERS)]
@@ -123,6 +126,6 @@ def test_model_runs_on_the_loaded_weights(written):
                              seq_lens=torch.tensor([num_tokens], dtype=torch.int32), block_tables=torch.zeros(1, 1, dtype=torch.int32),
                              num_decodes=0, max_query_len=num_tokens, max_seq_len=num_tokens, block_size=16,
                              query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
-    hidden = model(torch.tensor([1, 5, 9, 2, 7]), torch.arange(num_tokens), kv, meta)
+    hidden = forward(model, torch.tensor([1, 5, 9, 2, 7]), torch.arange(num_tokens), kv, meta)
     logits = model.compute_logits(hidden)
     assert logits.shape == (num_tokens, VOCAB) and torch.isfinite(logits).all()

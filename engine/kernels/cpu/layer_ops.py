@@ -1,11 +1,16 @@
 """The model's per-layer element-wise ops in C++ (rms_norm.cpp, rotary.cpp, silu_and_mul.cpp):
 the wrappers that check arguments and call the library.
 
-Each has the torch path in engine/model/llama.py as its reference, with the same rounding to the
-model dtype at the same points.  `usable(x)` says whether a tensor can take these ops here.
+Each has the torch path in engine/model/layers/ (norm.py, rotary.py, activation.py) as its
+reference, with the same rounding to the model dtype at the same points.  `usable(x)` says whether
+a tensor can take these ops here.  They run the engine's build of the library
+(native_library.load()); `library=` names another build (native_library.load(isa)), for tests and
+benchmarks.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -17,7 +22,8 @@ def usable(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in DTYPE_CODES and native_library.load() is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
+             library: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [T, H] (rows may be strided) -> weight * norm(x), as a new [T, H] tensor.  With a residual
     [T, H] (contiguous), first residual <- x + residual in place, and the norm is of that sum."""
     if x.dim() != 2 or x.stride(1) != 1:
@@ -29,12 +35,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if residual is not None and (residual.shape != x.shape or not residual.is_contiguous()):
         raise ValueError(f"residual must be contiguous {tuple(x.shape)}, got {tuple(residual.shape)}")
     out = torch.empty(rows, hidden, dtype=x.dtype)
-    _call("rms_norm", x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+    _call(library, "rms_norm", x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
           weight.data_ptr(), out.data_ptr(), rows, hidden, eps, DTYPE_CODES[x.dtype], torch.get_num_threads())
     return out
 
 
-def rotary_embedding_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary_embedding_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                      library: ctypes.CDLL | None = None) -> torch.Tensor:
     """Rotate-half RoPE in place on x [T, heads, D] (heads contiguous, tokens may be strided);
     cos and sin [T, D / 2] contiguous, in x's dtype.  Returns x."""
     tokens, heads, head_dim = x.shape
@@ -45,31 +52,35 @@ def rotary_embedding_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     for name, table in (("cos", cos), ("sin", sin)):
         if table.shape != (tokens, head_dim // 2) or not table.is_contiguous():
             raise ValueError(f"{name} must be contiguous ({tokens}, {head_dim // 2}), got {tuple(table.shape)}")
-    _call("rotary_embedding", x.data_ptr(), tokens, heads, head_dim, x.stride(0), cos.data_ptr(), sin.data_ptr(),
-          DTYPE_CODES[x.dtype], torch.get_num_threads())
+    _call(library, "rotary_embedding", x.data_ptr(), tokens, heads, head_dim, x.stride(0), cos.data_ptr(),
+          sin.data_ptr(), DTYPE_CODES[x.dtype], torch.get_num_threads())
     return x
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, library: ctypes.CDLL | None = None) -> torch.Tensor:
     """x [T, 2n] contiguous (gate, then up) -> silu(gate) * up [T, n]."""
     tokens, width = x.shape
     if width % 2 or not x.is_contiguous():
         raise ValueError(f"x must be contiguous [T, 2n], got {tuple(x.shape)}")
     _check_same(x)
     out = torch.empty(tokens, width // 2, dtype=x.dtype)
-    _call("silu_and_mul", x.data_ptr(), out.data_ptr(), tokens, width // 2, DTYPE_CODES[x.dtype],
+    _call(library, "silu_and_mul", x.data_ptr(), out.data_ptr(), tokens, width // 2, DTYPE_CODES[x.dtype],
           torch.get_num_threads())
     return out
 
 
 def _check_same(x: torch.Tensor, *others: torch.Tensor | None) -> None:
-    if not usable(x):
-        raise ValueError(f"native CPU ops do not handle {x.dtype} on {x.device} here")
+    if x.device.type != "cpu" or x.dtype not in DTYPE_CODES:
+        raise ValueError(f"native CPU ops do not handle {x.dtype} on {x.device}")
     for other in others:
         if other is not None and (other.dtype != x.dtype or other.device != x.device):
             raise ValueError(f"all tensors must be {x.dtype} on {x.device}, got {other.dtype} on {other.device}")
 
 
-def _call(name: str, *args) -> None:
-    if getattr(native_library.load(), name)(*args) != 0:
+def _call(library: ctypes.CDLL | None, name: str, *args) -> None:
+    if library is None:
+        library = native_library.load()
+    if library is None:
+        raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
+    if getattr(library, name)(*args) != 0:
         raise ValueError(f"{name}: arguments not supported by the kernel")

@@ -1,12 +1,12 @@
-// Paged decode attention for x86 CPUs with AVX-512: one query token per sequence, attending over
-// its context straight from the paged KV cache.
+// Paged decode attention for x86 CPUs with AVX2 or AVX-512: one query token per sequence, attending
+// over its context straight from the paged KV cache.
 //
-// Why C++ beside the torch path (engine/worker/attention.py): torch can only attend over a paged
-// cache after gathering each sequence's K and V into contiguous buffers (index_select), which
-// reads the context from memory, writes it out and reads it again in two small batched matmuls.
-// This kernel reads each K and V row once, where it lies.  On the 2-core dev machine (bf16,
-// SmolLM2, K/V from memory, benchmarks/cpu_decode_attention.py) one layer's decode attention over
-// 64 sequences of ~512 tokens went from ~3.2 ms to ~1.0 ms.
+// Why C++ beside the torch path (engine/model/attention_backends/torch_backend.py): torch can only
+// attend over a paged cache after gathering each sequence's K and V into contiguous buffers
+// (index_select), which reads the context from memory, writes it out and reads it again in two
+// small batched matmuls.  This kernel reads each K and V row once, where it lies.  On the 2-core
+// dev machine (bf16, SmolLM2, K/V from memory, benchmarks/cpu_decode_attention.py) one layer's
+// decode attention over 64 sequences of ~512 tokens went from ~3.2 ms to ~1.0 ms (the AVX-512 build).
 //
 // Layout (shared with the torch path and the Triton kernels):
 //   query           [num_seqs, num_q_heads, head_dim], heads contiguous, rows query_stride apart
@@ -16,7 +16,9 @@
 // Query heads h * group .. h * group + group - 1 share KV head h (GQA).
 //
 // Numerics: the query is scaled in fp32, scores, softmax and the weighted sum of V stay fp32; only
-// the output is rounded to the cache dtype (round to nearest even).
+// the output is rounded to the cache dtype (round to nearest even).  Every build adds in the same
+// order (the dot products and the softmax sum through kSumLanes partial sums, simd.h), so all give
+// the same bits.
 //
 // Work split: one task per (sequence, KV head), handed out dynamically over OpenMP threads (the
 // OpenMP runtime is torch's own: the library is loaded after torch, which loaded libgomp.so.1).
@@ -31,27 +33,31 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "simd.h"
+
+#if defined(ENGINE_CPU_ISA)
 
 namespace {
 
-constexpr int kMaxGroup = 16;     // query heads per KV head
-constexpr int kMaxHeadDim = 256;  // the kernel handles head_dim % 16 == 0, up to this
-
 using namespace engine_cpu;
+
+constexpr int kMaxGroup = 16;     // query heads per KV head
+constexpr int kMaxHeadDim = 256;  // the kernel handles head_dim % 16 == 0 (in every build), up to this
+constexpr int kMaxRowVecs = kMaxHeadDim / kLanes;
 
 // scores[0 .. len) <- exp(scores - max); returns their sum.
 float exp_and_sum(float* scores, int len, float max) {
-  const __m512 shift = _mm512_set1_ps(max);
-  __m512 total = _mm512_setzero_ps();
-  for (int p = 0; p < len; p += 16) {
-    const __mmask16 live = lanes(len - p);
-    const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + p), shift));
-    _mm512_mask_storeu_ps(scores + p, live, e);
-    total = _mm512_mask_add_ps(total, live, total, e);
-  }
-  return _mm512_reduce_add_ps(total);
+  const Vec shift = splat(max);
+  Vec total[kSumVecs];
+  for (Vec& partial : total) partial = splat(0.0f);
+  for (int p = 0; p < len; p += kSumLanes)
+    for (int j = 0; j < kSumVecs; j++) {
+      const Mask live = lanes(len - p - j * kLanes);
+      const Vec e = exp_nonpositive(load(scores + p + j * kLanes, kFloat32, live) - shift);
+      store(scores + p + j * kLanes, e, kFloat32, live);
+      total[j] = total[j] + keep(live, e);  // dead lanes hold exp(0 - max)
+    }
+  return reduce_add(total);
 }
 
 struct Problem {
@@ -122,7 +128,7 @@ struct Task {
 template <typename T, int kVecs>
 void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHeadDim], float* scores,
                 int64_t capacity, float* max_score) {
-  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / 16;
+  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   for (int g = 0; g < group; g++) max_score[g] = -3.0e38f;
   for (int start = 0; start < task.len; start += pb.block_size) {
     const int64_t first_slot = static_cast<int64_t>(task.blocks[start / pb.block_size]) * pb.block_size;
@@ -130,12 +136,14 @@ void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHea
     prefetch_ahead(task.keys, task.blocks, start, task.len, pb, task.row_stride);
     for (int i = 0; i < count; i++) {
       const T* key = task.keys + (first_slot + i) * task.row_stride;
-      __m512 k[kMaxHeadDim / 16];
-      for (int v = 0; v < vecs; v++) k[v] = load16(key + 16 * v, pb.dtype);
+      Vec k[kMaxRowVecs];
+      for (int v = 0; v < vecs; v++) k[v] = load(key + kLanes * v, pb.dtype);
       for (int g = 0; g < group; g++) {
-        __m512 dot = _mm512_mul_ps(_mm512_load_ps(q[g]), k[0]);
-        for (int v = 1; v < vecs; v++) dot = _mm512_fmadd_ps(_mm512_load_ps(q[g] + 16 * v), k[v], dot);
-        const float s = _mm512_reduce_add_ps(dot);
+        Vec dot[kSumVecs];
+        for (int j = 0; j < kSumVecs; j++) dot[j] = load(q[g] + kLanes * j, kFloat32) * k[j];
+        for (int v = kSumVecs; v < vecs; v += kSumVecs)
+          for (int j = 0; j < kSumVecs; j++) dot[j] = fmadd(load(q[g] + kLanes * (v + j), kFloat32), k[v + j], dot[j]);
+        const float s = reduce_add(dot);  // the same bits in every build
         scores[g * capacity + start + i] = s;
         max_score[g] = s > max_score[g] ? s : max_score[g];
       }
@@ -143,54 +151,61 @@ void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHea
   }
 }
 
+// Query heads per pass of sum_values, by head_dim.  With AVX-512 their accumulators and the
+// converted V row stay in registers (3 x 4 + 4 of the 32 zmm registers at head_dim 64).  AVX2's 16
+// ymm registers hold less and some accumulators spill to L1, which still costs less than another
+// pass over V: 64 sequences x ~512 tokens, head_dim 64, one thread, ms a layer: 1 head a pass 4.6,
+// 2 heads 3.9, 3 heads 3.6; head_dim 128 (groups of 4): 1 head 13.6, 2 heads 12.4.
+template <int kVecs>
+constexpr int heads_per_pass() {
+  return kVecs * kLanes == 64 ? 3 : kVecs * kLanes == 128 ? 2 : 1;
+}
+
 // out_g <- inverse_sum[g] * sum_p weights[g][p] V[p]: kHeads query heads per pass over the
-// context, their accumulators and the converted V row in registers (3 x 4 + 4 of the 32 zmm
-// registers at head_dim 64).  The first pass brings V in from memory; later ones hit the cache.
+// context.  The first pass brings V in from memory; later ones hit the cache.
 template <typename T, int kVecs>
 void sum_values(const Problem& pb, const Task<T>& task, const float* weights, int64_t capacity,
                 const float* inverse_sum) {
-  constexpr int kHeads = kVecs == 4 ? 3 : kVecs == 8 ? 2 : 1;
-  constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxHeadDim / 16;
-  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / 16;
+  constexpr int kHeads = heads_per_pass<kVecs>();
+  constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
+  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   for (int g0 = 0; g0 < group; g0 += kHeads) {
     const int heads = group - g0 < kHeads ? group - g0 : kHeads;
-    __m512 acc[kHeads][kRowVecs];
+    Vec acc[kHeads][kRowVecs];
     for (int j = 0; j < kHeads; j++)
-      for (int v = 0; v < vecs; v++) acc[j][v] = _mm512_setzero_ps();
+      for (int v = 0; v < vecs; v++) acc[j][v] = splat(0.0f);
     for (int start = 0; start < task.len; start += pb.block_size) {
       const int64_t first_slot = static_cast<int64_t>(task.blocks[start / pb.block_size]) * pb.block_size;
       const int count = task.len - start < pb.block_size ? task.len - start : pb.block_size;
       if (g0 == 0) prefetch_ahead(task.values, task.blocks, start, task.len, pb, task.row_stride);
       for (int i = 0; i < count; i++) {
         const T* value = task.values + (first_slot + i) * task.row_stride;
-        __m512 row[kRowVecs];
-        for (int v = 0; v < vecs; v++) row[v] = load16(value + 16 * v, pb.dtype);
+        Vec row[kRowVecs];
+        for (int v = 0; v < vecs; v++) row[v] = load(value + kLanes * v, pb.dtype);
         for (int j = 0; j < kHeads; j++) {
           if (j >= heads) break;
-          const __m512 w = _mm512_set1_ps(weights[(g0 + j) * capacity + start + i]);
-          for (int v = 0; v < vecs; v++) acc[j][v] = _mm512_fmadd_ps(w, row[v], acc[j][v]);
+          const Vec w = splat(weights[(g0 + j) * capacity + start + i]);
+          for (int v = 0; v < vecs; v++) acc[j][v] = fmadd(w, row[v], acc[j][v]);
         }
       }
     }
     for (int j = 0; j < heads; j++)
       for (int v = 0; v < vecs; v++)
-        store16(task.out + (g0 + j) * pb.head_dim + 16 * v,
-                _mm512_mul_ps(acc[j][v], _mm512_set1_ps(inverse_sum[g0 + j])), pb.dtype);
+        store(task.out + (g0 + j) * pb.head_dim + kLanes * v, acc[j][v] * splat(inverse_sum[g0 + j]), pb.dtype);
   }
 }
 
 // One (sequence, KV head): scores, softmax, weighted sum.  scores holds group rows of `capacity`
-// floats, capacity >= the sequence's length.  kVecs = head_dim / 16 when known at compile time
-// (the loops over a row unroll and K stays in registers: ~1.4x faster), 0 otherwise.
+// floats, capacity >= the sequence's length.  kVecs = head_dim / kLanes when known at compile time
+// (the loops over a row unroll and K stays in registers: ~1.4x faster with AVX-512), 0 otherwise.
 template <typename T, int kVecs>
 void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t capacity) {
   const Task<T> task(pb, seq, kv_head);
-  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / 16;
+  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   alignas(64) float q[kMaxGroup][kMaxHeadDim];
   for (int g = 0; g < group; g++)
     for (int v = 0; v < vecs; v++)
-      _mm512_store_ps(q[g] + 16 * v, _mm512_mul_ps(load16(task.query + g * pb.head_dim + 16 * v, pb.dtype),
-                                                   _mm512_set1_ps(pb.scale)));
+      store(q[g] + kLanes * v, load(task.query + g * pb.head_dim + kLanes * v, pb.dtype) * splat(pb.scale), kFloat32);
   float max_score[kMaxGroup], inverse_sum[kMaxGroup];
   score_keys<T, kVecs>(pb, task, q, scores, capacity, max_score);
   for (int g = 0; g < group; g++) inverse_sum[g] = 1.0f / exp_and_sum(scores + g * capacity, task.len, max_score[g]);
@@ -218,8 +233,8 @@ void attend_all(const Problem& pb, int num_seqs, int num_threads) {
 template <typename T>
 void attend_all_dims(const Problem& pb, int num_seqs, int num_threads) {
   switch (pb.head_dim) {
-    case 64: return attend_all<T, 4>(pb, num_seqs, num_threads);
-    case 128: return attend_all<T, 8>(pb, num_seqs, num_threads);
+    case 64: return attend_all<T, 64 / kLanes>(pb, num_seqs, num_threads);
+    case 128: return attend_all<T, 128 / kLanes>(pb, num_seqs, num_threads);
     default: return attend_all<T, 0>(pb, num_seqs, num_threads);
   }
 }
@@ -229,6 +244,9 @@ void attend_all_dims(const Problem& pb, int num_seqs, int num_threads) {
 extern "C" {
 
 int engine_cpu_kernels_available(void) { return 1; }
+
+// The build this library is ("avx512_bf16", "avx512" or "avx2"): what its compiler flags enabled.
+const char* engine_cpu_kernel_isa(void) { return ENGINE_CPU_ISA; }
 
 // Returns 0 on success, -1 for shapes or dtypes the kernel does not handle (the caller checks
 // first; this is a last guard against reading out of bounds).
@@ -248,8 +266,9 @@ int paged_decode_attention(const void* query, int64_t query_stride, const void* 
 
 }  // extern "C"
 
-#else  // no AVX-512: the engine keeps its torch path
+#else  // no AVX2 build flags: the engine keeps its torch path
 
 extern "C" int engine_cpu_kernels_available(void) { return 0; }
+extern "C" const char* engine_cpu_kernel_isa(void) { return ""; }
 
 #endif

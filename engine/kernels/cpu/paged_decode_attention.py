@@ -1,12 +1,15 @@
 """Decode attention over the paged KV cache in C++ (paged_decode_attention.cpp): the wrapper
 that checks arguments and calls the library.
 
-Same contract as the decode half of TorchAttentionBackend (engine/worker/attention.py), which is
+Same contract as the decode half of TorchAttentionBackend (engine/model/attention_backends/torch_backend.py), which is
 its reference: one query token per sequence, context = the sequence's first seq_lens[i] slots
-through its block table.
+through its block table.  It runs the engine's build of the library (native_library.load());
+`library=` names another build (native_library.load(isa)), for tests and benchmarks.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -20,16 +23,23 @@ MAX_HEAD_DIM = 256
 
 def supports(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
     """Whether the kernel can serve this cache and model on this machine."""
+    return _handles(kv_cache, num_q_heads) and native_library.load() is not None
+
+
+def _handles(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
+    """Whether the kernel handles this cache and model (in every build: head_dim % 16 == 0)."""
     num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
     return (kv_cache.device.type == "cpu" and kv_cache.dtype in DTYPE_CODES and head_dim % 16 == 0
             and head_dim <= MAX_HEAD_DIM and num_q_heads % num_kv_heads == 0
-            and num_q_heads // num_kv_heads <= MAX_GROUP and native_library.load() is not None)
+            and num_q_heads // num_kv_heads <= MAX_GROUP)
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """query [B, Hq, D] (one token per sequence; rows may be strided views), kv_cache [2, num_blocks, block_size, Hkv, D],
-    block_tables [B, max_blocks] int32, seq_lens [B] int32 (each >= 1) -> out [B, Hq, D]."""
+                           seq_lens: torch.Tensor, out: torch.Tensor | None = None, *,
+                           library: ctypes.CDLL | None = None) -> torch.Tensor:
+    """query [B, Hq, D] (one token per sequence; rows may be strided views),
+    kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [B, max_blocks] int32,
+    seq_lens [B] int32 (each >= 1) -> out [B, Hq, D]."""
     _check(query, kv_cache, block_tables, seq_lens)
     if out is None:
         out = torch.empty_like(query)
@@ -39,7 +49,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     num_seqs, num_q_heads, head_dim = query.shape
     if num_seqs == 0:
         return out
-    library = native_library.load()
+    if library is None:
+        library = native_library.load()
     if library is None:
         raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
     status = library.paged_decode_attention(
@@ -57,7 +68,7 @@ def _check(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     if query.dim() != 3 or kv_cache.dim() != 5:
         raise ValueError(f"query must be [B, Hq, D] and kv_cache [2, blocks, block_size, Hkv, D], got "
                          f"{tuple(query.shape)} and {tuple(kv_cache.shape)}")
-    if not supports(kv_cache, query.shape[1]):
+    if not _handles(kv_cache, query.shape[1]):
         raise ValueError(f"kernel does not support kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype} "
                          f"on {kv_cache.device} with {query.shape[1]} query heads")
     if query.dtype != kv_cache.dtype or query.shape[2] != kv_cache.shape[4]:

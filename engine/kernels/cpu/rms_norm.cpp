@@ -7,7 +7,9 @@
 // round() is rounding to the model dtype (a no-op for fp32): HF normalizes in fp32, casts to the
 // model dtype, then multiplies by the weight in the model dtype.  The mean of squares is an fp32
 // sum in another order than torch's, so bf16 results may differ from the torch path's in the last
-// bit of rare elements.
+// bit of rare elements.  Every build (AVX2, AVX-512) sums in the same order (kSumLanes in
+// simd.h), so all give the same bits: with 8 partial sums instead of 16, the AVX2 build's bf16
+// results differed from torch's by more than one step in a few elements of 266K.
 //
 // Why: in a decode step of 32 rows the torch version is eight ops of ~2.5 us of dispatch each,
 // 61 times a step.
@@ -15,8 +17,9 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "simd.h"
+
+#if defined(ENGINE_CPU_ISA)
 
 namespace {
 
@@ -26,23 +29,25 @@ template <typename T>
 void norm_row(const T* x, T* residual, const T* weight, T* out, int64_t hidden, float eps, DType dtype) {
   const T* source = x;
   if (residual != nullptr) {
-    for (int64_t i = 0; i < hidden; i += 16) {
-      const __mmask16 live = lanes(hidden - i);
-      store16(residual + i, _mm512_add_ps(load16(x + i, dtype, live), load16(residual + i, dtype, live)), dtype, live);
+    for (int64_t i = 0; i < hidden; i += kLanes) {
+      const Mask live = lanes(hidden - i);
+      store(residual + i, load(x + i, dtype, live) + load(residual + i, dtype, live), dtype, live);
     }
     source = residual;  // the norm reads the sum as stored, rounded
   }
-  __m512 squares = _mm512_setzero_ps();
-  for (int64_t i = 0; i < hidden; i += 16) {
-    const __m512 v = load16(source + i, dtype, lanes(hidden - i));
-    squares = _mm512_fmadd_ps(v, v, squares);
-  }
-  const float inverse_rms = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(hidden) + eps);
-  const __m512 scale = _mm512_set1_ps(inverse_rms);
-  for (int64_t i = 0; i < hidden; i += 16) {
-    const __mmask16 live = lanes(hidden - i);
-    const __m512 normalized = round_to(dtype, _mm512_mul_ps(load16(source + i, dtype, live), scale));
-    store16(out + i, _mm512_mul_ps(load16(weight + i, dtype, live), normalized), dtype, live);
+  Vec squares[kSumVecs];
+  for (Vec& partial : squares) partial = splat(0.0f);
+  for (int64_t i = 0; i < hidden; i += kSumLanes)
+    for (int j = 0; j < kSumVecs; j++) {
+      const Vec v = load(source + i + j * kLanes, dtype, lanes(hidden - i - j * kLanes));
+      squares[j] = fmadd(v, v, squares[j]);
+    }
+  const float inverse_rms = 1.0f / std::sqrt(reduce_add(squares) / static_cast<float>(hidden) + eps);
+  const Vec scale = splat(inverse_rms);
+  for (int64_t i = 0; i < hidden; i += kLanes) {
+    const Mask live = lanes(hidden - i);
+    const Vec normalized = round_to(dtype, load(source + i, dtype, live) * scale);
+    store(out + i, load(weight + i, dtype, live) * normalized, dtype, live);
   }
 }
 

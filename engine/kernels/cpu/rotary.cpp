@@ -12,8 +12,9 @@
 
 #include <cstdint>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "simd.h"
+
+#if defined(ENGINE_CPU_ISA)
 
 namespace {
 
@@ -25,14 +26,14 @@ void rotate_token(T* x, int64_t heads, int64_t head_dim, const T* cos, const T* 
   for (int64_t h = 0; h < heads; h++) {
     T* first = x + h * head_dim;
     T* second = first + half;
-    for (int64_t d = 0; d < half; d += 16) {
-      const __mmask16 live = lanes(half - d);
-      const __m512 c = load16(cos + d, dtype, live), s = load16(sin + d, dtype, live);
-      const __m512 x1 = load16(first + d, dtype, live), x2 = load16(second + d, dtype, live);
-      const __m512 x1c = round_to(dtype, _mm512_mul_ps(x1, c)), x2s = round_to(dtype, _mm512_mul_ps(x2, s));
-      const __m512 x2c = round_to(dtype, _mm512_mul_ps(x2, c)), x1s = round_to(dtype, _mm512_mul_ps(x1, s));
-      store16(first + d, _mm512_sub_ps(x1c, x2s), dtype, live);
-      store16(second + d, _mm512_add_ps(x2c, x1s), dtype, live);
+    for (int64_t d = 0; d < half; d += kLanes) {
+      const Mask live = lanes(half - d);
+      const Vec c = load(cos + d, dtype, live), s = load(sin + d, dtype, live);
+      const Vec x1 = load(first + d, dtype, live), x2 = load(second + d, dtype, live);
+      const Vec x1c = round_to(dtype, x1 * c), x2s = round_to(dtype, x2 * s);
+      const Vec x2c = round_to(dtype, x2 * c), x1s = round_to(dtype, x1 * s);
+      store(first + d, x1c - x2s, dtype, live);
+      store(second + d, x2c + x1s, dtype, live);
     }
   }
 }

@@ -10,25 +10,19 @@
 
 #include <cstdint>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include "simd.h"
+
+#if defined(ENGINE_CPU_ISA)
 
 namespace {
 
 using namespace engine_cpu;
 
-inline __m512 silu16(__m512 g) {
-  const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));  // exp(-|g|)
-  const __m512 one = _mm512_set1_ps(1.0f);
+inline Vec silu(Vec g) {
+  const Vec e = exp_nonpositive(splat(0.0f) - abs(g));  // exp(-|g|)
   // g >= 0: g / (1 + exp(-g));  g < 0: g exp(g) / (1 + exp(g)), the same value without overflow
-  const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 numerator = _mm512_mask_mul_ps(g, negative, g, e);
-  // 1 / (1 + e) for 1 + e in [1, 2]: the 14-bit reciprocal estimate and one Newton step (~1e-8
-  // relative), a third of a division's cost.
-  const __m512 denominator = _mm512_add_ps(one, e);
-  __m512 reciprocal = _mm512_rcp14_ps(denominator);
-  reciprocal = _mm512_mul_ps(reciprocal, _mm512_fnmadd_ps(denominator, reciprocal, _mm512_set1_ps(2.0f)));
-  return _mm512_mul_ps(numerator, reciprocal);
+  const Vec numerator = select_negative(g, g * e, g);
+  return numerator * reciprocal_1_to_2(splat(1.0f) + e);
 }
 
 template <typename T>
@@ -39,10 +33,10 @@ void activate(const void* x, void* out, int64_t tokens, int64_t n, DType dtype, 
     const T* gate = static_cast<const T*>(x) + t * 2 * n;
     const T* up = gate + n;
     T* row = static_cast<T*>(out) + t * n;
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 live = lanes(n - i);
-      const __m512 activated = round_to(dtype, silu16(load16(gate + i, dtype, live)));
-      store16(row + i, _mm512_mul_ps(activated, load16(up + i, dtype, live)), dtype, live);
+    for (int64_t i = 0; i < n; i += kLanes) {
+      const Mask live = lanes(n - i);
+      const Vec activated = round_to(dtype, silu(load(gate + i, dtype, live)));
+      store(row + i, activated * load(up + i, dtype, live), dtype, live);
     }
   }
 }

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.cpu.paged_decode_attention import paged_decode_attention, supports
-from engine.worker.attention import AttentionMetadata, TorchAttentionBackend
+from engine.model.attention_backends.metadata import AttentionMetadata
+from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 
 
 class NativeCpuAttentionBackend(TorchAttentionBackend):

@@ -1,57 +1,13 @@
-"""Paged attention: the metadata one step shares across layers, and the torch backend.
-
-KV cache layout (one tensor per layer), shared with the Triton kernels in engine/kernels/:
-
-    kv_cache[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
-    slot = block_id * block_size + offset_in_block
-
-The flattened batch puts decode sequences (one query token each) first, then prefill chunks:
-
-    tokens:  | d0 | d1 | ... | d{D-1} | p0 chunk ...... | p1 chunk ... |
-    seqs:      0    1          D-1      D                 D+1
-    query_start_loc[i] .. query_start_loc[i+1] are sequence i's rows.
-    A chunk of q tokens with seq_len L covers absolute positions L-q .. L-1; token j of it
-    attends to positions 0 .. L-q+j (its paged context, then causally within the chunk).
-"""
+"""The torch attention backend: the reference every other backend is tested against, and the
+CPU path where the C++ kernels do not run.  Layout and batch order: see metadata.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-
-@dataclass(slots=True)
-class AttentionMetadata:
-    """Everything attention needs about one step's batch; built once, used by every layer."""
-
-    slot_mapping: torch.Tensor  # [num_tokens] int64: where each token's K/V is written
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
-    seq_lens: torch.Tensor  # [num_seqs] int32: context length including this step's tokens
-    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
-    num_decodes: int  # sequences 0 .. num_decodes-1 have exactly one query token
-    max_query_len: int
-    max_seq_len: int
-    block_size: int
-    # Host-side copies, so the torch path never syncs on device values.
-    query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
-    # Torch-path helpers, built lazily by the backend and reused across layers.
-    cache: dict | None = None
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
-
-
-class AttentionBackend(Protocol):
-    """Writes this step's K/V into the paged cache, then attends each query over its context."""
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """query [T, Hq, D], key/value [T, Hkv, D], kv_cache as above -> output [T, Hq, D]."""
-        ...
+from engine.model.attention_backends.metadata import AttentionMetadata
 
 
 class TorchAttentionBackend:
@@ -73,8 +29,6 @@ class TorchAttentionBackend:
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
-        if meta.cache is None:
-            meta.cache = {}
         if meta.num_decodes == meta.num_seqs:
             return self._decode(query, kv_cache, meta)
         output = torch.empty_like(query)
@@ -149,31 +103,29 @@ def _gather_buffers(meta: AttentionMetadata, num_rows: int, row_size: int,
     PERF: a fresh 10+ MB tensor per layer costs page faults on first touch (glibc hands large
     blocks back to the kernel on free); reusing one buffer made the decode gather ~4x faster.
     """
-    buffers = meta.cache.get("gather_buffers")
+    buffers = meta.scratch.gather_buffers
     if buffers is None or buffers[0].shape[0] < num_rows or buffers[0].dtype != dtype:
         buffers = tuple(torch.empty(num_rows, row_size, dtype=dtype, device=meta.slot_mapping.device)
                         for _ in range(2))
-        meta.cache["gather_buffers"] = buffers
+        meta.scratch.gather_buffers = buffers
     return buffers[0][:num_rows], buffers[1][:num_rows]
 
 
 def _context_slots(meta: AttentionMetadata, seq: int, seq_len: int) -> torch.Tensor:
     """Cache slots of a sequence's context in position order, built once per step."""
-    key = ("context_slots", seq)
-    slots = meta.cache.get(key)
+    slots = meta.scratch.context_slots.get(seq)
     if slots is None:
         positions = torch.arange(seq_len, device=meta.block_tables.device)
         blocks = meta.block_tables[seq, positions // meta.block_size].long()
-        slots = meta.cache[key] = blocks * meta.block_size + positions % meta.block_size
+        slots = meta.scratch.context_slots[seq] = blocks * meta.block_size + positions % meta.block_size
     return slots
 
 
 def _future_mask(meta: AttentionMetadata, num_query: int) -> torch.Tensor:
     """[q, q] bool, True where query j would see chunk key i > j; built once per step and size."""
-    key = ("future_mask", num_query)
-    mask = meta.cache.get(key)
+    mask = meta.scratch.future_masks.get(num_query)
     if mask is None:
-        mask = meta.cache[key] = torch.ones(num_query, num_query, dtype=torch.bool,
+        mask = meta.scratch.future_masks[num_query] = torch.ones(num_query, num_query, dtype=torch.bool,
                                             device=meta.block_tables.device).triu_(1)
     return mask
 
@@ -206,7 +158,7 @@ def _decode_buckets(meta: AttentionMetadata, num_kv_heads: int, head_dim: int,
     sequences at 512 tokens from ~165 to ~135 ms a step: the gathered K/V is still in cache when
     the matmuls read it.
     """
-    buckets = meta.cache.get("decode_buckets")
+    buckets = meta.scratch.decode_buckets
     if buckets is None:
         lengths = meta.seq_lens_cpu[: meta.num_decodes]
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -223,7 +175,7 @@ def _decode_buckets(meta: AttentionMetadata, num_kv_heads: int, head_dim: int,
         if len(groups) == 1:
             groups = [list(range(len(lengths)))]  # keep the batch order: no scatter needed
         buckets = [_bucket(meta, group, num_kv_heads, dtype) for group in groups]
-        meta.cache["decode_buckets"] = buckets
+        meta.scratch.decode_buckets = buckets
     return buckets
 
 

@@ -1,6 +1,6 @@
 """The attention backend for CUDA tensors: the Triton KV-write, decode and prefill kernels.
 
-Same contract as TorchAttentionBackend (engine/worker/attention.py): write this step's K/V at
+Same contract as TorchAttentionBackend (engine/model/attention_backends/torch_backend.py): write this step's K/V at
 slot_mapping, then attend. The batch's first num_decodes sequences (one query token each) go to
 the flash-decoding kernel, the prefill chunks after them to the prefill kernel in one launch.
 """
@@ -12,7 +12,7 @@ import torch
 from engine.kernels.kv_cache_write import kv_cache_write
 from engine.kernels.paged_decode_attention import paged_decode_attention
 from engine.kernels.paged_prefill_attention import paged_prefill_attention
-from engine.worker.attention import AttentionMetadata
+from engine.model.attention_backends.metadata import AttentionMetadata
 
 
 class TritonAttentionBackend:
@@ -24,7 +24,7 @@ class TritonAttentionBackend:
         num_decodes = meta.num_decodes
         if num_decodes:
             paged_decode_attention(query[:num_decodes], kv_cache, meta.block_tables[:num_decodes],
-                                   meta.seq_lens[:num_decodes], _max_decode_seq_len(meta),
+                                   meta.seq_lens[:num_decodes], meta.max_decode_seq_len,
                                    out=output[:num_decodes])
         if meta.num_seqs > num_decodes:
             # query_start_loc keeps absolute row numbers, so the prefill rows index `query` as is.
@@ -32,14 +32,3 @@ class TritonAttentionBackend:
                                     meta.seq_lens[num_decodes:], meta.query_start_loc[num_decodes:],
                                     meta.max_query_len, out=output)
         return output
-
-
-def _max_decode_seq_len(meta: AttentionMetadata) -> int:
-    """Longest decode context (sizes the split grid); computed once per step, shared by layers."""
-    if meta.cache is None:
-        meta.cache = {}
-    value = meta.cache.get("triton_max_decode_seq_len")
-    if value is None:
-        value = max(meta.seq_lens_cpu[:meta.num_decodes])
-        meta.cache["triton_max_decode_seq_len"] = value
-    return value

@@ -1,0 +1,133 @@
+"""How the model computes on this machine, decided once at load: the activation/KV dtype, the
+weight format, whether the C++ element-wise kernels and oneDNN prepacking run.
+
+Every choice asks the one capability probe (engine/capabilities.py) and is logged with its
+reason.  The layers (engine/model/layers/) read this plan and nothing else to pick their
+kernels; the model file never does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.capabilities import CpuFeatures, cpu_features
+from engine.config import WEIGHT_FORMATS
+from engine.kernels.cpu import native_library
+from engine.kernels.cpu.native_library import DTYPE_CODES
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# Weight formats the quantized C++ linear runs: GGUF's own blocks, and int8 for float checkpoints.
+QUANTIZED_FORMATS = ("native", "int8")
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """What every layer of one loaded model computes with.
+
+    Invariant: `native_ops` and a quantized `weight_format` are only set where the C++ library
+    loaded for this CPU; `prepack_bf16` only where the probe says oneDNN can prepack bf16.
+    """
+
+    device: torch.device
+    dtype: torch.dtype  # activations and KV cache; dense weights are stored in it too
+    weight_format: str  # "dequantized", "native" (the file's quantized blocks) or "int8"
+    native_ops: bool  # RMSNorm, RoPE, SiLU-and-mul as C++ kernels
+    prepack_bf16: bool  # dense bf16 weights prepacked for oneDNN once at load
+    # Quantized weights also keep a dense copy, used by steps of more rows than this (None: the
+    # quantized kernel for every step).  Chosen by weight_format auto; see resolve_weight_format.
+    dense_above_rows: int | None = None
+
+    @classmethod
+    def reference(cls, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ComputePlan:
+        """The torch path everywhere: dense weights, no C++ ops, no prepacking (tests' reference)."""
+        return cls(device=torch.device(device), dtype=dtype, weight_format="dequantized", native_ops=False,
+                   prepack_bf16=False)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_format in QUANTIZED_FORMATS
+
+
+def resolve_dtype(requested: str, device: str, features: CpuFeatures | None = None) -> tuple[str, str]:
+    """(dtype name, why): "auto" becomes the fastest correct activation/KV dtype for the device."""
+    if requested != "auto":
+        return requested, "as asked"
+    if device.startswith("cuda"):
+        return "bfloat16", "CUDA computes bf16 natively"
+    features = features or cpu_features()
+    if features.computes_bf16 and features.can_prepack_bf16:
+        return "bfloat16", "the CPU has bf16 dot products (AVX512-BF16/AMX) and oneDNN prepacks bf16"
+    return "float32", ("the CPU has no bf16 dot products: bf16 GEMMs would convert every operand, and "
+                       "fp32 measured faster here")
+
+
+def resolve_weight_format(requested: str, device: str, has_native_kernels: bool) -> tuple[str, str]:
+    """(weight format, why).  "auto": the file's quantized blocks through the C++ linear on a CPU
+    where it runs (decode is memory-bound: Q4 reads a quarter of bf16's bytes), else dequantized;
+    on a CPU, auto also keeps a dense copy for large steps (`dense_rows_threshold`)."""
+    if requested not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {requested!r}")
+    if requested in QUANTIZED_FORMATS and not (device == "cpu" and has_native_kernels):
+        raise ValueError(f"weight_format={requested!r} needs the C++ CPU kernels, which this machine cannot run "
+                         "(see the log); use --weight-format dequantized")
+    if requested != "auto":
+        return requested, "as asked"
+    if device == "cpu" and has_native_kernels:
+        return "native", "the C++ quantized linear runs on this CPU"
+    return "dequantized", "no C++ quantized linear here"
+
+
+def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | None:
+    """Rows above which a quantized weight's dense copy runs instead, for weight_format auto.
+
+    PERF, benchmarks/quantized_linear.py on the 2-core AMD EPYC (2 threads, model shapes): with
+    AVX512-BF16, the quantized kernel beats prepacked bf16 up to 2-4 rows (0.74x at 1 row) and
+    loses 2.1-2.6x from 8 rows; on the AVX2 build against MKL's fp32 it wins up to ~16 rows
+    (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.
+    """
+    if requested_format != "auto":
+        return None
+    return 4 if dtype == torch.bfloat16 else 16
+
+
+def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | None) -> None:
+    weights = plan.weight_format
+    if plan.dense_above_rows is not None:
+        weights += f" up to {plan.dense_above_rows} rows a step, dense above"
+    logger.info("compute plan: dtype=%s (%s), weights=%s (%s), C++ kernels=%s, C++ layer ops=%s, "
+                "bf16 prepacking=%s", str(plan.dtype).removeprefix("torch."), reasons["dtype"], weights,
+                reasons["weight_format"], kernel_build or "none (torch path)", plan.native_ops, plan.prepack_bf16)
+
+
+def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> ComputePlan:
+    """Every kernel and format choice, from the capability probe, logged once with its reasons."""
+    device = torch.device(device_name)
+    has_native = device.type == "cpu" and native_library.load() is not None
+    dtype_name, dtype_reason = resolve_dtype(dtype, device_name)
+    format_name, format_reason = resolve_weight_format(weight_format, device_name, has_native)
+    torch_dtype = TORCH_DTYPES[dtype_name]
+    prepack = device.type == "cpu" and torch_dtype == torch.bfloat16 and _can_prepack_bf16()
+    if dtype == "bfloat16" and device.type == "cpu" and not prepack:
+        logger.warning("dtype bfloat16 on a CPU that oneDNN cannot prepack bf16 for (no AVX-512 BW/VL/DQ or "
+                       "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
+    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype) if format_name == "native" else None
+    plan = ComputePlan(device=device, dtype=torch_dtype, weight_format=format_name,
+                       native_ops=has_native and torch_dtype in DTYPE_CODES, prepack_bf16=prepack,
+                       dense_above_rows=dense_above_rows)
+    log_plan(plan, {"dtype": dtype_reason, "weight_format": format_reason},
+             native_library.active_isa() if device.type == "cpu" else None)
+    return plan
+
+
+def _can_prepack_bf16() -> bool:
+    return (cpu_features().can_prepack_bf16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))

@@ -1,0 +1,44 @@
+"""Attention over the paged KV cache: RoPE on the Q and K heads of the fused QKV projection's
+output, then the attention backend (which writes this step's K/V and attends)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.kernels.cpu import layer_ops
+from engine.model.attention_backends.metadata import AttentionBackend
+from engine.model.compute_plan import ComputePlan
+from engine.model.forward_batch import ForwardBatch
+from engine.model.layers.rotary import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend,
+                 plan: ComputePlan) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.backend = backend
+        self.native_rope = plan.native_ops
+
+    def forward(self, qkv: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D], the fused projection's output -> [T, Hq D]."""
+        q, k, v = self._rotated_heads(qkv, batch)
+        out = self.backend.forward(q, k, v, kv_cache, batch.attention)
+        return out.view(qkv.shape[0], self.num_heads * self.head_dim)
+
+    def _rotated_heads(self, qkv: torch.Tensor, batch: ForwardBatch
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_tokens, head_dim = qkv.shape[0], self.head_dim
+        heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, head_dim)
+        q = heads[:, : self.num_heads]
+        k = heads[:, self.num_heads: self.num_heads + self.num_kv_heads]
+        v = heads[:, self.num_heads + self.num_kv_heads:]
+        rope = batch.rope
+        if self.native_rope:
+            # Q and K heads are adjacent in each row: one call rotates both, in place.
+            layer_ops.rotary_embedding_(heads[:, : self.num_heads + self.num_kv_heads], rope.cos, rope.sin)
+            return q, k, v
+        return apply_rotary(q, *rope.full()), apply_rotary(k, *rope.full()), v
+
+    __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py

@@ -1,0 +1,70 @@
+"""SchedulerOutput -> ForwardBatch: the rows, positions, slots and attention metadata of one step.
+
+Token ranges per scheduled request i (c = num_computed_tokens, n = num_scheduled_tokens):
+
+    request i's tokens:  | computed (KV cached) | scheduled this step | rest |
+                         0                      c                     c + n
+    rows of the batch:   query_start_loc[i] .. query_start_loc[i + 1] - 1, positions c .. c + n - 1
+
+Decodes (n == 1) come first: the scheduler sorts them ahead, and attention relies on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.model.attention_backends.metadata import AttentionMetadata
+from engine.model.forward_batch import ForwardBatch
+from engine.scheduler.output import ScheduledRequest
+from engine.worker.request_states import RequestStates
+
+
+def build_forward_batch(scheduled: list[ScheduledRequest], states: RequestStates, block_size: int,
+                        device: torch.device) -> ForwardBatch:
+    starts = np.array([s.num_computed_tokens for s in scheduled], dtype=np.int64)
+    counts = np.array([s.num_scheduled_tokens for s in scheduled], dtype=np.int64)
+    query_start_loc = np.zeros(len(scheduled) + 1, dtype=np.int64)
+    np.cumsum(counts, out=query_start_loc[1:])
+    # positions: for each request, starts[i] .. starts[i] + counts[i] - 1
+    positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(query_start_loc[-1])
+    input_ids = np.concatenate([states[s.request_id].token_ids(s.num_computed_tokens, s.num_scheduled_tokens)
+                                for s in scheduled])
+    block_tables = _block_tables(scheduled)
+    row_of_token = np.repeat(np.arange(len(scheduled)), counts)
+    slot_mapping = (block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size
+                    + positions % block_size)
+    seq_lens = starts + counts
+    num_decodes = int(np.searchsorted(counts != 1, True))  # decodes come first
+    to_device = _to_device(device)
+    attention = AttentionMetadata(
+        slot_mapping=to_device(slot_mapping),
+        query_start_loc=to_device(query_start_loc.astype(np.int32)),
+        seq_lens=to_device(seq_lens.astype(np.int32)),
+        block_tables=to_device(block_tables),
+        num_decodes=num_decodes,
+        max_query_len=int(counts.max()),
+        max_seq_len=int(seq_lens.max()),
+        block_size=block_size,
+        query_start_loc_cpu=query_start_loc.tolist(),
+        seq_lens_cpu=seq_lens.tolist(),
+    )
+    logits_indices = [query_start_loc[i + 1] - 1 for i, s in enumerate(scheduled) if s.samples]
+    return ForwardBatch(input_ids=to_device(input_ids), positions=to_device(positions), attention=attention,
+                        request_ids=[s.request_id for s in scheduled],
+                        logits_indices=to_device(np.array(logits_indices, dtype=np.int64)))
+
+
+def _block_tables(scheduled: list[ScheduledRequest]) -> np.ndarray:
+    """[num_seqs, max_blocks] int32, padded with 0 (never read: seq_lens bound every read)."""
+    max_blocks = max(len(s.block_ids) for s in scheduled)
+    block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
+    for i, s in enumerate(scheduled):
+        block_tables[i, : len(s.block_ids)] = s.block_ids
+    return block_tables
+
+
+def _to_device(device: torch.device):
+    def convert(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    return convert

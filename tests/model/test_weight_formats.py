@@ -1,0 +1,71 @@
+"""Every weight format on the real model: the GGUF file's own Q4_1/Q8_0 blocks through the C++
+quantized linear (native), int8 blocks, and the dequantized reference.  Native computes with the
+weights the file describes, exactly dequantized in registers, so in fp32 it differs from the
+dequantized model only in summation order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.kernels.cpu import native_library
+from tests.conftest import assert_kv_empty, make_llm
+
+pytestmark = pytest.mark.skipif(native_library.load() is None,
+                                reason="no C++ compiler or no AVX2 here: the quantized linear cannot run")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "My favourite book is"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm_native():
+    return make_llm(dtype="float32", weight_format="native", max_num_batched_tokens=64, kv_cache_memory=0.25)
+
+
+def greedy_tokens(llm) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+def test_native_blocks_give_the_dequantized_models_tokens(llm_native, llm_fp32):
+    native, reference = greedy_tokens(llm_native), greedy_tokens(llm_fp32)
+    agree = sum(a == b for a, b in zip(native, reference))
+    assert agree >= len(PROMPTS) - 1, (native, reference)
+    assert_kv_empty(llm_native)
+
+
+def test_native_logits_match_the_dequantized_model(llm_native, llm_fp32):
+    captured = {}
+    for name, llm in (("native", llm_native), ("dequantized", llm_fp32)):
+        model = llm.engine.runner.model
+        compute_logits = model.compute_logits
+        model.compute_logits = lambda hidden, f=compute_logits, n=name: captured.setdefault(n, f(hidden))
+        try:
+            llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+        finally:
+            del model.compute_logits
+    torch.testing.assert_close(captured["native"], captured["dequantized"], atol=2e-3, rtol=1e-3)
+
+
+def test_native_weights_take_less_memory_than_bf16(llm_native, llm_bf16):
+    native = llm_native.memory_report()["weights_bytes"]
+    dense = llm_bf16.memory_report()["weights_bytes"]
+    # Q4_1 linears (5 bits a weight) and the Q8_0 embedding shared with the LM head.
+    assert native < 0.4 * dense, (native, dense)
+    assert {m.quantized.format.name for m in _linears(llm_native)} == {"Q4_1", "Q8_0"}
+
+
+def test_int8_blocks_quantize_the_weights_and_still_answer():
+    llm = make_llm(dtype="float32", weight_format="int8", kv_cache_memory=0.25)
+    assert {m.quantized.format.name for m in _linears(llm)} == {"Q8_0"}
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=8),
+                       use_tqdm=False)[0].outputs[0]
+    assert "Paris" in out.text
+    assert_kv_empty(llm)
+
+
+def _linears(llm):
+    from engine.model.layers.linear import Linear
+
+    return [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]

@@ -1,0 +1,85 @@
+"""The capability probe: CPU features under the ELASTIC_ENGINE_CPU_ISA mask, the library settings
+it hands torch and oneDNN, and the dtype choice made from it.  Mask effects on torch are checked in
+fresh interpreters: the probe and the libraries read them once per process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine.capabilities import (MASK_ENV, CapabilityError, CpuFeatures, apply_mask, cpu_features, library_env,
+                                 parse_mask)
+from engine.model.compute_plan import resolve_dtype, resolve_weight_format
+
+ZEN4 = frozenset("sse4_2 avx avx2 fma f16c avx_vnni avx512f avx512bw avx512vl avx512dq avx512cd avx512_vnni "
+                 "avx512_bf16".split())
+EPYC_AVX2 = frozenset("sse4_2 avx avx2 fma f16c".split())
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in (MASK_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_mask_levels_drop_everything_above_them():
+    assert apply_mask(ZEN4, None) == ZEN4
+    avx2 = CpuFeatures(apply_mask(ZEN4, "avx2"), "avx2")
+    assert avx2.has_avx2 and not avx2.has("avx512f") and not avx2.computes_bf16
+    assert avx2.kernel_isa == "avx2" and avx2.kernel_isas == ("avx2",)
+    assert "sse4_2" in avx2.flags  # flags no level names are kept
+    avx512 = CpuFeatures(apply_mask(ZEN4, "avx512"), "avx512")
+    assert avx512.kernel_isas == ("avx512", "avx2") and not avx512.has("avx512_bf16")
+    assert CpuFeatures(apply_mask(ZEN4, "scalar"), "scalar").kernel_isa is None
+    full = CpuFeatures(ZEN4)
+    assert full.kernel_isas == ("avx512_bf16", "avx512", "avx2") and full.can_prepack_bf16
+
+
+def test_a_mask_never_adds_a_feature():
+    assert CpuFeatures(apply_mask(EPYC_AVX2, "avx512_bf16")).kernel_isa == "avx2"
+
+
+def test_a_bad_mask_names_the_variable_and_the_levels():
+    assert parse_mask(None) is None and parse_mask(" ") is None and parse_mask("AVX2") == "avx2"
+    with pytest.raises(CapabilityError, match=f"{MASK_ENV}='avx3'.*avx2"):
+        parse_mask("avx3")
+
+
+def test_library_settings_follow_the_mask():
+    assert library_env(CpuFeatures(ZEN4)) == {}
+    assert library_env(CpuFeatures(apply_mask(ZEN4, "avx2"), "avx2")) == {
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}
+    assert library_env(CpuFeatures(apply_mask(EPYC_AVX2, "avx2"), "avx2"))["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert library_env(CpuFeatures(apply_mask(ZEN4, "scalar"), "scalar"))["ATEN_CPU_CAPABILITY"] == "default"
+
+
+@pytest.mark.skipif(not cpu_features().has_avx2, reason="this CPU has no AVX2 to mask down to")
+def test_importing_engine_under_the_mask_caps_torch_too():
+    code = "import engine, torch; print(torch.backends.cpu.get_cpu_capability())"
+    done = run_python(code, **{MASK_ENV: "avx2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "AVX2"
+
+
+def test_dtype_auto_follows_the_cpu():
+    assert resolve_dtype("auto", "cpu", CpuFeatures(ZEN4))[0] == "bfloat16"
+    assert resolve_dtype("auto", "cpu", CpuFeatures(EPYC_AVX2))[0] == "float32"
+    assert resolve_dtype("auto", "cpu", CpuFeatures(apply_mask(ZEN4, "avx2"), "avx2"))[0] == "float32"
+    assert resolve_dtype("auto", "cuda", CpuFeatures(EPYC_AVX2))[0] == "bfloat16"
+    assert resolve_dtype("bfloat16", "cpu", CpuFeatures(EPYC_AVX2))[0] == "bfloat16"  # asked: kept
+
+
+def test_weight_format_auto_and_its_errors():
+    assert resolve_weight_format("auto", "cpu", has_native_kernels=True)[0] == "native"
+    assert resolve_weight_format("auto", "cpu", has_native_kernels=False)[0] == "dequantized"
+    with pytest.raises(ValueError, match="--weight-format dequantized"):
+        resolve_weight_format("native", "cpu", has_native_kernels=False)
+
+
+def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
+    done = run_python("from engine.cli import main; main(['generate', 'hi'])", **{MASK_ENV: "avx3"})
+    assert done.returncode != 0
+    assert f"{MASK_ENV}='avx3'" in done.stderr and "Traceback" not in done.stderr
