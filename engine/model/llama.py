@@ -37,7 +37,7 @@ class SelfAttention(nn.Module):
         self.wo = Linear(q_dim, config.hidden_size, False, plan)
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.wo(self.attn(self.wqkv(x), kv_cache, batch))
+        return self.wo(self.attn(self.wqkv(x, batch), kv_cache, batch), batch)
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
@@ -49,8 +49,8 @@ class FeedForward(nn.Module):
         self.act = SiluAndMul(plan)
         self.w2 = Linear(config.intermediate_size, config.hidden_size, False, plan)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w13(x)))
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.w2(self.act(self.w13(x, batch)), batch)
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
@@ -73,7 +73,7 @@ class DecoderLayer(nn.Module):
             h, residual = self.attention_norm(x, residual)
         h = self.attention(h, kv_cache, batch)
         h, residual = self.ffn_norm(h, residual)
-        return self.feed_forward(h), residual
+        return self.feed_forward(h, batch), residual
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 

@@ -25,6 +25,7 @@ from torch import nn
 from engine.kernels.cpu.quantized_linear import quantized_linear
 from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantFormat, QuantizedWeight, dequantize, quantize
 from engine.model.compute_plan import ComputePlan
+from engine.model.forward_batch import ForwardBatch
 
 LinearWeight = torch.Tensor | QuantizedWeight
 
@@ -56,7 +57,10 @@ class Linear(nn.Module):
         else:
             self.dense = weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        """x [rows, in] -> [rows, out].  `batch` is the step's ForwardBatch (None for rows that are
+        not one, the LM head's): where a per-row setting (an elastic width) is added, it is read
+        from there."""
         # PERF: the quantized kernel reads a quarter of bf16's bytes, which wins while a step is
         # memory-bound (a few rows); past dense_above_rows the dense GEMM's bf16 dot products (or
         # MKL's fp32 tiles) win, 2-2.5x at 32 rows (benchmarks/quantized_linear.py).
