@@ -18,8 +18,8 @@ which `engine.process_env` sets before torch loads.  One library check cannot be
 way: torch's bf16 weight prepacking asks the hardware directly, which is why `can_prepack_bf16`
 here, and not torch, decides whether the engine calls it.
 
-This module imports no torch: process_env uses it before torch is loaded.  CUDA is asked of
-torch only when `cuda_available()` is called.
+This module imports no torch: process_env uses it before torch is loaded.  CUDA is the device
+the user names (`device="cuda"`), not something probed here.
 """
 
 from __future__ import annotations
@@ -172,12 +172,6 @@ def library_env(features: CpuFeatures) -> dict[str, str]:
     else:
         aten, onednn = "default", "SSE41"
     return {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
-
-
-def cuda_available() -> bool:
-    import torch  # only here: see the module docstring
-
-    return torch.cuda.is_available()
 
 
 @functools.cache

@@ -49,10 +49,6 @@ class ComputePlan:
                    prepack_bf16=False)
 
     @property
-    def is_cpu(self) -> bool:
-        return self.device.type == "cpu"
-
-    @property
     def quantized(self) -> bool:
         return self.weight_format in QUANTIZED_FORMATS
 
