@@ -10,6 +10,7 @@ DTYPES = ("auto", "bfloat16", "float32", "float16")
 WEIGHT_FORMATS = ("auto", "dequantized", "native", "int8")
 ATTENTION_BACKENDS = ("auto", "torch", "native", "triton")
 SCHEDULING_POLICIES = ("fcfs", "priority", "mlfq", "slo")
+ELASTIC_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -33,8 +34,15 @@ class ModelConfig:
     weight_format: str = "auto"
     max_model_len: int | None = None  # None = the model's own context length
     served_model_name: str | None = None
+    # Elastic submodels (engine/elastic/).  on: load the model's elastic checkpoint, building it
+    # first if missing (minutes, cached); auto: on for the default model, off for others; off.
+    elastic: str = "off"  # TODO(merge): "auto" once elastify lands
+    elastic_checkpoint: str | None = None  # a checkpoint directory; None = the user cache's
+    elastic_level: int = 100  # level for requests that name none (one of the checkpoint's levels)
 
     def __post_init__(self) -> None:
+        _require(self.elastic in ELASTIC_MODES, f"elastic must be one of {ELASTIC_MODES}, got {self.elastic!r}")
+        _require(0 < self.elastic_level <= 100, f"elastic_level must be in (0, 100], got {self.elastic_level}")
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _require(self.weight_format in WEIGHT_FORMATS,
                  f"weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")

@@ -20,9 +20,11 @@ class LLM:
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 128, block_size: int = 16,
                  kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
                  enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
-                 attention_backend: str = "auto", device: str = "cpu") -> None:
+                 attention_backend: str = "auto", device: str = "cpu", elastic: str = "off",
+                 elastic_checkpoint: str | None = None, elastic_level: int = 100) -> None:
         config = EngineConfig(
-            model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format, max_model_len=max_model_len),
+            model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format, max_model_len=max_model_len,
+                              elastic=elastic, elastic_checkpoint=elastic_checkpoint, elastic_level=elastic_level),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -40,16 +42,20 @@ class LLM:
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 elastic_level: int | Sequence[int | None] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts.
-        `priority` (one per prompt, lower first) matters under the priority policy, as in vLLM."""
+        `priority` (one per prompt, lower first) matters under the priority policy, as in vLLM.
+        `elastic_level`: the submodel for every prompt, or one per prompt (None: the default)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params_per_prompt(len(prompts), sampling_params)
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         priorities = priority if priority is not None else [0] * len(prompts)
-        request_ids = [self._add(prompt, p, level) for prompt, p, level in zip(prompts, params, priorities)]
+        levels = self._per_prompt(elastic_level, len(prompts), "elastic levels")
+        request_ids = [self._add(prompt, p, rank, level)
+                       for prompt, p, rank, level in zip(prompts, params, priorities, levels)]
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -63,6 +69,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     @staticmethod
+    def _per_prompt(value: int | Sequence[int | None] | None, num_prompts: int, what: str) -> list[int | None]:
+        if value is None or isinstance(value, int):
+            return [value] * num_prompts
+        if len(value) != num_prompts:
+            raise ValueError(f"got {len(value)} {what} for {num_prompts} prompts")
+        return list(value)
+
+    @staticmethod
     def _params_per_prompt(num_prompts: int, sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
             return [SamplingParams()] * num_prompts
@@ -72,12 +86,13 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
         return list(sampling_params)
 
-    def _add(self, prompt: PromptInput, params: SamplingParams, priority: int = 0) -> str:
+    def _add(self, prompt: PromptInput, params: SamplingParams, priority: int = 0,
+             elastic_level: int | None = None) -> str:
         request_id = str(self._next_id)
         self._next_id += 1
         if isinstance(prompt, dict):
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
-        self.engine.add_request(request_id, prompt, params, priority=priority)
+        self.engine.add_request(request_id, prompt, params, priority=priority, elastic_level=elastic_level)
         return request_id
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

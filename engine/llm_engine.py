@@ -7,7 +7,9 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
-from engine.config import EngineConfig, SchedulerConfig
+from engine.config import ConfigError, EngineConfig, SchedulerConfig
+from engine.elastic.loading import load_elastic_checkpoint
+from engine.elastic.spec import FULL_LEVEL
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.model.loader import resolve_model, load_tokenizer
 from engine.output_processor import OutputProcessor
@@ -57,8 +59,10 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or source.arch.max_position_embeddings,
                                  source.arch.max_position_embeddings)
         self.tokenizer = load_tokenizer(source)
+        elastic = load_elastic_checkpoint(config.model, source)
         self.runner = ModelRunner(source, config.model.dtype, config.cache, config.runner,
-                                  weight_format=config.model.weight_format)
+                                  weight_format=config.model.weight_format, elastic=elastic)
+        self.default_elastic_level = self._default_elastic_level(config.model.elastic_level)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.cache.block_size,
                                  enable_prefix_caching=config.cache.enable_prefix_caching)
         scheduler_config: SchedulerConfig = replace(config.scheduler, max_model_len=self.max_model_len)
@@ -81,11 +85,14 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                    arrival_time: float | None = None, priority: int = 0, slo: SLOTarget | None = None) -> None:
+                    arrival_time: float | None = None, priority: int = 0, slo: SLOTarget | None = None,
+                    elastic_level: int | None = None) -> None:
         """Queue a request.  Raises InvalidRequestError for a request the engine cannot serve, and
-        AdmissionRejected when the scheduling policy refuses it (an unreachable latency target)."""
+        AdmissionRejected when the scheduling policy refuses it (an unreachable latency target).
+        `elastic_level`: the submodel it runs (None: the engine's default level)."""
         if request_id in self.outputs.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        level = self._resolve_elastic_level(elastic_level)
         prompt_token_ids = self._prompt_token_ids(prompt)
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
         arrival_time = time.time() if arrival_time is None else arrival_time
@@ -95,10 +102,37 @@ class LLMEngine:
                             prompt_token_ids=prompt_token_ids,
                             sampling_params=params if params.n == 1 else params.for_child(i),
                             max_tokens=max_tokens, eos_token_ids=self.tokenizer.stop_token_ids,
-                            arrival_time=arrival_time, priority=priority, slo=slo)
+                            arrival_time=arrival_time, priority=priority, slo=slo, elastic_level=level)
                     for i in range(params.n)]
         self.scheduler.add_requests(children)
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, children)
+
+    @property
+    def elastic_levels(self) -> tuple[int, ...] | None:
+        """The model's elastic levels, the full model first; None for a model that is not elastic."""
+        return self.runner.elastic_levels
+
+    def _default_elastic_level(self, level: int) -> int:
+        levels = self.elastic_levels or (FULL_LEVEL,)
+        if level not in levels:
+            raise ConfigError(f"elastic_level {level} is not one of the model's levels {list(levels)}")
+        return level
+
+    def _resolve_elastic_level(self, requested: int | None) -> int:
+        levels = self.elastic_levels
+        if requested is None:
+            return self.default_elastic_level
+        if isinstance(requested, bool) or not isinstance(requested, int):
+            raise InvalidRequestError(f"elastic.level must be an integer, got {requested!r}", "elastic.level")
+        if levels is None:
+            if requested == FULL_LEVEL:
+                return requested
+            raise InvalidRequestError(f"elastic level {requested} asked of {self.model_name}, which is not elastic "
+                                      "(serve it with --elastic on)", "elastic.level")
+        if requested not in levels:
+            raise InvalidRequestError(f"unknown elastic level {requested}; {self.model_name} has levels "
+                                      f"{list(levels)}", "elastic.level")
+        return requested
 
     def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

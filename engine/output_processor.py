@@ -48,7 +48,8 @@ class ParentState:
         first = self.samples[0].request.metrics
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
                              outputs=[s.completion() for s in self.samples], finished=self.finished,
-                             metrics=first, sample_metrics=[s.request.metrics for s in self.samples])
+                             metrics=first, sample_metrics=[s.request.metrics for s in self.samples],
+                             elastic_level=self.samples[0].request.elastic_level)
 
 
 class OutputProcessor:

@@ -57,3 +57,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # metrics of each of the n samples (same order as outputs) for per-sample latency stats
     sample_metrics: list[RequestMetrics] = field(default_factory=list)
+    elastic_level: int = 100  # the submodel its last step ran (engine/elastic/spec.py)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.elastic.spec import FULL_LEVEL
 from engine.outputs import RequestMetrics
 from engine.sampling_params import SamplingParams
 
@@ -72,6 +73,8 @@ class Request:
     priority: int = 0  # smaller first (the priority policy); ties by arrival
     slo: SLOTarget | None = None
     best_effort: bool = False  # the SLO policy found its TTFT target out of reach and serves it last
+    # The elastic submodel it runs (engine/elastic/spec.py); FULL_LEVEL on a model that is not elastic.
+    elastic_level: int = FULL_LEVEL
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -103,6 +106,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def kv_cache_salt(self) -> bytes:
+        """What besides its tokens the request's KV depends on, for the prefix cache's keys: KV
+        written by one elastic level is never reused by another."""
+        return b"" if self.elastic_level == FULL_LEVEL else f"elastic-level={self.elastic_level}".encode()
 
     @property
     def finish_reason(self) -> str | None:

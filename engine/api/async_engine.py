@@ -44,6 +44,7 @@ class _Add:
     priority: int
     slo: SLOTarget | None
     arrival_time: float
+    elastic_level: int | None = None
 
 
 @dataclass(slots=True)
@@ -111,6 +112,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
+        self.elastic_levels: tuple[int, ...] | None = engine.elastic_levels  # None: not elastic
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
         self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
@@ -159,7 +161,8 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
     def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0,
-                 slo: SLOTarget | None = None, arrival_time: float | None = None) -> RequestGroup:
+                 slo: SLOTarget | None = None, arrival_time: float | None = None,
+                 elastic_level: int | None = None) -> RequestGroup:
         """Queue sub-requests (request_id, prompt_token_ids, params) and return their outputs.
         `arrival_time` (time.time()) is when the HTTP request came in; now if not given."""
         self._check_capacity(len(requests))
@@ -167,7 +170,7 @@ class AsyncEngine:
         arrival_time = time.time() if arrival_time is None else arrival_time
         for index, (request_id, prompt_token_ids, params) in enumerate(requests):
             self._streams[request_id] = (stream, index)
-            self._commands.put(_Add(request_id, prompt_token_ids, params, priority, slo, arrival_time))
+            self._commands.put(_Add(request_id, prompt_token_ids, params, priority, slo, arrival_time, elastic_level))
         self._num_adds_queued += len(requests)
         self._wakeup.set()
         return RequestGroup(self, [request_id for request_id, _, _ in requests], stream)
@@ -233,7 +236,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
                                         arrival_time=command.arrival_time, priority=command.priority,
-                                        slo=command.slo)
+                                        slo=command.slo, elastic_level=command.elastic_level)
                 self._num_samples[command.request_id] = command.params.n
                 batch.append((command.request_id, ACCEPTED))
             except AdmissionRejected as e:  # the scheduling policy refused it: come back later

@@ -75,6 +75,9 @@ class EngineMetrics:
                                         ["model_name", "finished_reason"], registry=r)
         for reason in ("stop", "length", "abort"):  # export every series from the start
             self._request_success.labels(model_name, reason)
+        self._elastic_tokens = Counter("engine:elastic_generation_tokens",
+                                       "Tokens generated, by the elastic level that generated them.",
+                                       ["model_name", "level"], registry=r)
         token_buckets = buckets_1_2_5(max_model_len)
         self.time_to_first_token = histogram("engine:time_to_first_token_seconds",
                                              "Time to first token.", TTFT_BUCKETS)
@@ -169,6 +172,7 @@ class EngineMetrics:
         else:  # a step usually adds one token; spread the interval if it added more
             interval = (now - sample.last_token_time) / (num_tokens - sample.num_tokens)
             self.inter_token_latency.observe(max(0.0, interval))
+        self._elastic_tokens.labels(self.model_name, str(output.elastic_level)).inc(num_tokens - sample.num_tokens)
         sample.num_tokens, sample.last_token_time = num_tokens, now
 
     def record_abort(self, request_id: str, num_samples: int) -> None:

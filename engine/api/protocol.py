@@ -38,6 +38,12 @@ class SLOField(msgspec.Struct, kw_only=True):
     tpot_ms: float | None = None
 
 
+class ElasticField(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Which elastic submodel serves the request (this engine's extension; engine/elastic/)."""
+
+    level: int | None = None
+
+
 class SamplingFields(msgspec.Struct, kw_only=True):
     """Fields shared by both generation endpoints (OpenAI's plus vLLM's extras)."""
 
@@ -65,6 +71,8 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     include_stop_str_in_output: bool = False
     priority: int = 0
     slo: SLOField | None = None
+    elastic: ElasticField | None = None
+    vllm_xargs: dict[str, str | int | float | bool] | None = None  # vLLM's per-request extras
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -115,6 +123,7 @@ class UsageInfo(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    elastic_level: int | None = None  # the submodel that served it, on an elastic model
 
 
 class CompletionLogprobs(msgspec.Struct):
@@ -258,9 +267,10 @@ def decode_request(body: bytes, request_type: type[T]) -> T:
 
 
 def _param_of(message: str) -> str | None:
-    """The top-level field an error is about: 'Expected `int`, got `str` - at `$.n`' -> 'n';
-    'Object missing required field `prompt`' -> 'prompt'."""
-    at = re.search(r"at `\$\.([A-Za-z_]+)", message)
+    """The field an error is about, dotted into objects: 'Expected `int`, got `str` - at `$.n`'
+    -> 'n', '... at `$.elastic.level`' -> 'elastic.level'; 'Object missing required field
+    `prompt`' -> 'prompt'."""
+    at = re.search(r"at `\$\.([A-Za-z_]+(?:\.[A-Za-z_]+)*)", message)
     if at:
         return at.group(1)
     missing = re.search(r"missing required field `([A-Za-z_]+)`", message)

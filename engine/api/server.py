@@ -32,9 +32,10 @@ from engine.api.protocol import (ChatCompletionRequest, CompletionRequest, Detok
                                  ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
                                  DetokenizeResponse, decode_request, encode)
 from engine.api.serving_chat import chat_prompt_token_ids, create_chat_completion
+from engine.api.serving_elastic import model_aliases
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
-from engine.config import ATTENTION_BACKENDS, DTYPES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
+from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
     MLFQConfig, ModelConfig, RunnerConfig, SchedulerConfig, SLOConfig
 
 logger = logging.getLogger("engine.api")
@@ -108,7 +109,9 @@ def _openai_routes(engine: AsyncEngine, api_key: str | None) -> APIRouter:
     @router.get("/models")
     async def models() -> Response:
         card = ModelCard(id=engine.model_name, max_model_len=engine.max_model_len, root=engine.model_name)
-        return Response(encode(ModelList([card])), media_type="application/json")
+        aliases = [ModelCard(id=alias, max_model_len=engine.max_model_len, root=engine.model_name)
+                   for alias in model_aliases(engine)]
+        return Response(encode(ModelList([card, *aliases])), media_type="application/json")
 
     @router.post("/completions")
     async def completions(raw: Request) -> Response:
@@ -195,6 +198,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: a GGUF file's quantized blocks through the C++ linear where it runs, "
                              "else dequantized; dequantized, native, int8")
     parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    parser.add_argument("--elastic", default=ModelConfig.elastic, choices=ELASTIC_MODES,
+                        help="elastic submodels: on builds the model's elastic checkpoint on first use (cached); "
+                             "auto: on for the default model")
+    parser.add_argument("--elastic-checkpoint", default=None, help="elastic checkpoint directory (default: the cache's)")
+    parser.add_argument("--elastic-level", type=int, default=ModelConfig.elastic_level,
+                        help="elastic level of requests that name none (100: the full model)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     parser.add_argument("--block-size", type=int, default=CacheConfig.block_size)
@@ -246,7 +255,9 @@ def policy_configs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
-                          max_model_len=args.max_model_len, served_model_name=args.served_model_name),
+                          max_model_len=args.max_model_len, served_model_name=args.served_model_name,
+                          elastic=args.elastic, elastic_checkpoint=args.elastic_checkpoint,
+                          elastic_level=args.elastic_level),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

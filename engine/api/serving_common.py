@@ -15,6 +15,7 @@ from starlette.responses import Response, StreamingResponse
 from engine.api.async_engine import AsyncEngine, RequestGroup
 from engine.api.errors import APIError
 from engine.api.protocol import ErrorInfo, ErrorResponse, UsageInfo, SamplingFields, sse_event
+from engine.api.serving_elastic import alias_level
 from engine.outputs import RequestOutput
 from engine.request import SLOTarget
 from engine.sampling_params import SamplingParams, SamplingParamsError
@@ -29,9 +30,8 @@ LOGPROB_FLOOR = -9999.0  # JSON has no -inf; OpenAI reports this for impossible 
 
 
 def check_model(requested: str | None, engine: AsyncEngine) -> None:
-    if requested and requested != engine.model_name:
-        raise APIError(f"The model `{requested}` does not exist. This server serves `{engine.model_name}`.",
-                       param="model", code="model_not_found")
+    """The served model's name or one of its elastic aliases (`name@level`), else a 404-style 400."""
+    alias_level(requested, engine)
 
 
 def check_prompt_token_ids(token_ids: list[int], engine: AsyncEngine, param: str = "prompt") -> None:
@@ -127,7 +127,8 @@ def usage_of(prompt_lengths: list[int], outputs: list[RequestOutput | None]) -> 
     """Each prompt counts once, whatever its n; each sample's generated tokens count."""
     completion_tokens = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
     prompt_tokens = sum(prompt_lengths)
-    return UsageInfo(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+    level = next((o.elastic_level for o in outputs if o is not None), None)
+    return UsageInfo(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, level)
 
 
 async def collect(group: RequestGroup) -> list[RequestOutput]:

@@ -29,3 +29,11 @@ def hash_block_tokens(parent_hash: BlockHash, token_ids: Sequence[int]) -> Block
     # first, (parent, tokens) -> bytes is too.
     data = parent_hash + array("q", token_ids).tobytes()
     return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def salted_root(cache_salt: bytes) -> BlockHash:
+    """The parent hash of a request's first block: the root itself without a salt (so unsalted
+    keys are unchanged), else the root hashed with the salt (what else its KV depends on)."""
+    if not cache_salt:
+        return ROOT_BLOCK_HASH
+    return hashlib.blake2b(ROOT_BLOCK_HASH + b"salt:" + cache_salt, digest_size=32).digest()

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.kv.block_hash import ROOT_BLOCK_HASH, BlockHash, hash_block_tokens
+from engine.kv.block_hash import ROOT_BLOCK_HASH, BlockHash, hash_block_tokens, salted_root
 from engine.kv.block_pool import BlockPool, BlockPoolError
 
 
@@ -41,6 +41,9 @@ class RequestBlocks:
     # Blocks [0, num_cached_blocks) were offered to the cache (registered, or left uncached
     # because another block already had their hash); a block is never offered twice.
     num_cached_blocks: int = 0
+    # The parent of block 0's hash: ROOT_BLOCK_HASH, or the root salted with what else the KV
+    # depends on (an elastic level), so that KV written under one salt never serves another.
+    root_hash: BlockHash = ROOT_BLOCK_HASH
 
 
 class KVCacheManager:
@@ -78,7 +81,7 @@ class KVCacheManager:
 
     # ---- admission ---------------------------------------------------------------------------
 
-    def match_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+    def match_prefix(self, request_id: str, token_ids: Sequence[int], cache_salt: bytes = b"") -> int:
         """For a request holding no blocks, share the longest chain of cached full blocks that
         matches the start of token_ids and install it as the start of its block table.  Returns
         the number of tokens whose KV is thereby computed (a multiple of block_size).  If the
@@ -89,11 +92,11 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return 0
         self._pending_lookups[request_id] = (len(token_ids), 0)
-        state = RequestBlocks()
+        state = RequestBlocks(root_hash=salted_root(cache_salt))
         # Leave at least one token to compute: its logits sample the request's next token.
         max_num_matched_blocks = max(0, len(token_ids) - 1) // self.block_size
         for index in range(max_num_matched_blocks):
-            block_id = self.pool.cached_block(self._block_hash(state.block_hashes, token_ids, index))
+            block_id = self.pool.cached_block(self._block_hash(state, token_ids, index))
             if block_id is None:
                 break
             state.block_ids.append(block_id)
@@ -109,11 +112,12 @@ class KVCacheManager:
     # ---- growth ------------------------------------------------------------------------------
 
     def allocate_slots(self, request_id: str, num_total_tokens: int,
-                       token_ids: Sequence[int] | None = None) -> bool:
+                       token_ids: Sequence[int] | None = None, cache_salt: bytes = b"") -> bool:
         """Grow the request's table to cover num_total_tokens positions; False (and no change) if
         the pool has too few free blocks.  With caching on and the request's token_ids given,
         register every block that is full at num_total_tokens: the step being scheduled computes
-        their KV, so later requests may share them."""
+        their KV, so later requests may share them.  `cache_salt` names what else the KV depends
+        on; it is read when the request gets its first block (a prefix hit fixed it already)."""
         if token_ids is not None and len(token_ids) < num_total_tokens:
             raise ValueError(f"{len(token_ids)} token ids given for {num_total_tokens} slots")
         needed = self.num_blocks_needed(request_id, num_total_tokens)
@@ -124,7 +128,7 @@ class KVCacheManager:
         if state is None:
             if not needed:
                 return True
-            state = self._requests[request_id] = RequestBlocks()
+            state = self._requests[request_id] = RequestBlocks(root_hash=salted_root(cache_salt))
         state.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching and token_ids is not None:
             self._cache_full_blocks(state, num_total_tokens, token_ids)
@@ -140,15 +144,16 @@ class KVCacheManager:
                            token_ids: Sequence[int]) -> None:
         num_full_blocks = num_total_tokens // self.block_size
         for index in range(state.num_cached_blocks, num_full_blocks):
-            block_hash = self._block_hash(state.block_hashes, token_ids, index)
+            block_hash = self._block_hash(state, token_ids, index)
             self.pool.cache_block(state.block_ids[index], block_hash)  # False: stays uncached
         state.num_cached_blocks = max(state.num_cached_blocks, num_full_blocks)
 
-    def _block_hash(self, block_hashes: list[BlockHash], token_ids: Sequence[int], index: int) -> BlockHash:
+    def _block_hash(self, state: RequestBlocks, token_ids: Sequence[int], index: int) -> BlockHash:
         """The chained hash of full block `index`, computed on first use and kept in
         block_hashes; blocks are always hashed in order, so index <= len(block_hashes)."""
+        block_hashes = state.block_hashes
         if index == len(block_hashes):
-            parent_hash = block_hashes[-1] if block_hashes else ROOT_BLOCK_HASH
+            parent_hash = block_hashes[-1] if block_hashes else state.root_hash
             start = index * self.block_size
             block_hashes.append(hash_block_tokens(parent_hash, token_ids[start:start + self.block_size]))
         return block_hashes[index]

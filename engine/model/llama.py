@@ -11,7 +11,7 @@ ComputePlan: nothing here chooses a kernel.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,48 +20,97 @@ from engine.kernels.cpu.quantized_weights import QuantizedWeight, concat_rows, d
 from engine.model.arch import LlamaArchConfig
 from engine.model.attention_backends.metadata import AttentionBackend
 from engine.model.compute_plan import ComputePlan
-from engine.model.forward_batch import ForwardBatch
+from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
+from engine.model.layers.elastic import BlockElasticity, LayerElasticity, column_tiles
 from engine.model.layers.linear import Linear, LinearWeight, VocabEmbedding
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rotary import RotaryEmbedding
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan) -> None:
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
+                 elastic: BlockElasticity | None = None) -> None:
         super().__init__()
-        q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.wqkv = Linear(config.hidden_size, q_dim + 2 * kv_dim, config.attention_bias, plan)
-        self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim, backend, plan)
-        self.wo = Linear(q_dim, config.hidden_size, False, plan)
+        self.q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.wqkv = Linear(config.hidden_size, self.q_dim + 2 * kv_dim, config.attention_bias, plan)
+        # An elastic model's query heads sit in rank-major slots (engine/elastic/spec.py).
+        self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim, backend, plan,
+                              rank_major=elastic is not None)
+        self.wo = Linear(self.q_dim, config.hidden_size, False, plan)
+        self.elastic = elastic
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if batch.elastic is not None and self.elastic is not None:
+            return self._forward_elastic(x, kv_cache, batch, batch.elastic)
         return self.wo(self.attn(self.wqkv(x, batch), kv_cache, batch), batch)
+
+    def _forward_elastic(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch,
+                         rows: ElasticRows) -> torch.Tensor:
+        """Each row's query heads are its level's slot prefix; K and V are whole for every row.
+        Projections run in level order, attention in batch order (decodes first)."""
+        x_levels = rows.to_level_order(x)
+        tiles = column_tiles(self.elastic.widths, rows.rows_upto)
+        # Zeros: a dropped head's query stays finite; its output is never read by wo's tiles.
+        qkv = x.new_zeros(x.shape[0], self.wqkv.out_features)
+        for num_rows, start, end in tiles:
+            self.wqkv.forward_rows(x_levels[:num_rows], start, end, out=qkv[:num_rows, start:end])
+        self.wqkv.forward_rows(x_levels, self.q_dim, self.wqkv.out_features, out=qkv[:, self.q_dim:])
+        heads = rows.to_level_order(self.attn(rows.to_batch_order(qkv), kv_cache, batch))
+        out = x.new_zeros(x.shape[0], self.wo.out_features)
+        for num_rows, start, end in tiles:
+            out[:num_rows] += self.wo.forward_columns(heads[:num_rows, start:end], start, end)
+        self.elastic.add_side_paths(out, x_levels, rows)
+        return rows.to_batch_order(out)
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
 
 class FeedForward(nn.Module):
-    def __init__(self, config: LlamaArchConfig, plan: ComputePlan) -> None:
+    def __init__(self, config: LlamaArchConfig, plan: ComputePlan, elastic: BlockElasticity | None = None) -> None:
         super().__init__()
+        self.intermediate_size = config.intermediate_size
         self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, False, plan)
         self.act = SiluAndMul(plan)
         self.w2 = Linear(config.intermediate_size, config.hidden_size, False, plan)
+        self.elastic = elastic
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if batch.elastic is not None and self.elastic is not None:
+            return self._forward_elastic(x, batch.elastic)
         return self.w2(self.act(self.w13(x, batch)), batch)
+
+    def _forward_elastic(self, x: torch.Tensor, rows: ElasticRows) -> torch.Tensor:
+        """Each row uses its level's neuron prefix: gate rows [0, w), up rows [I, I + w), down
+        columns [0, w), computed tile by tile in level order."""
+        x_levels = rows.to_level_order(x)
+        tiles = column_tiles(self.elastic.widths, rows.rows_upto)
+        size = self.intermediate_size
+        # Columns a row's level does not keep stay unwritten; SiLU runs over them, no tile reads them.
+        gate_up = x.new_empty(x.shape[0], 2 * size)
+        for num_rows, start, end in tiles:
+            self.w13.forward_rows(x_levels[:num_rows], start, end, out=gate_up[:num_rows, start:end])
+            self.w13.forward_rows(x_levels[:num_rows], size + start, size + end,
+                                  out=gate_up[:num_rows, size + start: size + end])
+        hidden = self.act(gate_up)
+        out = x.new_zeros(x.shape[0], self.w2.out_features)
+        for num_rows, start, end in tiles:
+            out[:num_rows] += self.w2.forward_columns(hidden[:num_rows, start:end], start, end)
+        self.elastic.add_side_paths(out, x_levels, rows)
+        return rows.to_batch_order(out)
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan) -> None:
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
+                 elastic: LayerElasticity | None = None) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
-        self.attention = SelfAttention(config, backend, plan)
+        self.attention = SelfAttention(config, backend, plan, None if elastic is None else elastic.attention)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
-        self.feed_forward = FeedForward(config, plan)
+        self.feed_forward = FeedForward(config, plan, None if elastic is None else elastic.ffn)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +128,17 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan) -> None:
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
+                 elastic: Sequence[LayerElasticity] | None = None) -> None:
+        """`elastic`: per layer, the widths and side paths of each elastic level (its weights then
+        load already reordered, engine/elastic/permutation.py); None for a plain model."""
         super().__init__()
         self.config = config
         self.plan = plan
+        self.is_elastic = elastic is not None
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, plan)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend, plan) for _ in range(config.num_layers))
+        per_layer = elastic if elastic is not None else [None] * config.num_layers
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, plan, layer) for layer in per_layer)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
         self.output = Linear(config.hidden_size, config.vocab_size, False, plan)
         self.rotary = RotaryEmbedding.for_config(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from engine.model.gguf_loader import iter_gguf_weights, read_arch_config
 from engine.model.hf_loader import arch_config_from_hf, iter_safetensors_weights, read_hf_config
 from engine.model.attention_backends.metadata import AttentionBackend
 from engine.model.compute_plan import ComputePlan
+from engine.model.layers.elastic import LayerElasticity
+from engine.model.layers.linear import LinearWeight
 from engine.model.layers.rotary import RotaryEmbedding
 from engine.model.llama import LlamaForCausalLM
 from engine.tokenizer.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
@@ -63,14 +66,20 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
     return tokenizer_from_hf_dir(source.path)
 
 
-def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend) -> LlamaForCausalLM:
+WeightStream = Iterator[tuple[str, LinearWeight]]
+
+
+def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend,
+               elastic_layers: Sequence[LayerElasticity] | None = None,
+               reorder: Callable[[WeightStream], WeightStream] | None = None) -> LlamaForCausalLM:
     """The model with every weight in the plan's dtype and format.  Quantized GGUF tensors reach
     the layers as their own blocks when the plan computes on blocks (native, int8), else
-    dequantized."""
+    dequantized.  An elastic model gets its per-layer levels and `reorder`, which turns the
+    file's weight stream into the importance-ordered one (engine/elastic/)."""
     # Build on the meta device so no random init runs, then allocate uninitialized storage:
     # every parameter is overwritten by load_weights, which fails loudly on a missing one.
     with torch.device("meta"):
-        model = LlamaForCausalLM(source.arch, backend, plan).to(plan.dtype)
+        model = LlamaForCausalLM(source.arch, backend, plan, elastic_layers).to(plan.dtype)
     model = model.to_empty(device=plan.device)
     with torch.device(plan.device):
         model.rotary = RotaryEmbedding.for_config(source.arch)  # fp32 tables, computed for real
@@ -79,5 +88,5 @@ def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend
                                     keep_quantized=plan.quantized)
     else:
         weights = iter_safetensors_weights(source.path, plan.dtype)
-    model.load_weights(weights)
+    model.load_weights(weights if reorder is None else reorder(weights))
     return model.eval()

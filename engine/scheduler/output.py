@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.elastic.spec import FULL_LEVEL
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -46,6 +47,9 @@ class ScheduledRequest:
     samples: bool  # this step reaches the request's last token, so the model samples one more
     # Set on the step a request starts or restarts running: the runner holds no state for it yet.
     new_request: NewRequestData | None = None
+    # The elastic submodel this step runs the request's tokens at, chosen by the scheduler.  K and
+    # V heads are never pruned, so a request may run at another level next step.
+    elastic_level: int = FULL_LEVEL
     request_id: str = field(init=False)
 
     def __post_init__(self) -> None:

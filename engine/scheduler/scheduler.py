@@ -131,7 +131,7 @@ class Scheduler:
     def _schedule_running(self, request: Request, step: _StepBuilder, now: float) -> None:
         num_new = min(request.num_tokens_to_compute, step.budget)
         total = request.num_computed_tokens + num_new
-        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids):
+        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids, request.kv_cache_salt):
             victim = self.policy.pick_victim(self._unscheduled_running(step), now)
             self._preempt(victim)
             if victim is request:
@@ -144,10 +144,11 @@ class Scheduler:
         if len(self.running) >= self.max_num_seqs and displacement != Displacement.PAUSE:
             if displacement == Displacement.NONE or not self._preempt_below(request, step, now):
                 return False
-        request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids)
+        request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids,
+                                                          request.kv_cache_salt)
         num_new = min(request.num_tokens_to_compute, step.budget)
         total = request.num_computed_tokens + num_new
-        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids):
+        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids, request.kv_cache_salt):
             if displacement == Displacement.NONE or not self._preempt_below(request, step, now):
                 self.kv.free(request.request_id)  # hands back any prefix-cache hit
                 request.num_computed_tokens = 0
@@ -179,7 +180,8 @@ class Scheduler:
                                 num_scheduled_tokens=num_new,
                                 block_ids=self.kv.block_table(request.request_id),
                                 samples=num_new == request.num_tokens_to_compute,
-                                new_request=NewRequestData.of(request) if starts else None)
+                                new_request=NewRequestData.of(request) if starts else None,
+                                elastic_level=request.elastic_level)
 
     def _preempt(self, request: Request) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, wait again."""

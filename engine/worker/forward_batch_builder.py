@@ -11,17 +11,20 @@ Decodes (n == 1) come first: the scheduler sorts them ahead, and attention relie
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
 from engine.model.attention_backends.metadata import AttentionMetadata
-from engine.model.forward_batch import ForwardBatch
+from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.scheduler.output import ScheduledRequest
 from engine.worker.request_states import RequestStates
 
 
 def build_forward_batch(scheduled: list[ScheduledRequest], states: RequestStates, block_size: int,
-                        device: torch.device) -> ForwardBatch:
+                        device: torch.device, elastic_levels: Sequence[int] | None = None) -> ForwardBatch:
+    """`elastic_levels`: the model's level values (index 0 the full model), None if it is not elastic."""
     starts = np.array([s.num_computed_tokens for s in scheduled], dtype=np.int64)
     counts = np.array([s.num_scheduled_tokens for s in scheduled], dtype=np.int64)
     query_start_loc = np.zeros(len(scheduled) + 1, dtype=np.int64)
@@ -50,9 +53,28 @@ def build_forward_batch(scheduled: list[ScheduledRequest], states: RequestStates
         seq_lens_cpu=seq_lens.tolist(),
     )
     logits_indices = [query_start_loc[i + 1] - 1 for i, s in enumerate(scheduled) if s.samples]
+    elastic = None if elastic_levels is None else _elastic_rows(scheduled, counts, elastic_levels, to_device)
     return ForwardBatch(input_ids=to_device(input_ids), positions=to_device(positions), attention=attention,
                         request_ids=[s.request_id for s in scheduled],
-                        logits_indices=to_device(np.array(logits_indices, dtype=np.int64)))
+                        logits_indices=to_device(np.array(logits_indices, dtype=np.int64)), elastic=elastic)
+
+
+def _elastic_rows(scheduled: list[ScheduledRequest], counts: np.ndarray, elastic_levels: Sequence[int],
+                  to_device) -> ElasticRows | None:
+    """Rows regrouped by level index (stable, so rows of one request stay in order); None when
+    every row runs the full model, so that such steps take the plain path."""
+    index_of = {level: index for index, level in enumerate(elastic_levels)}
+    request_levels = np.array([index_of[s.elastic_level] for s in scheduled], dtype=np.int64)
+    if not request_levels.any():
+        return None
+    row_levels = np.repeat(request_levels, counts)
+    rows_upto = np.cumsum(np.bincount(row_levels, minlength=len(elastic_levels)))
+    if np.all(row_levels[:-1] <= row_levels[1:]):
+        return ElasticRows(order=None, inverse=None, rows_upto=tuple(rows_upto.tolist()))
+    order = np.argsort(row_levels, kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.shape[0])
+    return ElasticRows(order=to_device(order), inverse=to_device(inverse), rows_upto=tuple(rows_upto.tolist()))
 
 
 def _block_tables(scheduled: list[ScheduledRequest]) -> np.ndarray:

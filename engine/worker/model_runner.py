@@ -11,6 +11,7 @@ import torch
 
 from engine.capabilities import log_capabilities
 from engine.config import CacheConfig, RunnerConfig
+from engine.elastic.runtime import elastic_model_parts
 from engine.model.attention_backends import make_attention_backend
 from engine.model.compute_plan import make_compute_plan
 from engine.model.layers.linear import weight_bytes
@@ -36,7 +37,8 @@ def num_kv_blocks_for(source: ModelSource, cache: CacheConfig, dtype: torch.dtyp
 
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, cache: CacheConfig, runner: RunnerConfig,
-                 weight_format: str = "auto") -> None:
+                 weight_format: str = "auto", elastic=None) -> None:
+        """`elastic`: run the model as elastic submodels (its weights reordered by the checkpoint)."""
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)
         self.device = torch.device(runner.device)
@@ -44,11 +46,18 @@ class ModelRunner:
             log_capabilities()
             keep_freed_memory()
         # A machine's first run builds the C++ kernels here, not in a request's step.
-        self.plan = make_compute_plan(dtype, weight_format, runner.device)
+        self.plan = make_compute_plan(dtype, weight_format, runner.device, elastic=elastic is not None)
         self.dtype = self.plan.dtype
         self.block_size = cache.block_size
         backend = make_attention_backend(runner.attention_backend, runner.device)
-        self.model: LlamaForCausalLM = load_model(source, self.plan, backend)
+        self.elastic_spec = None if elastic is None else elastic.spec
+        # The model's level values, index 0 the full model (None: not elastic).
+        self.elastic_levels = None if elastic is None else elastic.spec.level_values
+        if elastic is None:
+            self.model: LlamaForCausalLM = load_model(source, self.plan, backend)
+        else:
+            layers, reorder = elastic_model_parts(elastic, source.arch, self.plan)
+            self.model = load_model(source, self.plan, backend, layers, reorder)
         self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype)
         arch = source.arch
         # [2, num_blocks, block_size, num_kv_heads, head_dim] per layer; zeros so masked-out
@@ -77,7 +86,7 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return ModelRunnerOutput(sampled={})
-        batch = build_forward_batch(scheduled, self.requests, self.block_size, self.device)
+        batch = build_forward_batch(scheduled, self.requests, self.block_size, self.device, self.elastic_levels)
         hidden = self.model(batch, self.kv_caches)
         sampling = [s.request_id for s in scheduled if s.samples]
         if not sampling:

@@ -91,6 +91,22 @@ class QuantizedWeight:
         return QuantizedWeight(self.blocks[:out_features, :row_bytes], self.format)
 
 
+    def rows(self, start: int, end: int) -> QuantizedWeight:
+        """Output features [start, end), no copy (an elastic tile of a prefix-ordered weight)."""
+        if not 0 <= start <= end <= self.out_features:
+            raise ValueError(f"rows [{start}, {end}) are outside the weight's {self.out_features}")
+        return QuantizedWeight(self.blocks[start:end], self.format)
+
+    def columns(self, start: int, end: int) -> QuantizedWeight:
+        """Input features [start, end) (multiples of 32: whole blocks), no copy."""
+        if not 0 <= start <= end <= self.in_features or start % BLOCK_SIZE or end % BLOCK_SIZE:
+            raise ValueError(f"columns [{start}, {end}) must be whole {BLOCK_SIZE}-wide blocks within "
+                             f"{self.in_features}")
+        block_bytes = self.format.block_bytes
+        return QuantizedWeight(self.blocks[:, start // BLOCK_SIZE * block_bytes: end // BLOCK_SIZE * block_bytes],
+                               self.format)
+
+
 def from_gguf_tensor(tensor) -> QuantizedWeight:
     """A GGUFReader tensor (gguf.ReaderTensor) of type Q4_0, Q4_1 or Q8_0, copied out of the file's
     read-only memory map into its own tensor."""

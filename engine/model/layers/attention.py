@@ -15,17 +15,26 @@ from engine.model.layers.rotary import apply_rotary
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend,
-                 plan: ComputePlan) -> None:
+                 plan: ComputePlan, rank_major: bool = False) -> None:
+        """`rank_major`: query heads come (and go) in an elastic model's rank-major slots, slot
+        r * Hkv + g holding KV group g's r-th head; backends take the grouped order (head h reads
+        KV head h // (Hq / Hkv)), so the query is regrouped before and the output after."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.backend = backend
         self.native_rope = plan.native_ops
+        self.rank_major = rank_major
 
     def forward(self, qkv: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) D], the fused projection's output -> [T, Hq D]."""
         q, k, v = self._rotated_heads(qkv, batch)
+        num_tokens, group = qkv.shape[0], self.num_heads // self.num_kv_heads
+        if self.rank_major:
+            q = q.unflatten(1, (group, self.num_kv_heads)).transpose(1, 2).reshape(q.shape)
         out = self.backend.forward(q, k, v, kv_cache, batch.attention)
-        return out.view(qkv.shape[0], self.num_heads * self.head_dim)
+        if self.rank_major:
+            out = out.view(num_tokens, self.num_kv_heads, group, self.head_dim).transpose(1, 2)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _rotated_heads(self, qkv: torch.Tensor, batch: ForwardBatch
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -71,6 +71,33 @@ class Linear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.dense, self.bias)
 
+    # Elastic tiles (engine/model/layers/elastic.py): a row or column range of the weight, as a
+    # view, never a copy.  Elastic models are not prepacked (a packed weight has no views).
+
+    def forward_rows(self, x: torch.Tensor, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, in] @ W[start:end]^T (+ bias[start:end]) -> [n, end - start], into `out` if given
+        (rows may be strided, as a column range of a wider buffer is)."""
+        bias = None if self.bias is None else self.bias[start:end]
+        if self._runs_quantized(x.shape[0]):
+            return quantized_linear(x, self.quantized.rows(start, end), bias, out)
+        weight = self.dense[start:end]
+        if out is None:
+            return F.linear(x, weight, bias)
+        if bias is None:
+            return torch.mm(x, weight.T, out=out)
+        return torch.addmm(bias, x, weight.T, out=out)
+
+    def forward_columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """x [n, end - start] (inputs start .. end - 1) @ W[:, start:end]^T -> [n, out], no bias
+        (the caller sums tiles and adds it once)."""
+        if self._runs_quantized(x.shape[0]):
+            return quantized_linear(x, self.quantized.columns(start, end))
+        return F.linear(x, self.dense[:, start:end])
+
+    def _runs_quantized(self, num_rows: int) -> bool:
+        return self.quantized is not None and (self.dense is None or self.plan.dense_above_rows is None
+                                               or num_rows <= self.plan.dense_above_rows)
+
     def extra_repr(self) -> str:
         forms = [f"quantized {self.quantized.format.name}"] if self.quantized is not None else []
         forms += ["prepacked"] if self.packed is not None else ["dense"] if self.dense is not None else []

@@ -1,0 +1,151 @@
+"""Elastic levels inside the model (engine/model/layers/elastic.py), on a tiny random Llama:
+
+- column tiles cover each row's own width exactly, each column once;
+- a level equals the plain model with the pruned neurons' and heads' weights zeroed;
+- a batch that mixes levels (rows out of level order) gives every sequence what it gets alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from engine.elastic.runtime import layer_elasticities
+from engine.elastic.spec import ElasticLevel, ElasticSpec
+from engine.model.arch import LlamaArchConfig
+from engine.model.attention_backends.torch_backend import TorchAttentionBackend
+from engine.model.compute_plan import ComputePlan
+from engine.model.forward_batch import ElasticRows, ForwardBatch
+from engine.model.layers.elastic import column_tiles
+from engine.model.llama import LlamaForCausalLM
+from tests.kernels.paged_batch import make_metadata
+from tests.tiny_llama import random_hf_weights
+
+CONFIG = LlamaArchConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+SPEC = ElasticSpec(source_digest="tiny", num_layers=3, hidden_size=64, intermediate_size=128, num_heads=4,
+                   num_kv_heads=2, head_dim=16, vocab_size=128, anchor_layers=(0,),
+                   levels=(ElasticLevel(100, (128, 128, 128), (2, 2, 2)),
+                           ElasticLevel(75, (128, 96, 64), (2, 2, 1)),
+                           ElasticLevel(50, (128, 64, 32), (2, 1, 1))))
+BLOCK_SIZE = 4
+
+
+@pytest.mark.parametrize("widths", [(8, 6, 2), (8, 8, 4), (8, 4, 4), (4, 4, 4)])
+@pytest.mark.parametrize("level_counts", [(3, 0, 2), (0, 0, 5), (1, 1, 1), (2, 3, 0), (0, 4, 1)])
+def test_column_tiles_cover_each_row_once(widths: tuple[int, ...], level_counts: tuple[int, ...]) -> None:
+    rows_upto = list(itertools.accumulate(level_counts))
+    row_widths = [w for w, count in zip(widths, level_counts) for _ in range(count)]
+    covered = [[0] * widths[0] for _ in row_widths]
+    for num_rows, start, end in column_tiles(widths, rows_upto):
+        for row in range(num_rows):
+            for column in range(start, end):
+                covered[row][column] += 1
+    for row, width in enumerate(row_widths):
+        assert covered[row] == [1] * width + [0] * (widths[0] - width)
+    distinct = {count for count in rows_upto if count}
+    assert len(column_tiles(widths, rows_upto)) <= len(distinct)
+
+
+def rank_major(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """q rows and o_proj columns moved to rank-major head slots (slot r * Hkv + g <- head g * G + r)."""
+    group, head_dim = CONFIG.num_heads // CONFIG.num_kv_heads, CONFIG.head_dim
+    order = [(slot % CONFIG.num_kv_heads) * group + slot // CONFIG.num_kv_heads for slot in range(CONFIG.num_heads)]
+    columns = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in order])
+    out = dict(weights)
+    for layer in range(CONFIG.num_layers):
+        q, o = f"model.layers.{layer}.self_attn.q_proj.weight", f"model.layers.{layer}.self_attn.o_proj.weight"
+        out[q], out[o] = weights[q][columns], weights[o][:, columns]
+    return out
+
+
+def side_path_tensors(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for level, layer, block in itertools.product((75, 50), (1, 2), ("ffn", "attn")):
+        prefix = f"levels.{level}.layers.{layer}.{block}."
+        tensors[prefix + "bias"] = torch.randn(64, generator=generator) * 0.01
+        tensors[prefix + "lora_a"] = torch.randn(2, 64, generator=generator) * 0.1
+        tensors[prefix + "lora_b"] = torch.randn(64, 2, generator=generator) * 0.1
+    return tensors
+
+
+def build(weights: dict[str, torch.Tensor], elastic_tensors: dict[str, torch.Tensor] | None) -> LlamaForCausalLM:
+    plan = ComputePlan.reference()
+    layers = None if elastic_tensors is None else layer_elasticities(SPEC, elastic_tensors, torch.float32)
+    model = LlamaForCausalLM(CONFIG, TorchAttentionBackend(), plan, layers)
+    model.load_weights(weights.items())
+    return model.eval()
+
+
+def pruned_reference(weights: dict[str, torch.Tensor], level_index: int) -> dict[str, torch.Tensor]:
+    """The plain (grouped-head) model with every weight the level drops zeroed."""
+    out = {name: w.clone() for name, w in weights.items()}
+    level, group, head_dim = SPEC.levels[level_index], SPEC.group_size, CONFIG.head_dim
+    for layer in range(CONFIG.num_layers):
+        out[f"model.layers.{layer}.mlp.down_proj.weight"][:, level.ffn_widths[layer]:] = 0
+        o_proj = out[f"model.layers.{layer}.self_attn.o_proj.weight"]
+        for kv_group, rank in itertools.product(range(CONFIG.num_kv_heads), range(level.head_ranks[layer], group)):
+            head = kv_group * group + rank
+            o_proj[:, head * head_dim:(head + 1) * head_dim] = 0
+    return out
+
+
+def run(model: LlamaForCausalLM, tokens: list[torch.Tensor], level_indices: list[int]) -> list[torch.Tensor]:
+    """One prefill step of the sequences at their levels -> each sequence's final hidden rows."""
+    lens = [len(t) for t in tokens]
+    num_blocks = sum(-(-n // BLOCK_SIZE) for n in lens)
+    block_tables = torch.zeros(len(lens), max(-(-n // BLOCK_SIZE) for n in lens), dtype=torch.int32)
+    next_block = 0
+    for seq, n in enumerate(lens):
+        count = -(-n // BLOCK_SIZE)
+        block_tables[seq, :count] = torch.arange(next_block, next_block + count)
+        next_block += count
+    meta, positions = make_metadata([0] * len(lens), lens, 0, BLOCK_SIZE, block_tables)
+    row_levels = torch.tensor([index for index, n in zip(level_indices, lens) for _ in range(n)])
+    elastic = None
+    if model.is_elastic and row_levels.any():
+        order = torch.argsort(row_levels, stable=True)
+        counts = torch.bincount(row_levels, minlength=len(SPEC.levels)).cumsum(0)
+        elastic = ElasticRows(order=order, inverse=torch.argsort(order), rows_upto=tuple(counts.tolist()))
+    batch = ForwardBatch(input_ids=torch.cat(tokens), positions=positions, attention=meta,
+                         request_ids=[str(i) for i in range(len(lens))], logits_indices=torch.arange(sum(lens)),
+                         elastic=elastic)
+    caches = [torch.zeros(2, num_blocks, BLOCK_SIZE, CONFIG.num_kv_heads, CONFIG.head_dim)
+              for _ in range(CONFIG.num_layers)]
+    with torch.inference_mode():
+        hidden = model(batch, caches)
+    return list(hidden.split(lens))
+
+
+TOKENS = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 5, 9)]
+
+
+def test_full_level_of_rank_major_model_equals_plain_model() -> None:
+    weights = random_hf_weights(CONFIG, seed=1)
+    plain, elastic = build(weights, None), build(rank_major(weights), {})
+    for got, want in zip(run(elastic, TOKENS, [0, 0, 0]), run(plain, TOKENS, [0, 0, 0])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("level_index", [1, 2])
+def test_level_equals_plain_model_with_pruned_weights_zeroed(level_index: int) -> None:
+    weights = random_hf_weights(CONFIG, seed=2)
+    elastic, reference = build(rank_major(weights), {}), build(pruned_reference(weights, level_index), None)
+    levels = [level_index] * len(TOKENS)
+    for got, want in zip(run(elastic, TOKENS, levels), run(reference, TOKENS, levels)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("levels", [[1, 0, 2], [2, 2, 0], [2, 1, 1], [0, 2, 1]])
+def test_mixed_levels_give_each_sequence_its_own_level(levels: list[int]) -> None:
+    model = build(rank_major(random_hf_weights(CONFIG, seed=3)), side_path_tensors(seed=4))
+    mixed = run(model, TOKENS, levels)
+    for seq, level_index in enumerate(levels):
+        alone = run(model, [TOKENS[seq]], [level_index])[0]
+        torch.testing.assert_close(mixed[seq], alone, atol=1e-5, rtol=1e-5)
+    side_paths_off = build(rank_major(random_hf_weights(CONFIG, seed=3)), {})
+    pruned_seq = next(seq for seq, level in enumerate(levels) if level)
+    assert not torch.allclose(run(side_paths_off, TOKENS, levels)[pruned_seq], mixed[pruned_seq], atol=1e-4)
