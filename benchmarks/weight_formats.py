@@ -35,34 +35,23 @@ import argparse
 import gc
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from engine.bench.datasets import MIN_SHAREGPT_LEN, first_exchange, load_sharegpt
+from engine.bench.conversations import NUM_CALIBRATION_RECORDS, Conversation, held_out_conversations
+from engine.bench.datasets import MIN_SHAREGPT_LEN, load_sharegpt
+from engine.bench.teacher_forcing import prefill_logits
 from engine.config import DTYPES, WEIGHT_FORMATS
 from peers.machine import engine_setup, machine, machine_lines
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_FORMAT = "dequantized"
-NUM_CALIBRATION_RECORDS = 2000  # the shuffled list's first records, left to calibration sets
-SCORE_REQUEST_ID = "weight-formats-perplexity"
 # Acceptance points of the weight-format issue (stated for "native"; every format is held to them).
 MAX_PERPLEXITY_RATIO_DEVIATION = 0.005  # |ppl / ppl(dequantized) - 1|
 MIN_IDENTICAL_FRACTION = 29 / 32  # of the prompts, greedy tokens identical to dequantized's
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    prompt_token_ids: list[int]  # system + user turn + assistant header, as LLM.chat encodes them
-    answer_token_ids: list[int]  # the assistant turn after them, cut to fit --max-seq-len
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.answer_token_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,88 +95,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-# --- held-out conversations ------------------------------------------------------------------
-
-def held_out_conversations(tokenizer: Any, num_conversations: int, seed: int, max_seq_len: int) -> list[Conversation]:
-    """The first `num_conversations` usable records of ShareGPT shuffled by `seed`, past its first
-    NUM_CALIBRATION_RECORDS.  A prompt may fill at most three quarters of --max-seq-len, so that
-    every answer keeps some tokens to score."""
-    records = load_sharegpt()
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    max_prompt_len = max_seq_len - max(MIN_SHAREGPT_LEN, max_seq_len // 4)
-    conversations: list[Conversation] = []
-    for index in order[NUM_CALIBRATION_RECORDS:]:
-        if len(conversations) == num_conversations:
-            break
-        conversation = render(tokenizer, records[index], max_prompt_len, max_seq_len)
-        if conversation is not None:
-            conversations.append(conversation)
-    if len(conversations) < num_conversations:
-        raise ValueError(f"only {len(conversations)} held-out conversations fit {max_seq_len} tokens")
-    return conversations
-
-
-def render(tokenizer: Any, record: dict[str, Any], max_prompt_len: int, max_seq_len: int) -> Conversation | None:
-    """A record's first exchange through the chat template, or None when it has none or does not fit."""
-    exchange = first_exchange(record)
-    if exchange is None:
-        return None
-    question, answer = exchange
-    messages = [{"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}],
-                                         add_generation_prompt=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the generation prompt differently from a finished turn: "
-                         "the answer tokens cannot be told apart")
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
-    if len(prompt_ids) > max_prompt_len or len(answer_ids) < MIN_SHAREGPT_LEN:
-        return None
-    return Conversation(prompt_ids, answer_ids[:max_seq_len - len(prompt_ids)])
-
-
 # --- one weight format -----------------------------------------------------------------------
 
 def answer_nll(llm: Any, conversation: Conversation) -> float:
     """Summed -log p of the answer tokens, the whole sequence as one prefill chunk through the model."""
     import torch
 
-    engine, runner = llm.engine, llm.engine.runner
-    token_ids = conversation.token_ids
-    if not engine.kv.allocate_slots(SCORE_REQUEST_ID, len(token_ids)):
-        raise RuntimeError(f"the KV cache cannot hold {len(token_ids)} tokens: lower --max-seq-len")
-    try:
-        batch = prefill_batch(token_ids, engine.kv.block_table(SCORE_REQUEST_ID), runner)
-        # Row t - 1 predicts token t: the rows before each answer token.
-        num_prompt = len(conversation.prompt_token_ids)
-        batch.logits_indices = torch.arange(num_prompt - 1, len(token_ids) - 1, device=runner.device)
-        with torch.inference_mode():
-            hidden = runner.model(batch, runner.kv_caches)
-            logits = runner.model.compute_logits(hidden[batch.logits_indices])
-        targets = torch.tensor(conversation.answer_token_ids, device=logits.device)
-        logprobs = torch.log_softmax(logits.double(), dim=-1)
-        return -float(logprobs.gather(1, targets[:, None]).sum())
-    finally:
-        engine.kv.free(SCORE_REQUEST_ID)
-
-
-def prefill_batch(token_ids: list[int], block_ids: list[int], runner: Any) -> Any:
-    """The ForwardBatch of one sequence computed from position 0 in one chunk, built the way the
-    runner builds a step's (so rows, slots and attention metadata follow the engine's rules)."""
-    from engine.request import Request
-    from engine.sampling_params import SamplingParams
-    from engine.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
-    from engine.worker.forward_batch_builder import build_forward_batch
-    from engine.worker.request_states import RequestStates
-
-    request = Request(SCORE_REQUEST_ID, list(token_ids), SamplingParams(temperature=0.0), max_tokens=1)
-    scheduled = ScheduledRequest(request, num_computed_tokens=0, num_scheduled_tokens=len(token_ids),
-                                 block_ids=block_ids, samples=True, new_request=NewRequestData.of(request))
-    states = RequestStates()  # the batch's own: the runner's copy of running requests is left alone
-    states.update(SchedulerOutput([scheduled], num_batched_tokens=len(token_ids)))
-    return build_forward_batch([scheduled], states, runner.block_size, runner.device)
+    # Row t - 1 predicts token t: the rows before each answer token.
+    num_prompt, token_ids = len(conversation.prompt_token_ids), conversation.token_ids
+    logits = prefill_logits(llm, token_ids, torch.arange(num_prompt - 1, len(token_ids) - 1))
+    targets = torch.tensor(conversation.answer_token_ids, device=logits.device)
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return -float(logprobs.gather(1, targets[:, None]).sum())
 
 
 def measure_format(args: argparse.Namespace, weight_format: str, scored: list[Conversation],
