@@ -36,7 +36,7 @@ class ModelConfig:
     served_model_name: str | None = None
     # Elastic submodels (engine/elastic/).  on: load the model's elastic checkpoint, building it
     # first if missing (minutes, cached); auto: on for the default model, off for others; off.
-    elastic: str = "off"  # TODO(merge): "auto" once elastify lands
+    elastic: str = "auto"
     elastic_checkpoint: str | None = None  # a checkpoint directory; None = the user cache's
     elastic_level: int = 100  # level for requests that name none (one of the checkpoint's levels)
 

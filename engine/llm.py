@@ -20,7 +20,7 @@ class LLM:
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 128, block_size: int = 16,
                  kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
                  enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
-                 attention_backend: str = "auto", device: str = "cpu", elastic: str = "off",
+                 attention_backend: str = "auto", device: str = "cpu", elastic: str = "auto",
                  elastic_checkpoint: str | None = None, elastic_level: int = 100) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format, max_model_len=max_model_len,

@@ -1,58 +1,61 @@
 """An elastic checkpoint as the model's layers take it: per layer, each level's widths and its
-recovery side paths (engine/model/layers/elastic.py), in the model's dtype and device.
-
-Tensor names (engine/elastic/checkpoint.py writes them): for level value L < 100 and layer l,
-`levels.{L}.layers.{l}.{ffn|attn}.{bias|lora_a|lora_b}`; a missing tensor is no term.
-"""
+recovery side paths (engine/model/layers/elastic.py) in the model's dtype and device, and the
+weight reordering load_model applies to the file's weights."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 
-from engine.elastic.spec import FULL_LEVEL, ElasticSpec
+from engine.elastic.checkpoint import ElasticCheckpoint
+from engine.elastic.permutation import permute_weights
+from engine.elastic.spec import ElasticSpec
+from engine.elastic.torch_model import BlockCorrection, LayerCorrection
 from engine.model.arch import LlamaArchConfig
 from engine.model.compute_plan import ComputePlan
 from engine.model.layers.elastic import BlockElasticity, LayerElasticity, SidePath
 from engine.model.loader import WeightStream
 
+# level value -> per layer its corrections (None: none), as ElasticCheckpoint.corrections holds them
+Corrections = Mapping[int, list[LayerCorrection | None]]
 
-def layer_elasticities(spec: ElasticSpec, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+
+def layer_elasticities(spec: ElasticSpec, corrections: Corrections, dtype: torch.dtype,
                        device: torch.device | str = "cpu") -> list[LayerElasticity]:
-    def side_path(level: int, layer: int, block: str) -> SidePath | None:
-        if level == FULL_LEVEL:
-            return None
-        prefix = f"levels.{level}.layers.{layer}.{block}."
-        parts = {part: tensors.get(prefix + part) for part in ("bias", "lora_a", "lora_b")}
-        if all(t is None for t in parts.values()):
-            return None
-        if (parts["lora_a"] is None) != (parts["lora_b"] is None):
-            raise ValueError(f"{prefix}lora_a and lora_b come together")
-        return SidePath(**{part: None if t is None else t.to(device=device, dtype=dtype) for part, t in parts.items()})
+    def side_paths(layer: int, block: str) -> tuple[SidePath | None, ...]:
+        paths: list[SidePath | None] = [None]  # the full level has none
+        for level in spec.levels[1:]:
+            per_layer = corrections.get(level.level)
+            correction = per_layer[layer] if per_layer is not None else None
+            paths.append(_side_path(getattr(correction, block) if correction else None, dtype, device))
+        return tuple(paths)
 
     q_slot = spec.num_kv_heads * spec.head_dim  # columns of one head rank across the KV groups
-    layers = []
-    for layer in range(spec.num_layers):
-        levels = [level.level for level in spec.levels]
-        ffn = BlockElasticity(widths=tuple(level.ffn_widths[layer] for level in spec.levels),
-                              side_paths=tuple(side_path(value, layer, "ffn") for value in levels))
-        attention = BlockElasticity(widths=tuple(level.head_ranks[layer] * q_slot for level in spec.levels),
-                                    side_paths=tuple(side_path(value, layer, "attn") for value in levels))
-        layers.append(LayerElasticity(ffn=ffn, attention=attention))
-    return layers
+    return [LayerElasticity(
+        ffn=BlockElasticity(widths=tuple(level.ffn_widths[layer] for level in spec.levels),
+                            side_paths=side_paths(layer, "ffn")),
+        attention=BlockElasticity(widths=tuple(level.head_ranks[layer] * q_slot for level in spec.levels),
+                                  side_paths=side_paths(layer, "attn")))
+        for layer in range(spec.num_layers)]
 
 
-def elastic_model_parts(checkpoint: Any, arch: LlamaArchConfig, plan: ComputePlan
+def _side_path(correction: BlockCorrection | None, dtype: torch.dtype, device: torch.device | str) -> SidePath | None:
+    terms = [None, None, None] if correction is None else [correction.bias, correction.lora_a, correction.lora_b]
+    if all(t is None for t in terms):
+        return None
+    if (terms[1] is None) != (terms[2] is None):
+        raise ValueError("an elastic checkpoint's lora_a and lora_b come together")
+    return SidePath(*[None if t is None else t.detach().to(device=device, dtype=dtype).contiguous() for t in terms])
+
+
+def elastic_model_parts(checkpoint: ElasticCheckpoint, arch: LlamaArchConfig, plan: ComputePlan
                         ) -> tuple[list[LayerElasticity], Callable[[WeightStream], WeightStream]]:
     """What load_model takes to build the elastic model: its layers' levels, and the function
     that turns the file's weight stream into the importance-ordered one."""
-    from engine.elastic.permutation import reorder_weights  # TODO(merge): elastify branch
-
-    layers = layer_elasticities(checkpoint.spec, checkpoint.tensors, plan.dtype, plan.device)
+    layers = layer_elasticities(checkpoint.spec, checkpoint.corrections, plan.dtype, plan.device)
 
     def reorder(weights: WeightStream) -> WeightStream:
-        return reorder_weights(weights, checkpoint, arch, keep_quantized=plan.quantized)
+        return permute_weights(weights, arch, checkpoint.ffn_orders, checkpoint.head_orders)
 
     return layers, reorder

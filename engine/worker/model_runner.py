@@ -11,6 +11,7 @@ import torch
 
 from engine.capabilities import log_capabilities
 from engine.config import CacheConfig, RunnerConfig
+from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.runtime import elastic_model_parts
 from engine.model.attention_backends import make_attention_backend
 from engine.model.compute_plan import make_compute_plan
@@ -37,7 +38,7 @@ def num_kv_blocks_for(source: ModelSource, cache: CacheConfig, dtype: torch.dtyp
 
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, cache: CacheConfig, runner: RunnerConfig,
-                 weight_format: str = "auto", elastic=None) -> None:
+                 weight_format: str = "auto", elastic: ElasticCheckpoint | None = None) -> None:
         """`elastic`: run the model as elastic submodels (its weights reordered by the checkpoint)."""
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)

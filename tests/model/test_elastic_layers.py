@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.elastic.runtime import layer_elasticities
+from engine.elastic.torch_model import BlockCorrection, LayerCorrection
 from engine.elastic.spec import ElasticLevel, ElasticSpec
 from engine.model.arch import LlamaArchConfig
 from engine.model.attention_backends.torch_backend import TorchAttentionBackend
@@ -61,20 +62,22 @@ def rank_major(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def side_path_tensors(seed: int) -> dict[str, torch.Tensor]:
+def random_corrections(seed: int) -> dict[int, list[LayerCorrection | None]]:
+    """Random side paths for every block of the non-anchor layers at the two smaller levels."""
     generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for level, layer, block in itertools.product((75, 50), (1, 2), ("ffn", "attn")):
-        prefix = f"levels.{level}.layers.{layer}.{block}."
-        tensors[prefix + "bias"] = torch.randn(64, generator=generator) * 0.01
-        tensors[prefix + "lora_a"] = torch.randn(2, 64, generator=generator) * 0.1
-        tensors[prefix + "lora_b"] = torch.randn(64, 2, generator=generator) * 0.1
-    return tensors
+
+    def block() -> BlockCorrection:
+        return BlockCorrection(bias=torch.randn(64, generator=generator) * 0.01,
+                               lora_a=torch.randn(2, 64, generator=generator) * 0.1,
+                               lora_b=torch.randn(64, 2, generator=generator) * 0.1)
+
+    return {level: [None, *[LayerCorrection(attn=block(), ffn=block()) for _ in (1, 2)]] for level in (75, 50)}
 
 
-def build(weights: dict[str, torch.Tensor], elastic_tensors: dict[str, torch.Tensor] | None) -> LlamaForCausalLM:
+def build(weights: dict[str, torch.Tensor], corrections: dict[int, list[LayerCorrection | None]] | None
+          ) -> LlamaForCausalLM:
     plan = ComputePlan.reference()
-    layers = None if elastic_tensors is None else layer_elasticities(SPEC, elastic_tensors, torch.float32)
+    layers = None if corrections is None else layer_elasticities(SPEC, corrections, torch.float32)
     model = LlamaForCausalLM(CONFIG, TorchAttentionBackend(), plan, layers)
     model.load_weights(weights.items())
     return model.eval()
@@ -141,7 +144,7 @@ def test_level_equals_plain_model_with_pruned_weights_zeroed(level_index: int) -
 
 @pytest.mark.parametrize("levels", [[1, 0, 2], [2, 2, 0], [2, 1, 1], [0, 2, 1]])
 def test_mixed_levels_give_each_sequence_its_own_level(levels: list[int]) -> None:
-    model = build(rank_major(random_hf_weights(CONFIG, seed=3)), side_path_tensors(seed=4))
+    model = build(rank_major(random_hf_weights(CONFIG, seed=3)), random_corrections(seed=4))
     mixed = run(model, TOKENS, levels)
     for seq, level_index in enumerate(levels):
         alone = run(model, [TOKENS[seq]], [level_index])[0]
