@@ -18,6 +18,9 @@ class Logprob:
 
 # One entry per generated token: the sampled token and the top-N alternatives, by token id.
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token, None for the first (nothing before it to score it): the prompt
+# token and the top-N alternatives at its position, by token id.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -57,3 +60,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # metrics of each of the n samples (same order as outputs) for per-sample latency stats
     sample_metrics: list[RequestMetrics] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs asked for them
