@@ -58,10 +58,10 @@ class PromptLogprobsBuffer:
             raise AssertionError(f"prompt logprobs scored from entry {start}, expected {self.num_scored}: "
                                  "a chunk was skipped (a prefix-cache hit?)")
         end = start + logprobs.shape[0]
-        self.logprobs[start:end] = logprobs
-        self.ranks[start:end] = ranks
-        self.top_token_ids[start:end] = top_token_ids
-        self.top_logprobs[start:end] = top_logprobs
+        self.logprobs[start:end].copy_(logprobs)
+        self.ranks[start:end].copy_(ranks)
+        self.top_token_ids[start:end].copy_(top_token_ids)
+        self.top_logprobs[start:end].copy_(top_logprobs)
         self.num_scored = end
 
     def to_lists(self) -> PromptLogprobsLists:

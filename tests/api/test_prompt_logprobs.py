@@ -74,7 +74,8 @@ def test_echo_with_logprobs_streams_the_prompt_first(client: openai.OpenAI, http
     tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
     token_logprobs = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
     assert tokens == full.choices[0].logprobs.tokens
-    assert token_logprobs[0] is None and token_logprobs[1:] == pytest.approx(full.choices[0].logprobs.token_logprobs[1:])
+    assert token_logprobs[0] is None
+    assert token_logprobs[1:] == pytest.approx(full.choices[0].logprobs.token_logprobs[1:])
     only_prompt = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, logprobs=1,
                                                  echo=True, stream=True))
     assert "".join(c.choices[0].text for c in only_prompt) == PROMPT

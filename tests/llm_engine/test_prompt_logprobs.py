@@ -4,6 +4,8 @@ sent once through preemptions."""
 
 from __future__ import annotations
 
+import pytest
+
 from engine.sampling_params import SamplingParams
 from tests.conftest import assert_kv_empty, make_llm
 from tests.worker.test_prompt_logprobs import PROMPT, assert_scored_as_reference, full_forward_logprobs
@@ -53,6 +55,7 @@ def test_n_samples_share_one_scored_prompt(llm_fp32):
     assert_scored_as_reference(out.prompt_logprobs, prompt, full_forward_logprobs(llm_fp32, prompt), num_top=0)
 
 
+@pytest.mark.slow  # loads a second engine, with a KV pool small enough to preempt
 def test_preemption_sends_prompt_logprobs_once():
     """5 blocks of 16 tokens for three ~30-token prompts growing 12 tokens each: two running
     requests outgrow the pool, so requests are preempted and recomputed."""
