@@ -195,6 +195,9 @@ class LLMEngine:
         if metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.last_token_time = now
+        prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
+        if prompt_logprobs is not None:
+            self.outputs.on_prompt_logprobs(request, prompt_logprobs)
         stop = self.outputs.on_token(request, runner_output.sampled[request.request_id])
         if stop is not None:
             if request.is_finished:  # the same token also hit a length limit: the stop wins

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from engine.request import Request
-from engine.scheduler.output import SampledToken
+from engine.scheduler.output import PromptLogprobsLists, SampledToken
 from engine.tokenizer.detokenizer import IncrementalDetokenizer
 from engine.tokenizer.tokenizer import Tokenizer
 
@@ -39,6 +39,7 @@ class ParentState:
     prompt: str | None
     prompt_token_ids: list[int]
     samples: list[SampleState] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # from the first sample to score the prompt
 
     @property
     def finished(self) -> bool:
@@ -49,7 +50,8 @@ class ParentState:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
                              outputs=[s.completion() for s in self.samples], finished=self.finished,
                              metrics=first, sample_metrics=[s.request.metrics for s in self.samples],
-                             elastic_level=self.samples[0].request.elastic_level)
+                             elastic_level=self.samples[0].request.elastic_level,
+                             prompt_logprobs=self.prompt_logprobs)
 
 
 class OutputProcessor:
@@ -83,11 +85,29 @@ class OutputProcessor:
             sample.cumulative_logprob += sampled.logprob
         return sample.detokenizer.add_token(sampled.token_id)
 
+    def on_prompt_logprobs(self, request: Request, scored: PromptLogprobsLists) -> None:
+        """Record how the model scored the prompt.  Each of n samples scores it (so whichever
+        samples first brings it with its first token); the first kept stands for all."""
+        parent, _ = self.samples[request.request_id]
+        if parent.prompt_logprobs is not None:
+            return
+        prompt_logprobs: PromptLogprobs = [None]
+        for token_id, logprob, rank, top_token_ids, top_logprobs in zip(
+                parent.prompt_token_ids[1:], scored.logprobs, scored.ranks, scored.top_token_ids, scored.top_logprobs):
+            prompt_logprobs.append(self._entry(token_id, logprob, rank, top_token_ids, top_logprobs))
+        parent.prompt_logprobs = prompt_logprobs
+
     def _logprobs(self, sampled: SampledToken) -> dict[int, Logprob]:
-        entry = {sampled.token_id: Logprob(sampled.logprob, sampled.rank, self.tokenizer.token_text(sampled.token_id))}
-        for rank, (token_id, logprob) in enumerate(zip(sampled.top_token_ids, sampled.top_logprobs), start=1):
-            if token_id not in entry:
-                entry[token_id] = Logprob(logprob, rank, self.tokenizer.token_text(token_id))
+        return self._entry(sampled.token_id, sampled.logprob, sampled.rank, sampled.top_token_ids,
+                           sampled.top_logprobs)
+
+    def _entry(self, token_id: int, logprob: float, rank: int, top_token_ids: list[int],
+               top_logprobs: list[float]) -> dict[int, Logprob]:
+        """A token's Logprob and its position's top alternatives, by token id."""
+        entry = {token_id: Logprob(logprob, rank, self.tokenizer.token_text(token_id))}
+        for top_rank, (top_id, top_logprob) in enumerate(zip(top_token_ids, top_logprobs), start=1):
+            if top_id not in entry:
+                entry[top_id] = Logprob(top_logprob, top_rank, self.tokenizer.token_text(top_id))
         return entry
 
     def on_finished(self, request: Request) -> None:

@@ -18,6 +18,9 @@ class Logprob:
 
 # One entry per generated token: the sampled token and the top-N alternatives, by token id.
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token, None for the first (nothing before it to score it): the prompt
+# token and the top-N alternatives at its position, by token id.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -58,3 +61,4 @@ class RequestOutput:
     # metrics of each of the n samples (same order as outputs) for per-sample latency stats
     sample_metrics: list[RequestMetrics] = field(default_factory=list)
     elastic_level: int = 100  # the submodel its last step ran (engine/elastic/spec.py)
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs asked for them

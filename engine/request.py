@@ -114,6 +114,13 @@ class Request:
         return b"" if self.elastic_level == FULL_LEVEL else f"elastic-level={self.elastic_level}".encode()
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether computing this request's prompt must also score it: asked for, and not yet
+        delivered.  They go out with the first sampled token, so a request recomputed after a
+        preemption that came after that token does not score its prompt again."""
+        return self.sampling_params.prompt_logprobs is not None and not self.output_token_ids
+
+    @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.is_finished else None
 

@@ -73,6 +73,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     slo: SLOField | None = None
     elastic: ElasticField | None = None
     vllm_xargs: dict[str, str | int | float | bool] | None = None  # vLLM's per-request extras
+    prompt_logprobs: int | None = None  # vLLM's: score the prompt, returned as `prompt_logprobs`
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -133,12 +134,25 @@ class CompletionLogprobs(msgspec.Struct):
     text_offset: list[int] = msgspec.field(default_factory=list)
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's per-token entry of `prompt_logprobs` (keyed by token id)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# One entry per prompt token, null for the first; vLLM's response shape.
+PromptLogprobsBody = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobsBody | None = None
 
 
 class CompletionResponse(msgspec.Struct):
@@ -187,6 +201,7 @@ class ChatCompletionResponse(msgspec.Struct):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     object: str = "chat.completion"
+    prompt_logprobs: PromptLogprobsBody | None = None
 
 
 class DeltaMessage(msgspec.Struct, omit_defaults=True):

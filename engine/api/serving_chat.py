@@ -14,8 +14,9 @@ from engine.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletion
                                  ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
                                  ChatTokenLogprob, DeltaMessage, TopLogprob, encode, random_id, sse_event)
 from engine.api.serving_elastic import requested_level
-from engine.api.serving_common import (LOGPROB_FLOOR, check_model, collect, resolve_max_tokens,
-                                       streaming_response, to_sampling_params, usage_of, slo_target)
+from engine.api.serving_common import (LOGPROB_FLOOR, check_model, collect, prompt_logprobs_body,
+                                       resolve_max_tokens, slo_target, streaming_response, to_sampling_params,
+                                       usage_of)
 from engine.outputs import CompletionOutput, Logprob
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -39,7 +40,7 @@ async def create_chat_completion(request: ChatCompletionRequest, engine: AsyncEn
     max_tokens = resolve_max_tokens(requested, len(prompt_token_ids), engine, param)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     params = to_sampling_params(request, engine, max_tokens=max_tokens, logprobs=logprobs,
-                                logprobs_param="top_logprobs")
+                                logprobs_param="top_logprobs", prompt_logprobs=request.prompt_logprobs)
     chat_id = random_id("chatcmpl")
     group = engine.generate([(chat_id, prompt_token_ids, params)], priority=request.priority, slo=slo_target(request),
                             arrival_time=arrival_time, elastic_level=requested_level(request, engine))
@@ -56,7 +57,8 @@ async def create_chat_completion(request: ChatCompletionRequest, engine: AsyncEn
                           c.finish_reason, c.stop_reason)
                for c in output.outputs]
     response = ChatCompletionResponse(chat_id, int(time.time()), engine.model_name, choices,
-                                      usage_of([len(prompt_token_ids)], [output]))
+                                      usage_of([len(prompt_token_ids)], [output]),
+                                      prompt_logprobs=prompt_logprobs_body(output.prompt_logprobs))
     return Response(encode(response), media_type="application/json")
 
 

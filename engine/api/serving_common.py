@@ -14,9 +14,10 @@ from starlette.responses import Response, StreamingResponse
 
 from engine.api.async_engine import AsyncEngine, RequestGroup
 from engine.api.errors import APIError
-from engine.api.protocol import ErrorInfo, ErrorResponse, UsageInfo, SamplingFields, sse_event
+from engine.api.protocol import (ErrorInfo, ErrorResponse, PromptLogprob, PromptLogprobsBody, SamplingFields,
+                                 UsageInfo, sse_event)
 from engine.api.serving_elastic import alias_level
-from engine.outputs import RequestOutput
+from engine.outputs import PromptLogprobs, RequestOutput
 from engine.request import SLOTarget
 from engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -69,10 +70,14 @@ def slo_target(request: SamplingFields) -> SLOTarget | None:
 
 
 def to_sampling_params(request: SamplingFields, engine: AsyncEngine, *, max_tokens: int,
-                       logprobs: int | None, logprobs_param: str) -> SamplingParams:
-    """OpenAI + vLLM fields -> SamplingParams; range errors become 400 naming the field."""
+                       logprobs: int | None, logprobs_param: str,
+                       prompt_logprobs: int | None = None) -> SamplingParams:
+    """OpenAI + vLLM fields -> SamplingParams; range errors become 400 naming the field.
+    `prompt_logprobs`: the request's own, or what the endpoint derives (echo with logprobs)."""
     if not 1 <= request.n <= MAX_N:
         raise APIError(f"n must be in [1, {MAX_N}], got {request.n}.", param="n")
+    if request.prompt_logprobs is not None and request.stream:
+        raise APIError("prompt_logprobs are not available when stream is true.", param="prompt_logprobs")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     if stop is not None and len(stop) > MAX_STOP_STRINGS:
         raise APIError(f"At most {MAX_STOP_STRINGS} stop strings are allowed.", param="stop")
@@ -95,7 +100,7 @@ def to_sampling_params(request: SamplingFields, engine: AsyncEngine, *, max_toke
             frequency_penalty=request.frequency_penalty, logit_bias=_logit_bias(request.logit_bias, engine),
             stop=stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
             max_tokens=max_tokens, min_tokens=request.min_tokens, logprobs=logprobs,
-            skip_special_tokens=request.skip_special_tokens,
+            prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
             include_stop_str_in_output=request.include_stop_str_in_output, **optional)
     except SamplingParamsError as e:
         param = logprobs_param if e.param == "logprobs" else e.param
@@ -121,6 +126,16 @@ def _logit_bias(logit_bias: dict[str, float] | None, engine: AsyncEngine) -> dic
             raise APIError(f"logit_bias values must be in [-100, 100], got {bias}.", param="logit_bias")
         result[token_id] = bias
     return result
+
+
+def prompt_logprobs_body(prompt_logprobs: PromptLogprobs | None) -> PromptLogprobsBody | None:
+    """The engine's prompt logprobs in vLLM's response shape, -inf floored as JSON needs."""
+    if prompt_logprobs is None:
+        return None
+    return [None if entry is None else
+            {token_id: PromptLogprob(max(lp.logprob, LOGPROB_FLOOR), lp.rank, lp.decoded_token)
+             for token_id, lp in entry.items()}
+            for entry in prompt_logprobs]
 
 
 def usage_of(prompt_lengths: list[int], outputs: list[RequestOutput | None]) -> UsageInfo:

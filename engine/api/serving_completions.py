@@ -1,10 +1,17 @@
-"""POST /v1/completions: one engine request per prompt; choice index = prompt_index * n + sample."""
+"""POST /v1/completions: one engine request per prompt; choice index = prompt_index * n + sample.
+
+`echo` puts the prompt before the completion in `text`, and with `logprobs` its tokens before the
+completion's in `logprobs` (scored through prompt logprobs; the first prompt token has none).
+`echo` with `max_tokens: 0` scores the prompt and generates nothing (lm-eval's loglikelihood
+requests): the engine always samples a token, so it samples one and the response drops it, as
+vLLM does.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.responses import Response
 
@@ -14,9 +21,10 @@ from engine.api.protocol import (CompletionChoice, CompletionLogprobs, Completio
                                  encode, random_id, sse_event)
 from engine.api.serving_elastic import requested_level
 from engine.api.serving_common import (LOGPROB_FLOOR, MAX_NUM_PROMPTS, check_model, check_prompt_token_ids,
-                                       collect, resolve_max_tokens, streaming_response, to_sampling_params,
-                                       usage_of, slo_target)
-from engine.outputs import CompletionOutput, RequestOutput, SampleLogprobs
+                                       collect, prompt_logprobs_body, resolve_max_tokens, slo_target,
+                                       streaming_response, to_sampling_params, usage_of)
+from engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
+from engine.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass(slots=True)
@@ -41,12 +49,13 @@ async def create_completion(request: CompletionRequest, engine: AsyncEngine,
     check_model(request.model, engine)
     _check_unsupported(request)
     prompts = parse_prompts(request.prompt, engine)
+    is_echo_only = request.echo and request.max_tokens == 0
     sub_requests = []
     completion_id = random_id("cmpl")
     for i, prompt in enumerate(prompts):
-        max_tokens = resolve_max_tokens(request.max_tokens, len(prompt.token_ids), engine)
+        max_tokens = resolve_max_tokens(1 if is_echo_only else request.max_tokens, len(prompt.token_ids), engine)
         params = to_sampling_params(request, engine, max_tokens=max_tokens, logprobs=request.logprobs,
-                                    logprobs_param="logprobs")
+                                    logprobs_param="logprobs", prompt_logprobs=_num_prompt_logprobs(request))
         sub_requests.append((f"{completion_id}-{i}", prompt.token_ids, params))
     group = engine.generate(sub_requests, priority=request.priority, slo=slo_target(request),
                             arrival_time=arrival_time, elastic_level=requested_level(request, engine))
@@ -56,16 +65,11 @@ async def create_completion(request: CompletionRequest, engine: AsyncEngine,
         except BaseException:
             group.close()
             raise
-        return streaming_response(_stream(request, engine, completion_id, prompts, group), group)
-    outputs = await collect(group)
-    choices = []
-    for prompt_index, (prompt, output) in enumerate(zip(prompts, outputs)):
-        base = prompt.text if request.echo else ""
-        for completion in output.outputs:
-            logprobs = (_logprobs(completion, 0, len(completion.token_ids), len(base))
-                        if request.logprobs is not None else None)
-            choices.append(CompletionChoice(prompt_index * request.n + completion.index, base + completion.text,
-                                            logprobs, completion.finish_reason, completion.stop_reason))
+        return streaming_response(_stream(request, engine, completion_id, prompts, group, is_echo_only), group)
+    outputs = [_without_generation(o) if is_echo_only else o for o in await collect(group)]
+    choices = [_choice(request, engine.tokenizer, prompt_index, prompt, output, completion)
+               for prompt_index, (prompt, output) in enumerate(zip(prompts, outputs))
+               for completion in output.outputs]
     response = CompletionResponse(completion_id, int(time.time()), engine.model_name, choices,
                                   usage_of([len(p.token_ids) for p in prompts], list(outputs)))
     return Response(encode(response), media_type="application/json")
@@ -76,9 +80,38 @@ def _check_unsupported(request: CompletionRequest) -> None:
         raise APIError("suffix is not supported.", param="suffix")
     if request.best_of is not None and request.best_of != request.n:
         raise APIError("best_of is not supported (only best_of == n).", param="best_of")
-    if request.echo and request.logprobs is not None:
-        raise APIError("echo with logprobs needs prompt logprobs, which this server does not compute.",
-                       param="echo")
+    if request.max_tokens == 0 and not request.echo:
+        raise APIError("max_tokens may be 0 only with echo (to score the prompt without generating).",
+                       param="max_tokens")
+
+
+def _num_prompt_logprobs(request: CompletionRequest) -> int | None:
+    """vLLM's rule: the request's own prompt_logprobs, else echo's logprobs also cover the prompt."""
+    if request.prompt_logprobs is not None:
+        return request.prompt_logprobs
+    return request.logprobs if request.echo else None
+
+
+def _without_generation(output: RequestOutput) -> RequestOutput:
+    """echo with max_tokens 0: drop the one token the engine sampled; the choice ends at once."""
+    return replace(output, outputs=[
+        replace(c, text="", token_ids=[], cumulative_logprob=None, logprobs=[] if c.logprobs is not None else None,
+                finish_reason="length" if c.finished() else None, stop_reason=None)
+        for c in output.outputs])
+
+
+def _choice(request: CompletionRequest, tokenizer: Tokenizer, prompt_index: int, prompt: Prompt,
+            output: RequestOutput, completion: CompletionOutput) -> CompletionChoice:
+    text, logprobs = completion.text, None
+    if request.logprobs is not None:
+        logprobs = _logprobs(completion, 0, len(completion.token_ids), len(prompt.text) if request.echo else 0)
+    if request.echo:
+        text = prompt.text + text
+        if logprobs is not None:
+            logprobs = _joined(_prompt_part(prompt, output.prompt_logprobs, request.logprobs, tokenizer), logprobs)
+    prompt_logprobs = prompt_logprobs_body(output.prompt_logprobs) if request.prompt_logprobs is not None else None
+    return CompletionChoice(prompt_index * request.n + completion.index, text, logprobs, completion.finish_reason,
+                            completion.stop_reason, prompt_logprobs)
 
 
 def parse_prompts(prompt: str | list[str | int | list[int]], engine: AsyncEngine) -> list[Prompt]:
@@ -123,22 +156,50 @@ def _logprobs(completion: CompletionOutput, start: int, end: int, text_offset: i
     return result
 
 
+def _prompt_part(prompt: Prompt, prompt_logprobs: PromptLogprobs | None, num_top: int,
+                 tokenizer: Tokenizer) -> CompletionLogprobs:
+    """The prompt's tokens in the legacy logprobs form, offsets from 0: the first token has no
+    logprob and no alternatives (nothing before it); each other one its own logprob and its
+    position's `num_top` most likely tokens, itself included even when it is not among them."""
+    result = CompletionLogprobs()
+    entries = prompt_logprobs or [None] * len(prompt.token_ids)
+    text_offset = 0
+    for token_id, entry in zip(prompt.token_ids, entries):
+        token = tokenizer.token_text(token_id)
+        scored = entry.get(token_id) if entry is not None else None
+        result.tokens.append(token)
+        result.token_logprobs.append(_finite(scored.logprob) if scored is not None else None)
+        result.top_logprobs.append(None if entry is None else {
+            lp.decoded_token: _finite(lp.logprob) for top_id, lp in sorted(entry.items(), key=lambda item: item[1].rank)
+            if lp.rank <= num_top or top_id == token_id})
+        result.text_offset.append(text_offset)
+        text_offset += len(token)
+    return result
+
+
+def _joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(first.tokens + then.tokens, first.token_logprobs + then.token_logprobs,
+                              first.top_logprobs + then.top_logprobs, first.text_offset + then.text_offset)
+
+
 def _finite(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
 async def _stream(request: CompletionRequest, engine: AsyncEngine, completion_id: str, prompts: list[Prompt],
-                  group: RequestGroup) -> AsyncIterator[bytes]:
+                  group: RequestGroup, is_echo_only: bool) -> AsyncIterator[bytes]:
     created = int(time.time())
     progress: dict[int, _ChoiceProgress] = {}
     finals: list[RequestOutput | None] = [None] * len(prompts)
     async for prompt_index, output in group:
+        output = _without_generation(output) if is_echo_only else output
         finals[prompt_index] = output
         for completion in output.outputs:
             index = prompt_index * request.n + completion.index
             sent = progress.setdefault(index, _ChoiceProgress(
                 text_offset=len(prompts[prompt_index].text) if request.echo else 0))
-            choice = _next_choice(request, prompts[prompt_index], completion, index, sent)
+            echoed = _Echo(prompts[prompt_index], output.prompt_logprobs, engine.tokenizer)
+            choice = _next_choice(request, echoed, completion, index, sent)
             if choice is not None:
                 yield sse_event(CompletionResponse(completion_id, created, engine.model_name, [choice]))
     if request.stream_options is not None and request.stream_options.include_usage:
@@ -146,7 +207,16 @@ async def _stream(request: CompletionRequest, engine: AsyncEngine, completion_id
         yield sse_event(CompletionResponse(completion_id, created, engine.model_name, [], usage))
 
 
-def _next_choice(request: CompletionRequest, prompt: Prompt, completion: CompletionOutput, index: int,
+@dataclass(slots=True)
+class _Echo:
+    """What echo puts before a stream's first chunk of a choice."""
+
+    prompt: Prompt
+    prompt_logprobs: PromptLogprobs | None
+    tokenizer: Tokenizer
+
+
+def _next_choice(request: CompletionRequest, echo: _Echo, completion: CompletionOutput, index: int,
                  sent: _ChoiceProgress) -> CompletionChoice | None:
     """The delta of one choice since the last chunk, or None when there is nothing new."""
     if sent.is_finished:
@@ -160,7 +230,10 @@ def _next_choice(request: CompletionRequest, prompt: Prompt, completion: Complet
     if request.logprobs is not None:
         logprobs = _logprobs(completion, sent.num_tokens, num_tokens, sent.text_offset)
         sent.text_offset += sum(len(token) for token in logprobs.tokens)
-    text = prompt.text + delta if request.echo and not sent.is_started else delta
+        if request.echo and not sent.is_started:
+            prompt_part = _prompt_part(echo.prompt, echo.prompt_logprobs, request.logprobs, echo.tokenizer)
+            logprobs = _joined(prompt_part, logprobs)
+    text = echo.prompt.text + delta if request.echo and not sent.is_started else delta
     sent.num_chars = max(sent.num_chars, len(completion.text))
     sent.num_tokens = num_tokens
     sent.is_started = True

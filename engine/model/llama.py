@@ -154,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Only the rows that sample this step come here; logits are fp32."""
+        """Only the rows that sample this step, or score a prompt, come here; logits are fp32."""
         return self.output(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, LinearWeight]]) -> None:

@@ -24,11 +24,13 @@ class NewRequestData:
     output_token_ids: tuple[int, ...]  # non-empty when it restarts after a preemption
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int]
+    # Score the prompt tokens as they are computed (Request.needs_prompt_logprobs at (re)start).
+    needs_prompt_logprobs: bool = False
 
     @classmethod
     def of(cls, request: Request) -> NewRequestData:
         return cls(request.request_id, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
-                   request.sampling_params, request.eos_token_ids)
+                   request.sampling_params, request.eos_token_ids, request.needs_prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -80,6 +82,19 @@ class SampledToken:
 
 
 @dataclass(slots=True)
+class PromptLogprobsLists:
+    """How the model scored a prompt's tokens 1 .. P-1 (token 0 has nothing before it): entry j
+    is prompt token j + 1's logprob and rank, and the top tokens at that position."""
+
+    logprobs: list[float]
+    ranks: list[int]  # 1 = the most likely token
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass(slots=True)
 class ModelRunnerOutput:
     # request_id -> the token sampled for it this step (only requests that sampled)
     sampled: dict[str, SampledToken]
+    # request_id -> its whole prompt's logprobs, sent once, in the step of its first sampled token
+    prompt_logprobs: dict[str, PromptLogprobsLists] = field(default_factory=dict)

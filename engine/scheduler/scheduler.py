@@ -144,8 +144,11 @@ class Scheduler:
         if len(self.running) >= self.max_num_seqs and displacement != Displacement.PAUSE:
             if displacement == Displacement.NONE or not self._preempt_below(request, step, now):
                 return False
-        request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids,
-                                                          request.kv_cache_salt)
+        # Cached tokens are never computed, so they would have no logits to score: a request that
+        # wants its prompt scored skips the lookup (as vLLM does); its own blocks are still cached.
+        if not request.needs_prompt_logprobs:
+            request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids,
+                                                              request.kv_cache_salt)
         num_new = min(request.num_tokens_to_compute, step.budget)
         total = request.num_computed_tokens + num_new
         while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids, request.kv_cache_salt):

@@ -18,9 +18,10 @@ from engine.model.compute_plan import make_compute_plan
 from engine.model.layers.linear import weight_bytes
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
-from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
+from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.worker.forward_batch_builder import build_forward_batch
 from engine.worker.host_allocator import keep_freed_memory
+from engine.worker.prompt_logprobs import score_prompt_chunk
 from engine.worker.request_states import RequestStates
 from engine.worker.sampler import Sampler
 
@@ -89,10 +90,21 @@ class ModelRunner:
             return ModelRunnerOutput(sampled={})
         batch = build_forward_batch(scheduled, self.requests, self.block_size, self.device, self.elastic_levels)
         hidden = self.model(batch, self.kv_caches)
+        self._score_prompts(scheduled, hidden, batch.attention.query_start_loc_cpu)
         sampling = [s.request_id for s in scheduled if s.samples]
         if not sampling:
             return ModelRunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # the LM head runs only for these rows
         tokens = self.sampler(logits.cpu(), [self.requests.sampling_row(r) for r in sampling])
+        prompt_logprobs = self.requests.take_prompt_logprobs(sampling)
         self.requests.append_sampled(sampling, [t.token_id for t in tokens])
-        return ModelRunnerOutput(sampled=dict(zip(sampling, tokens)))
+        return ModelRunnerOutput(sampled=dict(zip(sampling, tokens)), prompt_logprobs=prompt_logprobs)
+
+    def _score_prompts(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
+                       query_start_loc: list[int]) -> None:
+        """Prompt logprobs of this step's prompt rows, for the requests that want them."""
+        for i, item in enumerate(scheduled):
+            state = self.requests[item.request_id]
+            if state.prompt_logprobs is not None:
+                score_prompt_chunk(self.model.compute_logits, hidden, item, query_start_loc[i],
+                                   state.prompt_token_ids, state.prompt_logprobs)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.scheduler.output import NewRequestData, SchedulerOutput
+from engine.scheduler.output import NewRequestData, PromptLogprobsLists, SchedulerOutput
+from engine.worker.prompt_logprobs import PromptLogprobsBuffer
 from engine.worker.sampler import SamplingRow
 
 
@@ -25,12 +26,19 @@ class RequestState:
     sampling_params: SamplingParams
     stop_ids_for_min_tokens: frozenset[int]  # eos + stop_token_ids, masked until min_tokens
     generator: torch.Generator | None  # seeded requests draw from their own generator
+    # Set while the prompt is being scored (NewRequestData.needs_prompt_logprobs); taken, and so
+    # dropped, in the step that samples the first token.
+    prompt_logprobs: PromptLogprobsBuffer | None = None
 
     @classmethod
     def of(cls, data: NewRequestData, generator: torch.Generator | None) -> RequestState:
         params = data.sampling_params
         stop_ids = (frozenset() if params.ignore_eos else data.eos_token_ids) | frozenset(params.stop_token_ids or ())
-        return cls(list(data.prompt_token_ids), list(data.output_token_ids), params, stop_ids, generator)
+        prompt_logprobs = None
+        if data.needs_prompt_logprobs and params.prompt_logprobs is not None:
+            prompt_logprobs = PromptLogprobsBuffer.empty(len(data.prompt_token_ids), params.prompt_logprobs)
+        return cls(list(data.prompt_token_ids), list(data.output_token_ids), params, stop_ids, generator,
+                   prompt_logprobs)
 
     def token_ids(self, start: int, count: int) -> list[int]:
         """Tokens [start, start + count) of prompt + output."""
@@ -74,6 +82,16 @@ class RequestStates:
         return SamplingRow(params=state.sampling_params, prompt_token_ids=state.prompt_token_ids,
                            output_token_ids=state.output_token_ids,
                            stop_ids_for_min_tokens=state.stop_ids_for_min_tokens, generator=state.generator)
+
+    def take_prompt_logprobs(self, request_ids: list[str]) -> dict[str, PromptLogprobsLists]:
+        """The scored prompts of these requests (those that sample this step), each handed out once."""
+        taken = {}
+        for request_id in request_ids:
+            state = self._states[request_id]
+            if state.prompt_logprobs is not None:
+                taken[request_id] = state.prompt_logprobs.to_lists()
+                state.prompt_logprobs = None
+        return taken
 
     def append_sampled(self, request_ids: list[str], token_ids: list[int]) -> None:
         for request_id, token_id in zip(request_ids, token_ids):

@@ -158,3 +158,26 @@ def test_many_requests_sharing_prefixes_in_tiny_kv_all_finish():
     run_to_completion(scheduler, runner, max_steps=3000)
     assert scheduler.kv.prefix_cache_hits_total > 0
     assert scheduler.num_preemptions_total > 0
+
+
+def test_a_request_scoring_its_prompt_skips_the_lookup_until_its_first_token():
+    # Cached tokens have no logits to score, so such a request computes its whole prompt (vLLM
+    # does the same); its own blocks are still cached for others.  Once its first token is out,
+    # the prompt logprobs went with it: a recompute after a preemption may start from hits.
+    scheduler, runner = make_scheduler(), FakeKVRunner()
+    scheduler.add_request(make_request("a", PREFIX + [1, 2]))
+    step(scheduler, runner)
+    scored = make_request("b", PREFIX + [5, 6, 7], max_tokens=4, arrival=1)
+    scored.sampling_params = SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=1)
+    scheduler.add_request(scored)
+    output = scheduler.schedule()
+    [b] = [s for s in output.scheduled if s.request_id == "b"]
+    assert (b.num_computed_tokens, b.num_scheduled_tokens) == (0, 15)
+    assert b.new_request is not None and b.new_request.needs_prompt_logprobs
+    scheduler.update_from_output(output, runner.run(output))
+    assert scored.num_output_tokens == 1 and not scored.needs_prompt_logprobs
+    scheduler._preempt(scored)
+    assert "b" not in step(scheduler, runner)  # a victim waits a step
+    restart = step(scheduler, runner)["b"]
+    assert restart.num_computed_tokens == 12
+    run_to_completion(scheduler, runner)
