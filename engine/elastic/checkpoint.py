@@ -108,12 +108,12 @@ def correction_tensors(level: int, layers: list[LayerCorrection | None]) -> dict
     return tensors
 
 
-def load_checkpoint(directory: Path) -> ElasticCheckpoint:
-    """The checkpoint in `directory`, with adapters.safetensors applied when present."""
+def load_checkpoint(directory: Path, with_adapters: bool = True) -> ElasticCheckpoint:
+    """The checkpoint in `directory`, with adapters.safetensors applied when present (and asked)."""
     spec = ElasticSpec.from_json((directory / SPEC_FILE).read_text())
     tensors = load_file(str(directory / TENSORS_FILE))
     adapters = directory / ADAPTERS_FILE
-    if adapters.is_file():
+    if with_adapters and adapters.is_file():
         tensors.update(load_file(str(adapters)))
     orders = [torch.stack([tensors[f"layers.{layer}.{kind}"] for layer in range(spec.num_layers)])
               for kind in ("ffn_order", "head_order")]
