@@ -83,9 +83,6 @@ struct Signs {
 };
 inline Signs signs_of(Ints w) { return Signs{_mm512_movepi8_mask(w)}; }
 inline Ints with_signs(Ints x, Signs s) { return _mm512_mask_sub_epi8(x, s.negative, _mm512_setzero_si512(), x); }
-__attribute__((target("avx512vnni"))) inline Ints dot4(Ints acc, Ints u8, Ints s8) {
-  return _mm512_dpbusd_epi32(acc, u8, s8);
-}
 inline Vec load_floats(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
 inline Bits round_to_int(Vec v) { return _mm512_cvtps_epi32(v); }  // to nearest even (MXCSR's default)
@@ -106,9 +103,6 @@ struct Signs {
 };
 inline Signs signs_of(Ints w) { return Signs{w}; }
 inline Ints with_signs(Ints x, Signs s) { return _mm256_sign_epi8(x, s.w); }
-__attribute__((target("avxvnni"))) inline Ints dot4(Ints acc, Ints u8, Ints s8) {
-  return _mm256_dpbusd_avx_epi32(acc, u8, s8);
-}
 inline Vec load_floats(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
 inline Bits round_to_int(Vec v) { return _mm256_cvtps_epi32(v); }
@@ -266,43 +260,6 @@ void fill_panel(const uint8_t* weight, int64_t weight_stride, int64_t n, int64_t
   }
 }
 
-// ---- a tile: MR rows of x times the panel's kCols columns ----
-
-// The block's integer dot products of MR rows (one int32 lane a column).
-template <int F, int MR, bool kVnni>
-inline void block_dots(const uint8_t* steps, const int8_t* const (&xq)[MR], Ints (&isum)[MR]) {
-  if (F == kQ8_0 || kVnni) {
-    for (int i = 0; i < MR; i++) isum[i] = zero_ints();
-    for (int t = 0; t < kSteps; t++) {
-      Ints w = load_ints(steps + t * kStepBytes);
-      Signs signs{};
-      if (F == kQ8_0) {
-        signs = signs_of(w);
-        w = abs8(w);
-      }
-      for (int i = 0; i < MR; i++) {
-        Ints x = broadcast_ints(load_i32(xq[i] + 4 * t));
-        if (F == kQ8_0) x = with_signs(x, signs);
-        if constexpr (kVnni) {
-          isum[i] = in_register(dot4(isum[i], w, x));
-        } else {
-          isum[i] = in_register(add32(isum[i], widen_pairs(maddubs(w, x))));
-        }
-      }
-    }
-    return;
-  }
-  Ints partial[MR];  // int16 pair sums: at most 8 steps * 2 * 15 * 127 = 30480
-  const Ints w0 = load_ints(steps);
-  for (int i = 0; i < MR; i++) partial[i] = in_register(maddubs(w0, broadcast_ints(load_i32(xq[i]))));
-  for (int t = 1; t < kSteps; t++) {
-    const Ints w = load_ints(steps + t * kStepBytes);
-    for (int i = 0; i < MR; i++)
-      partial[i] = in_register(add16(partial[i], maddubs(w, broadcast_ints(load_i32(xq[i] + 4 * t)))));
-  }
-  for (int i = 0; i < MR; i++) isum[i] = widen_pairs(partial[i]);
-}
-
 struct Problem {
   const void* x;
   int64_t x_stride;
@@ -314,29 +271,6 @@ struct Problem {
   int64_t m, n, k_blocks;
   DType dtype;
 };
-
-template <int F, int MR, bool kVnni, typename T>
-void tile(const Problem& p, const QuantizedRows& x, const Panel& panel, int64_t m0, int64_t c0) {
-  Vec acc[MR];
-  for (int i = 0; i < MR; i++) acc[i] = splat(0.0f);
-  for (int64_t b = 0; b < p.k_blocks; b++) {
-    const int8_t* xq[MR];
-    for (int i = 0; i < MR; i++) xq[i] = x.q + ((m0 + i) * p.k_blocks + b) * kBlock;
-    Ints isum[MR];
-    block_dots<F, MR, kVnni>(panel.bytes + b * kPanelBlockBytes, xq, isum);
-    const Vec dw = load_floats(panel.scale + b * kCols);
-    for (int i = 0; i < MR; i++) {
-      const int64_t at = (m0 + i) * p.k_blocks + b;
-      if (F == kQ4_0) isum[i] = sub32(isum[i], broadcast_ints(8 * x.asum[at]));
-      acc[i] = fmadd(dw * splat(x.scale[at]), to_float(isum[i]), acc[i]);
-      if (F == kQ4_1) acc[i] = fmadd(load_floats(panel.min + b * kCols), splat(x.sum[at]), acc[i]);
-    }
-  }
-  const Mask live = lanes(p.n - c0);
-  const Vec bias = p.bias ? load(static_cast<const T*>(p.bias) + c0, p.dtype, live) : splat(0.0f);
-  for (int i = 0; i < MR; i++)
-    store(static_cast<T*>(p.out) + (m0 + i) * p.out_stride + c0, acc[i] + bias, p.dtype, live);
-}
 
 // This thread's share [begin, end) of `count` items (contiguous).
 inline void thread_share(int64_t count, int64_t* begin, int64_t* end) {
@@ -355,33 +289,6 @@ V* grown(std::vector<V>& buffer, int64_t size) {
   return buffer.data();
 }
 
-template <int F, bool kVnni, typename T>
-void column_groups(const Problem& p, const QuantizedRows& x) {
-  static thread_local std::vector<uint8_t> panel_bytes;
-  static thread_local std::vector<float> panel_scales;
-  const Panel panel{grown(panel_bytes, p.k_blocks * kPanelBlockBytes), grown(panel_scales, 2 * p.k_blocks * kCols),
-                    panel_scales.data() + p.k_blocks * kCols};
-  int64_t begin, end;
-  thread_share((p.n + kCols - 1) / kCols, &begin, &end);
-  for (int64_t group = begin; group < end; group++) {
-    const int64_t c0 = group * kCols;
-    fill_panel<F>(p.weight, p.weight_stride, p.n, c0, p.k_blocks, panel);
-    int64_t i = 0;
-    for (; i + kMaxTileRows <= p.m; i += kMaxTileRows) tile<F, kMaxTileRows, kVnni, T>(p, x, panel, i, c0);
-    switch (p.m - i) {
-#if defined(ENGINE_CPU_AVX512)
-      case 7: tile<F, 7, kVnni, T>(p, x, panel, i, c0); break;
-      case 6: tile<F, 6, kVnni, T>(p, x, panel, i, c0); break;
-      case 5: tile<F, 5, kVnni, T>(p, x, panel, i, c0); break;
-      case 4: tile<F, 4, kVnni, T>(p, x, panel, i, c0); break;
-#endif
-      case 3: tile<F, 3, kVnni, T>(p, x, panel, i, c0); break;
-      case 2: tile<F, 2, kVnni, T>(p, x, panel, i, c0); break;
-      case 1: tile<F, 1, kVnni, T>(p, x, panel, i, c0); break;
-    }
-  }
-}
-
 QuantizedRows quantized_rows_buffer(int64_t m, int64_t k_blocks) {
   static thread_local std::vector<int8_t> q;
   static thread_local std::vector<float> floats;
@@ -390,28 +297,24 @@ QuantizedRows quantized_rows_buffer(int64_t m, int64_t k_blocks) {
   return QuantizedRows{grown(q, m * k_blocks * kBlock), f, f + m * k_blocks, grown(sums, m * k_blocks), k_blocks};
 }
 
-template <int F, bool kVnni, typename T>
-void linear(const Problem& p, int num_threads) {
-  const QuantizedRows x = quantized_rows_buffer(p.m, p.k_blocks);  // the calling thread's, shared
-#pragma omp parallel num_threads(num_threads) if (p.m * p.n * p.k_blocks >= kParallelWork)
-  {
-    int64_t begin, end;
-    thread_share(p.m, &begin, &end);
-    quantize_rows(static_cast<const T*>(p.x), p.x_stride, p.dtype, begin, end, x);
-#pragma omp barrier
-    column_groups<F, kVnni, T>(p, x);
-  }
-}
+namespace plain {
+#define ENGINE_Q8_VNNI 0
+#include "quantized_linear_q8_tiles.h"
+#undef ENGINE_Q8_VNNI
+}  // namespace plain
 
-template <bool kVnni, typename T>
-int run(const Problem& p, int format, int num_threads) {
-  switch (format) {
-    case kQ4_0: linear<kQ4_0, kVnni, T>(p, num_threads); return 0;
-    case kQ4_1: linear<kQ4_1, kVnni, T>(p, num_threads); return 0;
-    case kQ8_0: linear<kQ8_0, kVnni, T>(p, num_threads); return 0;
-    default: return -1;
-  }
-}
+#pragma GCC push_options
+#if defined(ENGINE_CPU_AVX512)
+#pragma GCC target("avx512vnni")
+#else
+#pragma GCC target("avxvnni")
+#endif
+namespace vnni {
+#define ENGINE_Q8_VNNI 1
+#include "quantized_linear_q8_tiles.h"
+#undef ENGINE_Q8_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
 
 bool cpu_has_vnni() {
 #if defined(ENGINE_CPU_AVX512)
@@ -448,9 +351,9 @@ int quantized_linear_q8(const void* x, int64_t x_stride, const uint8_t* weight, 
     Problem typed = p;
     typed.dtype = type;
     if (vnni) {
-      run<true, T>(typed, format, num_threads);
+      vnni::run<T>(typed, format, num_threads);
     } else {
-      run<false, T>(typed, format, num_threads);
+      plain::run<T>(typed, format, num_threads);
     }
   });
 #else
