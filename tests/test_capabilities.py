@@ -21,7 +21,8 @@ EPYC_AVX2 = frozenset("sse4_2 avx avx2 fma f16c".split())
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items()
-                   if k not in (MASK_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")} | env
+                   if k not in (MASK_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                "MKL_ENABLE_INSTRUCTIONS")} | env
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
 
 
@@ -34,6 +35,9 @@ def test_mask_levels_drop_everything_above_them():
     avx512 = CpuFeatures(apply_mask(ZEN4, "avx512"), "avx512")
     assert avx512.kernel_isas == ("avx512", "avx2") and not avx512.has("avx512_bf16")
     assert CpuFeatures(apply_mask(ZEN4, "scalar"), "scalar").kernel_isa is None
+    assert not avx2.has_vnni and avx512.has_vnni  # AVX2's level is AVX2-only CPUs': no VNNI
+    avx2_vnni = CpuFeatures(apply_mask(ZEN4, "avx2_vnni"), "avx2_vnni")
+    assert avx2_vnni.has_vnni and avx2_vnni.kernel_isa == "avx2"
     full = CpuFeatures(ZEN4)
     assert full.kernel_isas == ("avx512_bf16", "avx512", "avx2") and full.can_prepack_bf16
 
@@ -51,7 +55,8 @@ def test_a_bad_mask_names_the_variable_and_the_levels():
 def test_library_settings_follow_the_mask():
     assert library_env(CpuFeatures(ZEN4)) == {}
     assert library_env(CpuFeatures(apply_mask(ZEN4, "avx2"), "avx2")) == {
-        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert library_env(CpuFeatures(apply_mask(ZEN4, "avx2_vnni"), "avx2_vnni"))["ONEDNN_MAX_CPU_ISA"] == "AVX2_VNNI"
     assert library_env(CpuFeatures(apply_mask(EPYC_AVX2, "avx2"), "avx2"))["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert library_env(CpuFeatures(apply_mask(ZEN4, "scalar"), "scalar"))["ATEN_CPU_CAPABILITY"] == "default"
 
