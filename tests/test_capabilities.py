@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine.capabilities import (MASK_ENV, CapabilityError, CpuFeatures, apply_mask, cpu_features, library_env,
                                  parse_mask)
-from engine.model.compute_plan import resolve_dtype, resolve_weight_format
+from engine.model.compute_plan import (ComputePlan, dense_rows_threshold, q8_rows_threshold, resolve_dtype,
+                                       resolve_weight_format)
 
 ZEN4 = frozenset("sse4_2 avx avx2 fma f16c avx_vnni avx512f avx512bw avx512vl avx512dq avx512cd avx512_vnni "
                  "avx512_bf16".split())
@@ -88,3 +90,18 @@ def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
     done = run_python("from engine.cli import main; main(['generate', 'hi'])", **{MASK_ENV: "avx3"})
     assert done.returncode != 0
     assert f"{MASK_ENV}='avx3'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_q8_activations_are_an_explicit_choice():
+    """native stays exact (the reference); native_q8 rounds activations at every step; auto at
+    steps of more than 4 rows, where Q8 measured faster, and then fp32 keeps no dense copy."""
+    assert q8_rows_threshold("native", torch.float32) is None and q8_rows_threshold("int8", torch.float32) is None
+    assert q8_rows_threshold("native_q8", torch.bfloat16) == 0
+    assert q8_rows_threshold("auto", torch.float32) == 4
+    assert dense_rows_threshold("auto", torch.float32, q8_above_rows=4) is None
+    assert dense_rows_threshold("auto", torch.bfloat16, q8_above_rows=4) == 16
+    assert dense_rows_threshold("native_q8", torch.float32, q8_above_rows=0) is None
+    plan = ComputePlan(device=torch.device("cpu"), dtype=torch.float32, weight_format="native", native_ops=True,
+                       prepack_bf16=False, q8_above_rows=4)
+    assert not plan.runs_q8(4) and plan.runs_q8(5) and plan.keeps_file_blocks
+    assert not ComputePlan.reference().runs_q8(64)

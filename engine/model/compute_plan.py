@@ -21,8 +21,9 @@ from engine.kernels.cpu.native_library import DTYPE_CODES
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-# Weight formats the quantized C++ linear runs: GGUF's own blocks, and int8 for float checkpoints.
-QUANTIZED_FORMATS = ("native", "int8")
+# Weight formats the quantized C++ linears run: GGUF's own blocks, and int8 for float checkpoints.
+QUANTIZED_FORMATS = ("native", "native_q8", "int8")
+FILE_BLOCK_FORMATS = ("native", "native_q8")  # keep a GGUF file's blocks as they are
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ComputePlan:
     # Quantized weights also keep a dense copy, used by steps of more rows than this (None: the
     # quantized kernel for every step).  Chosen by weight_format auto; see resolve_weight_format.
     dense_above_rows: int | None = None
+    # Quantized weights run through the Q8-activation kernel (quantized_linear_q8: activations
+    # rounded to 8-bit blocks, integer dot products) for steps of more rows than this, and
+    # through the exact fp32 kernel up to it (None: the exact kernel always, the reference).
+    q8_above_rows: int | None = None
 
     @classmethod
     def reference(cls, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ComputePlan:
@@ -51,6 +56,14 @@ class ComputePlan:
     @property
     def quantized(self) -> bool:
         return self.weight_format in QUANTIZED_FORMATS
+
+    @property
+    def keeps_file_blocks(self) -> bool:
+        return self.weight_format in FILE_BLOCK_FORMATS
+
+    def runs_q8(self, num_rows: int) -> bool:
+        """Whether a step of num_rows rows runs quantized weights with Q8 activations."""
+        return self.q8_above_rows is not None and num_rows > self.q8_above_rows
 
 
 def resolve_dtype(requested: str, device: str, features: CpuFeatures | None = None) -> tuple[str, str]:
@@ -82,23 +95,51 @@ def resolve_weight_format(requested: str, device: str, has_native_kernels: bool)
     return "dequantized", "no C++ quantized linear here"
 
 
-def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | None:
+def dense_rows_threshold(requested_format: str, dtype: torch.dtype, q8_above_rows: int | None = None) -> int | None:
     """Rows above which a quantized weight's dense copy runs instead, for weight_format auto.
 
     PERF, benchmarks/quantized_linear.py on the 2-core AMD EPYC (2 threads, model shapes): with
-    AVX512-BF16, the quantized kernel beats prepacked bf16 up to 2-4 rows (0.74x at 1 row) and
-    loses 2.1-2.6x from 8 rows; on the AVX2 build against MKL's fp32 it wins up to ~16 rows
-    (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.
+    AVX512-BF16, the exact quantized kernel beats prepacked bf16 up to 2-4 rows (0.74x at 1 row)
+    and loses 2.1-2.6x from 8 rows; on the AVX2 build against MKL's fp32 it wins up to ~16 rows
+    (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.  With Q8 activations (q8_above_rows)
+    on a 2-core Xeon (AMX host, one thread): prepacked bf16 (oneDNN, AMX here) is 1.1x faster
+    from 32 rows, so bf16 keeps its dense copy above 16 rows; MKL fp32 (AVX2) is 2-3x slower at
+    every size from 4 to 512 rows, so fp32 needs no dense copy (and saves 4 bytes a weight).
     """
     if requested_format != "auto":
         return None
+    if q8_above_rows is not None:
+        return 16 if dtype == torch.bfloat16 else None
     return 4 if dtype == torch.bfloat16 else 16
+
+
+def q8_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | None:
+    """Rows above which quantized weights run with Q8 activations (quantized_linear_q8), or None.
+
+    native_q8 asks for it at every step; native and int8 keep the exact kernel.  auto uses it
+    where it measured faster than both the exact kernel and the dense GEMM the plan would run
+    instead, its quality having held (benchmarks/README.md: perplexity of held-out ShareGPT
+    answers and greedy agreement with Q8 activations at every step, prefill included).
+
+    PERF, benchmarks/quantized_linear.py, 2-core Xeon (AMX host; AVX2 = masked, MKL capped too),
+    one thread, the model's Q4_1 shapes, weights from memory: the exact kernel is faster at 1 row
+    (Q8: 0.66-0.77x; its panel costs more than one row's dot products) and about even at 4; from
+    16 rows Q8 is 1.7-3x faster than the exact kernel, and 2.8-2.9x MKL fp32 (AVX2) at 32 rows.
+    """
+    if requested_format == "native_q8":
+        return 0
+    if requested_format != "auto":
+        return None
+    return 4
 
 
 def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | None) -> None:
     weights = plan.weight_format
+    if plan.q8_above_rows is not None:
+        weights += f", Q8 activations above {plan.q8_above_rows} rows a step"
+        weights += " (VNNI)" if cpu_features().has_vnni else ""
     if plan.dense_above_rows is not None:
-        weights += f" up to {plan.dense_above_rows} rows a step, dense above"
+        weights += f", up to {plan.dense_above_rows} rows a step, dense above"
     logger.info("compute plan: dtype=%s (%s), weights=%s (%s), C++ kernels=%s, C++ layer ops=%s, "
                 "bf16 prepacking=%s", str(plan.dtype).removeprefix("torch."), reasons["dtype"], weights,
                 reasons["weight_format"], kernel_build or "none (torch path)", plan.native_ops, plan.prepack_bf16)
@@ -115,10 +156,12 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> Compu
     if dtype == "bfloat16" and device.type == "cpu" and not prepack:
         logger.warning("dtype bfloat16 on a CPU that oneDNN cannot prepack bf16 for (no AVX-512 BW/VL/DQ or "
                        "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
-    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype) if format_name == "native" else None
+    file_blocks = format_name in FILE_BLOCK_FORMATS
+    q8_above_rows = q8_rows_threshold(weight_format, torch_dtype) if file_blocks else None
+    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype, q8_above_rows) if file_blocks else None
     plan = ComputePlan(device=device, dtype=torch_dtype, weight_format=format_name,
                        native_ops=has_native and torch_dtype in DTYPE_CODES, prepack_bf16=prepack,
-                       dense_above_rows=dense_above_rows)
+                       dense_above_rows=dense_above_rows, q8_above_rows=q8_above_rows)
     log_plan(plan, {"dtype": dtype_reason, "weight_format": format_reason},
              native_library.active_isa() if device.type == "cpu" else None)
     return plan
