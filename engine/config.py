@@ -30,9 +30,9 @@ class ModelConfig:
     # How linear weights are held.  dequantized: floats in `dtype`; native: a GGUF file's own
     # Q4_0/Q4_1/Q8_0 blocks through the C++ quantized linear (fp32 arithmetic, exact); native_q8:
     # the same blocks, activations rounded to Q8 blocks and integer dot products (llama.cpp's
-    # arithmetic) at every step; int8: float weights quantized to int8 blocks; auto: the file's
-    # blocks where the C++ kernels run on this CPU (Q8 activations for the step sizes where that
-    # measured faster, see ComputePlan), else dequantized.
+    # arithmetic: numbers a little off, see ComputePlan) in steps of more than 4 rows;
+    # int8: float weights quantized to int8 blocks; auto: native where the C++ kernels run on
+    # this CPU, else dequantized.
     weight_format: str = "auto"
     max_model_len: int | None = None  # None = the model's own context length
     served_model_name: str | None = None

@@ -95,42 +95,33 @@ def resolve_weight_format(requested: str, device: str, has_native_kernels: bool)
     return "dequantized", "no C++ quantized linear here"
 
 
-def dense_rows_threshold(requested_format: str, dtype: torch.dtype, q8_above_rows: int | None = None) -> int | None:
+def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | None:
     """Rows above which a quantized weight's dense copy runs instead, for weight_format auto.
 
     PERF, benchmarks/quantized_linear.py on the 2-core AMD EPYC (2 threads, model shapes): with
-    AVX512-BF16, the exact quantized kernel beats prepacked bf16 up to 2-4 rows (0.74x at 1 row)
-    and loses 2.1-2.6x from 8 rows; on the AVX2 build against MKL's fp32 it wins up to ~16 rows
-    (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.  With Q8 activations (q8_above_rows)
-    on a 2-core Xeon (AMX host, one thread): prepacked bf16 (oneDNN, AMX here) is 1.1x faster
-    from 32 rows, so bf16 keeps its dense copy above 16 rows; MKL fp32 (AVX2) is 2-3x slower at
-    every size from 4 to 512 rows, so fp32 needs no dense copy (and saves 4 bytes a weight).
+    AVX512-BF16, the quantized kernel beats prepacked bf16 up to 2-4 rows (0.74x at 1 row) and
+    loses 2.1-2.6x from 8 rows; on the AVX2 build against MKL's fp32 it wins up to ~16 rows
+    (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.  (native_q8's kernel beats MKL's fp32 at
+    every size from 4 to 512 rows and needs no dense copy: benchmarks/README.md.)
     """
     if requested_format != "auto":
         return None
-    if q8_above_rows is not None:
-        return 16 if dtype == torch.bfloat16 else None
     return 4 if dtype == torch.bfloat16 else 16
 
 
-def q8_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | None:
+def q8_rows_threshold(requested_format: str) -> int | None:
     """Rows above which quantized weights run with Q8 activations (quantized_linear_q8), or None.
 
-    native_q8 asks for it at every step; native and int8 keep the exact kernel.  auto uses it
-    where it measured faster than both the exact kernel and the dense GEMM the plan would run
-    instead, its quality having held (benchmarks/README.md: perplexity of held-out ShareGPT
-    answers and greedy agreement with Q8 activations at every step, prefill included).
-
-    PERF, benchmarks/quantized_linear.py, 2-core Xeon (AMX host; AVX2 = masked, MKL capped too),
-    one thread, the model's Q4_1 shapes, weights from memory: the exact kernel is faster at 1 row
-    (Q8: 0.66-0.77x; its panel costs more than one row's dot products) and about even at 4; from
-    16 rows Q8 is 1.7-3x faster than the exact kernel, and 2.8-2.9x MKL fp32 (AVX2) at 32 rows.
+    Only native_q8 asks for it, for steps of more than 4 rows: at 1 row the exact kernel is
+    faster (Q8 0.66-0.77x: its panel costs more than one row's dot products), at 4 about even,
+    from 16 rows Q8 is 1.7-3x faster (benchmarks/quantized_linear.py, both builds).  auto keeps
+    the exact kernel.  Q8 activations
+    are llama.cpp's arithmetic and 2-3x faster than MKL's fp32 from 16 rows on an AVX2 CPU, but
+    they fail the greedy-agreement bar that auto's formats are held to (benchmarks/README.md,
+    fp32: perplexity 1.0028x the dequantized model's, within 0.5%, but only 11 of 32 32-token
+    greedy continuations identical where 29 are required; 15 with the LM head exact).
     """
-    if requested_format == "native_q8":
-        return 0
-    if requested_format != "auto":
-        return None
-    return 4
+    return 4 if requested_format == "native_q8" else None
 
 
 def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | None) -> None:
@@ -157,8 +148,8 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> Compu
         logger.warning("dtype bfloat16 on a CPU that oneDNN cannot prepack bf16 for (no AVX-512 BW/VL/DQ or "
                        "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
     file_blocks = format_name in FILE_BLOCK_FORMATS
-    q8_above_rows = q8_rows_threshold(weight_format, torch_dtype) if file_blocks else None
-    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype, q8_above_rows) if file_blocks else None
+    q8_above_rows = q8_rows_threshold(weight_format) if file_blocks else None
+    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype) if file_blocks else None
     plan = ComputePlan(device=device, dtype=torch_dtype, weight_format=format_name,
                        native_ops=has_native and torch_dtype in DTYPE_CODES, prepack_bf16=prepack,
                        dense_above_rows=dense_above_rows, q8_above_rows=q8_above_rows)
