@@ -4,8 +4,11 @@
 //
 // Why: at 16-64 rows a step is compute-bound, and quantized_linear.cpp's fp32 FMAs (8 products
 // an instruction with AVX2) lose to MKL's fp32 GEMM.  maddubs multiplies 32 byte pairs an
-// instruction (vpdpbusd with VNNI: 32 products summed into int32 lanes), so an integer block dot
-// product costs a quarter of the fp32 one.
+// instruction (vpdpbusd with VNNI: 32 products summed into int32 lanes), 4x the products of an
+// fp32 FMA; the per-block scaling adds back a quarter of that.  PERF (benchmarks/README.md, one
+// thread, AVX2 build, fp32 activations, the model's Q4_1 shapes at 32 rows): 2.8-2.9x MKL's fp32
+// GEMM (AVX2) and 3x quantized_linear.cpp; at 1 row 0.66x of the latter (the panel costs more
+// than one row's dot products), hence ComputePlan keeps that kernel for small steps.
 //
 // Numerics (quantized_linear_q8.py's reference computes the same, in torch):
 //   x, per row and block of 32 (as fp32):  d = max|x| / 127,  id = d ? 1 / d : 0,
@@ -34,6 +37,10 @@
 //
 // Work split: x is quantized once per call, rows shared among the threads; then the threads take
 // contiguous ranges of column groups, as quantized_linear.cpp does, so weights are read once.
+//
+// VNNI: the tiles (quantized_linear_q8_tiles.h) are compiled twice, once plain and once under
+// `#pragma GCC target` for AVX-VNNI / AVX512-VNNI; the caller says which to run (the wrapper asks
+// the capability probe), and a CPU without VNNI is refused here rather than faulting.
 
 #include "simd.h"
 
