@@ -7,14 +7,16 @@ an AVX2-only CPU takes:
     ELASTIC_ENGINE_CPU_ISA   keeps the features of
     ----------------------   --------------------------------------------------------------
     amx                      everything the CPU has (the default)
-    avx512_bf16              AVX-512 F/BW/VL/DQ/VNNI, AVX512-BF16, and all of AVX2's level
-    avx512                   AVX-512 F/BW/VL/DQ/VNNI and AVX2's level
-    avx2                     AVX2, FMA, F16C, AVX-VNNI (no AVX-512, no AVX-NE-CONVERT)
+    avx512_bf16              AVX-512 F/BW/VL/DQ/VNNI, AVX512-BF16, and all of the levels below
+    avx512                   AVX-512 F/BW/VL/DQ/VNNI and avx2_vnni's level
+    avx2_vnni                AVX2, FMA, F16C and AVX-VNNI (no AVX-512, no AVX-NE-CONVERT)
+    avx2                     AVX2, FMA, F16C: what AVX2-only CPUs (AMD Zen 2/3, Intel before
+                             Alder Lake) have; no VNNI
     scalar                   none of the above: only the torch path's own baseline
 
-A mask never adds a feature the CPU lacks.  Torch and oneDNN read the hardware themselves, so a
-mask is passed on to them as ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA (see `library_env`),
-which `engine.process_env` sets before torch loads.  One library check cannot be capped that
+A mask never adds a feature the CPU lacks.  Torch, oneDNN and MKL read the hardware themselves,
+so a mask is passed on to them as ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and
+MKL_ENABLE_INSTRUCTIONS (see `library_env`), which `engine.process_env` sets before torch loads.  One library check cannot be capped that
 way: torch's bf16 weight prepacking asks the hardware directly, which is why `can_prepack_bf16`
 here, and not torch, decides whether the engine calls it.
 
@@ -38,7 +40,8 @@ MASK_ENV = "ELASTIC_ENGINE_CPU_ISA"
 # Each level names the flags it adds to the one below it.
 _LEVELS: dict[str, frozenset[str]] = {
     "scalar": frozenset(),
-    "avx2": frozenset({"avx", "avx2", "fma", "f16c", "avx_vnni"}),
+    "avx2": frozenset({"avx", "avx2", "fma", "f16c"}),
+    "avx2_vnni": frozenset({"avx_vnni"}),
     "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni"}),
     "avx512_bf16": frozenset({"avx512_bf16"}),
     "amx": frozenset({"amx_bf16", "amx_tile", "amx_int8", "avx_ne_convert"}),
@@ -100,6 +103,12 @@ class CpuFeatures:
         best = self.kernel_isa
         return () if best is None else order[order.index(best):]
 
+    @property
+    def has_vnni(self) -> bool:
+        """Byte dot products into int32 (vpdpbusd) for the kernel build in use: AVX512-VNNI for
+        the AVX-512 builds, AVX-VNNI for the AVX2 build."""
+        return self.has("avx512_vnni") if self.has_avx512 else self.has_avx2 and self.has("avx_vnni")
+
     def describe(self) -> str:
         present = [name for name in REPORTED_FEATURES if name in self.flags]
         masked = f" (masked to {self.mask} by {MASK_ENV})" if self.mask else ""
@@ -158,20 +167,22 @@ def _cpuinfo_lines() -> tuple[str, ...]:
 
 
 def library_env(features: CpuFeatures) -> dict[str, str]:
-    """ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA that keep torch's and oneDNN's own kernels within
-    the mask; empty when no mask is set (the libraries then pick the hardware's best)."""
+    """ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS that keep torch's,
+    oneDNN's and MKL's own kernels within the mask; empty when no mask is set (the libraries then
+    pick the hardware's best).  Without the MKL cap, torch's fp32 GEMMs under an AVX2 mask still
+    ran MKL's AVX-512 code (MKL_VERBOSE says which)."""
     if features.mask is None:
         return {}
     if features.has_avx512:
-        aten = "avx512"
+        aten, mkl = "avx512", "AVX512"
         onednn = ("AVX512_CORE_AMX" if features.has("amx_bf16") else
                   "AVX512_CORE_BF16" if features.has("avx512_bf16") else
                   "AVX512_CORE_VNNI" if features.has("avx512_vnni") else "AVX512_CORE")
     elif features.has_avx2:
-        aten, onednn = "avx2", ("AVX2_VNNI" if features.has("avx_vnni") else "AVX2")
+        aten, mkl, onednn = "avx2", "AVX2", ("AVX2_VNNI" if features.has("avx_vnni") else "AVX2")
     else:
-        aten, onednn = "default", "SSE41"
-    return {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
+        aten, mkl, onednn = "default", "SSE4_2", "SSE41"
+    return {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn, "MKL_ENABLE_INSTRUCTIONS": mkl}
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "bfloat16", "float32", "float16")
-WEIGHT_FORMATS = ("auto", "dequantized", "native", "int8")
+WEIGHT_FORMATS = ("auto", "dequantized", "native", "native_q8", "int8")
 ATTENTION_BACKENDS = ("auto", "torch", "native", "triton")
 SCHEDULING_POLICIES = ("fcfs", "priority", "mlfq", "slo")
 ELASTIC_MODES = ("auto", "on", "off")
@@ -29,8 +29,11 @@ class ModelConfig:
     # (bf16 on CUDA and on CPUs with bf16 dot products, else fp32), logged with the reason.
     dtype: str = "auto"
     # How linear weights are held.  dequantized: floats in `dtype`; native: a GGUF file's own
-    # Q4_0/Q4_1/Q8_0 blocks through the C++ quantized linear; int8: float weights quantized to
-    # int8 blocks; auto: native where the C++ kernels run on this CPU, else dequantized.
+    # Q4_0/Q4_1/Q8_0 blocks through the C++ quantized linear (fp32 arithmetic, exact); native_q8:
+    # the same blocks, activations rounded to Q8 blocks and integer dot products (llama.cpp's
+    # arithmetic: numbers a little off, see ComputePlan) in steps of more than 4 rows;
+    # int8: float weights quantized to int8 blocks; auto: native where the C++ kernels run on
+    # this CPU, else dequantized.
     weight_format: str = "auto"
     max_model_len: int | None = None  # None = the model's own context length
     served_model_name: str | None = None

@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from engine.capabilities import (MASK_ENV, CapabilityError, CpuFeatures, apply_mask, cpu_features, library_env,
                                  parse_mask)
-from engine.model.compute_plan import resolve_dtype, resolve_weight_format
+from engine.model.compute_plan import (ComputePlan, dense_rows_threshold, q8_rows_threshold, resolve_dtype,
+                                       resolve_weight_format)
 
 ZEN4 = frozenset("sse4_2 avx avx2 fma f16c avx_vnni avx512f avx512bw avx512vl avx512dq avx512cd avx512_vnni "
                  "avx512_bf16".split())
@@ -21,7 +23,8 @@ EPYC_AVX2 = frozenset("sse4_2 avx avx2 fma f16c".split())
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items()
-                   if k not in (MASK_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")} | env
+                   if k not in (MASK_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                "MKL_ENABLE_INSTRUCTIONS")} | env
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
 
 
@@ -34,6 +37,9 @@ def test_mask_levels_drop_everything_above_them():
     avx512 = CpuFeatures(apply_mask(ZEN4, "avx512"), "avx512")
     assert avx512.kernel_isas == ("avx512", "avx2") and not avx512.has("avx512_bf16")
     assert CpuFeatures(apply_mask(ZEN4, "scalar"), "scalar").kernel_isa is None
+    assert not avx2.has_vnni and avx512.has_vnni  # AVX2's level is AVX2-only CPUs': no VNNI
+    avx2_vnni = CpuFeatures(apply_mask(ZEN4, "avx2_vnni"), "avx2_vnni")
+    assert avx2_vnni.has_vnni and avx2_vnni.kernel_isa == "avx2"
     full = CpuFeatures(ZEN4)
     assert full.kernel_isas == ("avx512_bf16", "avx512", "avx2") and full.can_prepack_bf16
 
@@ -51,7 +57,8 @@ def test_a_bad_mask_names_the_variable_and_the_levels():
 def test_library_settings_follow_the_mask():
     assert library_env(CpuFeatures(ZEN4)) == {}
     assert library_env(CpuFeatures(apply_mask(ZEN4, "avx2"), "avx2")) == {
-        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert library_env(CpuFeatures(apply_mask(ZEN4, "avx2_vnni"), "avx2_vnni"))["ONEDNN_MAX_CPU_ISA"] == "AVX2_VNNI"
     assert library_env(CpuFeatures(apply_mask(EPYC_AVX2, "avx2"), "avx2"))["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     assert library_env(CpuFeatures(apply_mask(ZEN4, "scalar"), "scalar"))["ATEN_CPU_CAPABILITY"] == "default"
 
@@ -83,3 +90,15 @@ def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
     done = run_python("from engine.cli import main; main(['generate', 'hi'])", **{MASK_ENV: "avx3"})
     assert done.returncode != 0
     assert f"{MASK_ENV}='avx3'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_q8_activations_are_an_explicit_choice():
+    """native stays exact (the reference) and so does auto (Q8 activations miss its greedy-agreement
+    bar); native_q8 rounds activations in steps of more than 4 rows, where that is faster."""
+    assert q8_rows_threshold("native") is None and q8_rows_threshold("int8") is None
+    assert q8_rows_threshold("auto") is None and q8_rows_threshold("native_q8") == 4
+    assert dense_rows_threshold("native_q8", torch.float32) is None
+    plan = ComputePlan(device=torch.device("cpu"), dtype=torch.float32, weight_format="native", native_ops=True,
+                       prepack_bf16=False, q8_above_rows=4)
+    assert not plan.runs_q8(4) and plan.runs_q8(5) and plan.keeps_file_blocks
+    assert not ComputePlan.reference().runs_q8(64)

@@ -21,8 +21,9 @@ from engine.kernels.cpu.native_library import DTYPE_CODES
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-# Weight formats the quantized C++ linear runs: GGUF's own blocks, and int8 for float checkpoints.
-QUANTIZED_FORMATS = ("native", "int8")
+# Weight formats the quantized C++ linears run: GGUF's own blocks, and int8 for float checkpoints.
+QUANTIZED_FORMATS = ("native", "native_q8", "int8")
+FILE_BLOCK_FORMATS = ("native", "native_q8")  # keep a GGUF file's blocks as they are
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ComputePlan:
     # Quantized weights also keep a dense copy, used by steps of more rows than this (None: the
     # quantized kernel for every step).  Chosen by weight_format auto; see resolve_weight_format.
     dense_above_rows: int | None = None
+    # Quantized weights run through the Q8-activation kernel (quantized_linear_q8: activations
+    # rounded to 8-bit blocks, integer dot products) for steps of more rows than this, and
+    # through the exact fp32 kernel up to it (None: the exact kernel always, the reference).
+    q8_above_rows: int | None = None
 
     @classmethod
     def reference(cls, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ComputePlan:
@@ -51,6 +56,14 @@ class ComputePlan:
     @property
     def quantized(self) -> bool:
         return self.weight_format in QUANTIZED_FORMATS
+
+    @property
+    def keeps_file_blocks(self) -> bool:
+        return self.weight_format in FILE_BLOCK_FORMATS
+
+    def runs_q8(self, num_rows: int) -> bool:
+        """Whether a step of num_rows rows runs quantized weights with Q8 activations."""
+        return self.q8_above_rows is not None and num_rows > self.q8_above_rows
 
 
 def resolve_dtype(requested: str, device: str, features: CpuFeatures | None = None) -> tuple[str, str]:
@@ -88,17 +101,36 @@ def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | Non
     PERF, benchmarks/quantized_linear.py on the 2-core AMD EPYC (2 threads, model shapes): with
     AVX512-BF16, the quantized kernel beats prepacked bf16 up to 2-4 rows (0.74x at 1 row) and
     loses 2.1-2.6x from 8 rows; on the AVX2 build against MKL's fp32 it wins up to ~16 rows
-    (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.
+    (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.  (native_q8's kernel beats MKL's fp32 at
+    every size from 4 to 512 rows and needs no dense copy: benchmarks/README.md.)
     """
     if requested_format != "auto":
         return None
     return 4 if dtype == torch.bfloat16 else 16
 
 
+def q8_rows_threshold(requested_format: str) -> int | None:
+    """Rows above which quantized weights run with Q8 activations (quantized_linear_q8), or None.
+
+    Only native_q8 asks for it, for steps of more than 4 rows: at 1 row the exact kernel is
+    faster (Q8 0.66-0.77x: its panel costs more than one row's dot products), at 4 about even,
+    from 16 rows Q8 is 1.7-3x faster (benchmarks/quantized_linear.py, both builds).  auto keeps
+    the exact kernel.  Q8 activations
+    are llama.cpp's arithmetic and 2-3x faster than MKL's fp32 from 16 rows on an AVX2 CPU, but
+    they fail the greedy-agreement bar that auto's formats are held to (benchmarks/README.md,
+    fp32: perplexity 1.0028x the dequantized model's, within 0.5%, but only 11 of 32 32-token
+    greedy continuations identical where 29 are required; 15 with the LM head exact).
+    """
+    return 4 if requested_format == "native_q8" else None
+
+
 def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | None) -> None:
     weights = plan.weight_format
+    if plan.q8_above_rows is not None:
+        weights += f", Q8 activations above {plan.q8_above_rows} rows a step"
+        weights += " (VNNI)" if cpu_features().has_vnni else ""
     if plan.dense_above_rows is not None:
-        weights += f" up to {plan.dense_above_rows} rows a step, dense above"
+        weights += f", up to {plan.dense_above_rows} rows a step, dense above"
     logger.info("compute plan: dtype=%s (%s), weights=%s (%s), C++ kernels=%s, C++ layer ops=%s, "
                 "bf16 prepacking=%s", str(plan.dtype).removeprefix("torch."), reasons["dtype"], weights,
                 reasons["weight_format"], kernel_build or "none (torch path)", plan.native_ops, plan.prepack_bf16)
@@ -117,10 +149,12 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str, elastic:
     if dtype == "bfloat16" and device.type == "cpu" and not prepack and not elastic:
         logger.warning("dtype bfloat16 on a CPU that oneDNN cannot prepack bf16 for (no AVX-512 BW/VL/DQ or "
                        "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
-    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype) if format_name == "native" else None
+    file_blocks = format_name in FILE_BLOCK_FORMATS
+    q8_above_rows = q8_rows_threshold(weight_format) if file_blocks else None
+    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype) if file_blocks else None
     plan = ComputePlan(device=device, dtype=torch_dtype, weight_format=format_name,
                        native_ops=has_native and torch_dtype in DTYPE_CODES, prepack_bf16=prepack,
-                       dense_above_rows=dense_above_rows)
+                       dense_above_rows=dense_above_rows, q8_above_rows=q8_above_rows)
     log_plan(plan, {"dtype": dtype_reason, "weight_format": format_reason},
              native_library.active_isa() if device.type == "cpu" else None)
     return plan

@@ -56,6 +56,16 @@ def test_native_weights_take_less_memory_than_bf16(llm_native, llm_bf16):
     assert {m.quantized.format.name for m in _linears(llm_native)} == {"Q4_1", "Q8_0"}
 
 
+def test_q8_activations_stay_close_to_the_dequantized_model(llm_fp32):
+    """native_q8 rounds activations to 8-bit blocks in steps of more than 4 rows (llama.cpp's
+    arithmetic): greedy tokens mostly agree (benchmarks/README.md has the perplexity)."""
+    llm = make_llm(dtype="float32", weight_format="native_q8", max_num_batched_tokens=64, kv_cache_memory=0.25)
+    assert llm.engine.runner.plan.runs_q8(5) and not llm.engine.runner.plan.runs_q8(4)
+    q8, reference = greedy_tokens(llm), greedy_tokens(llm_fp32)
+    assert sum(a == b for a, b in zip(q8, reference)) >= len(PROMPTS) - 1, (q8, reference)
+    assert_kv_empty(llm)
+
+
 def test_int8_blocks_quantize_the_weights_and_still_answer():
     llm = make_llm(dtype="float32", weight_format="int8", kv_cache_memory=0.25)
     assert {m.quantized.format.name for m in _linears(llm)} == {"Q8_0"}

@@ -45,19 +45,14 @@ def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     # PERF: a decode step makes ~120 of these calls, so the checks use torch's cheapest accessors
     # (x.is_cpu, not x.device.type; the weight's sizes are fields): ~3 us beside ~2.6 us for the
     # ctypes call itself (it was ~5.5 us).
-    dtype_code = _check(x, weight, bias)
-    num_rows, num_out = x.shape[0], weight.out_features
-    if out is None:
-        out = torch.empty(num_rows, num_out, dtype=x.dtype)
-    elif out.shape != (num_rows, num_out) or out.dtype != x.dtype or not out.is_cpu or out.stride()[1] != 1:
-        raise ValueError(f"out must be [{num_rows}, {num_out}] {x.dtype} on the CPU with contiguous rows, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    dtype_code = check_arguments(x, weight, bias)
+    out = check_out(out, x, weight.out_features)
     kernel = _kernel(library)
     if kernel is None:
         raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
     status = kernel.run(x.data_ptr(), x.stride()[0], weight.blocks.data_ptr(), weight.row_stride,
-                        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride()[0], num_rows,
-                        num_out, weight.in_features // BLOCK_SIZE, weight.format.value, dtype_code,
+                        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride()[0], x.shape[0],
+                        weight.out_features, weight.in_features // BLOCK_SIZE, weight.format.value, dtype_code,
                         torch.get_num_threads())
     if status != 0:
         raise ValueError(f"quantized_linear: {weight.format.name} with {x.dtype} not supported by this build")
@@ -73,8 +68,19 @@ def quantized_linear_reference(x: torch.Tensor, weight: QuantizedWeight,
     return y.to(x.dtype)
 
 
-def _check(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> int:
-    """Raises ValueError for arguments the kernel cannot take; returns x's dtype code."""
+def check_out(out: torch.Tensor | None, x: torch.Tensor, num_out: int) -> torch.Tensor:
+    """`out`, checked to be [M, num_out] in x's dtype with contiguous rows, or a new tensor."""
+    num_rows = x.shape[0]
+    if out is None:
+        return torch.empty(num_rows, num_out, dtype=x.dtype)
+    if out.shape != (num_rows, num_out) or out.dtype != x.dtype or not out.is_cpu or out.stride()[1] != 1:
+        raise ValueError(f"out must be [{num_rows}, {num_out}] {x.dtype} on the CPU with contiguous rows, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    return out
+
+
+def check_arguments(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> int:
+    """Raises ValueError for arguments the quantized kernels cannot take; returns x's dtype code."""
     if not isinstance(weight, QuantizedWeight):
         raise ValueError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
     dtype_code = DTYPE_CODES.get(x.dtype)

@@ -8,7 +8,8 @@ and is stored in one of three forms:
     ---------   -------------------------------------   -------------------------------------
     dense       [out, in] in the plan dtype             F.linear
     prepacked   oneDNN's blocked layout of the same     mkldnn _linear_pointwise (bf16 on CPU)
-    quantized   QuantizedWeight blocks                  the C++ quantized linear (fp32 accumulate)
+    quantized   QuantizedWeight blocks                  the C++ quantized linear (fp32 accumulate),
+                                                        or with Q8 activations (plan.runs_q8)
 
 PERF (prepacked): F.linear re-lays-out a bf16 weight for oneDNN on every call.  Packing once at
 load made the model's GEMMs 15-45% faster at 64 rows (the 576 -> 3072 gate/up projection: 0.43 ->
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels.cpu.quantized_linear import quantized_linear
+from engine.kernels.cpu.quantized_linear_q8 import quantized_linear_q8
 from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantFormat, QuantizedWeight, dequantize, quantize
 from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ForwardBatch
@@ -66,7 +68,8 @@ class Linear(nn.Module):
         # MKL's fp32 tiles) win, 2-2.5x at 32 rows (benchmarks/quantized_linear.py).
         if self.quantized is not None and (self.plan.dense_above_rows is None
                                            or x.shape[0] <= self.plan.dense_above_rows):
-            return quantized_linear(x, self.quantized, self.bias)
+            kernel = quantized_linear_q8 if self.plan.runs_q8(x.shape[0]) else quantized_linear
+            return kernel(x, self.quantized, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.dense, self.bias)
@@ -135,7 +138,7 @@ def in_plan_format(weight: LinearWeight, plan: ComputePlan) -> LinearWeight:
     """native keeps a file's blocks (floats stay dense); int8 keeps Q8_0 blocks and quantizes the
     rest; dequantized turns blocks into floats.  Dense weights end up in the plan's dtype."""
     if isinstance(weight, QuantizedWeight):
-        if plan.weight_format == "native" or (plan.weight_format == "int8" and weight.format == QuantFormat.Q8_0):
+        if plan.keeps_file_blocks or (plan.weight_format == "int8" and weight.format == QuantFormat.Q8_0):
             return weight
         weight = dequantize(weight)
     if plan.weight_format == "int8" and weight.shape[1] % BLOCK_SIZE == 0:

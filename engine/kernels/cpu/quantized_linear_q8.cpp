@@ -1,0 +1,380 @@
+// The quantized linear with 8-bit activations: y = x W^T (+ bias), W as the GGUF file's
+// Q4_0/Q4_1/Q8_0 blocks (quantized_linear.cpp has the layouts), x quantized here to Q8 blocks,
+// and each block's dot product computed in integers (llama.cpp's arithmetic, our code).
+//
+// Why: at 16-64 rows a step is compute-bound, and quantized_linear.cpp's fp32 FMAs (8 products
+// an instruction with AVX2) lose to MKL's fp32 GEMM.  maddubs multiplies 32 byte pairs an
+// instruction (vpdpbusd with VNNI: 32 products summed into int32 lanes), 4x the products of an
+// fp32 FMA; the per-block scaling adds back a quarter of that.  PERF (benchmarks/README.md, one
+// thread, AVX2 build, fp32 activations, the model's Q4_1 shapes at 32 rows): 2.8-2.9x MKL's fp32
+// GEMM (AVX2) and 3x quantized_linear.cpp; at 1 row 0.66x of the latter (the panel costs more
+// than one row's dot products), hence ComputePlan keeps that kernel for small steps.
+//
+// Numerics (quantized_linear_q8.py's reference computes the same, in torch):
+//   x, per row and block of 32 (as fp32):  d = max|x| / 127,  id = d ? 1 / d : 0,
+//       q[j] = round_half_even(clamp(x[j] * id, -127, 127)),  asum = sum q,  s = d * asum
+//   y[i, c] = acc + bias[c], rounded once to x's dtype, acc summed block after block in fp32:
+//       isum = sum_j qw[j] qx[j] exactly in int32 (Q4_0: minus 8 asum, as its q - 8)
+//       acc = fma(dw * d, float(isum), acc);  Q4_1 only: acc = fma(mw, s, acc)
+// Every product and sum of the integer step is exact and every fp32 step is the same operation
+// in the same order in every build and variant (AVX2, AVX-512, with or without VNNI) and for every
+// batch, so they all give the same bits.
+//
+// Layout: output columns across the vector lanes (8 with AVX2, 16 with AVX-512).  A thread takes
+// a group of kCols weight rows, turns their blocks into a panel in L1 once: per block, 8 steps
+// of kCols 32-bit lanes, lane c of step t holding weights 4t..4t+3 of row c as bytes (Q4 as
+// 0..15, Q8 as int8), beside their scales.  Then every tile of MR rows of x runs over the panel:
+// step t broadcasts x's bytes 4t..4t+3 of each row to every lane and multiplies them with the
+// panel row, so each lane sums its own column and nothing is reduced across lanes:
+//
+//     panel step t:  | w[c0, 4t..4t+3] | w[c1, 4t..4t+3] | ... | w[c7, 4t..4t+3] |   (u8 x 4 a lane)
+//     x broadcast:   | x[i, 4t..4t+3]  | x[i, 4t..4t+3]  | ... | x[i, 4t..4t+3]  |   (s8 x 4 a lane)
+//     maddubs:       two int16 sums a lane; Q4 adds 8 steps in int16 (8 * 2 * 15 * 127 < 2^15),
+//                    then madd(.., 1) to int32; VNNI's dpbusd sums into int32 at once.
+//
+// Q8_0 weights are signed, and maddubs takes one unsigned operand: |w| times x with w's sign
+// (one product pair at most 2 * 128 * 127 < 2^15, so each step is widened to int32 at once).
+//
+// Work split: x is quantized once per call, rows shared among the threads; then the threads take
+// contiguous ranges of column groups, as quantized_linear.cpp does, so weights are read once.
+//
+// VNNI: the tiles (quantized_linear_q8_tiles.h) are compiled twice, once plain and once under
+// `#pragma GCC target` for AVX-VNNI / AVX512-VNNI; the caller says which to run (the wrapper asks
+// the capability probe), and a CPU without VNNI is refused here rather than faulting.
+
+#include "simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#if defined(ENGINE_CPU_ISA)
+
+namespace engine_cpu {
+namespace {
+
+constexpr int kBlock = 32;
+constexpr int kSteps = kBlock / 4;  // 4 bytes a lane a step
+constexpr int kCols = kLanes;       // output columns a group: one fp32 lane each
+constexpr int kStepBytes = kCols * 4;
+constexpr int kPanelBlockBytes = kSteps * kStepBytes;
+constexpr int kMaxTileRows = kLanes == 16 ? 8 : 4;
+// Below this many (row, column, block) products one thread is faster than waking the second.
+constexpr int64_t kParallelWork = 4096;
+
+enum Format : int { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
+
+// ---- integer vectors: Ints is kCols 32-bit lanes ----
+
+#if defined(ENGINE_CPU_AVX512)
+using Ints = __m512i;
+inline Ints zero_ints() { return _mm512_setzero_si512(); }
+inline Ints load_ints(const void* p) { return _mm512_loadu_si512(p); }
+inline Ints broadcast_ints(int32_t v) { return _mm512_set1_epi32(v); }
+inline Ints add16(Ints a, Ints b) { return _mm512_add_epi16(a, b); }
+inline Ints add32(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
+inline Ints sub32(Ints a, Ints b) { return _mm512_sub_epi32(a, b); }
+inline Ints maddubs(Ints u8, Ints s8) { return _mm512_maddubs_epi16(u8, s8); }
+inline Ints widen_pairs(Ints i16) { return _mm512_madd_epi16(i16, _mm512_set1_epi16(1)); }
+inline Vec to_float(Ints v) { return _mm512_cvtepi32_ps(v); }
+inline Ints abs8(Ints v) { return _mm512_abs_epi8(v); }
+// s8 with the signs of w (AVX-512 has no vpsignb; where w is 0, |w| is 0 and the sign is moot).
+struct Signs {
+  __mmask64 negative;
+};
+inline Signs signs_of(Ints w) { return Signs{_mm512_movepi8_mask(w)}; }
+inline Ints with_signs(Ints x, Signs s) { return _mm512_mask_sub_epi8(x, s.negative, _mm512_setzero_si512(), x); }
+inline Vec load_floats(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+inline Bits round_to_int(Vec v) { return _mm512_cvtps_epi32(v); }  // to nearest even (MXCSR's default)
+#else
+using Ints = __m256i;
+inline Ints zero_ints() { return _mm256_setzero_si256(); }
+inline Ints load_ints(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline Ints broadcast_ints(int32_t v) { return _mm256_set1_epi32(v); }
+inline Ints add16(Ints a, Ints b) { return _mm256_add_epi16(a, b); }
+inline Ints add32(Ints a, Ints b) { return _mm256_add_epi32(a, b); }
+inline Ints sub32(Ints a, Ints b) { return _mm256_sub_epi32(a, b); }
+inline Ints maddubs(Ints u8, Ints s8) { return _mm256_maddubs_epi16(u8, s8); }
+inline Ints widen_pairs(Ints i16) { return _mm256_madd_epi16(i16, _mm256_set1_epi16(1)); }
+inline Vec to_float(Ints v) { return _mm256_cvtepi32_ps(v); }
+inline Ints abs8(Ints v) { return _mm256_abs_epi8(v); }
+struct Signs {
+  Ints w;
+};
+inline Signs signs_of(Ints w) { return Signs{w}; }
+inline Ints with_signs(Ints x, Signs s) { return _mm256_sign_epi8(x, s.w); }
+inline Vec load_floats(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+inline Bits round_to_int(Vec v) { return _mm256_cvtps_epi32(v); }
+#endif
+
+// v, as the instruction before left it: an empty asm that the compiler cannot see through.
+// PERF: without it GCC reassociates a tile's int16 sums (integer adds may be), computes all 32
+// maddubs of a block before adding any, and spills them to the stack: 2x slower.
+inline Ints in_register(Ints v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
+inline int32_t load_i32(const void* p) {
+  int32_t value;
+  std::memcpy(&value, p, sizeof value);
+  return value;
+}
+
+inline float fp16_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, sizeof bits);
+  return _cvtsh_ss(bits);
+}
+
+// ---- x as Q8 blocks ----
+
+struct QuantizedRows {
+  int8_t* q;      // [m, k] row-major
+  float* scale;   // [m, k_blocks]: d
+  float* sum;     // [m, k_blocks]: s = d * asum
+  int32_t* asum;  // [m, k_blocks]
+  int64_t k_blocks;
+};
+
+inline float max_lane(Vec v) {
+#if defined(ENGINE_CPU_AVX512)
+  return _mm512_reduce_max_ps(v);  // max does not depend on the order
+#else
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+#endif
+}
+
+// One block of 32 values at x -> 32 int8 at q; returns asum, sets *scale.
+template <typename T>
+inline int32_t quantize_block(const T* x, DType dtype, int8_t* q, float* scale) {
+  constexpr int kChunks = kBlock / kLanes;
+  Vec v[kChunks];
+  Vec amax = splat(0.0f);
+  for (int c = 0; c < kChunks; c++) {
+    v[c] = load(x + c * kLanes, dtype);
+    amax = max(amax, abs(v[c]));
+  }
+  const float d = max_lane(amax) / 127.0f;
+  const Vec id = splat(d != 0.0f ? 1.0f / d : 0.0f);
+  Bits qi[kChunks];
+  for (int c = 0; c < kChunks; c++) {
+    const Vec scaled = v[c] * id;
+    qi[c] = round_to_int(min(max(scaled, splat(-127.0f)), splat(127.0f)));
+  }
+  *scale = d;
+#if defined(ENGINE_CPU_AVX512)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qi[0]));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qi[1]));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(qi[0], qi[1]));
+#else
+  const __m256i words = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+  // packs works within 128-bit halves: dwords (0 4 1 5 2 6 3 7) hold x's bytes 0-3, 4-7, ...
+  const __m256i bytes = _mm256_permutevar8x32_epi32(words, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), bytes);
+  __m256i total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4e));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xb1));
+  return _mm_cvtsi128_si32(sum);
+#endif
+}
+
+template <typename T>
+void quantize_rows(const T* x, int64_t x_stride, DType dtype, int64_t begin, int64_t end, const QuantizedRows& out) {
+  for (int64_t i = begin; i < end; i++) {
+    for (int64_t b = 0; b < out.k_blocks; b++) {
+      const int64_t at = i * out.k_blocks + b;
+      const int32_t asum = quantize_block(x + i * x_stride + b * kBlock, dtype, out.q + at * kBlock, &out.scale[at]);
+      out.asum[at] = asum;
+      out.sum[at] = out.scale[at] * float(asum);
+    }
+  }
+}
+
+// ---- the panel: kCols weight rows, lanes = columns ----
+
+struct Panel {
+  uint8_t* bytes;  // [k_blocks][kSteps][kCols][4]
+  float* scale;    // [k_blocks][kCols]: dw
+  float* min;      // [k_blocks][kCols]: mw (Q4_1)
+};
+
+// A block's 32 weights as bytes in order: Q4 as 0..15, Q8_0 as int8.
+template <int F>
+inline __m256i block_bytes(const uint8_t* block) {
+  if (F == kQ8_0) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2));
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (F == kQ4_1 ? 4 : 2)));
+  const __m128i nibble = _mm_set1_epi8(0x0f);
+  // weight j < 16 is the low nibble of byte j, weight 16 + j its high nibble
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), _mm_and_si128(packed, nibble));
+}
+
+// rows[c] (8 of them): 8 dwords each -> out[t] holds dword t of every row (an 8 x 8 transpose).
+inline void transpose8(__m256i (&r)[8]) {
+  __m256i a[8], b[8];
+  for (int j = 0; j < 4; j++) {
+    a[2 * j] = _mm256_unpacklo_epi32(r[2 * j], r[2 * j + 1]);
+    a[2 * j + 1] = _mm256_unpackhi_epi32(r[2 * j], r[2 * j + 1]);
+  }
+  for (int j = 0; j < 2; j++)
+    for (int h = 0; h < 2; h++) {
+      b[4 * j + h] = _mm256_unpacklo_epi64(a[4 * j + h], a[4 * j + 2 + h]);
+      b[4 * j + 2 + h] = _mm256_unpackhi_epi64(a[4 * j + h], a[4 * j + 2 + h]);
+    }
+  // b[0] = dwords 0 of rows 0-3 | dwords 4 of rows 0-3, b[2] = dwords 1, b[1] = dwords 2, b[3] = 3
+  const int order[4] = {0, 2, 1, 3};
+  for (int t = 0; t < 4; t++) {
+    r[t] = _mm256_permute2x128_si256(b[order[t]], b[4 + order[t]], 0x20);
+    r[t + 4] = _mm256_permute2x128_si256(b[order[t]], b[4 + order[t]], 0x31);
+  }
+}
+
+template <int F>
+constexpr int64_t block_size_bytes() {
+  return F == kQ4_0 ? 18 : F == kQ4_1 ? 20 : 34;
+}
+
+// Rows c0 .. c0 + kCols - 1 of the weight into the panel (rows past the last repeat it).
+template <int F>
+void fill_panel(const uint8_t* weight, int64_t weight_stride, int64_t n, int64_t c0, int64_t k_blocks,
+                const Panel& panel) {
+  const uint8_t* rows[kCols];
+  for (int c = 0; c < kCols; c++) rows[c] = weight + std::min<int64_t>(c0 + c, n - 1) * weight_stride;
+  for (int64_t b = 0; b < k_blocks; b++) {
+    const int64_t at = b * block_size_bytes<F>();
+    for (int half = 0; half < kCols / 8; half++) {
+      __m256i r[8];
+      for (int c = 0; c < 8; c++) r[c] = block_bytes<F>(rows[8 * half + c] + at);
+      transpose8(r);
+      uint8_t* steps = panel.bytes + b * kPanelBlockBytes + half * 32;
+      for (int t = 0; t < kSteps; t++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(steps + t * kStepBytes), r[t]);
+    }
+    for (int c = 0; c < kCols; c++) {
+      panel.scale[b * kCols + c] = fp16_to_float(rows[c] + at);
+      if (F == kQ4_1) panel.min[b * kCols + c] = fp16_to_float(rows[c] + at + 2);
+    }
+  }
+}
+
+struct Problem {
+  const void* x;
+  int64_t x_stride;
+  const uint8_t* weight;
+  int64_t weight_stride;
+  const void* bias;
+  void* out;
+  int64_t out_stride;
+  int64_t m, n, k_blocks;
+  DType dtype;
+};
+
+// This thread's share [begin, end) of `count` items (contiguous).
+inline void thread_share(int64_t count, int64_t* begin, int64_t* end) {
+#if defined(_OPENMP)
+  const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+#else
+  const int64_t thread = 0, threads = 1;
+#endif
+  *begin = count * thread / threads;
+  *end = count * (thread + 1) / threads;
+}
+
+template <typename V>
+V* grown(std::vector<V>& buffer, int64_t size) {
+  if (int64_t(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+
+QuantizedRows quantized_rows_buffer(int64_t m, int64_t k_blocks) {
+  static thread_local std::vector<int8_t> q;
+  static thread_local std::vector<float> floats;
+  static thread_local std::vector<int32_t> sums;
+  float* f = grown(floats, 2 * m * k_blocks);
+  return QuantizedRows{grown(q, m * k_blocks * kBlock), f, f + m * k_blocks, grown(sums, m * k_blocks), k_blocks};
+}
+
+namespace plain {
+#define ENGINE_Q8_VNNI 0
+#include "quantized_linear_q8_tiles.h"
+#undef ENGINE_Q8_VNNI
+}  // namespace plain
+
+#pragma GCC push_options
+#if defined(ENGINE_CPU_AVX512)
+#pragma GCC target("avx512vnni")
+#else
+#pragma GCC target("avxvnni")
+#endif
+namespace vnni {
+#define ENGINE_Q8_VNNI 1
+#include "quantized_linear_q8_tiles.h"
+#undef ENGINE_Q8_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
+
+bool cpu_has_vnni() {
+#if defined(ENGINE_CPU_AVX512)
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return __builtin_cpu_supports("avxvnni");
+#endif
+}
+
+}  // namespace
+}  // namespace engine_cpu
+
+#endif  // ENGINE_CPU_ISA
+
+extern "C" {
+
+// out[i, j] = the Q8-activation product of x's row i with weight row j (+ bias[j]), as the file's
+// header says, for i < m, j < n.  x [m, >= 32 k_blocks] rows x_stride elements apart; weight: n
+// rows of k_blocks blocks of `format` (0 Q4_0, 1 Q4_1, 2 Q8_0), rows weight_stride bytes apart;
+// bias [n] or null; out rows out_stride elements apart; x, bias and out share `dtype`.  vnni: 1
+// to use AVX-VNNI (AVX2 build) or AVX512-VNNI (AVX-512 build).  Returns 0, or -1 for a format,
+// dtype, count or variant this build or CPU does not handle.
+int quantized_linear_q8(const void* x, int64_t x_stride, const uint8_t* weight, int64_t weight_stride,
+                        const void* bias, void* out, int64_t out_stride, int64_t m, int64_t n, int64_t k_blocks,
+                        int format, int dtype, int vnni, int num_threads) {
+#if defined(ENGINE_CPU_ISA)
+  using namespace engine_cpu;
+  if (m < 0 || n < 0 || k_blocks < 0 || format < kQ4_0 || format > kQ8_0) return -1;
+  if (vnni && !cpu_has_vnni()) return -1;
+  if (m == 0 || n == 0) return dtype >= kFloat32 && dtype <= kFloat16 ? 0 : -1;
+  const Problem p{x, x_stride, weight, weight_stride, bias, out, out_stride, m, n, k_blocks, kFloat32};
+  return with_storage_type(dtype, [&](auto element, DType type) {
+    using T = decltype(element);
+    Problem typed = p;
+    typed.dtype = type;
+    if (vnni) {
+      vnni::run<T>(typed, format, num_threads);
+    } else {
+      plain::run<T>(typed, format, num_threads);
+    }
+  });
+#else
+  return -1;
+#endif
+}
+
+// Whether this build and CPU can run the VNNI variant: 1 or 0.
+int quantized_linear_q8_has_vnni(void) {
+#if defined(ENGINE_CPU_ISA)
+  return engine_cpu::cpu_has_vnni() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+}  // extern "C"

@@ -1,0 +1,129 @@
+// The tiles of quantized_linear_q8.cpp: included by it twice, once as namespace `plain` and once
+// as namespace `vnni` inside `#pragma GCC target` for AVX-VNNI (AVX2 build) or AVX512-VNNI
+// (AVX-512 builds), with ENGINE_Q8_VNNI 0 or 1.  A function with VNNI enabled can only inline
+// functions compiled for it or for less, so every function on the path to the dot-product
+// instruction is compiled in the region; and the plain copy is compiled outside it, so that no
+// VNNI instruction can reach a CPU without VNNI.  No include guard, on purpose.
+
+constexpr bool kVnni = ENGINE_Q8_VNNI;
+
+#if ENGINE_Q8_VNNI
+// acc + the sums of 4 byte products a lane (u8 x s8, into int32: nothing saturates).
+#if defined(ENGINE_CPU_AVX512)
+inline Ints dot4(Ints acc, Ints u8, Ints s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+#else
+inline Ints dot4(Ints acc, Ints u8, Ints s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
+#endif
+#else
+inline Ints dot4(Ints acc, Ints, Ints) { return acc; }  // never called: kVnni is false
+#endif
+
+// ---- a tile: MR rows of x times the panel's kCols columns ----
+
+// The block's integer dot products of MR rows (one int32 lane a column).
+template <int F, int MR>
+inline void block_dots(const uint8_t* steps, const int8_t* const (&xq)[MR], Ints (&isum)[MR]) {
+  if (F == kQ8_0 || kVnni) {
+    for (int i = 0; i < MR; i++) isum[i] = zero_ints();
+    for (int t = 0; t < kSteps; t++) {
+      Ints w = load_ints(steps + t * kStepBytes);
+      Signs signs{};
+      if (F == kQ8_0) {
+        signs = signs_of(w);
+        w = abs8(w);
+      }
+      for (int i = 0; i < MR; i++) {
+        Ints x = broadcast_ints(load_i32(xq[i] + 4 * t));
+        if (F == kQ8_0) x = with_signs(x, signs);
+        if constexpr (kVnni) {
+          isum[i] = in_register(dot4(isum[i], w, x));
+        } else {
+          isum[i] = in_register(add32(isum[i], widen_pairs(maddubs(w, x))));
+        }
+      }
+    }
+    return;
+  }
+  Ints partial[MR];  // int16 pair sums: at most 8 steps * 2 * 15 * 127 = 30480
+  const Ints w0 = load_ints(steps);
+  for (int i = 0; i < MR; i++) partial[i] = in_register(maddubs(w0, broadcast_ints(load_i32(xq[i]))));
+  for (int t = 1; t < kSteps; t++) {
+    const Ints w = load_ints(steps + t * kStepBytes);
+    for (int i = 0; i < MR; i++)
+      partial[i] = in_register(add16(partial[i], maddubs(w, broadcast_ints(load_i32(xq[i] + 4 * t)))));
+  }
+  for (int i = 0; i < MR; i++) isum[i] = widen_pairs(partial[i]);
+}
+
+template <int F, int MR, typename T>
+void tile(const Problem& p, const QuantizedRows& x, const Panel& panel, int64_t m0, int64_t c0) {
+  Vec acc[MR];
+  for (int i = 0; i < MR; i++) acc[i] = splat(0.0f);
+  for (int64_t b = 0; b < p.k_blocks; b++) {
+    const int8_t* xq[MR];
+    for (int i = 0; i < MR; i++) xq[i] = x.q + ((m0 + i) * p.k_blocks + b) * kBlock;
+    Ints isum[MR];
+    block_dots<F, MR>(panel.bytes + b * kPanelBlockBytes, xq, isum);
+    const Vec dw = load_floats(panel.scale + b * kCols);
+    for (int i = 0; i < MR; i++) {
+      const int64_t at = (m0 + i) * p.k_blocks + b;
+      if (F == kQ4_0) isum[i] = sub32(isum[i], broadcast_ints(8 * x.asum[at]));
+      acc[i] = fmadd(dw * splat(x.scale[at]), to_float(isum[i]), acc[i]);
+      if (F == kQ4_1) acc[i] = fmadd(load_floats(panel.min + b * kCols), splat(x.sum[at]), acc[i]);
+    }
+  }
+  const Mask live = lanes(p.n - c0);
+  const Vec bias = p.bias ? load(static_cast<const T*>(p.bias) + c0, p.dtype, live) : splat(0.0f);
+  for (int i = 0; i < MR; i++)
+    store(static_cast<T*>(p.out) + (m0 + i) * p.out_stride + c0, acc[i] + bias, p.dtype, live);
+}
+
+template <int F, typename T>
+void column_groups(const Problem& p, const QuantizedRows& x) {
+  static thread_local std::vector<uint8_t> panel_bytes;
+  static thread_local std::vector<float> panel_scales;
+  const Panel panel{grown(panel_bytes, p.k_blocks * kPanelBlockBytes), grown(panel_scales, 2 * p.k_blocks * kCols),
+                    panel_scales.data() + p.k_blocks * kCols};
+  int64_t begin, end;
+  thread_share((p.n + kCols - 1) / kCols, &begin, &end);
+  for (int64_t group = begin; group < end; group++) {
+    const int64_t c0 = group * kCols;
+    fill_panel<F>(p.weight, p.weight_stride, p.n, c0, p.k_blocks, panel);
+    int64_t i = 0;
+    for (; i + kMaxTileRows <= p.m; i += kMaxTileRows) tile<F, kMaxTileRows, T>(p, x, panel, i, c0);
+    switch (p.m - i) {
+#if defined(ENGINE_CPU_AVX512)
+      case 7: tile<F, 7, T>(p, x, panel, i, c0); break;
+      case 6: tile<F, 6, T>(p, x, panel, i, c0); break;
+      case 5: tile<F, 5, T>(p, x, panel, i, c0); break;
+      case 4: tile<F, 4, T>(p, x, panel, i, c0); break;
+#endif
+      case 3: tile<F, 3, T>(p, x, panel, i, c0); break;
+      case 2: tile<F, 2, T>(p, x, panel, i, c0); break;
+      case 1: tile<F, 1, T>(p, x, panel, i, c0); break;
+    }
+  }
+}
+
+template <int F, typename T>
+void linear(const Problem& p, int num_threads) {
+  const QuantizedRows x = quantized_rows_buffer(p.m, p.k_blocks);  // the calling thread's, shared
+#pragma omp parallel num_threads(num_threads) if (p.m * p.n * p.k_blocks >= kParallelWork)
+  {
+    int64_t begin, end;
+    thread_share(p.m, &begin, &end);
+    quantize_rows(static_cast<const T*>(p.x), p.x_stride, p.dtype, begin, end, x);
+#pragma omp barrier
+    column_groups<F, T>(p, x);
+  }
+}
+
+template <typename T>
+int run(const Problem& p, int format, int num_threads) {
+  switch (format) {
+    case kQ4_0: linear<kQ4_0, T>(p, num_threads); return 0;
+    case kQ4_1: linear<kQ4_1, T>(p, num_threads); return 0;
+    case kQ8_0: linear<kQ8_0, T>(p, num_threads); return 0;
+    default: return -1;
+  }
+}

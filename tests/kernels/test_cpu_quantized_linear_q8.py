@@ -1,0 +1,133 @@
+"""The Q8-activation quantized linear (quantized_linear_q8.cpp) against its torch reference, the
+same arithmetic spelled out: x rounded to Q8 blocks, integer block dot products, then one fp32
+FMA per block (emulated in fp64 by the reference).  Every product and sum is then the same, so
+every build this CPU runs, with and without VNNI, must give the reference's bits exactly, for
+every row count (the tile heights and their tails), ragged column counts, prefix views of a
+weight (an elastic submodel's), strided rows, bias, fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import pytest
+import torch
+
+from engine.kernels.cpu.quantized_linear import quantized_linear
+from engine.kernels.cpu.quantized_linear_q8 import (
+    quantize_activations,
+    quantized_linear_q8,
+    quantized_linear_q8_reference,
+    vnni_available,
+)
+from engine.kernels.cpu.quantized_weights import QuantFormat, QuantizedWeight, quantize
+
+FORMATS = list(QuantFormat)
+DTYPES = [torch.float32, torch.bfloat16]
+ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 31, 32, 33, 64]  # AVX2 tiles of 4, AVX-512 tiles of 8
+SHAPES = [(7, 64), (100, 576), (35, 1536)]  # (N, K): N a multiple of neither 8 nor 16 columns
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "vnni"])
+def vnni(request: pytest.FixtureRequest, library: ctypes.CDLL) -> bool:
+    if request.param and not vnni_available(library):
+        pytest.skip("this CPU (under the mask) has no VNNI for this build")
+    return request.param
+
+
+@functools.cache
+def make_weight(n: int, k: int, fmt: QuantFormat) -> QuantizedWeight:
+    generator = torch.Generator().manual_seed(n * 7919 + k)
+    return quantize(torch.randn(n, k, generator=generator) * 0.05, fmt)
+
+
+def activations(num_rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.randn(num_rows, k)
+    x[:, 5] *= 30  # an outlier channel, as LLM activations have: its block's scale is large
+    if k >= 64:
+        x[0, 32:64] = 0  # a block of zeros: scale 0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_exactly(library: ctypes.CDLL, vnni: bool, fmt: QuantFormat, dtype: torch.dtype) -> None:
+    for n, k in SHAPES:
+        weight = make_weight(n, k, fmt)
+        x = activations(max(ROW_COUNTS), k, dtype)
+        expected = quantized_linear_q8_reference(x, weight)
+        for num_rows in ROW_COUNTS:
+            got = quantized_linear_q8(x[:num_rows], weight, library=library, vnni=vnni)
+            assert torch.equal(got, expected[:num_rows]), (n, k, num_rows)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_prefix_views_strided_rows_and_bias(library: ctypes.CDLL, vnni: bool, fmt: QuantFormat) -> None:
+    """An elastic submodel's prefix of a weight (widths multiples of 32), rows of x that are the
+    prefix of wider rows, a bias, and an out whose rows lie apart."""
+    weight = make_weight(200, 576, fmt)
+    x_wide = activations(37, 576, torch.bfloat16)
+    for n, k in [(200, 576), (160, 320), (96, 32), (33, 544)]:
+        view = weight.prefix(n, k)
+        assert view.blocks.data_ptr() == weight.blocks.data_ptr()
+        x = x_wide[:, :k]  # rows 576 elements apart
+        bias = torch.randn(n).bfloat16()
+        buffer = torch.full((x.shape[0], n + 20), 7.0, dtype=torch.bfloat16)
+        out = buffer[:, 10:10 + n]
+        assert quantized_linear_q8(x, view, bias, out=out, library=library, vnni=vnni) is out
+        assert torch.equal(out, quantized_linear_q8_reference(x.contiguous(), view, bias))
+        assert (buffer[:, :10] == 7).all() and (buffer[:, 10 + n:] == 7).all()
+
+
+def test_fp16_and_empty(library: ctypes.CDLL) -> None:
+    weight = make_weight(64, 96, QuantFormat.Q4_1)
+    x = torch.randn(5, 96).half()
+    assert torch.equal(quantized_linear_q8(x, weight, library=library), quantized_linear_q8_reference(x, weight))
+    assert quantized_linear_q8(torch.randn(0, 96), weight, library=library).shape == (0, 64)
+    assert quantized_linear_q8(x, weight.prefix(0), library=library).shape == (5, 0)
+    bias = torch.randn(64)
+    assert torch.equal(quantized_linear_q8(torch.randn(3, 0), weight.prefix(64, 0), bias, library=library),
+                       bias.expand(3, 64))
+
+
+def test_same_bits_on_any_thread_count(library: ctypes.CDLL) -> None:
+    weight = make_weight(576, 576, QuantFormat.Q4_1)
+    x = torch.randn(33, 576).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = quantized_linear_q8(x, weight, library=library)
+        torch.set_num_threads(max(threads, 2))
+        assert torch.equal(quantized_linear_q8(x, weight, library=library), single)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_activation_rounding() -> None:
+    x = torch.zeros(1, 64)
+    x[0, :32] = torch.linspace(-2.0, 1.0, 32)
+    q, scale = quantize_activations(x)
+    assert scale[0, 0].item() == pytest.approx(2.0 / 127) and scale[0, 1].item() == 0
+    assert q[0, 0, 0].item() == -127 and (q[0, 1] == 0).all()
+    assert (q[0, 0].float() * scale[0, 0] - x[0, :32]).abs().max() <= scale[0, 0] / 2 + 1e-7
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_close_to_the_exact_kernel(library: ctypes.CDLL, fmt: QuantFormat) -> None:
+    """Rounding x to 8 bits moves each output by about 1% of its typical size, not more."""
+    weight = make_weight(100, 576, fmt)
+    x = torch.randn(16, 576)
+    exact = quantized_linear(x, weight, library=library)
+    error = (quantized_linear_q8(x, weight, library=library) - exact).norm() / exact.norm()
+    assert error < 0.02
+
+
+def test_bad_inputs_raise() -> None:
+    weight = make_weight(16, 64, QuantFormat.Q4_0)
+    with pytest.raises(ValueError):
+        quantized_linear_q8(torch.randn(2, 96), weight)
+    with pytest.raises(ValueError):
+        quantized_linear_q8(torch.randn(2, 64).double(), weight)
+    with pytest.raises(ValueError):
+        quantized_linear_q8(torch.randn(2, 64), weight, out=torch.empty(2, 15))
