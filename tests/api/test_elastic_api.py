@@ -50,18 +50,22 @@ def test_every_way_of_naming_a_level(elastic_server: ServerProcess, levels: list
     assert metric(samples, "engine:elastic_generation_tokens_total", level="100") >= 6
 
 
+MISSING_LEVEL = 99  # no checkpoint has it: elastify's levels are 100 and below 99
+
+
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"elastic": {"level": 55}}, "elastic.level"),
+    ({"elastic": {"level": MISSING_LEVEL}}, "elastic.level"),
     ({"elastic": {"level": "big"}}, "elastic.level"),
     ({"elastic": "80"}, "elastic"),
     ({"elastic": {"levle": 80}}, "elastic"),
     ({"vllm_xargs": {"elastic_level": "80"}}, "vllm_xargs.elastic_level"),
-    ({"model": f"{MODEL_NAME}@55"}, "elastic.level"),
+    ({"model": f"{MODEL_NAME}@{MISSING_LEVEL}"}, "elastic.level"),
     ({"model": f"{MODEL_NAME}@big"}, "model"),
     ({"model": "other-model@80"}, "model"),
 ])
 def test_bad_levels_get_a_400_naming_the_field(elastic_server: ServerProcess, levels: list[int],
                                                fields: dict, param: str) -> None:
+    assert MISSING_LEVEL not in levels
     response = complete(elastic_server, **fields)
     assert response.status_code in (400, 404), response.text
     error = response.json()["error"]

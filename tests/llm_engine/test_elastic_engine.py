@@ -90,8 +90,9 @@ def test_switching_levels_copies_no_weights(elastic_fp32) -> None:
 
 def test_bad_levels_are_refused_naming_the_field(elastic_fp32, plain_fp32) -> None:
     engine = elastic_fp32.engine
+    missing = next(value for value in range(99, 0, -1) if value not in engine.elastic_levels)
     with pytest.raises(InvalidRequestError) as unknown:
-        engine.add_request("bad-level", "hi", SamplingParams(max_tokens=2), elastic_level=55)
+        engine.add_request("bad-level", "hi", SamplingParams(max_tokens=2), elastic_level=missing)
     assert unknown.value.param == "elastic.level" and "levels" in str(unknown.value)
     with pytest.raises(InvalidRequestError) as not_elastic:
         plain_fp32.engine.add_request("bad-model", "hi", SamplingParams(max_tokens=2),

@@ -68,8 +68,7 @@ class Linear(nn.Module):
         # MKL's fp32 tiles) win, 2-2.5x at 32 rows (benchmarks/quantized_linear.py).
         if self.quantized is not None and (self.plan.dense_above_rows is None
                                            or x.shape[0] <= self.plan.dense_above_rows):
-            kernel = quantized_linear_q8 if self.plan.runs_q8(x.shape[0]) else quantized_linear
-            return kernel(x, self.quantized, self.bias)
+            return self._quantized_kernel(x.shape[0])(x, self.quantized, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.dense, self.bias)
@@ -82,7 +81,7 @@ class Linear(nn.Module):
         (rows may be strided, as a column range of a wider buffer is)."""
         bias = None if self.bias is None else self.bias[start:end]
         if self._runs_quantized(x.shape[0]):
-            return quantized_linear(x, self.quantized.rows(start, end), bias, out)
+            return self._quantized_kernel(x.shape[0])(x, self.quantized.rows(start, end), bias, out)
         weight = self.dense[start:end]
         if out is None:
             return F.linear(x, weight, bias)
@@ -94,8 +93,11 @@ class Linear(nn.Module):
         """x [n, end - start] (inputs start .. end - 1) @ W[:, start:end]^T -> [n, out], no bias
         (the caller sums tiles and adds it once)."""
         if self._runs_quantized(x.shape[0]):
-            return quantized_linear(x, self.quantized.columns(start, end))
+            return self._quantized_kernel(x.shape[0])(x, self.quantized.columns(start, end))
         return F.linear(x, self.dense[:, start:end])
+
+    def _quantized_kernel(self, num_rows: int):
+        return quantized_linear_q8 if self.plan.runs_q8(num_rows) else quantized_linear
 
     def _runs_quantized(self, num_rows: int) -> bool:
         return self.quantized is not None and (self.dense is None or self.plan.dense_above_rows is None
