@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.elastic.spec import FULL_LEVEL
+from engine.prompt_pruning import PrunePlan
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -24,11 +25,15 @@ class NewRequestData:
     output_token_ids: tuple[int, ...]  # non-empty when it restarts after a preemption
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int]
+    prune_plan: PrunePlan | None = None
+    # Known after a preemption: the runner runs these again rather than scoring the prompt anew.
+    kept_prompt_positions: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, request: Request) -> NewRequestData:
         return cls(request.request_id, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
-                   request.sampling_params, request.eos_token_ids)
+                   request.sampling_params, request.eos_token_ids, request.prune_plan,
+                   request.kept_prompt_positions)
 
 
 @dataclass(slots=True)
@@ -50,6 +55,12 @@ class ScheduledRequest:
     # The elastic submodel this step runs the request's tokens at, chosen by the scheduler.  K and
     # V heads are never pruned, so a request may run at another level next step.
     elastic_level: int = FULL_LEVEL
+    # Group B (layers from the prune layer, engine/kv/kv_cache_groups.py): its block table (None
+    # on an engine with one group, whose deep layers use block_ids) and its tokens, computed
+    # before this step and run this step.  Unpruned: the same counts as group A's.
+    kept_block_ids: list[int] | None = None
+    num_kept_computed_tokens: int = 0
+    num_kept_scheduled_tokens: int = 0
     request_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,3 +94,5 @@ class SampledToken:
 class ModelRunnerOutput:
     # request_id -> the token sampled for it this step (only requests that sampled)
     sampled: dict[str, SampledToken]
+    # request_id -> the prompt positions its stage-B step kept (only requests scored this step)
+    kept_prompt_positions: dict[str, tuple[int, ...]] = field(default_factory=dict)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.prompt_pruning import PrunePlan
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import NewRequestData, SchedulerOutput
 from engine.worker.sampler import SamplingRow
@@ -25,12 +26,15 @@ class RequestState:
     sampling_params: SamplingParams
     stop_ids_for_min_tokens: frozenset[int]  # eos + stop_token_ids, masked until min_tokens
     generator: torch.Generator | None  # seeded requests draw from their own generator
+    prune_plan: PrunePlan | None = None
+    kept_prompt_positions: tuple[int, ...] | None = None  # once chosen (or given on a restart)
 
     @classmethod
     def of(cls, data: NewRequestData, generator: torch.Generator | None) -> RequestState:
         params = data.sampling_params
         stop_ids = (frozenset() if params.ignore_eos else data.eos_token_ids) | frozenset(params.stop_token_ids or ())
-        return cls(list(data.prompt_token_ids), list(data.output_token_ids), params, stop_ids, generator)
+        return cls(list(data.prompt_token_ids), list(data.output_token_ids), params, stop_ids, generator,
+                   data.prune_plan, data.kept_prompt_positions)
 
     def token_ids(self, start: int, count: int) -> list[int]:
         """Tokens [start, start + count) of prompt + output."""
