@@ -48,7 +48,7 @@ class LLM:
                  use_tqdm: bool = True, priority: Sequence[int] | None = None,
                  elastic_level: int | Sequence[int | None] | None = None,
                  prompt_keep: float | Sequence[float | None] | None = None,
-                 prompt_scoring: str | None = None) -> list[RequestOutput]:
+                 prompt_scoring: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts.
         `priority` (one per prompt, lower first) matters under the priority policy, as in vLLM.
         `elastic_level`: the submodel for every prompt, or one per prompt (None: the default).
@@ -63,8 +63,10 @@ class LLM:
         priorities = priority if priority is not None else [0] * len(prompts)
         levels = self._per_prompt(elastic_level, len(prompts), "elastic levels")
         keeps = self._per_prompt(prompt_keep, len(prompts), "prompt_keep values")
-        request_ids = [self._add(prompt, p, rank, level, keep, prompt_scoring)
-                       for prompt, p, rank, level, keep in zip(prompts, params, priorities, levels, keeps)]
+        scorings = self._per_prompt(prompt_scoring, len(prompts), "prompt scorings")
+        request_ids = [self._add(prompt, p, rank, level, keep, scoring)
+                       for prompt, p, rank, level, keep, scoring in zip(prompts, params, priorities, levels, keeps,
+                                                                        scorings)]
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -79,7 +81,7 @@ class LLM:
 
     @staticmethod
     def _per_prompt(value, num_prompts: int, what: str) -> list:
-        if value is None or isinstance(value, int | float):
+        if value is None or isinstance(value, int | float | str):
             return [value] * num_prompts
         if len(value) != num_prompts:
             raise ValueError(f"got {len(value)} {what} for {num_prompts} prompts")

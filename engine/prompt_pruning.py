@@ -22,7 +22,7 @@ holds every query of the score; a prefix-cache hit never reaches into it either 
 Token budget: a pruned request's tokens cost what they compute.  A token that runs only layers
 below l* costs (1 - deep_fraction) of a token; a row of group B costs deep_fraction more:
 
-    cost(c, n) = ceil(n * (1 - d)) + ceil((num_kept(c + n) - num_kept(c)) * d)      d = (L - l*) / L
+    cost(c, n) = ceil(n * (1 - d) + (num_kept(c + n) - num_kept(c)) * d)      d = (L - l*) / L
 
 so stage-A chunks are longer than the budget in tokens, and the stage-B step may overrun the step's
 budget by the K kept rows (once per request; the step is then full).  An unpruned request has no
@@ -80,8 +80,8 @@ class PrunePlan:
     def cost(self, num_computed_tokens: int, num_scheduled_tokens: int) -> int:
         """Budget tokens the chunk [c, c + n) costs (the formula above)."""
         num_rows_b = self.num_kept(num_computed_tokens + num_scheduled_tokens) - self.num_kept(num_computed_tokens)
-        return (math.ceil(num_scheduled_tokens * (1 - self.deep_fraction))
-                + math.ceil(num_rows_b * self.deep_fraction))
+        # A decode costs exactly 1: the epsilon keeps float rounding (0.3 + 0.7) from making it 2.
+        return math.ceil(num_scheduled_tokens * (1 - self.deep_fraction) + num_rows_b * self.deep_fraction - 1e-9)
 
     def chunk_size(self, num_computed_tokens: int, num_tokens_to_compute: int, budget: int) -> int:
         """Tokens to schedule from c under `budget` (0: none this step).  Stage-A chunks run only
