@@ -49,7 +49,8 @@ class ParentState:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
                              outputs=[s.completion() for s in self.samples], finished=self.finished,
                              metrics=first, sample_metrics=[s.request.metrics for s in self.samples],
-                             elastic_level=self.samples[0].request.elastic_level)
+                             elastic_level=self.samples[0].request.elastic_level,
+                             num_prompt_tokens_computed_in_full=self.samples[0].request.num_prompt_tokens_computed_in_full)
 
 
 class OutputProcessor:

@@ -58,3 +58,5 @@ class RequestOutput:
     # metrics of each of the n samples (same order as outputs) for per-sample latency stats
     sample_metrics: list[RequestMetrics] = field(default_factory=list)
     elastic_level: int = 100  # the submodel its last step ran (engine/elastic/spec.py)
+    # Prompt tokens that ran every layer: all of them, unless prompt pruning kept fewer.
+    num_prompt_tokens_computed_in_full: int | None = None

@@ -87,7 +87,9 @@ class PromptSelection:
 class KeptRows:
     """Group B's view of the step: what layers from the prune layer run (module docstring)."""
 
-    attention: AttentionMetadata  # over group B's block tables, one sequence per request with rows
+    # Over group B's block tables, one sequence per request with rows; None when no request has any
+    # (every chunk of the step is a pruned prompt's stage A: the layers from l* have nothing to run).
+    attention: AttentionMetadata | None
     request_ids: list[str]
     positions: torch.Tensor  # [num_kept_rows] original positions (RoPE); selections' rows set at l*
     logits_indices: torch.Tensor  # [num_sampling] group-B rows

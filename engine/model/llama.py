@@ -158,6 +158,8 @@ class LlamaForCausalLM(nn.Module):
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             if batch.kept is not None and index == self.pruner.prune_layer:
                 x, residual = self.pruner(x, residual, batch, hidden_cache)
+                if batch.kept.attention is None:
+                    return x  # no rows go on: nothing samples this step
                 if batch.kept.source_rows is not None:  # rows moved: RoPE at their positions
                     batch.rope = self.rotary.tables(batch.positions, x.dtype)
             x, residual = layer(x, residual, kv_cache, batch)

@@ -33,8 +33,14 @@ def build_kept_rows(scheduled: list[ScheduledRequest], states: RequestStates, ba
                     elastic_levels: Sequence[int] | None = None) -> KeptRows:
     to_device = _to_device(device)
     rows = [s for s in scheduled if s.num_kept_scheduled_tokens > 0]
+    if not rows:  # only pruned prompts' stage-A chunks: the layers from l* have nothing to run
+        empty = to_device(np.zeros(0, dtype=np.int64))
+        return KeptRows(attention=None, request_ids=[], positions=empty, logits_indices=empty, elastic=None,
+                        source_rows=None, selections=[])
     row_starts = batch.attention.query_start_loc_cpu
-    sources, positions, selections = [], [], []
+    sources: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
+    selections: list[PromptSelection] = []
     num_cache_rows, num_kept_rows = 0, 0
     for index, s in enumerate(scheduled):
         if s.num_kept_scheduled_tokens == 0:
@@ -50,7 +56,7 @@ def build_kept_rows(scheduled: list[ScheduledRequest], states: RequestStates, ba
         sources.append(np.arange(first_row, row_starts[index + 1]))
         positions.append(np.arange(end - (row_starts[index + 1] - first_row), end))
         num_kept_rows += s.num_kept_scheduled_tokens
-    source_rows = np.concatenate(sources) if sources else np.zeros(0, dtype=np.int64)
+    source_rows = np.concatenate(sources)
     is_same_rows = source_rows.shape[0] == batch.num_tokens and bool((source_rows == np.arange(batch.num_tokens)).all())
     return KeptRows(attention=_kept_attention(rows, block_size, to_device),
                     request_ids=[s.request_id for s in rows],
