@@ -34,6 +34,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# The prune layer l* as a fraction of the model's depth where PromptPruningConfig names none.
+# Measured on SmolLM2-135M (30 layers, so l* = 9) with benchmarks/prompt_pruning.py: the time of a
+# pruned prefill is about l*/L + keep * (L - l*)/L of the full one plus the score, so the TTFT
+# targets (keep 0.3 <= 0.62x, keep 0.5 <= 0.75x) need l* <= ~12; at l* = 9 the window attention
+# already finds the pass key (benchmarks/results/prompt_pruning.md).
+DEFAULT_PRUNE_LAYER_FRACTION = 0.3
+
+
+def default_prune_layer(num_layers: int) -> int:
+    return max(1, min(num_layers - 1, round(DEFAULT_PRUNE_LAYER_FRACTION * num_layers)))
+
 
 @dataclass(frozen=True, slots=True)
 class PrunePlan:

@@ -18,6 +18,7 @@ from engine.model.layers.linear import weight_bytes
 from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
+from engine.prompt_pruning import default_prune_layer
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.worker.forward_batch_builder import build_forward_batch
 from engine.worker.host_allocator import keep_freed_memory
@@ -123,15 +124,6 @@ class ModelRunner:
                 positions = tuple(selection.kept_positions.tolist())
                 chosen[selection.request_id] = self.requests[selection.request_id].kept_prompt_positions = positions
         return chosen
-
-
-# The prune layer l* as a fraction of the model's depth where PromptPruningConfig names none:
-# measured on SmolLM2-135M (30 layers) by benchmarks/prompt_pruning.py (see benchmarks/README.md).
-DEFAULT_PRUNE_LAYER_FRACTION = 0.3
-
-
-def default_prune_layer(num_layers: int) -> int:
-    return max(1, min(num_layers - 1, round(DEFAULT_PRUNE_LAYER_FRACTION * num_layers)))
 
 
 def _make_pruner(config: PromptPruningConfig | None, num_layers: int) -> PromptPruner | None:
