@@ -11,6 +11,7 @@ WEIGHT_FORMATS = ("auto", "dequantized", "native", "native_q8", "int8")
 ATTENTION_BACKENDS = ("auto", "torch", "native", "triton")
 SCHEDULING_POLICIES = ("fcfs", "priority", "mlfq", "slo")
 ELASTIC_MODES = ("auto", "on", "off")
+PROMPT_SCORINGS = ("attention", "random")
 
 
 class ConfigError(ValueError):
@@ -132,8 +133,44 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class PromptPruningConfig:
+    """Per-request prompt pruning (engine/prompt_pruning.py): every prompt token runs the layers
+    below `prune_layer`; only the kept ones run the rest.  Which are kept is scored by the model's
+    own attention (engine/model/layers/prompt_pruning.py)."""
+
+    # Two KV groups (layers below / from prune_layer).  Off: one group, as without this feature,
+    # and a request asking for prompt_keep < 1 is refused.
+    enabled: bool = True
+    # l*: the first layer that runs only the kept tokens; None = the engine's measured default
+    # for the model's depth (DEFAULT_PRUNE_LAYER_FRACTION of its layers).
+    prune_layer: int | None = None
+    default_keep: float = 1.0  # prompt_keep of requests that name none (--prompt-keep)
+    min_prompt_tokens: int = 512  # shorter prompts are never pruned
+    num_sink_tokens: int = 4  # the first tokens, always kept (attention sinks)
+    # The last prompt tokens: their queries score the rest, and they are always kept.
+    window: int = 32
+    num_score_layers: int = 3  # the layers [prune_layer - n, prune_layer) whose attention scores
+    pool_size: int = 9  # scores are max-pooled over this many neighbours (odd): spans survive whole
+    scoring: str = "attention"  # or "random": the same mechanism with seeded random scores
+
+    def __post_init__(self) -> None:
+        _require(self.prune_layer is None or self.prune_layer >= 1,
+                 f"prompt pruning prune_layer must be at least 1, got {self.prune_layer}")
+        _require(0 < self.default_keep <= 1, f"prompt_keep must be in (0, 1], got {self.default_keep}")
+        _require(self.num_sink_tokens >= 0, f"num_sink_tokens must be non-negative, got {self.num_sink_tokens}")
+        _require(self.window >= 1, f"prompt pruning window must be positive, got {self.window}")
+        _require(self.min_prompt_tokens >= self.num_sink_tokens + self.window,
+                 f"min_prompt_tokens must cover the sinks and the window, got {self.min_prompt_tokens}")
+        _require(self.num_score_layers >= 1, f"num_score_layers must be positive, got {self.num_score_layers}")
+        _require(self.pool_size >= 1 and self.pool_size % 2 == 1, f"pool_size must be odd, got {self.pool_size}")
+        _require(self.scoring in PROMPT_SCORINGS,
+                 f"prompt scoring must be one of {PROMPT_SCORINGS}, got {self.scoring!r}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    prompt_pruning: PromptPruningConfig = field(default_factory=PromptPruningConfig)

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, MLFQConfig, ModelConfig, RunnerConfig, SchedulerConfig, SLOConfig
+from engine.config import (CacheConfig, EngineConfig, MLFQConfig, ModelConfig, PromptPruningConfig, RunnerConfig,
+                           SchedulerConfig, SLOConfig)
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -21,7 +22,8 @@ class LLM:
                  kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
                  enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
                  attention_backend: str = "auto", device: str = "cpu", elastic: str = "auto",
-                 elastic_checkpoint: str | None = None, elastic_level: int = 100) -> None:
+                 elastic_checkpoint: str | None = None, elastic_level: int = 100,
+                 prompt_pruning: PromptPruningConfig | None = None) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format, max_model_len=max_model_len,
                               elastic=elastic, elastic_checkpoint=elastic_checkpoint, elastic_level=elastic_level),
@@ -30,6 +32,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       policy=scheduling_policy, mlfq=mlfq or MLFQConfig(), slo=slo or SLOConfig()),
             runner=RunnerConfig(device=device, attention_backend=attention_backend),
+            prompt_pruning=prompt_pruning or PromptPruningConfig(),
         )
         self.engine = LLMEngine(config)
         self._next_id = 0
@@ -43,10 +46,15 @@ class LLM:
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None,
-                 elastic_level: int | Sequence[int | None] | None = None) -> list[RequestOutput]:
+                 elastic_level: int | Sequence[int | None] | None = None,
+                 prompt_keep: float | Sequence[float | None] | None = None,
+                 prompt_scoring: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts.
         `priority` (one per prompt, lower first) matters under the priority policy, as in vLLM.
-        `elastic_level`: the submodel for every prompt, or one per prompt (None: the default)."""
+        `elastic_level`: the submodel for every prompt, or one per prompt (None: the default).
+        `prompt_keep`: the fraction of each long prompt the layers past the prune layer compute,
+        for every prompt or one per prompt (None: the default); `prompt_scoring` picks the tokens
+        ("attention", or "random" for the baseline)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         params = self._params_per_prompt(len(prompts), sampling_params)
@@ -54,8 +62,11 @@ class LLM:
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         priorities = priority if priority is not None else [0] * len(prompts)
         levels = self._per_prompt(elastic_level, len(prompts), "elastic levels")
-        request_ids = [self._add(prompt, p, rank, level)
-                       for prompt, p, rank, level in zip(prompts, params, priorities, levels)]
+        keeps = self._per_prompt(prompt_keep, len(prompts), "prompt_keep values")
+        scorings = self._per_prompt(prompt_scoring, len(prompts), "prompt scorings")
+        request_ids = [self._add(prompt, p, rank, level, keep, scoring)
+                       for prompt, p, rank, level, keep, scoring in zip(prompts, params, priorities, levels, keeps,
+                                                                        scorings)]
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -69,8 +80,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     @staticmethod
-    def _per_prompt(value: int | Sequence[int | None] | None, num_prompts: int, what: str) -> list[int | None]:
-        if value is None or isinstance(value, int):
+    def _per_prompt(value, num_prompts: int, what: str) -> list:
+        if value is None or isinstance(value, int | float | str):
             return [value] * num_prompts
         if len(value) != num_prompts:
             raise ValueError(f"got {len(value)} {what} for {num_prompts} prompts")
@@ -87,12 +98,14 @@ class LLM:
         return list(sampling_params)
 
     def _add(self, prompt: PromptInput, params: SamplingParams, priority: int = 0,
-             elastic_level: int | None = None) -> str:
+             elastic_level: int | None = None, prompt_keep: float | None = None,
+             prompt_scoring: str | None = None) -> str:
         request_id = str(self._next_id)
         self._next_id += 1
         if isinstance(prompt, dict):
             prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
-        self.engine.add_request(request_id, prompt, params, priority=priority, elastic_level=elastic_level)
+        self.engine.add_request(request_id, prompt, params, priority=priority, elastic_level=elastic_level,
+                                prompt_keep=prompt_keep, prompt_scoring=prompt_scoring)
         return request_id
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

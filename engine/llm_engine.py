@@ -7,14 +7,15 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
-from engine.config import ConfigError, EngineConfig, SchedulerConfig
+from engine.config import PROMPT_SCORINGS, ConfigError, EngineConfig, SchedulerConfig
 from engine.elastic.loading import load_elastic_checkpoint
 from engine.elastic.spec import FULL_LEVEL
-from engine.kv.kv_cache_manager import KVCacheManager
+from engine.kv.kv_cache_groups import KVCacheGroups
 from engine.model.loader import resolve_model, load_tokenizer
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.profiling import profile_step_costs
+from engine.prompt_pruning import PrunePlan
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepCostModel, features_of
@@ -49,6 +50,7 @@ class EngineStats:
     num_slo_violated_total: int = 0
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of which found
+    num_pruned_prompt_tokens_total: int = 0  # prompt tokens the layers past the prune layer skipped
 
 
 class LLMEngine:
@@ -61,10 +63,12 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(source)
         elastic = load_elastic_checkpoint(config.model, source)
         self.runner = ModelRunner(source, config.model.dtype, config.cache, config.runner,
-                                  weight_format=config.model.weight_format, elastic=elastic)
+                                  weight_format=config.model.weight_format, elastic=elastic,
+                                  pruning=config.prompt_pruning)
         self.default_elastic_level = self._default_elastic_level(config.model.elastic_level)
-        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.cache.block_size,
-                                 enable_prefix_caching=config.cache.enable_prefix_caching)
+        self.kv = KVCacheGroups.create(self.runner.num_kv_blocks, config.cache.block_size,
+                                       enable_prefix_caching=config.cache.enable_prefix_caching,
+                                       two_groups=self.runner.prune_layer is not None)
         scheduler_config: SchedulerConfig = replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(self.kv, FCFSPolicy(),
                                    max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
@@ -86,14 +90,20 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                     arrival_time: float | None = None, priority: int = 0, slo: SLOTarget | None = None,
-                    elastic_level: int | None = None) -> None:
+                    elastic_level: int | None = None, prompt_keep: float | None = None,
+                    prompt_scoring: str | None = None) -> None:
         """Queue a request.  Raises InvalidRequestError for a request the engine cannot serve, and
         AdmissionRejected when the scheduling policy refuses it (an unreachable latency target).
-        `elastic_level`: the submodel it runs (None: the engine's default level)."""
+        `elastic_level`: the submodel it runs (None: the engine's default level).  `prompt_keep`:
+        the fraction of a long prompt the layers past the prune layer compute (None: the default);
+        `prompt_scoring`: "attention" or "random" (the baseline; None: the engine's setting)."""
         if request_id in self.outputs.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         level = self._resolve_elastic_level(elastic_level)
         prompt_token_ids = self._prompt_token_ids(prompt)
+        prune_plan = self._prune_plan(len(prompt_token_ids), prompt_keep, prompt_scoring)
+        if params.prompt_logprobs is not None:
+            prune_plan = None  # every prompt row must reach the LM head to be scored
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
         arrival_time = time.time() if arrival_time is None else arrival_time
         slo_defaults = self.config.scheduler.slo
@@ -102,7 +112,8 @@ class LLMEngine:
                             prompt_token_ids=prompt_token_ids,
                             sampling_params=params if params.n == 1 else params.for_child(i),
                             max_tokens=max_tokens, eos_token_ids=self.tokenizer.stop_token_ids,
-                            arrival_time=arrival_time, priority=priority, slo=slo, elastic_level=level)
+                            arrival_time=arrival_time, priority=priority, slo=slo, elastic_level=level,
+                            prune_plan=prune_plan)
                     for i in range(params.n)]
         self.scheduler.add_requests(children)
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, children)
@@ -133,6 +144,28 @@ class LLMEngine:
             raise InvalidRequestError(f"unknown elastic level {requested}; {self.model_name} has levels "
                                       f"{list(levels)}", "elastic.level")
         return requested
+
+    def _prune_plan(self, num_prompt_tokens: int, prompt_keep: float | None,
+                    scoring: str | None = None) -> PrunePlan | None:
+        config = self.config.prompt_pruning
+        scoring = config.scoring if scoring is None else scoring
+        if scoring not in PROMPT_SCORINGS:
+            raise InvalidRequestError(f"prompt scoring must be one of {PROMPT_SCORINGS}, got {scoring!r}",
+                                      "elastic.prompt_scoring")
+        keep = config.default_keep if prompt_keep is None else prompt_keep
+        if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1:
+            raise InvalidRequestError(f"elastic.prompt_keep must be a number in (0, 1], got {keep!r}",
+                                      "elastic.prompt_keep")
+        prune_layer = self.runner.prune_layer
+        if prune_layer is None:
+            if keep < 1:
+                raise InvalidRequestError("prompt pruning is off on this server (prompt_keep must be 1)",
+                                          "elastic.prompt_keep")
+            return None
+        num_layers = len(self.runner.model.layers)
+        return PrunePlan.make(num_prompt_tokens, keep, min_prompt_tokens=config.min_prompt_tokens,
+                              num_sink_tokens=config.num_sink_tokens, window=config.window,
+                              deep_fraction=(num_layers - prune_layer) / num_layers, scoring=scoring)
 
     def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -184,6 +217,9 @@ class LLMEngine:
         if self.cost_model is not None and not scheduler_output.is_empty:
             self.cost_model.observe(features_of(scheduler_output), time.perf_counter() - start)
         progressed = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.stats.num_pruned_prompt_tokens_total += sum(
+            s.request.prune_plan.num_pruned_tokens for s in scheduler_output.scheduled
+            if s.request_id in runner_output.kept_prompt_positions)
         now = time.time()
         for request in progressed:
             self._on_new_token(request, runner_output, now)
@@ -255,6 +291,6 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         """KV bookkeeping is consistent with the scheduler's view (tests call this every step)."""
-        self.kv.check_invariants()
+        self.kv.check_invariants({r.request_id: r.prune_plan for r in self.scheduler.running})
         running = {r.request_id for r in self.scheduler.running}
         assert self.kv.request_ids() <= running, "a request that is not running holds KV blocks"

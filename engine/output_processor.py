@@ -51,7 +51,8 @@ class ParentState:
                              outputs=[s.completion() for s in self.samples], finished=self.finished,
                              metrics=first, sample_metrics=[s.request.metrics for s in self.samples],
                              elastic_level=self.samples[0].request.elastic_level,
-                             prompt_logprobs=self.prompt_logprobs)
+                             prompt_logprobs=self.prompt_logprobs,
+                             num_prompt_tokens_computed_in_full=self.samples[0].request.num_prompt_tokens_computed_in_full)
 
 
 class OutputProcessor:

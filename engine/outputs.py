@@ -62,3 +62,5 @@ class RequestOutput:
     sample_metrics: list[RequestMetrics] = field(default_factory=list)
     elastic_level: int = 100  # the submodel its last step ran (engine/elastic/spec.py)
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs asked for them
+    # Prompt tokens that ran every layer: all of them, unless prompt pruning kept fewer.
+    num_prompt_tokens_computed_in_full: int | None = None

@@ -31,7 +31,7 @@ from engine.scheduler.cost_model import StepFeatures, StepSample, features_of_ch
 from engine.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
 
 if TYPE_CHECKING:
-    from engine.kv.kv_cache_manager import KVCacheManager
+    from engine.kv.kv_cache_groups import KVCacheGroups
     from engine.outputs import RequestOutput
     from engine.scheduler.output import ModelRunnerOutput
     from engine.scheduler.scheduler import Scheduler
@@ -49,7 +49,7 @@ class ProfiledEngine(Protocol):
     than imported because LLMEngine itself profiles at start-up, through this module."""
 
     @property
-    def kv(self) -> KVCacheManager: ...
+    def kv(self) -> KVCacheGroups: ...
 
     @property
     def scheduler(self) -> Scheduler: ...
@@ -149,7 +149,7 @@ def profile_step_costs(engine: ProfiledEngine, steps: Sequence[ProfileStep] | No
 
 
 @contextmanager
-def _scattered_free_blocks(kv: KVCacheManager, seed: int = 0) -> Iterator[None]:
+def _scattered_free_blocks(kv: KVCacheGroups, seed: int = 0) -> Iterator[None]:
     """Make the next allocations draw blocks scattered over the whole pool, as they are once real
     requests have come and gone: hold every free block, then free a random half in random order.
     A fresh pool hands out consecutive blocks, and reading K/V from consecutive blocks is faster
@@ -202,7 +202,10 @@ def _scheduled_chunk(engine: ProfiledEngine, request_id: str, chunk: ProfileChun
     return ScheduledRequest(request=request, num_computed_tokens=chunk.num_computed_tokens,
                             num_scheduled_tokens=chunk.num_scheduled_tokens,
                             block_ids=engine.kv.block_table(request_id), samples=chunk.samples,
-                            new_request=NewRequestData.of(request))
+                            new_request=NewRequestData.of(request),
+                            kept_block_ids=engine.kv.kept_block_table(request_id) if engine.kv.has_two_groups else None,
+                            num_kept_computed_tokens=chunk.num_computed_tokens,
+                            num_kept_scheduled_tokens=chunk.num_scheduled_tokens)
 
 
 # ---- real steps ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from engine.elastic.spec import FULL_LEVEL
 from engine.outputs import RequestMetrics
+from engine.prompt_pruning import PrunePlan
 from engine.sampling_params import SamplingParams
 
 
@@ -75,6 +76,11 @@ class Request:
     best_effort: bool = False  # the SLO policy found its TTFT target out of reach and serves it last
     # The elastic submodel it runs (engine/elastic/spec.py); FULL_LEVEL on a model that is not elastic.
     elastic_level: int = FULL_LEVEL
+    # Which prompt tokens the deep layers skip (engine/prompt_pruning.py); None: not pruned.
+    prune_plan: PrunePlan | None = None
+    # The prompt positions the runner kept, once it has scored the prompt: a recompute after a
+    # preemption runs exactly these again instead of scoring anew.
+    kept_prompt_positions: tuple[int, ...] | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
@@ -106,6 +112,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def num_prompt_tokens_computed_in_full(self) -> int:
+        """Prompt tokens that ran every layer (all of them, unless pruned)."""
+        plan = self.prune_plan
+        return self.num_prompt_tokens if plan is None else plan.num_kept_prompt_tokens
 
     @property
     def kv_cache_salt(self) -> bytes:

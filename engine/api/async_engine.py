@@ -45,6 +45,7 @@ class _Add:
     slo: SLOTarget | None
     arrival_time: float
     elastic_level: int | None = None
+    prompt_keep: float | None = None
 
 
 @dataclass(slots=True)
@@ -162,7 +163,7 @@ class AsyncEngine:
 
     def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0,
                  slo: SLOTarget | None = None, arrival_time: float | None = None,
-                 elastic_level: int | None = None) -> RequestGroup:
+                 elastic_level: int | None = None, prompt_keep: float | None = None) -> RequestGroup:
         """Queue sub-requests (request_id, prompt_token_ids, params) and return their outputs.
         `arrival_time` (time.time()) is when the HTTP request came in; now if not given."""
         self._check_capacity(len(requests))
@@ -170,7 +171,8 @@ class AsyncEngine:
         arrival_time = time.time() if arrival_time is None else arrival_time
         for index, (request_id, prompt_token_ids, params) in enumerate(requests):
             self._streams[request_id] = (stream, index)
-            self._commands.put(_Add(request_id, prompt_token_ids, params, priority, slo, arrival_time, elastic_level))
+            self._commands.put(_Add(request_id, prompt_token_ids, params, priority, slo, arrival_time, elastic_level,
+                                    prompt_keep))
         self._num_adds_queued += len(requests)
         self._wakeup.set()
         return RequestGroup(self, [request_id for request_id, _, _ in requests], stream)
@@ -236,7 +238,8 @@ class AsyncEngine:
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
                                         arrival_time=command.arrival_time, priority=command.priority,
-                                        slo=command.slo, elastic_level=command.elastic_level)
+                                        slo=command.slo, elastic_level=command.elastic_level,
+                                        prompt_keep=command.prompt_keep)
                 self._num_samples[command.request_id] = command.params.n
                 batch.append((command.request_id, ACCEPTED))
             except AdmissionRejected as e:  # the scheduling policy refused it: come back later

@@ -65,6 +65,8 @@ class EngineMetrics:
         self.prefix_cache_queries = counter("engine:prefix_cache_queries",
                                             "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("engine:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.pruned_prompt_tokens = counter("engine:pruned_prompt_tokens",
+                                            "Prompt tokens prompt pruning kept out of the layers past the prune layer.")
         self.slo_attained = counter("engine:slo_attained", "Finished requests that met every latency target.")
         self.slo_violated = counter("engine:slo_violated", "Finished requests that missed a latency target.")
         self._requests_rejected = Counter("engine:requests_rejected", "Requests the scheduling policy refused.",
@@ -119,6 +121,7 @@ class EngineMetrics:
         totals = {"preemptions": stats.num_preemptions_total, "prefix_queries": stats.prefix_cache_queries_total,
                   "prefix_hits": stats.prefix_cache_hits_total, "slo_attained": stats.num_slo_attained_total,
                   "slo_violated": stats.num_slo_violated_total,
+                  "pruned_prompt_tokens": stats.num_pruned_prompt_tokens_total,
                   **{f"rejected:{reason}": count for reason, count in stats.num_rejected_total.items()}}
         for key, total in totals.items():
             new = total - self._last_totals.get(key, 0)
@@ -131,7 +134,7 @@ class EngineMetrics:
             return self._requests_rejected.labels(self.model_name, key.removeprefix("rejected:"))
         return {"preemptions": self.num_preemptions, "prefix_queries": self.prefix_cache_queries,
                 "prefix_hits": self.prefix_cache_hits, "slo_attained": self.slo_attained,
-                "slo_violated": self.slo_violated}[key]
+                "slo_violated": self.slo_violated, "pruned_prompt_tokens": self.pruned_prompt_tokens}[key]
 
     def set_gauges(self, stats: Any) -> None:
         self.num_requests_running.set(stats.num_running)

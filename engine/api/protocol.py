@@ -42,6 +42,9 @@ class ElasticField(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Which elastic submodel serves the request (this engine's extension; engine/elastic/)."""
 
     level: int | None = None
+    # The fraction of a long prompt the layers past the prune layer compute (engine/prompt_pruning.py);
+    # checked by the engine, so that a bad value is a 400 naming `elastic.prompt_keep`.
+    prompt_keep: float | None = None
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -125,6 +128,8 @@ class UsageInfo(msgspec.Struct):
     completion_tokens: int = 0
     total_tokens: int = 0
     elastic_level: int | None = None  # the submodel that served it, on an elastic model
+    # Prompt tokens that ran every layer (fewer than prompt_tokens when prompt pruning dropped some).
+    prompt_tokens_computed_in_full: int | None = None
 
 
 class CompletionLogprobs(msgspec.Struct):

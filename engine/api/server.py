@@ -36,7 +36,7 @@ from engine.api.serving_elastic import model_aliases
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
 from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
-    MLFQConfig, ModelConfig, RunnerConfig, SchedulerConfig, SLOConfig
+    MLFQConfig, ModelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
 
 logger = logging.getLogger("engine.api")
 
@@ -204,6 +204,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--elastic-checkpoint", default=None, help="elastic checkpoint directory (default: the cache's)")
     parser.add_argument("--elastic-level", type=int, default=ModelConfig.elastic_level,
                         help="elastic level of requests that name none (100: the full model)")
+    parser.add_argument("--prompt-keep", type=float, default=PromptPruningConfig.default_keep,
+                        help="fraction of a long prompt the layers past the prune layer compute, for requests "
+                             "that name none (1: no pruning; elastic.prompt_keep per request)")
+    parser.add_argument("--prune-layer", type=int, default=None,
+                        help="prompt pruning's prune layer (default: the engine's measured one)")
+    parser.add_argument("--prompt-pruning-min-tokens", type=int, default=PromptPruningConfig.min_prompt_tokens,
+                        help="prompts shorter than this are never pruned")
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
     parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     parser.add_argument("--block-size", type=int, default=CacheConfig.block_size)
@@ -263,7 +270,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy,
                                   **policy_configs_from_args(args)),
-        runner=RunnerConfig(attention_backend=args.attention_backend))
+        runner=RunnerConfig(attention_backend=args.attention_backend),
+        prompt_pruning=PromptPruningConfig(default_keep=args.prompt_keep, prune_layer=args.prune_layer,
+                                           min_prompt_tokens=args.prompt_pruning_min_tokens))
 
 
 def run_server(args: argparse.Namespace) -> None:

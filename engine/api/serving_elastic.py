@@ -1,4 +1,4 @@
-"""The elastic level a request asks for, from any of the three places a client may say it.
+"""The elastic level and prompt_keep a request asks for, from any of the places a client may say them.
 
     "elastic": {"level": 80}            this engine's field
     "vllm_xargs": {"elastic_level": 80} vLLM's per-request extras
@@ -7,6 +7,9 @@
 At most one level may be named (two that differ are a 400); none means the server's default
 (`--elastic-level`).  Whether the model has that level is the engine's check (InvalidRequestError
 naming `elastic.level`), so the offline API and the server agree.
+
+prompt_keep the same way: `"elastic": {"prompt_keep": 0.5}` or `"vllm_xargs": {"prompt_keep": 0.5}`
+(two that differ are a 400), else the server's `--prompt-keep`; the engine checks the range.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from engine.api.protocol import SamplingFields
 
 ALIAS_SEPARATOR = "@"
 XARGS_LEVEL = "elastic_level"
+XARGS_PROMPT_KEEP = "prompt_keep"
 
 
 def model_aliases(engine: AsyncEngine) -> list[str]:
@@ -57,4 +61,22 @@ def requested_level(request: SamplingFields, engine: AsyncEngine) -> int | None:
         named["model"] = from_alias
     if len(set(named.values())) > 1:
         raise APIError(f"Conflicting elastic levels: {named}; name one.", param=next(iter(named)))
+    return next(iter(named.values()), None)
+
+
+def requested_prompt_keep(request: SamplingFields) -> float | None:
+    """The one prompt_keep the request names, or None (the server's default).  Range checks are
+    the engine's (InvalidRequestError naming `elastic.prompt_keep`); a non-number in vllm_xargs,
+    which msgspec does not type, is caught here."""
+    named: dict[str, float] = {}
+    if request.elastic is not None and request.elastic.prompt_keep is not None:
+        named["elastic.prompt_keep"] = request.elastic.prompt_keep
+    xargs_keep = (request.vllm_xargs or {}).get(XARGS_PROMPT_KEEP)
+    if xargs_keep is not None:
+        if isinstance(xargs_keep, bool) or not isinstance(xargs_keep, int | float):
+            raise APIError(f"vllm_xargs.{XARGS_PROMPT_KEEP} must be a number in (0, 1], got {xargs_keep!r}.",
+                           param=f"vllm_xargs.{XARGS_PROMPT_KEEP}")
+        named[f"vllm_xargs.{XARGS_PROMPT_KEEP}"] = float(xargs_keep)
+    if len(set(named.values())) > 1:
+        raise APIError(f"Conflicting prompt_keep values: {named}; name one.", param=next(iter(named)))
     return next(iter(named.values()), None)

@@ -81,11 +81,13 @@ class KVCacheManager:
 
     # ---- admission ---------------------------------------------------------------------------
 
-    def match_prefix(self, request_id: str, token_ids: Sequence[int], cache_salt: bytes = b"") -> int:
+    def match_prefix(self, request_id: str, token_ids: Sequence[int], cache_salt: bytes = b"",
+                     max_num_tokens: int | None = None) -> int:
         """For a request holding no blocks, share the longest chain of cached full blocks that
         matches the start of token_ids and install it as the start of its block table.  Returns
-        the number of tokens whose KV is thereby computed (a multiple of block_size).  If the
-        request then cannot get its other blocks, `free(request_id)` undoes this."""
+        the number of tokens whose KV is thereby computed (a multiple of block_size, at most
+        max_num_tokens if given).  If the request then cannot get its other blocks,
+        `free(request_id)` undoes this."""
         if request_id in self._requests:
             raise BlockPoolError(f"request {request_id!r} already holds blocks: match_prefix is "
                                  "only for admission")
@@ -95,6 +97,8 @@ class KVCacheManager:
         state = RequestBlocks(root_hash=salted_root(cache_salt))
         # Leave at least one token to compute: its logits sample the request's next token.
         max_num_matched_blocks = max(0, len(token_ids) - 1) // self.block_size
+        if max_num_tokens is not None:
+            max_num_matched_blocks = min(max_num_matched_blocks, max_num_tokens // self.block_size)
         for index in range(max_num_matched_blocks):
             block_id = self.pool.cached_block(self._block_hash(state, token_ids, index))
             if block_id is None:

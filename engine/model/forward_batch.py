@@ -17,6 +17,19 @@ prefix-ordered weight are a prefix of the rows (engine/model/layers/elastic.py):
 
     level order:  | level-index-0 rows | level-index-1 rows | ... | last level's rows |
                   0                    rows_upto[0]         rows_upto[1] ...          rows_upto[-1] == num_tokens
+
+Prompt pruning (`KeptRows`): layers from the prune layer l* run group B's rows (engine/prompt_pruning.py).
+At l* the pruning layer (engine/model/layers/prompt_pruning.py) chooses the kept prompt tokens of
+the requests whose stage-B step this is, then points the batch's attention, positions, rope,
+elastic rows, request ids and logits_indices at group B's, so every later layer and the sampler
+follow the kept rows.  Group B's rows, per request with any (request order as above, so decodes
+stay first):
+
+    unpruned, or pruned past its prompt:  the same rows as group A       (source: this step's row)
+    stage-B step of a pruned request:     | K kept prompt rows          | output rows of the chunk |
+                                            source: hidden cache, at      source: this step's rows
+                                            the kept positions' A slots
+    pruned, still in stage A:             none (the chunk ran only the layers below l*)
 """
 
 from __future__ import annotations
@@ -52,6 +65,46 @@ class ElasticRows:
 
 
 @dataclass(slots=True)
+class PromptSelection:
+    """A request whose stage-B step this is: which prompt positions go on past the prune layer."""
+
+    request_id: str
+    num_prompt_tokens: int  # P
+    num_kept: int  # K, sinks and window included
+    window: int  # the last prompt positions, whose queries (this step's rows) score the others
+    window_rows: tuple[int, int]  # the group-A rows [start, end) of the window's queries
+    context_slots: torch.Tensor  # [P] int64: group-A cache slot of each prompt position
+    kept_rows_start: int  # group-B row of the first kept position; K rows follow
+    scoring: str  # "attention" or "random" (the same mechanism with seeded random scores)
+    seed: int  # random scoring's seed, a function of the prompt (so a recompute draws the same)
+    # Chosen at the prune layer, or given (a recompute after preemption keeps the same tokens).
+    kept_positions: torch.Tensor | None = None  # [K] int64, ascending
+    is_replayed: bool = False
+    scores: torch.Tensor | None = None  # [P] fp32, summed over the score layers' window attention
+
+
+@dataclass(slots=True)
+class KeptRows:
+    """Group B's view of the step: what layers from the prune layer run (module docstring)."""
+
+    # Over group B's block tables, one sequence per request with rows; None when no request has any
+    # (every chunk of the step is a pruned prompt's stage A: the layers from l* have nothing to run).
+    attention: AttentionMetadata | None
+    request_ids: list[str]
+    positions: torch.Tensor  # [num_kept_rows] original positions (RoPE); selections' rows set at l*
+    logits_indices: torch.Tensor  # [num_sampling] group-B rows
+    elastic: ElasticRows | None
+    # [num_kept_rows] int64: row r < T (the step's rows) is group-A row r; r >= T is cache row
+    # r - T, the selections' kept positions in order.  None: group B's rows are group A's.
+    source_rows: torch.Tensor | None
+    selections: list[PromptSelection]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+
+@dataclass(slots=True)
 class ForwardBatch:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64, each token's position in its sequence
@@ -62,6 +115,14 @@ class ForwardBatch:
     # cos/sin at `positions`, built once by the model's rotary embedding and read by every layer.
     rope: RopeTables | None = None
     elastic: ElasticRows | None = None  # None: every row runs the full model
+    # Group B's rows, for a model cut at a prune layer (None: one KV group, every layer runs these rows).
+    kept: KeptRows | None = None
+
+    def enter_kept_rows(self) -> None:
+        """From here on, layers and the sampler see group B's rows (the prune layer calls this)."""
+        kept = self.kept
+        self.attention, self.request_ids, self.elastic = kept.attention, kept.request_ids, kept.elastic
+        self.positions, self.logits_indices = kept.positions, kept.logits_indices
 
     @property
     def num_tokens(self) -> int:

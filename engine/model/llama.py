@@ -26,18 +26,19 @@ from engine.model.layers.attention import Attention
 from engine.model.layers.elastic import BlockElasticity, LayerElasticity, column_tiles
 from engine.model.layers.linear import Linear, LinearWeight, VocabEmbedding
 from engine.model.layers.norm import RMSNorm
+from engine.model.layers.prompt_pruning import PromptPruner, WindowScorer
 from engine.model.layers.rotary import RotaryEmbedding
 
 
 class SelfAttention(nn.Module):
     def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
-                 elastic: BlockElasticity | None = None) -> None:
+                 elastic: BlockElasticity | None = None, scorer: WindowScorer | None = None) -> None:
         super().__init__()
         self.q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.wqkv = Linear(config.hidden_size, self.q_dim + 2 * kv_dim, config.attention_bias, plan)
         # An elastic model's query heads sit in rank-major slots (engine/elastic/spec.py).
         self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim, backend, plan,
-                              rank_major=elastic is not None)
+                              rank_major=elastic is not None, scorer=scorer)
         self.wo = Linear(self.q_dim, config.hidden_size, False, plan)
         self.elastic = elastic
 
@@ -105,10 +106,10 @@ class FeedForward(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
-                 elastic: LayerElasticity | None = None) -> None:
+                 elastic: LayerElasticity | None = None, scorer: WindowScorer | None = None) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
-        self.attention = SelfAttention(config, backend, plan, None if elastic is None else elastic.attention)
+        self.attention = SelfAttention(config, backend, plan, None if elastic is None else elastic.attention, scorer)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
         self.feed_forward = FeedForward(config, plan, None if elastic is None else elastic.ffn)
 
@@ -129,27 +130,38 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
-                 elastic: Sequence[LayerElasticity] | None = None) -> None:
+                 elastic: Sequence[LayerElasticity] | None = None, pruner: PromptPruner | None = None) -> None:
         """`elastic`: per layer, the widths and side paths of each elastic level (its weights then
-        load already reordered, engine/elastic/permutation.py); None for a plain model."""
+        load already reordered, engine/elastic/permutation.py); None for a plain model.
+        `pruner`: the prune layer of prompt pruning (two KV groups); None: one group."""
         super().__init__()
         self.config = config
         self.plan = plan
         self.is_elastic = elastic is not None
+        self.pruner = pruner
         self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, plan)
         per_layer = elastic if elastic is not None else [None] * config.num_layers
-        self.layers = nn.ModuleList(DecoderLayer(config, backend, plan, layer) for layer in per_layer)
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, plan, layer, pruner and pruner.scorer_for(index))
+                                    for index, layer in enumerate(per_layer))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
         self.output = Linear(config.hidden_size, config.vocab_size, False, plan)
         self.rotary = RotaryEmbedding.for_config(config)
         self.requires_grad_(False)
 
-    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
-        """-> final hidden states [num_tokens, hidden]."""
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor],
+                hidden_cache: torch.Tensor | None = None) -> torch.Tensor:
+        """-> final hidden states [num_tokens, hidden] (group B's rows where the batch has them).
+        `hidden_cache`: group A's store of the residual stream entering the prune layer."""
         x = self.tok_embeddings(batch.input_ids)
         batch.rope = self.rotary.tables(batch.positions, x.dtype)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            if batch.kept is not None and index == self.pruner.prune_layer:
+                x, residual = self.pruner(x, residual, batch, hidden_cache)
+                if batch.kept.attention is None:
+                    return x  # no rows go on: nothing samples this step
+                if batch.kept.source_rows is not None:  # rows moved: RoPE at their positions
+                    batch.rope = self.rotary.tables(batch.positions, x.dtype)
             x, residual = layer(x, residual, kv_cache, batch)
         return self.norm(x, residual)[0]
 

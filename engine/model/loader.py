@@ -18,6 +18,7 @@ from engine.model.compute_plan import ComputePlan
 from engine.model.layers.elastic import LayerElasticity
 from engine.model.layers.linear import LinearWeight
 from engine.model.layers.rotary import RotaryEmbedding
+from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
 from engine.tokenizer.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
@@ -71,7 +72,8 @@ WeightStream = Iterator[tuple[str, LinearWeight]]
 
 def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend,
                elastic_layers: Sequence[LayerElasticity] | None = None,
-               reorder: Callable[[WeightStream], WeightStream] | None = None) -> LlamaForCausalLM:
+               reorder: Callable[[WeightStream], WeightStream] | None = None,
+               pruner: PromptPruner | None = None) -> LlamaForCausalLM:
     """The model with every weight in the plan's dtype and format.  Quantized GGUF tensors reach
     the layers as their own blocks when the plan computes on blocks (native, int8), else
     dequantized.  An elastic model gets its per-layer levels and `reorder`, which turns the
@@ -79,7 +81,7 @@ def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend
     # Build on the meta device so no random init runs, then allocate uninitialized storage:
     # every parameter is overwritten by load_weights, which fails loudly on a missing one.
     with torch.device("meta"):
-        model = LlamaForCausalLM(source.arch, backend, plan, elastic_layers).to(plan.dtype)
+        model = LlamaForCausalLM(source.arch, backend, plan, elastic_layers, pruner).to(plan.dtype)
     model = model.to_empty(device=plan.device)
     with torch.device(plan.device):
         model.rotary = RotaryEmbedding.for_config(source.arch)  # fp32 tables, computed for real

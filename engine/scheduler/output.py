@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.elastic.spec import FULL_LEVEL
+from engine.prompt_pruning import PrunePlan
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 
@@ -26,11 +27,15 @@ class NewRequestData:
     eos_token_ids: frozenset[int]
     # Score the prompt tokens as they are computed (Request.needs_prompt_logprobs at (re)start).
     needs_prompt_logprobs: bool = False
+    prune_plan: PrunePlan | None = None
+    # Known after a preemption: the runner runs these again rather than scoring the prompt anew.
+    kept_prompt_positions: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, request: Request) -> NewRequestData:
         return cls(request.request_id, tuple(request.prompt_token_ids), tuple(request.output_token_ids),
-                   request.sampling_params, request.eos_token_ids, request.needs_prompt_logprobs)
+                   request.sampling_params, request.eos_token_ids, request.needs_prompt_logprobs,
+                   request.prune_plan, request.kept_prompt_positions)
 
 
 @dataclass(slots=True)
@@ -52,6 +57,12 @@ class ScheduledRequest:
     # The elastic submodel this step runs the request's tokens at, chosen by the scheduler.  K and
     # V heads are never pruned, so a request may run at another level next step.
     elastic_level: int = FULL_LEVEL
+    # Group B (layers from the prune layer, engine/kv/kv_cache_groups.py): its block table (None
+    # on an engine with one group, whose deep layers use block_ids) and its tokens, computed
+    # before this step and run this step.  Unpruned: the same counts as group A's.
+    kept_block_ids: list[int] | None = None
+    num_kept_computed_tokens: int = 0
+    num_kept_scheduled_tokens: int = 0
     request_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,3 +109,5 @@ class ModelRunnerOutput:
     sampled: dict[str, SampledToken]
     # request_id -> its whole prompt's logprobs, sent once, in the step of its first sampled token
     prompt_logprobs: dict[str, PromptLogprobsLists] = field(default_factory=dict)
+    # request_id -> the prompt positions its stage-B step kept (only requests scored this step)
+    kept_prompt_positions: dict[str, tuple[int, ...]] = field(default_factory=dict)

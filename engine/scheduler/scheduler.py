@@ -17,6 +17,12 @@ not yet in this step (possibly the request itself); the victim's blocks are free
 be recomputed.  A waiting request that finds no seat or KV may displace lower-ranked running work
 only as its policy allows (Displacement).  A victim is never lost: it goes back to waiting.
 Running requests the walk does not reach this step are paused: they keep their KV.
+
+Prompt pruning changes only what a token costs and where a chunk may end (engine/prompt_pruning.py:
+PrunePlan.chunk_size and cost); num_computed_tokens counts group A's tokens, and the KV groups
+(engine/kv/kv_cache_groups.py) derive group B's from it.  A preempted pruned request is recomputed
+from 0 like any other, and its kept positions, reported by the runner when it scored the prompt,
+go back with it, so the recompute keeps the same tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from engine.kv.kv_cache_groups import KVCacheGroups
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.scheduler.output import ModelRunnerOutput, NewRequestData, ScheduledRequest, SchedulerOutput
@@ -31,9 +38,12 @@ from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingP
 
 
 class Scheduler:
-    def __init__(self, kv_cache_manager: KVCacheManager, policy: SchedulingPolicy, *,
+    def __init__(self, kv_cache_manager: KVCacheManager | KVCacheGroups, policy: SchedulingPolicy, *,
                  max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
                  clock: Callable[[], float] = time.time) -> None:
+        """`kv_cache_manager`: the KV groups, or one manager (one group: no prompt pruning)."""
+        if isinstance(kv_cache_manager, KVCacheManager):
+            kv_cache_manager = KVCacheGroups(kv_cache_manager)
         self.kv = kv_cache_manager
         # Where "now" comes from: wall time in the engine, a virtual clock in the simulator.
         self.clock = clock
@@ -129,9 +139,11 @@ class Scheduler:
         return output
 
     def _schedule_running(self, request: Request, step: _StepBuilder, now: float) -> None:
-        num_new = min(request.num_tokens_to_compute, step.budget)
+        num_new = self._num_new_tokens(request, step.budget)
+        if num_new == 0:
+            return  # a pruned prompt whose window does not fit what is left of the budget
         total = request.num_computed_tokens + num_new
-        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids, request.kv_cache_salt):
+        while not self._allocate(request, total):
             victim = self.policy.pick_victim(self._unscheduled_running(step), now)
             self._preempt(victim)
             if victim is request:
@@ -148,11 +160,11 @@ class Scheduler:
         # wants its prompt scored skips the lookup (as vLLM does); its own blocks are still cached.
         if not request.needs_prompt_logprobs:
             request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids,
-                                                              request.kv_cache_salt)
-        num_new = min(request.num_tokens_to_compute, step.budget)
+                                                              request.kv_cache_salt, request.prune_plan)
+        num_new = self._num_new_tokens(request, step.budget)
         total = request.num_computed_tokens + num_new
-        while not self.kv.allocate_slots(request.request_id, total, request.all_token_ids, request.kv_cache_salt):
-            if displacement == Displacement.NONE or not self._preempt_below(request, step, now):
+        while num_new == 0 or not self._allocate(request, total):
+            if num_new == 0 or displacement == Displacement.NONE or not self._preempt_below(request, step, now):
                 self.kv.free(request.request_id)  # hands back any prefix-cache hit
                 request.num_computed_tokens = 0
                 return False
@@ -162,6 +174,17 @@ class Scheduler:
         self.running.append(request)
         step.add(self._scheduled(request, num_new, starts=True))
         return True
+
+    @staticmethod
+    def _num_new_tokens(request: Request, budget: int) -> int:
+        plan = request.prune_plan
+        if plan is None:
+            return min(request.num_tokens_to_compute, budget)
+        return plan.chunk_size(request.num_computed_tokens, request.num_tokens_to_compute, budget)
+
+    def _allocate(self, request: Request, num_total_tokens: int) -> bool:
+        return self.kv.allocate_slots(request.request_id, num_total_tokens, request.all_token_ids,
+                                      request.kv_cache_salt, request.prune_plan)
 
     def _preempt_below(self, request: Request, step: _StepBuilder, now: float) -> bool:
         """Preempt the lowest-ranked running request not in this step, if it ranks below `request`."""
@@ -179,12 +202,19 @@ class Scheduler:
 
     def _scheduled(self, request: Request, num_new: int, starts: bool = False) -> ScheduledRequest:
         """`starts`: the request (re)starts running this step, so the runner gets its tokens."""
-        return ScheduledRequest(request=request, num_computed_tokens=request.num_computed_tokens,
+        start, plan = request.num_computed_tokens, request.prune_plan
+        kept_start, kept_end = (start, start + num_new) if plan is None else (plan.num_kept(start),
+                                                                              plan.num_kept(start + num_new))
+        return ScheduledRequest(request=request, num_computed_tokens=start,
                                 num_scheduled_tokens=num_new,
                                 block_ids=self.kv.block_table(request.request_id),
                                 samples=num_new == request.num_tokens_to_compute,
                                 new_request=NewRequestData.of(request) if starts else None,
-                                elastic_level=request.elastic_level)
+                                elastic_level=request.elastic_level,
+                                kept_block_ids=self.kv.kept_block_table(request.request_id)
+                                if self.kv.has_two_groups else None,
+                                num_kept_computed_tokens=kept_start,
+                                num_kept_scheduled_tokens=kept_end - kept_start)
 
     def _preempt(self, request: Request) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, wait again."""
@@ -208,6 +238,9 @@ class Scheduler:
             if request.is_finished:
                 continue  # aborted while the step ran
             request.num_computed_tokens += item.num_scheduled_tokens
+            kept = runner_output.kept_prompt_positions.get(request.request_id)
+            if kept is not None:
+                request.kept_prompt_positions = kept
             sampled = runner_output.sampled.get(request.request_id)
             if sampled is None:
                 continue
@@ -243,7 +276,11 @@ class _StepBuilder:
         return self.budget <= 0 or self.seats <= 0
 
     def add(self, item: ScheduledRequest) -> None:
+        """Charge the item's cost: its tokens, or a pruned chunk's cost (PrunePlan.cost), which
+        may overrun the budget in a stage-B step."""
         self.scheduled.append(item)
         self.scheduled_ids.add(item.request.request_id)
-        self.budget -= item.num_scheduled_tokens
+        plan = item.request.prune_plan
+        self.budget -= (item.num_scheduled_tokens if plan is None
+                        else plan.cost(item.num_computed_tokens, item.num_scheduled_tokens))
         self.seats -= 1

@@ -33,30 +33,38 @@ def build_forward_batch(scheduled: list[ScheduledRequest], states: RequestStates
     positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(query_start_loc[-1])
     input_ids = np.concatenate([states[s.request_id].token_ids(s.num_computed_tokens, s.num_scheduled_tokens)
                                 for s in scheduled])
-    block_tables = _block_tables(scheduled)
-    row_of_token = np.repeat(np.arange(len(scheduled)), counts)
+    to_device = _to_device(device)
+    attention = attention_metadata(starts, counts, _block_tables([s.block_ids for s in scheduled]), block_size,
+                                   to_device)
+    logits_indices = [query_start_loc[i + 1] - 1 for i, s in enumerate(scheduled) if s.samples]
+    elastic = None if elastic_levels is None else _elastic_rows(scheduled, counts, elastic_levels, to_device)
+    return ForwardBatch(input_ids=to_device(input_ids), positions=to_device(positions), attention=attention,
+                        request_ids=[s.request_id for s in scheduled],
+                        logits_indices=to_device(np.array(logits_indices, dtype=np.int64)), elastic=elastic)
+
+
+def attention_metadata(starts: np.ndarray, counts: np.ndarray, block_tables: np.ndarray, block_size: int,
+                       to_device) -> AttentionMetadata:
+    """Sequence i runs tokens [starts[i], starts[i] + counts[i]) over block_tables[i] (the ranges above)."""
+    query_start_loc = np.zeros(len(starts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=query_start_loc[1:])
+    positions = np.repeat(starts - query_start_loc[:-1], counts) + np.arange(query_start_loc[-1])
+    row_of_token = np.repeat(np.arange(len(starts)), counts)
     slot_mapping = (block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size
                     + positions % block_size)
     seq_lens = starts + counts
-    num_decodes = int(np.searchsorted(counts != 1, True))  # decodes come first
-    to_device = _to_device(device)
-    attention = AttentionMetadata(
+    return AttentionMetadata(
         slot_mapping=to_device(slot_mapping),
         query_start_loc=to_device(query_start_loc.astype(np.int32)),
         seq_lens=to_device(seq_lens.astype(np.int32)),
         block_tables=to_device(block_tables),
-        num_decodes=num_decodes,
+        num_decodes=int(np.searchsorted(counts != 1, True)),  # decodes come first
         max_query_len=int(counts.max()),
         max_seq_len=int(seq_lens.max()),
         block_size=block_size,
         query_start_loc_cpu=query_start_loc.tolist(),
         seq_lens_cpu=seq_lens.tolist(),
     )
-    logits_indices = [query_start_loc[i + 1] - 1 for i, s in enumerate(scheduled) if s.samples]
-    elastic = None if elastic_levels is None else _elastic_rows(scheduled, counts, elastic_levels, to_device)
-    return ForwardBatch(input_ids=to_device(input_ids), positions=to_device(positions), attention=attention,
-                        request_ids=[s.request_id for s in scheduled],
-                        logits_indices=to_device(np.array(logits_indices, dtype=np.int64)), elastic=elastic)
 
 
 def _elastic_rows(scheduled: list[ScheduledRequest], counts: np.ndarray, elastic_levels: Sequence[int],
@@ -77,12 +85,12 @@ def _elastic_rows(scheduled: list[ScheduledRequest], counts: np.ndarray, elastic
     return ElasticRows(order=to_device(order), inverse=to_device(inverse), rows_upto=tuple(rows_upto.tolist()))
 
 
-def _block_tables(scheduled: list[ScheduledRequest]) -> np.ndarray:
+def _block_tables(tables: list[list[int]]) -> np.ndarray:
     """[num_seqs, max_blocks] int32, padded with 0 (never read: seq_lens bound every read)."""
-    max_blocks = max(len(s.block_ids) for s in scheduled)
-    block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-    for i, s in enumerate(scheduled):
-        block_tables[i, : len(s.block_ids)] = s.block_ids
+    max_blocks = max(len(block_ids) for block_ids in tables)
+    block_tables = np.zeros((len(tables), max_blocks), dtype=np.int32)
+    for i, block_ids in enumerate(tables):
+        block_tables[i, : len(block_ids)] = block_ids
     return block_tables
 
 

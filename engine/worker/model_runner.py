@@ -10,17 +10,21 @@ import logging
 import torch
 
 from engine.capabilities import log_capabilities
-from engine.config import CacheConfig, RunnerConfig
+from engine.config import CacheConfig, ConfigError, PromptPruningConfig, RunnerConfig
 from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.runtime import elastic_model_parts
 from engine.model.attention_backends import make_attention_backend
 from engine.model.compute_plan import make_compute_plan
+from engine.model.forward_batch import ForwardBatch
 from engine.model.layers.linear import weight_bytes
+from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
+from engine.prompt_pruning import default_prune_layer
 from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.worker.forward_batch_builder import build_forward_batch
 from engine.worker.host_allocator import keep_freed_memory
+from engine.worker.kept_rows_builder import build_kept_rows
 from engine.worker.prompt_logprobs import score_prompt_chunk
 from engine.worker.request_states import RequestStates
 from engine.worker.sampler import Sampler
@@ -39,8 +43,10 @@ def num_kv_blocks_for(source: ModelSource, cache: CacheConfig, dtype: torch.dtyp
 
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, cache: CacheConfig, runner: RunnerConfig,
-                 weight_format: str = "auto", elastic: ElasticCheckpoint | None = None) -> None:
-        """`elastic`: run the model as elastic submodels (its weights reordered by the checkpoint)."""
+                 weight_format: str = "auto", elastic: ElasticCheckpoint | None = None,
+                 pruning: PromptPruningConfig | None = None) -> None:
+        """`elastic`: run the model as elastic submodels (its weights reordered by the checkpoint).
+        `pruning`: cut the model at its prune layer into two KV groups (None or disabled: one)."""
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)
         self.device = torch.device(runner.device)
@@ -55,17 +61,23 @@ class ModelRunner:
         self.elastic_spec = None if elastic is None else elastic.spec
         # The model's level values, index 0 the full model (None: not elastic).
         self.elastic_levels = None if elastic is None else elastic.spec.level_values
+        self.pruner = _make_pruner(pruning, source.arch.num_layers)
         if elastic is None:
-            self.model: LlamaForCausalLM = load_model(source, self.plan, backend)
+            self.model: LlamaForCausalLM = load_model(source, self.plan, backend, pruner=self.pruner)
         else:
             layers, reorder = elastic_model_parts(elastic, source.arch, self.plan)
-            self.model = load_model(source, self.plan, backend, layers, reorder)
+            self.model = load_model(source, self.plan, backend, layers, reorder, self.pruner)
         self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype)
         arch = source.arch
         # [2, num_blocks, block_size, num_kv_heads, head_dim] per layer; zeros so masked-out
         # padding slots read finite values.
         self.kv_caches = [torch.zeros(2, self.num_kv_blocks, self.block_size, arch.num_kv_heads, arch.head_dim,
                                       dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+        # Group A's residual stream entering the prune layer, one row per slot: what a kept token
+        # resumes from in its stage-B step, whether its chunk ran this step, earlier, or in
+        # another request that shared the block (engine/model/layers/prompt_pruning.py).
+        self.hidden_cache = None if self.pruner is None else torch.zeros(
+            self.num_kv_blocks * self.block_size, arch.hidden_size, dtype=self.dtype, device=self.device)
         self.sampler = Sampler()
         self.requests = RequestStates()
         logger.info("weights resident: %.1f MiB (%s)", self.weights_bytes / (1 << 20), self.plan.weight_format)
@@ -79,8 +91,14 @@ class ModelRunner:
         return weight_bytes(self.model)
 
     @property
+    def prune_layer(self) -> int | None:
+        """The first layer of KV group B; None when the model runs as one group."""
+        return None if self.pruner is None else self.pruner.prune_layer
+
+    @property
     def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.kv_caches)
+        hidden = 0 if self.hidden_cache is None else self.hidden_cache.numel() * self.hidden_cache.element_size()
+        return sum(t.numel() * t.element_size() for t in self.kv_caches) + hidden
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -89,22 +107,47 @@ class ModelRunner:
         if not scheduled:
             return ModelRunnerOutput(sampled={})
         batch = build_forward_batch(scheduled, self.requests, self.block_size, self.device, self.elastic_levels)
-        hidden = self.model(batch, self.kv_caches)
-        self._score_prompts(scheduled, hidden, batch.attention.query_start_loc_cpu)
+        if self.pruner is not None:
+            batch.kept = build_kept_rows(scheduled, self.requests, batch, self.block_size, self.device,
+                                         self.elastic_levels)
+        hidden = self.model(batch, self.kv_caches, self.hidden_cache)
+        kept_positions = self._chosen_kept_positions(batch)
+        self._score_prompts(scheduled, hidden, batch)
         sampling = [s.request_id for s in scheduled if s.samples]
         if not sampling:
-            return ModelRunnerOutput(sampled={})
+            return ModelRunnerOutput(sampled={}, kept_prompt_positions=kept_positions)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # the LM head runs only for these rows
         tokens = self.sampler(logits.cpu(), [self.requests.sampling_row(r) for r in sampling])
         prompt_logprobs = self.requests.take_prompt_logprobs(sampling)
         self.requests.append_sampled(sampling, [t.token_id for t in tokens])
-        return ModelRunnerOutput(sampled=dict(zip(sampling, tokens)), prompt_logprobs=prompt_logprobs)
+        return ModelRunnerOutput(sampled=dict(zip(sampling, tokens)), prompt_logprobs=prompt_logprobs,
+                                 kept_prompt_positions=kept_positions)
 
-    def _score_prompts(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor,
-                       query_start_loc: list[int]) -> None:
-        """Prompt logprobs of this step's prompt rows, for the requests that want them."""
-        for i, item in enumerate(scheduled):
+    def _score_prompts(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, batch: ForwardBatch) -> None:
+        """Prompt logprobs of this step's prompt rows, for the requests that want them.  Such a
+        request is never pruned, so all its rows reach the last layer; `batch` is in the last
+        layer's row layout (group B's, where a prune layer ran)."""
+        first_row = dict(zip(batch.request_ids, batch.attention.query_start_loc_cpu))
+        for item in scheduled:
             state = self.requests[item.request_id]
             if state.prompt_logprobs is not None:
-                score_prompt_chunk(self.model.compute_logits, hidden, item, query_start_loc[i],
+                score_prompt_chunk(self.model.compute_logits, hidden, item, first_row[item.request_id],
                                    state.prompt_token_ids, state.prompt_logprobs)
+
+    def _chosen_kept_positions(self, batch) -> dict[str, tuple[int, ...]]:
+        """The prompt positions chosen this step, for the scheduler to replay after a preemption."""
+        chosen = {}
+        for selection in batch.kept.selections if batch.kept is not None else ():
+            if not selection.is_replayed:
+                positions = tuple(selection.kept_positions.tolist())
+                chosen[selection.request_id] = self.requests[selection.request_id].kept_prompt_positions = positions
+        return chosen
+
+
+def _make_pruner(config: PromptPruningConfig | None, num_layers: int) -> PromptPruner | None:
+    if config is None or not config.enabled or num_layers < 2:
+        return None
+    prune_layer = config.prune_layer if config.prune_layer is not None else default_prune_layer(num_layers)
+    if not 1 <= prune_layer < num_layers:
+        raise ConfigError(f"prune_layer must be in [1, {num_layers}), got {prune_layer}")
+    return PromptPruner(prune_layer, config.num_score_layers, config.num_sink_tokens, config.pool_size)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.prompt_pruning import PrunePlan
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import NewRequestData, PromptLogprobsLists, SchedulerOutput
 from engine.worker.prompt_logprobs import PromptLogprobsBuffer
@@ -29,6 +30,8 @@ class RequestState:
     # Set while the prompt is being scored (NewRequestData.needs_prompt_logprobs); taken, and so
     # dropped, in the step that samples the first token.
     prompt_logprobs: PromptLogprobsBuffer | None = None
+    prune_plan: PrunePlan | None = None
+    kept_prompt_positions: tuple[int, ...] | None = None  # once chosen (or given on a restart)
 
     @classmethod
     def of(cls, data: NewRequestData, generator: torch.Generator | None) -> RequestState:
@@ -38,7 +41,7 @@ class RequestState:
         if data.needs_prompt_logprobs and params.prompt_logprobs is not None:
             prompt_logprobs = PromptLogprobsBuffer.empty(len(data.prompt_token_ids), params.prompt_logprobs)
         return cls(list(data.prompt_token_ids), list(data.output_token_ids), params, stop_ids, generator,
-                   prompt_logprobs)
+                   prompt_logprobs, data.prune_plan, data.kept_prompt_positions)
 
     def token_ids(self, start: int, count: int) -> list[int]:
         """Tokens [start, start + count) of prompt + output."""

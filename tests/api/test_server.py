@@ -162,6 +162,19 @@ def test_64_concurrent_streams(client: openai.OpenAI) -> None:
     assert all(text for text, _ in results)
 
 
+def test_usage_counts_prompt_tokens_computed_in_full(http: httpx.Client) -> None:
+    """A prompt past the pruning threshold at prompt_keep 0.5 runs half its tokens through every
+    layer; vllm_xargs says the same; a short prompt is never pruned."""
+    long_prompt = "The grass is green. " * 120
+    for extra in ({"elastic": {"prompt_keep": 0.5}}, {"vllm_xargs": {"prompt_keep": 0.5}}):
+        usage = http.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 2, **extra}).json()["usage"]
+        assert usage["prompt_tokens_computed_in_full"] == -(-usage["prompt_tokens"] // 2)
+    usage = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2,
+                                               "elastic": {"prompt_keep": 0.5}}).json()["usage"]
+    assert usage["prompt_tokens_computed_in_full"] == usage["prompt_tokens"]
+    assert "engine:pruned_prompt_tokens_total" in http.get("/metrics").text
+
+
 # ---- bad input: HTTP 400 with an OpenAI error body, and the server unharmed ----
 
 LONG_PROMPT = "hello " * (MAX_MODEL_LEN + 10)
@@ -195,6 +208,11 @@ BAD_COMPLETIONS = [
     ({"prompt": PROMPT, "slo": {"ttft_ms": -1}}, "slo.ttft_ms"),
     ({"prompt": PROMPT, "slo": {"tpot_ms": 0}}, "slo.tpot_ms"),
     ({"prompt": PROMPT, "slo": "fast"}, "slo"),
+    ({"prompt": PROMPT, "elastic": {"prompt_keep": 0}}, "elastic.prompt_keep"),
+    ({"prompt": PROMPT, "elastic": {"prompt_keep": 1.5}}, "elastic.prompt_keep"),
+    ({"prompt": PROMPT, "elastic": {"prompt_keep": "half"}}, "elastic.prompt_keep"),
+    ({"prompt": PROMPT, "vllm_xargs": {"prompt_keep": -0.5}}, "elastic.prompt_keep"),
+    ({"prompt": PROMPT, "vllm_xargs": {"prompt_keep": "half"}}, "vllm_xargs.prompt_keep"),
     ({}, "prompt"),
 ]
 BAD_CHATS = [

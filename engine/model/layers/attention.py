@@ -10,20 +10,23 @@ from engine.kernels.cpu import layer_ops
 from engine.model.attention_backends.metadata import AttentionBackend
 from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ForwardBatch
+from engine.model.layers.prompt_pruning import WindowScorer
 from engine.model.layers.rotary import apply_rotary
 
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend,
-                 plan: ComputePlan, rank_major: bool = False) -> None:
+                 plan: ComputePlan, rank_major: bool = False, scorer: WindowScorer | None = None) -> None:
         """`rank_major`: query heads come (and go) in an elastic model's rank-major slots, slot
         r * Hkv + g holding KV group g's r-th head; backends take the grouped order (head h reads
-        KV head h // (Hq / Hkv)), so the query is regrouped before and the output after."""
+        KV head h // (Hq / Hkv)), so the query is regrouped before and the output after.
+        `scorer`: this is a score layer of prompt pruning (engine/model/layers/prompt_pruning.py)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.backend = backend
         self.native_rope = plan.native_ops
         self.rank_major = rank_major
+        self.scorer = scorer
 
     def forward(self, qkv: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """qkv [T, (Hq + 2 Hkv) D], the fused projection's output -> [T, Hq D]."""
@@ -32,6 +35,8 @@ class Attention(nn.Module):
         if self.rank_major:
             q = q.unflatten(1, (group, self.num_kv_heads)).transpose(1, 2).reshape(q.shape)
         out = self.backend.forward(q, k, v, kv_cache, batch.attention)
+        if self.scorer is not None and batch.kept is not None and batch.kept.selections:
+            self.scorer.add_scores(q, kv_cache, batch.kept)  # after the backend wrote this step's K
         if self.rank_major:
             out = out.view(num_tokens, self.num_kv_heads, group, self.head_dim).transpose(1, 2)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,124 @@
+"""Prompt pruning in the scheduler, on fake runner outputs: stage-A chunks, the stage-B step, the
+budget a pruned chunk costs, both pools' invariants every step, and preemption replaying the
+kept set.  No torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.kv.kv_cache_groups import KVCacheGroups
+from engine.prompt_pruning import PrunePlan
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler.output import ModelRunnerOutput, SampledToken, SchedulerOutput
+from engine.scheduler.policy import FCFSPolicy
+from engine.scheduler.scheduler import Scheduler
+
+BLOCK = 4
+
+
+def make_scheduler(num_blocks=64, budget=16, max_num_seqs=8) -> Scheduler:
+    kv = KVCacheGroups.create(num_blocks, BLOCK, enable_prefix_caching=False)
+    return Scheduler(kv, FCFSPolicy(), max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_model_len=1024)
+
+
+def make_request(request_id: str, prompt_len: int, plan: PrunePlan | None = None, max_tokens: int = 3,
+                 arrival: float = 0.0) -> Request:
+    return Request(request_id=request_id, prompt_token_ids=list(range(1, prompt_len + 1)),
+                   sampling_params=SamplingParams(max_tokens=max_tokens), max_tokens=max_tokens, prune_plan=plan,
+                   arrival_time=arrival)
+
+
+def fake_run(output: SchedulerOutput) -> ModelRunnerOutput:
+    """Samples token 7 where asked; a stage-B step reports its kept set (the first K positions)."""
+    kept = {s.request_id: tuple(range(s.request.prune_plan.num_kept_prompt_tokens)) for s in output.scheduled
+            if s.request.prune_plan is not None and s.request.kept_prompt_positions is None
+            and s.request.prune_plan.is_stage_b_step(s.num_computed_tokens, s.num_scheduled_tokens)}
+    return ModelRunnerOutput(sampled={s.request_id: SampledToken(7) for s in output.scheduled if s.samples},
+                             kept_prompt_positions=kept)
+
+
+def step(scheduler: Scheduler) -> SchedulerOutput:
+    output = scheduler.schedule()
+    scheduler.update_from_output(output, fake_run(output))
+    scheduler.kv.check_invariants({r.request_id: r.prune_plan for r in scheduler.running})
+    for pool in (scheduler.kv.full.pool, scheduler.kv.kept.pool):
+        assert pool.num_free_blocks + pool.num_used_blocks == pool.num_blocks
+    return output
+
+
+def ranges(output: SchedulerOutput) -> dict[str, tuple[int, int, int, int]]:
+    """request -> (c, n, group-B start, group-B count)"""
+    return {s.request_id: (s.num_computed_tokens, s.num_scheduled_tokens, s.num_kept_computed_tokens,
+                           s.num_kept_scheduled_tokens) for s in output.scheduled}
+
+
+def test_plan_prunes_only_long_prompts_and_keeps_at_least_sinks_and_window():
+    make = dict(min_prompt_tokens=64, num_sink_tokens=4, window=8, deep_fraction=0.5)
+    assert PrunePlan.make(63, 0.3, **make) is None
+    assert PrunePlan.make(100, 1.0, **make) is None
+    assert PrunePlan.make(100, 0.3, **make).num_kept_prompt_tokens == 30
+    assert PrunePlan.make(100, 0.01, **make).num_kept_prompt_tokens == 12
+    plan = PrunePlan(100, 30, 8, 0.5)
+    assert [plan.num_kept(c) for c in (0, 99, 100, 103)] == [0, 0, 30, 33]
+    assert plan.cost(0, 40) == 20 and plan.cost(92, 8) == 4 + 15 and plan.cost(100, 1) == 1
+
+
+def test_pruned_prompt_runs_stage_a_chunks_then_one_stage_b_step():
+    scheduler = make_scheduler(budget=16)
+    plan = PrunePlan(num_prompt_tokens=40, num_kept_prompt_tokens=12, window=8, deep_fraction=0.5)
+    scheduler.add_request(make_request("p", 40, plan))
+    # Stage A costs half a token a token: 32 tokens fit a 16-token budget, but a chunk may not end
+    # inside the window [32, 40), so the second chunk stops at 32... then covers the window whole.
+    assert ranges(step(scheduler)) == {"p": (0, 32, 0, 0)}
+    out = step(scheduler)
+    assert ranges(out) == {"p": (32, 8, 0, 12)} and out.scheduled[0].samples
+    assert len(out.scheduled[0].kept_block_ids) == 3 and len(out.scheduled[0].block_ids) == 10
+    assert ranges(step(scheduler)) == {"p": (40, 1, 12, 1)}  # decodes run every layer
+    assert scheduler.requests["p"].kept_prompt_positions == tuple(range(12))
+
+
+def test_stage_b_step_overruns_the_budget_once_and_fills_the_step():
+    scheduler = make_scheduler(budget=16)
+    plan = PrunePlan(num_prompt_tokens=24, num_kept_prompt_tokens=20, window=8, deep_fraction=0.5)
+    scheduler.add_request(make_request("p", 24, plan))
+    scheduler.add_request(make_request("u", 8, arrival=1.0))
+    out = step(scheduler)  # 24 tokens cost 12, its 20 kept rows 10 more: nothing else fits
+    assert ranges(out) == {"p": (0, 24, 0, 20)}
+    assert ranges(step(scheduler)) == {"p": (24, 1, 20, 1), "u": (0, 8, 0, 8)}
+
+
+def test_chunk_never_ends_inside_the_window():
+    scheduler = make_scheduler(budget=16)
+    scheduler.add_request(make_request("u", 13))
+    plan = PrunePlan(num_prompt_tokens=20, num_kept_prompt_tokens=17, window=16, deep_fraction=0.5)
+    scheduler.add_request(make_request("p", 20, plan, arrival=1.0))
+    # 3 budget tokens left buy 6 stage-A tokens, which would end inside the window [4, 20): 4.
+    assert ranges(step(scheduler)) == {"u": (0, 13, 0, 13), "p": (0, 4, 0, 0)}
+    assert ranges(step(scheduler))["p"] == (4, 16, 0, 17)
+
+
+def test_preempted_pruned_request_is_recomputed_with_its_kept_set():
+    """u (24 tokens, growing) and p (pruned, 32 tokens) fill 14 of 16 group-A blocks; when u's
+    decodes need more, the newest running request, p, is preempted and later recomputed."""
+    scheduler = make_scheduler(num_blocks=16, budget=64, max_num_seqs=2)
+    plan = PrunePlan(num_prompt_tokens=32, num_kept_prompt_tokens=8, window=4, deep_fraction=0.5)
+    scheduler.add_request(make_request("u", 24, max_tokens=30))
+    scheduler.add_request(make_request("p", 32, plan, max_tokens=12, arrival=1.0))
+    step(scheduler)
+    assert scheduler.requests["p"].kept_prompt_positions == tuple(range(8))
+    while scheduler.num_preemptions_total == 0:
+        step(scheduler)
+    assert scheduler.requests["p"].num_computed_tokens == 0
+    assert scheduler.requests["p"].kept_prompt_positions == tuple(range(8))
+    while scheduler.has_unfinished_requests():
+        out = step(scheduler)
+        restarted = [s for s in out.scheduled if s.request_id == "p" and s.new_request is not None]
+        if restarted:
+            assert restarted[0].new_request.kept_prompt_positions == tuple(range(8))
+            c, n = restarted[0].num_computed_tokens, restarted[0].num_scheduled_tokens
+            assert (restarted[0].num_kept_computed_tokens, restarted[0].num_kept_scheduled_tokens) == (
+                plan.num_kept(c), plan.num_kept(c + n) - plan.num_kept(c))
+            break
+    else:
+        pytest.fail("p never restarted")
