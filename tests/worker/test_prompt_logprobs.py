@@ -63,9 +63,13 @@ def assert_scored_as_reference(prompt_logprobs: PromptLogprobs, prompt_token_ids
 
 
 def scheduled(request: Request, start: int, count: int, block_ids: list[int], samples: bool,
-              starts: bool = False) -> ScheduledRequest:
+              starts: bool = False, kept_block_ids: list[int] | None = None) -> ScheduledRequest:
+    """An unpruned request's step; `kept_block_ids`: its group-B table where the engine has two
+    KV groups (the same tokens run every layer)."""
     return ScheduledRequest(request, start, count, block_ids, samples,
-                            new_request=NewRequestData.of(request) if starts else None)
+                            new_request=NewRequestData.of(request) if starts else None,
+                            kept_block_ids=kept_block_ids, num_kept_computed_tokens=start,
+                            num_kept_scheduled_tokens=count)
 
 
 def test_a_preemption_mid_prompt_rescores_from_the_start_and_sends_once(llm_fp32):
@@ -80,15 +84,16 @@ def test_a_preemption_mid_prompt_rescores_from_the_start_and_sends_once(llm_fp32
     params = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2)
     request = Request("mid", prompt, params, max_tokens=3)
     assert engine.kv.allocate_slots("mid", num_prompt + 2)
-    blocks = engine.kv.block_table("mid")
+    blocks, kept = engine.kv.block_table("mid"), engine.kv.kept_block_table("mid")
     try:
-        first = runner.execute(SchedulerOutput([scheduled(request, 0, 40, blocks, False, starts=True)], 40))
+        first = runner.execute(SchedulerOutput([scheduled(request, 0, 40, blocks, False, starts=True, kept_block_ids=kept)], 40))
         assert first.prompt_logprobs == {} and first.sampled == {}
         runner.execute(SchedulerOutput([], 0, preempted_request_ids={"mid"}))
         sent = []
         for start in range(0, num_prompt, 40):
             count = min(40, num_prompt - start)
-            item = scheduled(request, start, count, blocks, start + count == num_prompt, starts=start == 0)
+            item = scheduled(request, start, count, blocks, start + count == num_prompt, starts=start == 0,
+                             kept_block_ids=kept)
             sent.append(runner.execute(SchedulerOutput([item], count)).prompt_logprobs)
         assert [list(s) for s in sent] == [[]] * (len(sent) - 1) + [["mid"]]
         scored = sent[-1]["mid"]
@@ -108,15 +113,15 @@ def test_a_recompute_after_the_first_token_does_not_score_again(llm_fp32):
     request = Request("after", prompt, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=0),
                       max_tokens=3)
     assert engine.kv.allocate_slots("after", len(prompt) + 2)
-    blocks = engine.kv.block_table("after")
+    blocks, kept = engine.kv.block_table("after"), engine.kv.kept_block_table("after")
     try:
-        out = runner.execute(SchedulerOutput([scheduled(request, 0, len(prompt), blocks, True, starts=True)],
+        out = runner.execute(SchedulerOutput([scheduled(request, 0, len(prompt), blocks, True, starts=True, kept_block_ids=kept)],
                                              len(prompt)))
         assert list(out.prompt_logprobs) == ["after"] and out.prompt_logprobs["after"].top_token_ids[0] == []
         request.append_output_token(out.sampled["after"].token_id)
         runner.execute(SchedulerOutput([], 0, preempted_request_ids={"after"}))
         assert not request.needs_prompt_logprobs  # delivered with the first token
-        restart = scheduled(request, 0, len(prompt) + 1, blocks, True, starts=True)
+        restart = scheduled(request, 0, len(prompt) + 1, blocks, True, starts=True, kept_block_ids=kept)
         again = runner.execute(SchedulerOutput([restart], len(prompt) + 1))
         assert again.prompt_logprobs == {} and "after" in again.sampled
         runner.execute(SchedulerOutput([], 0, finished_request_ids={"after"}))
