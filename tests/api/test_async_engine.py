@@ -35,13 +35,15 @@ class FakeEngine:
     def __init__(self) -> None:
         self.tokenizer = SimpleNamespace(vocab_size=100)
         self.model_name, self.max_model_len = "fake", 64
+        self.elastic_levels = None  # not an elastic model
         self.requests: dict[str, FakeRequest] = {}
         self.aborted: list[str] = []
         self.thread_ids: set[int] = set()
         self.fail_next_step = False
         self.num_steps = 0
 
-    def add_request(self, request_id, prompt, params, *, arrival_time=None, priority=0, slo=None) -> None:
+    def add_request(self, request_id, prompt, params, *, arrival_time=None, priority=0, slo=None,
+                    elastic_level=None, prompt_keep=None) -> None:
         self.thread_ids.add(threading.get_ident())
         if prompt == BAD_PROMPT:
             error = ValueError("bad prompt")
