@@ -10,8 +10,16 @@ loads the finished stages and computes the rest.  The default sizes finish well 
 minutes on two CPU cores for SmolLM2-135M (the first `engine serve` runs this); every size is a
 field of ElastifyConfig.
 
-Decisions and the measurements behind them (SmolLM2-135M, dev perplexity on held-out ShareGPT
-answers, benchmarks/elastic_quality.py) are noted at each default below.
+Decisions and the measurements behind them (SmolLM2-135M, perplexity on 8 held-out ShareGPT
+answers; the full model 4.81), each noted where its default lives:
+- importance: |per-sequence Taylor sum| (importance.py, the issue's measurement);
+- anchors: single-layer ablation to the floor (anchors.py).  A first-order estimate from the
+  importance scores alone picks other layers ({0,1,2,3,4,11} against {0,1,5,19,24,27}), so the
+  ablations are paid for;
+- allocation: per-layer by normalised importance; uniform measured the same within noise at
+  level 80 (51.1 vs 51.7) and 40 (198 vs 194) with heads pruned everywhere; query-head ranks
+  only at levels <= 55 (allocation.py: 7.97 vs 51.7 at level 80);
+- recovery: bias + rank-8 ridge on the pruned model's own inputs (recovery.py: 60 vs 332 at 40).
 """
 
 from __future__ import annotations
@@ -47,11 +55,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ElastifyConfig:
+    """Sizes and choices of one elastification.  The default sizes are the fast ones (the first
+    `engine serve` runs them; see the module docstring for their cost), in calibration tokens:
+    forward + backward of ~1.5k (importance), ~15 forwards of ~400 (anchor ablations, each
+    layer ablated runs the layers after it), and ~4 forwards of ~1.1k without the LM head
+    (every level's recovery at once).  benchmarks/elastic_quality.py takes larger ones."""
+
     level_values: tuple[int, ...] = DEFAULT_LEVELS
-    max_seq_len: int = 256  # calibration conversations are cut to this many tokens
-    num_importance_sequences: int = 16  # forward + backward each
-    num_ablation_sequences: int = 4  # anchor ablations: ~15 forwards of these
-    num_recovery_sequences: int = 16  # forwards of every level at once, no LM head
+    max_seq_len: int = 192  # calibration conversations are cut to this many tokens
+    num_importance_sequences: int = 8
+    num_ablation_sequences: int = 2
+    num_recovery_sequences: int = 6
     batch_size: int = 4
     anchor_fraction: float = ANCHOR_FRACTION
     allocation: AllocationConfig = field(default_factory=AllocationConfig)

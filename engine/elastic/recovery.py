@@ -45,7 +45,10 @@ TARGETS = ("full_inputs", "own_inputs", "full_stream")
 class RecoveryConfig:
     rank: int = 8  # 0: bias only
     ridge: float = 1e-2  # lam / mean eigenvalue of the inputs' covariance
-    target: str = "full_stream"
+    # Measured (SmolLM2-135M, 8 dev conversations, 4 calibration sequences; FFN-only allocation at
+    # 80, heads from 55 down): perplexity at level 80 / 40, training-free 7.97 / 332:
+    #   own_inputs 8.29 / 60.0, full_stream 10.69 / 242: the pruned model's own inputs, local target.
+    target: str = "own_inputs"
     use_bias: bool = True
 
     def __post_init__(self) -> None:
