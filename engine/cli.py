@@ -39,6 +39,25 @@ def _generate(args: argparse.Namespace) -> None:
     print(outputs[0].outputs[0].text)
 
 
+def _elastify(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from engine.elastic.elastify import ElastifyConfig, elastify
+
+    config = ElastifyConfig()
+    if args.levels is not None:
+        try:
+            config = replace(config, level_values=tuple(int(v) for v in args.levels.split(",")))
+        except ValueError as error:
+            raise SystemExit(f"engine elastify: --levels: {error}") from None
+    result = elastify(args.model, config, force=args.force)
+    print(f"elastic checkpoint: {result.directory} ({result.seconds:.0f} s)")
+    print(f"anchor layers: {list(result.spec.anchor_layers)}")
+    for value, fraction in result.flop_fractions().items():
+        print(f"level {value:3d}: {fraction:.3f} of the full model's multiply-adds per token "
+              f"({result.spec.flop_fraction(value, 512):.3f} at 512 tokens of context)")
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="engine", description="Elastic Engine: an LLM serving engine")
@@ -53,6 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _add_engine_arguments(generate)
     generate.set_defaults(handler=_generate)
+
+    elastify = commands.add_parser("elastify", help="make a model elastic once (importance, permutation, recovery)")
+    elastify.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2)")
+    elastify.add_argument("--levels", default=None, help="comma-separated, descending from 100 (default "
+                          "100,90,80,70,55,40)")
+    elastify.add_argument("--force", action="store_true", help="recompute every stage, cached or not")
+    elastify.set_defaults(handler=_elastify)
 
     try:
         from engine.api.server import add_serve_arguments, run_server

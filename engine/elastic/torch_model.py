@@ -24,8 +24,10 @@ API
       block_out = block(x_normed) + bias + (x_normed @ lora_a.T) @ lora_b.T
   where x_normed is the block's input after its RMSNorm (the checkpoint's convention,
   engine/elastic/checkpoint.py).  Tensors with requires_grad train through the forward.
-- `capture(layer, site, tensor)`: called at every `Site` of every layer with the live tensor, so
-  a caller may keep it, `retain_grad()` it or hook it (importance reads gradients this way).
+- `capture(layer, site, tensor)`: called at every `Site` of every layer with the live tensor; it
+  may keep it, and may return a tensor of the same shape to use in its place (None: unchanged).
+  Importance returns `tensor * gate` with a ones gate [B, 1, ...] that requires grad: the gate's
+  gradient is then each sequence's first-order Taylor score, sum over tokens of a * dL/da.
 - Batches are right-padded: attention is causal, so pad tokens after a sequence's end never
   change its rows; mask them out of any loss (`token_nll` takes a mask).
 - Weights never require grad; only corrections (and whatever the caller hooks) do.
@@ -63,7 +65,7 @@ class Site(enum.Enum):
     FFN_OUTPUT = "ffn.output"  # [B, T, H]
 
 
-Capture = Callable[[int, Site, torch.Tensor], None]
+Capture = Callable[[int, Site, torch.Tensor], torch.Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -155,39 +157,45 @@ class TorchLlama:
         selection = selection or LayerSelection()
         prefix = f"model.layers.{index}."
         x = rms_norm(h, self.weights[prefix + "input_layernorm.weight"], self.config.rms_norm_eps)
-        _see(capture, index, Site.ATTN_INPUT, x)
+        x = _see(capture, index, Site.ATTN_INPUT, x)
         out = self.attention_block(index, x, rope, selection.query_heads, capture)
         if correction is not None and correction.attn is not None:
             out = correction.attn.apply(x, out)
-        _see(capture, index, Site.ATTN_OUTPUT, out)
-        h = h + out
+        h = h + _see(capture, index, Site.ATTN_OUTPUT, out)
         x = rms_norm(h, self.weights[prefix + "post_attention_layernorm.weight"], self.config.rms_norm_eps)
-        _see(capture, index, Site.FFN_INPUT, x)
+        x = _see(capture, index, Site.FFN_INPUT, x)
         out = self.ffn_block(index, x, selection.ffn_neurons, capture)
         if correction is not None and correction.ffn is not None:
             out = correction.ffn.apply(x, out)
-        _see(capture, index, Site.FFN_OUTPUT, out)
-        return h + out
+        return h + _see(capture, index, Site.FFN_OUTPUT, out)
 
     def attention_block(self, index: int, x: torch.Tensor, rope: Rope, query_heads: torch.Tensor | None = None,
                         capture: Capture | None = None) -> torch.Tensor:
         """Causal GQA self-attention of the normed input [B, T, H] over the kept query heads."""
         config, w = self.config, self.weights
         prefix, head_dim = f"model.layers.{index}.self_attn.", config.head_dim
-        heads = torch.arange(config.num_heads) if query_heads is None else query_heads
-        q_rows = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
         batch, num_tokens = x.shape[:2]
-        q = _project(x, w[prefix + "q_proj.weight"][q_rows], _bias(w, prefix + "q_proj.bias", q_rows))
+        q_weight, o_weight = w[prefix + "q_proj.weight"], w[prefix + "o_proj.weight"]
+        q_bias = w.get(prefix + "q_proj.bias")
+        heads = torch.arange(config.num_heads) if query_heads is None else query_heads
+        if query_heads is not None:  # PERF: gathers cost ~10% of a layer; the whole model skips them
+            q_rows = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+            q_weight, o_weight = q_weight[q_rows], o_weight[:, q_rows]
+            q_bias = None if q_bias is None else q_bias[q_rows]
+        q = _project(x, q_weight, q_bias).view(batch, num_tokens, len(heads), head_dim)
         k = _project(x, w[prefix + "k_proj.weight"], w.get(prefix + "k_proj.bias"))
         v = _project(x, w[prefix + "v_proj.weight"], w.get(prefix + "v_proj.bias"))
-        q = apply_rotary(q.view(batch, num_tokens, len(heads), head_dim), *rope)
-        k = apply_rotary(k.view(batch, num_tokens, config.num_kv_heads, head_dim), *rope)
-        v = v.view(batch, num_tokens, config.num_kv_heads, head_dim)
-        kv_heads = self.kv_head_of[heads]  # each kept query head's KV head
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k[:, :, kv_heads].transpose(1, 2),
-                                             v[:, :, kv_heads].transpose(1, 2), is_causal=True).transpose(1, 2)
-        _see(capture, index, Site.HEADS, out)
-        return out.reshape(batch, num_tokens, -1) @ w[prefix + "o_proj.weight"][:, q_rows].T
+        q = apply_rotary(q, *rope).transpose(1, 2)
+        k = apply_rotary(k.view(batch, num_tokens, config.num_kv_heads, head_dim), *rope).transpose(1, 2)
+        v = v.view(batch, num_tokens, config.num_kv_heads, head_dim).transpose(1, 2)
+        if query_heads is None and not self.rank_major_heads:  # HF's grouping: SDPA's own GQA
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            kv_heads = self.kv_head_of[heads]  # each kept query head's KV head
+            out = F.scaled_dot_product_attention(q, k[:, kv_heads], v[:, kv_heads], is_causal=True)
+        out = out.transpose(1, 2)
+        out = _see(capture, index, Site.HEADS, out)
+        return out.reshape(batch, num_tokens, -1) @ o_weight.T
 
     def ffn_block(self, index: int, x: torch.Tensor, ffn_neurons: torch.Tensor | None = None,
                   capture: Capture | None = None) -> torch.Tensor:
@@ -197,7 +205,7 @@ class TorchLlama:
         if ffn_neurons is not None:
             gate, up, down = gate[ffn_neurons], up[ffn_neurons], down[:, ffn_neurons]
         neurons = F.silu(x @ gate.T) * (x @ up.T)
-        _see(capture, index, Site.NEURONS, neurons)
+        neurons = _see(capture, index, Site.NEURONS, neurons)
         return neurons @ down.T
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
@@ -262,11 +270,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return out if bias is None else out + bias
 
 
-def _bias(weights: Mapping[str, torch.Tensor], name: str, rows: torch.Tensor) -> torch.Tensor | None:
-    bias = weights.get(name)
-    return None if bias is None else bias[rows]
-
-
-def _see(capture: Capture | None, index: int, site: Site, tensor: torch.Tensor) -> None:
-    if capture is not None:
-        capture(index, site, tensor)
+def _see(capture: Capture | None, index: int, site: Site, tensor: torch.Tensor) -> torch.Tensor:
+    """The activation, or what `capture` returns in its place."""
+    replaced = capture(index, site, tensor) if capture is not None else None
+    return tensor if replaced is None else replaced

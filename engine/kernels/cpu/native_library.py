@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch  # loaded first: see the invariant above
 
+from engine.cache_paths import cache_root
 from engine.capabilities import cpu_features
 
 logger = logging.getLogger(__name__)
@@ -132,8 +133,7 @@ def _build_key(compiler: str, flags: tuple[str, ...]) -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    directory = Path(root) / "elastic-engine" / "kernels"
+    directory = cache_root() / "kernels"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 

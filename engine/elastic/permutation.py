@@ -1,0 +1,81 @@
+"""Reorder a model's weights once so that every elastic level is a prefix of each matrix.
+
+Takes the (hf_name, weight) stream the loaders give (engine.model.gguf_loader, hf_loader) and
+yields the same stream reordered, dense tensors and QuantizedWeight blocks alike:
+
+    q_proj  rows    by head, into rank-major slots: slot s holds head head_order[s] (its D rows)
+    o_proj  columns by head, the same slots (D-column groups)
+    gate, up rows    by neuron: position i holds neuron ffn_order[i]
+    down    columns by neuron
+
+K and V are untouched: every level keeps every KV head.  A permuted model reads KV head
+s % num_kv_heads from slot s (TorchLlama(rank_major_heads=True); the runtime's rule).
+
+Quantized blocks: a row permutation moves whole rows of blocks, exactly (byte for byte).  o_proj's
+column groups are whole heads, D = 64 columns = 2 blocks of 32, so moving them moves whole blocks,
+also exactly.  down_proj's columns are single neurons inside 32-wide blocks: no block survives a
+neuron permutation, so a quantized down_proj is dequantized, permuted and re-quantized to Q8_0
+(REQUANTIZED_FORMAT): finer than the file's Q4_0/Q4_1, so the only change is Q8_0's rounding of
+the already-quantized values (measured in tests/elastic/test_permutation.py), at 34/20 of
+Q4_1's bytes for those matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantFormat, QuantizedWeight, dequantize, quantize
+from engine.model.arch import LlamaArchConfig
+
+REQUANTIZED_FORMAT = QuantFormat.Q8_0
+Weight = torch.Tensor | QuantizedWeight
+
+
+def permute_weights(weights: Iterable[tuple[str, Weight]], config: LlamaArchConfig, ffn_orders: torch.Tensor,
+                    head_orders: torch.Tensor) -> Iterator[tuple[str, Weight]]:
+    """The stream with each layer's FFN neurons in `ffn_orders[l]` order and query heads in
+    `head_orders[l]` slot order (int64 [num_layers, intermediate] and [num_layers, num_heads])."""
+    for name, weight in weights:
+        parts = name.split(".")
+        if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+            yield name, weight
+            continue
+        layer, kind = int(parts[2]), ".".join(parts[3:])
+        yield name, _permuted(kind, weight, ffn_orders[layer], head_orders[layer], config.head_dim)
+
+
+def _permuted(kind: str, weight: Weight, ffn_order: torch.Tensor, head_order: torch.Tensor,
+              head_dim: int) -> Weight:
+    head_rows = (head_order[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    if kind in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
+        return permute_rows(weight, head_rows)
+    if kind == "self_attn.o_proj.weight":
+        return permute_column_groups(weight, head_order, head_dim)
+    if kind in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        return permute_rows(weight, ffn_order)
+    if kind == "mlp.down_proj.weight":
+        return permute_column_groups(weight, ffn_order, 1)
+    return weight
+
+
+def permute_rows(weight: Weight, rows: torch.Tensor) -> Weight:
+    """Row i of the result is row rows[i]: exact for blocks (a row is its own blocks)."""
+    if isinstance(weight, QuantizedWeight):
+        return QuantizedWeight(weight.blocks[rows].contiguous(), weight.format)
+    return weight[rows].contiguous()
+
+
+def permute_column_groups(weight: Weight, groups: torch.Tensor, group_size: int) -> Weight:
+    """Column group i (of `group_size` columns) of the result is group groups[i].  Blocks move
+    whole when a group is whole blocks; otherwise they are re-quantized (module docstring)."""
+    if not isinstance(weight, QuantizedWeight):
+        columns = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+        return weight[:, columns].contiguous()
+    if group_size % BLOCK_SIZE == 0:
+        blocks_per_group, block_bytes = group_size // BLOCK_SIZE, weight.format.block_bytes
+        block_ids = (groups[:, None] * blocks_per_group + torch.arange(blocks_per_group)).reshape(-1)
+        blocks = weight.blocks.reshape(weight.out_features, -1, block_bytes)[:, block_ids]
+        return QuantizedWeight(blocks.reshape(weight.out_features, -1).contiguous(), weight.format)
+    return quantize(permute_column_groups(dequantize(weight), groups, group_size), REQUANTIZED_FORMAT)
