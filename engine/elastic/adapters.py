@@ -27,12 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from engine.elastic.checkpoint import ADAPTERS_FILE, BLOCKS, TERMS, correction_tensors
 from engine.elastic.torch_model import BlockCorrection, LayerCorrection
 
-ADAPTERS_FILE = "adapters.safetensors"
 FORMAT = "elastic-adapters/1"
-BLOCKS = ("attn", "ffn")
-TERMS = ("lora_a", "lora_b", "bias")
 # Issue #13: adapters plus biases of all levels at most this fraction of the model's parameters.
 MAX_PARAMETER_FRACTION = 0.02
 
@@ -55,20 +53,13 @@ def tensor_name(level: int, layer: int, block: str, term: str) -> str:
 
 
 def level_tensors(level: int, corrections: Sequence[LayerCorrection | None]) -> dict[str, torch.Tensor]:
-    """One level's corrections as named, detached, contiguous tensors (absent terms are left out)."""
-    tensors = {}
-    for layer, correction in enumerate(corrections):
-        for block in BLOCKS:
-            terms = getattr(correction, block) if correction is not None else None
-            for term in TERMS:
-                value = getattr(terms, term) if terms is not None else None
-                if value is not None:
-                    tensors[tensor_name(level, layer, block, term)] = value.detach().contiguous().clone()
-    return tensors
+    """One level's corrections as named, detached copies (absent terms are left out)."""
+    return {name: tensor.clone() for name, tensor in correction_tensors(level, list(corrections)).items()}
 
 
 def level_corrections(level: int, tensors: Mapping[str, torch.Tensor], num_layers: int) -> list[LayerCorrection | None]:
-    """The inverse of level_tensors: one LayerCorrection (or None) per layer."""
+    """The inverse of level_tensors: one LayerCorrection (or None) per layer.  (checkpoint.py reads the
+    same names into a whole checkpoint; this reads one level of any tensor dict.)"""
     corrections: list[LayerCorrection | None] = []
     for layer in range(num_layers):
         blocks = {}
