@@ -44,6 +44,7 @@ from tqdm import tqdm
 from engine.elastic import calibration, quality
 from engine.elastic.allocation import AllocationConfig, allocate_levels
 from engine.elastic.elastify import ElastifyConfig, compute_artifacts
+from engine.elastic.importance import ffn_orders, head_orders, random_importance
 from engine.elastic.spec import FULL_LEVEL, ElasticSpec
 from engine.elastic.torch_model import prefix_submodel
 from peers.machine import machine, machine_lines
@@ -115,10 +116,8 @@ def no_anchor_levels(artifacts: Any, allocation: AllocationConfig) -> tuple[Any,
 
 
 def random_orders(spec: ElasticSpec, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ffn = torch.stack([torch.randperm(spec.intermediate_size, generator=generator) for _ in range(spec.num_layers)])
-    heads = torch.stack([torch.randperm(spec.num_heads, generator=generator) for _ in range(spec.num_layers)])
-    return ffn, heads
+    importance = random_importance(spec.num_layers, spec.intermediate_size, spec.num_heads, seed)
+    return ffn_orders(importance), head_orders(importance, spec.num_kv_heads)
 
 
 def measure_variants(args: argparse.Namespace, artifacts: Any, config: ElastifyConfig) -> dict[str, Any]:

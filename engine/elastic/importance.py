@@ -52,6 +52,14 @@ def taylor_importance(model: TorchLlama, batches: Iterable[TokenBatch], progress
     return Importance(ffn, heads, num_sequences)
 
 
+def random_importance(num_layers: int, intermediate_size: int, num_heads: int, seed: int = 0) -> Importance:
+    """Scores drawn at random: its orders are the random-ordering baseline (valid rank-major head
+    orders, each KV group's heads in random order)."""
+    generator = torch.Generator().manual_seed(seed)
+    return Importance(torch.rand(num_layers, intermediate_size, generator=generator, dtype=torch.float64),
+                      torch.rand(num_layers, num_heads, generator=generator, dtype=torch.float64), 0)
+
+
 def _gating(gates: dict[tuple[int, Site], torch.Tensor]) -> Capture:
     """A capture that multiplies neurons and head outputs by ones gates, kept in `gates`."""
 
