@@ -289,6 +289,13 @@ def distill_checkpoint(model: str | None, directory: Path, config: DistillConfig
 
     checkpoint = load_checkpoint(directory)  # unfinished levels' terms are the closed-form ones
     spec = checkpoint.spec
+    digest = checkpoint_digest(directory)
+    stored = load_adapters(directory, digest)
+    if stored is not None and all(level.level in stored.reports for level in spec.levels[1:]):
+        # Every level is done: skip loading the model and rendering calibration text (minutes).
+        for level, report in sorted(stored.reports.items(), reverse=True):
+            tqdm.write(f"level {level}: distilled already ({_summary(report)}), skipped")
+        return stored.reports
     torch_model = TorchLlama.load(model)
     tasks = [LevelTask(level.level, prefix_submodel(level, checkpoint.ffn_orders, checkpoint.head_orders,
                                                     spec.num_kv_heads), checkpoint.corrections[level.level])
@@ -296,7 +303,7 @@ def distill_checkpoint(model: str | None, directory: Path, config: DistillConfig
     tokenizer = calibration.default_tokenizer(model)
     conversations = calibration.calibration_sequences(tokenizer, config.num_conversations, config.seq_len)
     batches = calibration_batches(conversations, config.batch_size, config.seed)
-    return distill_levels(torch_model, tasks, batches, config, directory, checkpoint_digest(directory))
+    return distill_levels(torch_model, tasks, batches, config, directory, digest)
 
 
 def checkpoint_digest(directory: Path) -> str:
