@@ -46,9 +46,12 @@ def task(level: int, ffn_width: int, head_ranks: int) -> LevelTask:
     paths start LoRA-style, at zero)."""
     whole = LayerSelection()
     pruned = LayerSelection(torch.arange(ffn_width), torch.arange(head_ranks * CONFIG.num_kv_heads))
-    zero = BlockCorrection(bias=torch.zeros(CONFIG.hidden_size))
-    return LevelTask(level, [whole if layer == ANCHOR else pruned for layer in range(CONFIG.num_layers)],
-                     [None if layer == ANCHOR else LayerCorrection(zero, zero) for layer in range(CONFIG.num_layers)])
+    def zero() -> BlockCorrection:
+        return BlockCorrection(bias=torch.zeros(CONFIG.hidden_size))
+
+    layers = range(CONFIG.num_layers)
+    return LevelTask(level, [whole if layer == ANCHOR else pruned for layer in layers],
+                     [None if layer == ANCHOR else LayerCorrection(zero(), zero()) for layer in layers])
 
 
 def batches(num_sequences: int = 18) -> list[TokenBatch]:
@@ -136,3 +139,26 @@ def test_adapters_are_keyed_by_the_checkpoint_they_were_distilled_from(tmp_path:
     assert checkpoint_digest(tmp_path) == before
     (tmp_path / "elastic.safetensors").write_bytes(b"closed-form terms, refitted")
     assert checkpoint_digest(tmp_path) != before
+
+
+def test_a_finished_checkpoint_is_not_distilled_again(tmp_path: Path) -> None:
+    from engine.elastic.adapters import StoredAdapters, level_tensors, save_adapters
+    from engine.elastic.checkpoint import ElasticCheckpoint, save_checkpoint
+    from engine.elastic.distill import checkpoint_digest, distill_checkpoint
+    from engine.elastic.spec import ElasticLevel, ElasticSpec
+
+    layers = CONFIG.num_layers
+    spec = ElasticSpec("tiny", layers, CONFIG.hidden_size, CONFIG.intermediate_size, CONFIG.num_heads,
+                       CONFIG.num_kv_heads, CONFIG.head_dim, CONFIG.vocab_size, anchor_layers=(ANCHOR,),
+                       levels=(ElasticLevel(100, (64,) * layers, (2,) * layers),
+                               ElasticLevel(50, (64, 32, 32), (2, 1, 1))))
+    orders = (torch.arange(64).repeat(layers, 1), torch.arange(4).repeat(layers, 1))
+    save_checkpoint(tmp_path, ElasticCheckpoint(spec, *orders, {50: task(50, 32, 1).initial}))
+    stored = StoredAdapters(checkpoint_digest(tmp_path)).with_level(50, level_tensors(50, task(50, 32, 1).initial),
+                                                                     {"num_steps": 7, "num_tokens": 1, "seconds": 1.0,
+                                                                      "stopped_by": "budget", "probe_kl_before": 1.0,
+                                                                      "probe_kl_after": 0.5})
+    save_adapters(tmp_path, stored)
+    # The model path does not exist: anything beyond reading the checkpoint would raise.
+    reports = distill_checkpoint(str(tmp_path / "no-such-model.gguf"), tmp_path, DistillConfig())
+    assert reports[50]["num_steps"] == 7
