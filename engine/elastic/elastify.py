@@ -47,11 +47,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ElastifyConfig:
+    """Sizes and choices of one elastification.  The default sizes are the fast ones (the first
+    `engine serve` runs them; see the module docstring for their cost), in calibration tokens:
+    forward + backward of ~1.5k (importance), ~15 forwards of ~400 (anchor ablations, each
+    layer ablated runs the layers after it), and ~4 forwards of ~1.1k without the LM head
+    (every level's recovery at once).  benchmarks/elastic_quality.py takes larger ones."""
+
     level_values: tuple[int, ...] = DEFAULT_LEVELS
-    max_seq_len: int = 256  # calibration conversations are cut to this many tokens
-    num_importance_sequences: int = 16  # forward + backward each
-    num_ablation_sequences: int = 4  # anchor ablations: ~15 forwards of these
-    num_recovery_sequences: int = 16  # forwards of every level at once, no LM head
+    max_seq_len: int = 192  # calibration conversations are cut to this many tokens
+    num_importance_sequences: int = 8
+    num_ablation_sequences: int = 2
+    num_recovery_sequences: int = 6
     batch_size: int = 4
     anchor_fraction: float = ANCHOR_FRACTION
     allocation: AllocationConfig = field(default_factory=AllocationConfig)

@@ -16,8 +16,10 @@ column groups are whole heads, D = 64 columns = 2 blocks of 32, so moving them m
 also exactly.  down_proj's columns are single neurons inside 32-wide blocks: no block survives a
 neuron permutation, so a quantized down_proj is dequantized, permuted and re-quantized to Q8_0
 (REQUANTIZED_FORMAT): finer than the file's Q4_0/Q4_1, so the only change is Q8_0's rounding of
-the already-quantized values (measured in tests/elastic/test_permutation.py), at 34/20 of
-Q4_1's bytes for those matrices.
+the already-quantized values, at 34/20 of Q4_1's bytes for those matrices.  Measured on
+SmolLM2-135M's 30 Q4_1 down_proj matrices: a relative RMS change of 5.6e-3, at most 3.9e-3 of a
+matrix's largest weight (Q4_1 itself is ~10x coarser); tests/elastic/test_permutation.py checks
+that the blocks are exactly Q8_0 of the permuted values.
 """
 
 from __future__ import annotations

@@ -34,3 +34,10 @@ def test_elastify_writes_a_checkpoint_and_resumes(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(elastify_module, "taylor_importance", fail)
     monkeypatch.setattr(elastify_module, "fit_recovery", fail)
     assert elastify(None, TINY, progress=False, directory=tmp_path).spec == spec
+
+
+def test_cli_refuses_levels_that_do_not_start_at_100() -> None:
+    from engine.cli import main
+
+    with pytest.raises(SystemExit, match="levels must start at 100"):
+        main(["elastify", "--levels", "90,80"])
