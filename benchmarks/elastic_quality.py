@@ -128,7 +128,8 @@ def measure_variants(args: argparse.Namespace, artifacts: Any, config: ElastifyC
     full = quality.measure(model, batches, reference)
     orders = {"taylor": (artifacts.ffn_orders, artifacts.head_orders), "recovery": (artifacts.ffn_orders,
               artifacts.head_orders), "random": random_orders(spec, args.seed),
-              "no-anchors": (artifacts.ffn_orders, artifacts.head_orders)}
+              "no-anchors": (artifacts.ffn_orders, artifacts.head_orders),
+              "distilled": (artifacts.ffn_orders, artifacts.head_orders)}
     levels = {name: spec.levels for name in VARIANTS}
     if "no-anchors" in args.variants:
         levels["no-anchors"] = no_anchor_levels(artifacts, config.allocation)
