@@ -56,6 +56,11 @@ def _elastify(args: argparse.Namespace) -> None:
     for value, fraction in result.flop_fractions().items():
         print(f"level {value:3d}: {fraction:.3f} of the full model's multiply-adds per token "
               f"({result.spec.flop_fraction(value, 512):.3f} at 512 tokens of context)")
+    if args.distill:
+        from engine.elastic.distill import DistillConfig, distill_checkpoint
+
+        budget = {} if args.distill_budget_s is None else {"budget_s": args.distill_budget_s}
+        distill_checkpoint(args.model, result.directory, DistillConfig(**budget))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     elastify.add_argument("--levels", default=None, help="comma-separated, descending from 100 (default "
                           "100,90,80,70,55,40)")
     elastify.add_argument("--force", action="store_true", help="recompute every stage, cached or not")
+    elastify.add_argument("--distill", action="store_true", help="then distil each level's recovery terms from the "
+                          "full model (logit KL, resumable: finished levels are kept)")
+    elastify.add_argument("--distill-budget-s", type=float, default=None, help="wall-clock seconds per level, at "
+                          "most (default 300)")
     elastify.set_defaults(handler=_elastify)
 
     try:

@@ -13,4 +13,8 @@ submodel is a prefix of each weight matrix; a request picks its level per step.
     checkpoint.py    the elastic checkpoint on disk (spec.json + elastic.safetensors), its cache dir
     quality.py       perplexity and top-1 agreement of a level against the full model
     elastify.py      the orchestrator (`engine elastify`): resumable stages, progress bars
+    distill.py       distillation recovery (`engine elastify --distill`): each level's terms trained
+                     on logit KL from the full model under a wall-clock budget, resumable per level
+    teacher_targets.py  the full model's distributions cached as top-k log-probs; the bucketed KL
+    adapters.py      adapters.safetensors: distilled terms that replace the closed-form ones
 """
