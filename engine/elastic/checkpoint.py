@@ -56,10 +56,15 @@ class ElasticCheckpoint:
     corrections: dict[int, list[LayerCorrection | None]] = field(default_factory=dict)
 
 
+# Bumped whenever elastify's defaults change what a checkpoint holds (levels, allocation,
+# recovery), so that a cached checkpoint made by older code is rebuilt rather than served.
+ELASTIFY_VERSION = 2
+
+
 def elastic_cache_dir(model_path: Path) -> Path:
     """Where the checkpoint of this model file goes: the engine's cache root (shared with the C++
-    kernel builds), elastic/, the file's digest."""
-    return cache_root() / "elastic" / source_digest(model_path)
+    kernel builds), elastic/, the file's digest and the elastify version."""
+    return cache_root() / "elastic" / f"{source_digest(model_path)}-v{ELASTIFY_VERSION}"
 
 
 def source_digest(path: Path) -> str:

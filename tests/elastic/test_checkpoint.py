@@ -11,6 +11,7 @@ from engine.elastic.checkpoint import (
     ADAPTERS_FILE,
     TENSORS_FILE,
     ElasticCheckpoint,
+    ELASTIFY_VERSION,
     elastic_cache_dir,
     load_checkpoint,
     save_checkpoint,
@@ -54,7 +55,8 @@ def test_cache_dir_follows_xdg_and_the_file_digest(tmp_path: Path, monkeypatch) 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"x" * 1000)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert elastic_cache_dir(model) == tmp_path / "cache" / "elastic-engine" / "elastic" / source_digest(model)
+    assert elastic_cache_dir(model) == (tmp_path / "cache" / "elastic-engine" / "elastic"
+                                        / f"{source_digest(model)}-v{ELASTIFY_VERSION}")
     before = source_digest(model)
     model.write_bytes(b"x" * 999 + b"y")
     assert source_digest(model) != before
