@@ -47,7 +47,9 @@ class RecoveryConfig:
     ridge: float = 1e-2  # lam / mean eigenvalue of the inputs' covariance
     # Measured (SmolLM2-135M, 8 dev conversations, 4 calibration sequences; FFN-only allocation at
     # 80, heads from 55 down): perplexity at level 80 / 40, training-free 7.97 / 332:
-    #   own_inputs 8.29 / 60.0, full_stream 10.69 / 242: the pruned model's own inputs, local target.
+    #   own_inputs 8.29 / 60.0, full_inputs 8.28 / 98.3, full_stream 10.69 / 242: the pruned
+    #   model's own inputs with the local target.  (At 80 the correction neither helps nor hurts
+    #   much from 4 sequences; at the floor it matters.)
     target: str = "own_inputs"
     use_bias: bool = True
 
