@@ -17,17 +17,28 @@ seeded stretch).  A prompt is the instruction, the haystack with the needles at 
 (snapped to a sentence start), then the question and an answer prefix:
 
     | instruction | filler ... needle ... filler ... needle ... filler | question | answer prefix |
-                  0              depth[0] * len          depth[1] * len     1
+                  ^ depth 0      ^ depths[0]          ^ depths[1]         ^ depth 1
+
+(depths as fractions of the filler's characters, sorted; each needle appears exactly once).
 
 Its length, counted by the model's own tokenizer on the whole prompt as sent (template included),
 is fitted to the target: at most `length`, and within a few tokens of it.
 
-Prompt format: `raw` (a completion prompt ending in the answer prefix, "... The pass key is") is
-the default because SmolLM2-135M-Instruct answers it better than the same text through its chat
-template with the answer prefix opening the assistant turn (`chat`).  Measured (greedy, 20 samples
-per cell, seed 0, benchmarks/retrieval_baseline.py --prompt-format raw|chat):
+Prompt format: `raw`, a completion prompt ending in the answer prefix ("... The pass key is "),
+is the default; `chat` puts the same text in a user turn of the chat template and opens the
+assistant's turn with the answer prefix (as RULER prompts chat models).  Measured on
+SmolLM2-135M-Instruct (bf16, greedy, 1k tokens, ShareGPT filler, seed 0, 10 samples a cell;
+benchmarks/retrieval_baseline.py --prompt-format raw|chat --fillers sharegpt --lengths 1024):
 
-    ACCURACY_BY_FORMAT_PLACEHOLDER
+    | format | passkey | niah_single | niah_multikey | kv_uuid | all     |
+    |--------|---------|-------------|---------------|---------|---------|
+    | raw    | 10/10   | 10/10       | 6/10          | 5/10    | 31/40   |
+    | chat   | 10/10   | 10/10       | 7/10          | 4/10    | 31/40   |
+
+The template buys nothing measurable (one sample either way on the two hard tasks), so raw wins
+on the rest: its prompt spends no tokens on the template and system turn, and it is exactly what
+the pruning path sees through /v1/completions and `LLM.generate`.  What did matter is the answer
+prefix's last token (see `_TaskText.answer_prefix`).
 
 Scoring is RULER's string match: the fraction of the expected answers found in the generated text
 (case-insensitive), so 0 or 1 for every task but `niah_multivalue`.
