@@ -31,7 +31,6 @@ from engine.bench.retrieval_tasks import (
     PROMPT_FORMATS,
     TASKS,
     Filler,
-    PromptFormat,
     RetrievalSample,
     Task,
     make_task_set,

@@ -8,8 +8,6 @@ import torch
 
 from engine import SamplingParams
 from engine.bench.datasets import first_exchange, load_sharegpt
-from engine.scheduler.output import ScheduledRequest, SchedulerOutput
-from engine.request import Request
 from tests.conftest import assert_kv_empty
 
 PROMPT_LENGTHS = [5, 23, 64, 150, 333, 700, 1100, 1500]
