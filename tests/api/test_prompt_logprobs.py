@@ -92,7 +92,8 @@ def test_vllm_prompt_logprobs_field(client: openai.OpenAI, http: httpx.Client) -
     for token_id, entry in zip(prompt[1:], prompt_logprobs[1:]):
         assert str(token_id) in entry and 2 <= len(entry) <= 3
         assert set(entry[str(token_id)]) == {"logprob", "rank", "decoded_token"}
-        assert sorted(e["rank"] for e in entry.values())[:2] == [1, 2]
+        ranks = sorted(e["rank"] for e in entry.values())
+        assert ranks[0] == 1 and ranks[1] in (1, 2)  # bf16 logits can tie for first
     # echo's legacy logprobs are the same numbers
     echoed = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
     expected = [None] + [entry[str(t)]["logprob"] for t, entry in zip(prompt[1:], prompt_logprobs[1:])]
