@@ -14,12 +14,12 @@ s % num_kv_heads from slot s (TorchLlama(rank_major_heads=True); the runtime's r
 Quantized blocks: a row permutation moves whole rows of blocks, exactly (byte for byte).  o_proj's
 column groups are whole heads, D = 64 columns = 2 blocks of 32, so moving them moves whole blocks,
 also exactly.  down_proj's columns are single neurons inside 32-wide blocks: no block survives a
-neuron permutation, so a quantized down_proj is dequantized, permuted and re-quantized to Q8_0
-(REQUANTIZED_FORMAT): finer than the file's Q4_0/Q4_1, so the only change is Q8_0's rounding of
-the already-quantized values, at 34/20 of Q4_1's bytes for those matrices.  Measured on
-SmolLM2-135M's 30 Q4_1 down_proj matrices: a relative RMS change of 5.6e-3, at most 3.9e-3 of a
-matrix's largest weight (Q4_1 itself is ~10x coarser); tests/elastic/test_permutation.py checks
-that the blocks are exactly Q8_0 of the permuted values.
+neuron permutation, and no block format holds the moved values exactly (each block of the file
+has its own scale and minimum), so a quantized down_proj is dequantized, permuted and kept dense
+(the layer stores it in the plan's dtype).  Every weight format of an elastic model is then the
+same model, value for value: native computes exactly what dequantized does, as without
+elastification.  (Re-quantizing to Q8_0 instead changed greedy continuations against the
+dequantized model.)  The price: down_proj as bf16 is 53 MB on SmolLM2-135M, against 17 MB of Q4_1.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantFormat, QuantizedWeight, dequantize, quantize
+from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantizedWeight, dequantize
 from engine.model.arch import LlamaArchConfig
 
-REQUANTIZED_FORMAT = QuantFormat.Q8_0
 Weight = torch.Tensor | QuantizedWeight
 
 
@@ -80,4 +79,4 @@ def permute_column_groups(weight: Weight, groups: torch.Tensor, group_size: int)
         block_ids = (groups[:, None] * blocks_per_group + torch.arange(blocks_per_group)).reshape(-1)
         blocks = weight.blocks.reshape(weight.out_features, -1, block_bytes)[:, block_ids]
         return QuantizedWeight(blocks.reshape(weight.out_features, -1).contiguous(), weight.format)
-    return quantize(permute_column_groups(dequantize(weight), groups, group_size), REQUANTIZED_FORMAT)
+    return permute_column_groups(dequantize(weight), groups, group_size)

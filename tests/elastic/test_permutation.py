@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from engine.elastic.importance import ffn_orders, head_orders, random_importance
-from engine.elastic.permutation import REQUANTIZED_FORMAT, permute_column_groups, permute_rows, permute_weights
+from engine.elastic.permutation import permute_column_groups, permute_rows, permute_weights
 from engine.elastic.torch_model import TorchLlama
 from engine.kernels.cpu.quantized_weights import QuantFormat, dequantize, quantize
 
@@ -39,14 +39,9 @@ def test_quantized_rows_and_head_columns_move_byte_for_byte() -> None:
     assert torch.equal(moved.blocks[:, :2 * block_bytes], weight.blocks[:, 2 * block_bytes:])
 
 
-def test_quantized_down_proj_is_requantized_to_q8_0_within_its_rounding() -> None:
-    original = dequantize(quantize(torch.randn(16, 64), QuantFormat.Q4_1))
-    weight = quantize(original, QuantFormat.Q4_1)
+def test_quantized_down_proj_moves_its_exact_values_dense() -> None:
+    weight = quantize(torch.randn(16, 64), QuantFormat.Q4_1)
     neurons = torch.randperm(64)
     moved = permute_column_groups(weight, neurons, 1)
-    assert moved.format == REQUANTIZED_FORMAT
-    exact = dequantize(weight)[:, neurons]
-    assert torch.equal(moved.blocks, quantize(exact, REQUANTIZED_FORMAT).blocks)
-    # Q8_0's step is a block's max / 127: the change is under 1% of the block's largest weight.
-    block_max = exact.reshape(16, -1, 32).abs().amax(-1, keepdim=True)
-    assert ((dequantize(moved) - exact).reshape(16, -1, 32).abs() <= block_max / 127).all()
+    assert isinstance(moved, torch.Tensor)
+    assert torch.equal(moved, dequantize(weight)[:, neurons])
