@@ -33,11 +33,15 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 
 
-def num_kv_blocks_for(source: ModelSource, cache: CacheConfig, dtype: torch.dtype) -> int:
+def num_kv_blocks_for(source: ModelSource, cache: CacheConfig, dtype: torch.dtype,
+                      with_hidden_cache: bool = False) -> int:
+    """Blocks that fit kv_cache_memory; with prompt pruning each slot also holds one hidden row
+    (the hidden cache), so the budget covers both."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
     element_size = torch.empty((), dtype=dtype).element_size()
-    bytes_per_block = source.arch.kv_bytes_per_token * cache.block_size * element_size
+    elements_per_token = source.arch.kv_bytes_per_token + (source.arch.hidden_size if with_hidden_cache else 0)
+    bytes_per_block = elements_per_token * cache.block_size * element_size
     return max(1, int(cache.kv_cache_memory * GiB) // bytes_per_block)
 
 
@@ -67,7 +71,7 @@ class ModelRunner:
         else:
             layers, reorder = elastic_model_parts(elastic, source.arch, self.plan)
             self.model = load_model(source, self.plan, backend, layers, reorder, self.pruner)
-        self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype)
+        self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype, with_hidden_cache=self.pruner is not None)
         arch = source.arch
         # [2, num_blocks, block_size, num_kv_heads, head_dim] per layer; zeros so masked-out
         # padding slots read finite values.
