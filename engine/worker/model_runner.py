@@ -131,12 +131,14 @@ class ModelRunner:
         """Prompt logprobs of this step's prompt rows, for the requests that want them.  Such a
         request is never pruned, so all its rows reach the last layer; `batch` is in the last
         layer's row layout (group B's, where a prune layer ran)."""
+        wanting = [item for item in scheduled if self.requests[item.request_id].prompt_logprobs is not None]
+        if not wanting:  # also every step whose rows all stopped at the prune layer (attention None)
+            return
         first_row = dict(zip(batch.request_ids, batch.attention.query_start_loc_cpu))
-        for item in scheduled:
+        for item in wanting:
             state = self.requests[item.request_id]
-            if state.prompt_logprobs is not None:
-                score_prompt_chunk(self.model.compute_logits, hidden, item, first_row[item.request_id],
-                                   state.prompt_token_ids, state.prompt_logprobs)
+            score_prompt_chunk(self.model.compute_logits, hidden, item, first_row[item.request_id],
+                               state.prompt_token_ids, state.prompt_logprobs)
 
     def _chosen_kept_positions(self, batch) -> dict[str, tuple[int, ...]]:
         """The prompt positions chosen this step, for the scheduler to replay after a preemption."""
