@@ -21,7 +21,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm_native():
-    return make_llm(dtype="float32", weight_format="native", max_num_batched_tokens=64, kv_cache_memory=0.25)
+    """The plain model: an elastic one keeps its reordered down_proj dense (engine/elastic/permutation.py)."""
+    return make_llm(dtype="float32", weight_format="native", max_num_batched_tokens=64, kv_cache_memory=0.25,
+                    elastic="off")
 
 
 def greedy_tokens(llm) -> list[list[int]]:
