@@ -46,7 +46,13 @@ def _side_path(correction: BlockCorrection | None, dtype: torch.dtype, device: t
         return None
     if (terms[1] is None) != (terms[2] is None):
         raise ValueError("an elastic checkpoint's lora_a and lora_b come together")
-    return SidePath(*[None if t is None else t.detach().to(device=device, dtype=dtype).contiguous() for t in terms])
+    bias, lora_a, lora_b = terms
+    # The low-rank path stays fp32 (SidePath.add_to); the bias is added in the model's dtype.
+    return SidePath(_on(bias, device, dtype), _on(lora_a, device, torch.float32), _on(lora_b, device, torch.float32))
+
+
+def _on(tensor: torch.Tensor | None, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().to(device=device, dtype=dtype).contiguous()
 
 
 def elastic_model_parts(checkpoint: ElasticCheckpoint, arch: LlamaArchConfig, plan: ComputePlan

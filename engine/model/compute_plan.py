@@ -136,17 +136,17 @@ def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | Non
                 reasons["weight_format"], kernel_build or "none (torch path)", plan.native_ops, plan.prepack_bf16)
 
 
-def make_compute_plan(dtype: str, weight_format: str, device_name: str, elastic: bool = False) -> ComputePlan:
+def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> ComputePlan:
     """Every kernel and format choice, from the capability probe, logged once with its reasons.
-    An elastic model is never prepacked: its levels run views of each weight, and a prepacked
-    weight is opaque (no views)."""
+    An elastic model's levels run views of its weights; a prepacked weight has none, so its
+    elastic layers keep the dense form too (engine/model/layers/linear.py)."""
     device = torch.device(device_name)
     has_native = device.type == "cpu" and native_library.load() is not None
     dtype_name, dtype_reason = resolve_dtype(dtype, device_name)
     format_name, format_reason = resolve_weight_format(weight_format, device_name, has_native)
     torch_dtype = TORCH_DTYPES[dtype_name]
-    prepack = device.type == "cpu" and torch_dtype == torch.bfloat16 and not elastic and _can_prepack_bf16()
-    if dtype == "bfloat16" and device.type == "cpu" and not prepack and not elastic:
+    prepack = device.type == "cpu" and torch_dtype == torch.bfloat16 and _can_prepack_bf16()
+    if dtype == "bfloat16" and device.type == "cpu" and not prepack:
         logger.warning("dtype bfloat16 on a CPU that oneDNN cannot prepack bf16 for (no AVX-512 BW/VL/DQ or "
                        "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
     file_blocks = format_name in FILE_BLOCK_FORMATS

@@ -24,7 +24,7 @@ from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
 from engine.model.layers.elastic import BlockElasticity, LayerElasticity, column_tiles
-from engine.model.layers.linear import Linear, LinearWeight, VocabEmbedding
+from engine.model.layers.linear import Linear, LinearWeight, TileBounds, VocabEmbedding
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.prompt_pruning import PromptPruner, WindowScorer
 from engine.model.layers.rotary import RotaryEmbedding
@@ -35,12 +35,17 @@ class SelfAttention(nn.Module):
                  elastic: BlockElasticity | None = None, scorer: WindowScorer | None = None) -> None:
         super().__init__()
         self.q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.wqkv = Linear(config.hidden_size, self.q_dim + 2 * kv_dim, config.attention_bias, plan)
-        # An elastic model's query heads sit in rank-major slots (engine/elastic/spec.py).
+        # A block every level runs whole (an anchor layer's) computes like a plain model's.
+        tiled = elastic is not None and not elastic.is_whole
+        q_bounds = TileBounds("rows", elastic.bounds() + (self.q_dim + 2 * kv_dim,)) if tiled else None
+        self.wqkv = Linear(config.hidden_size, self.q_dim + 2 * kv_dim, config.attention_bias, plan, q_bounds)
+        # An elastic model's query heads sit in rank-major slots (engine/elastic/spec.py), in
+        # every layer, whole ones included: the permutation moves them all.
         self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim, backend, plan,
                               rank_major=elastic is not None, scorer=scorer)
-        self.wo = Linear(self.q_dim, config.hidden_size, False, plan)
-        self.elastic = elastic
+        self.wo = Linear(self.q_dim, config.hidden_size, False, plan,
+                         TileBounds("columns", elastic.bounds()) if tiled else None)
+        self.elastic = elastic if tiled else None
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if batch.elastic is not None and self.elastic is not None:
@@ -72,10 +77,14 @@ class FeedForward(nn.Module):
     def __init__(self, config: LlamaArchConfig, plan: ComputePlan, elastic: BlockElasticity | None = None) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, False, plan)
+        tiled = elastic is not None and not elastic.is_whole  # see SelfAttention
+        # Gate rows [0, I) and up rows [I, 2I) are tiled alike.
+        gate_up = TileBounds("rows", elastic.bounds() + elastic.bounds(self.intermediate_size)[1:]) if tiled else None
+        self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, False, plan, gate_up)
         self.act = SiluAndMul(plan)
-        self.w2 = Linear(config.intermediate_size, config.hidden_size, False, plan)
-        self.elastic = elastic
+        self.w2 = Linear(config.intermediate_size, config.hidden_size, False, plan,
+                         TileBounds("columns", elastic.bounds()) if tiled else None)
+        self.elastic = elastic if tiled else None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         if batch.elastic is not None and self.elastic is not None:

@@ -17,9 +17,10 @@ from engine.elastic.torch_model import BlockCorrection, LayerCorrection
 from engine.elastic.spec import ElasticLevel, ElasticSpec
 from engine.model.arch import LlamaArchConfig
 from engine.model.attention_backends.torch_backend import TorchAttentionBackend
-from engine.model.compute_plan import ComputePlan
+from engine.model.compute_plan import ComputePlan, _can_prepack_bf16
 from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.model.layers.elastic import column_tiles
+from engine.model.layers.rotary import RotaryEmbedding
 from engine.model.llama import LlamaForCausalLM
 from tests.kernels.paged_batch import make_metadata
 from tests.tiny_llama import random_hf_weights
@@ -116,7 +117,8 @@ def run(model: LlamaForCausalLM, tokens: list[torch.Tensor], level_indices: list
     batch = ForwardBatch(input_ids=torch.cat(tokens), positions=positions, attention=meta,
                          request_ids=[str(i) for i in range(len(lens))], logits_indices=torch.arange(sum(lens)),
                          elastic=elastic)
-    caches = [torch.zeros(2, num_blocks, BLOCK_SIZE, CONFIG.num_kv_heads, CONFIG.head_dim)
+    dtype = model.plan.dtype
+    caches = [torch.zeros(2, num_blocks, BLOCK_SIZE, CONFIG.num_kv_heads, CONFIG.head_dim, dtype=dtype)
               for _ in range(CONFIG.num_layers)]
     with torch.inference_mode():
         hidden = model(batch, caches)
@@ -152,3 +154,33 @@ def test_mixed_levels_give_each_sequence_its_own_level(levels: list[int]) -> Non
     side_paths_off = build(rank_major(random_hf_weights(CONFIG, seed=3)), {})
     pruned_seq = next(seq for seq, level in enumerate(levels) if level)
     assert not torch.allclose(run(side_paths_off, TOKENS, levels)[pruned_seq], mixed[pruned_seq], atol=1e-4)
+
+
+def bf16_plan(prepack: bool) -> ComputePlan:
+    return ComputePlan(device=torch.device("cpu"), dtype=torch.bfloat16, weight_format="dequantized",
+                       native_ops=False, prepack_bf16=prepack)
+
+
+def build_bf16(weights: dict[str, torch.Tensor], prepack: bool) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(CONFIG, TorchAttentionBackend(), bf16_plan(prepack),
+                             layer_elasticities(SPEC, random_corrections(seed=6), torch.bfloat16)).to(torch.bfloat16)
+    model.rotary = RotaryEmbedding.for_config(CONFIG)  # fp32 tables, as the loader keeps them
+    model.load_weights((name, w.to(torch.bfloat16)) for name, w in rank_major(weights).items())
+    return model.eval()
+
+
+@pytest.mark.skipif(not _can_prepack_bf16(), reason="oneDNN cannot prepack bf16 on this CPU (or under this mask)")
+def test_prepacked_elastic_model_keeps_dense_views_only_where_levels_prune() -> None:
+    """Steps whose rows all run whole weights take the whole prepacked weight; tiles take its
+    segments, prepacked one by one, which anchor layers (whole at every level) do not keep."""
+    weights = random_hf_weights(CONFIG, seed=5)
+    packed, unpacked = build_bf16(weights, prepack=True), build_bf16(weights, prepack=False)
+    anchor, pruned = packed.layers[0], packed.layers[1]
+    for linear in (anchor.attention.wqkv, anchor.feed_forward.w13, anchor.feed_forward.w2):
+        assert linear.packed is not None and linear.dense is None and linear.packed_segments is None
+    assert anchor.feed_forward.elastic is None and anchor.attention.elastic is None
+    for linear in (pruned.attention.wqkv, pruned.attention.wo, pruned.feed_forward.w13, pruned.feed_forward.w2):
+        assert linear.packed is not None and linear.dense is None and len(linear.packed_segments) >= 2
+    for levels in ([0, 0, 0], [1, 0, 2], [2, 2, 2], [2, 0, 0], [1, 1, 1]):  # tiles of one and of two segments
+        for got, want in zip(run(packed, TOKENS, levels), run(unpacked, TOKENS, levels)):
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
