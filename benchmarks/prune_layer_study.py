@@ -109,11 +109,15 @@ def main() -> None:
         samples.append((needle_positions(sample, tokenizer, ids.shape[1]), window_attention(model, ids, args.window)))
     num_layers, n = model.config.num_layers, args.num_score_layers
     prune_layers = list(range(n, num_layers + 1, 3))
-    table = {keep: [recall(samples, lambda probs, lstar=lstar: sum(probs[i].sum(dim=(0, 1, 2))
-                                                                    for i in range(lstar - n, lstar)), keep, args)
-                    for lstar in prune_layers] for keep in args.keeps}
-    heads = [[recall(samples, lambda probs, layer=layer, h=h: probs[layer].flatten(0, 1)[h].sum(0), min(args.keeps), args)
-              for h in range(model.config.num_heads)] for layer in range(num_layers)]
+    def summed(lstar: int):
+        return lambda probs: sum(probs[i].sum(dim=(0, 1, 2)) for i in range(lstar - n, lstar))
+
+    def one_head(layer: int, head: int):
+        return lambda probs: probs[layer].flatten(0, 1)[head].sum(0)
+
+    table = {keep: [recall(samples, summed(lstar), keep, args) for lstar in prune_layers] for keep in args.keeps}
+    heads = [[recall(samples, one_head(layer, h), min(args.keeps), args) for h in range(model.config.num_heads)]
+             for layer in range(num_layers)]
     report = markdown(args, prune_layers, table, heads)
     print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
