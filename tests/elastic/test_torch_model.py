@@ -24,9 +24,9 @@ def test_right_padding_leaves_earlier_rows_alone(torch_llama) -> None:
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     # fp32 GEMMs of 6 and of 9 rows may take different kernels (MKL under AVX2 does): logits of
-    # ~20 then differ by ~1e-4, where a leak of padding into earlier rows moves them by units.
+    # ~20 then differ by up to 2.5e-4, where a leak of padding into earlier rows moves them by units.
     with torch.no_grad():
-        assert torch.allclose(torch_llama(ids)[0], torch_llama(padded)[0, :6], rtol=1e-5, atol=1e-4)
+        assert torch.allclose(torch_llama(ids)[0], torch_llama(padded)[0, :6], atol=1e-3)
 
 
 def test_selecting_everything_in_another_order_changes_nothing(torch_llama) -> None:
