@@ -49,9 +49,7 @@
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "thread_share.h"
 
 namespace {
 
@@ -382,18 +380,6 @@ void write_tile(const Problem& p, int64_t m0, int64_t n0, const float (&sums)[MR
       for (int r = 0; r < live_rows; r++) static_cast<uint16_t*>(p.out)[first + r] = float_to_fp16(row[r] + bias[r]);
     }
   }
-}
-
-// This thread's share [begin, end) of `count` tiles: contiguous, so each thread streams its own
-// weight rows.
-inline void thread_share(int64_t count, int64_t* begin, int64_t* end) {
-#if defined(_OPENMP)
-  const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
-#else
-  const int64_t thread = 0, threads = 1;
-#endif
-  *begin = count * thread / threads;
-  *end = count * (thread + 1) / threads;
 }
 
 // A per-thread buffer of at least `size` floats; slot 0 holds x, slot 1 the panel.

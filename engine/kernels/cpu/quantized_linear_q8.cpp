@@ -50,9 +50,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "thread_share.h"
 
 #if defined(ENGINE_CPU_ISA)
 
@@ -278,17 +276,6 @@ struct Problem {
   int64_t m, n, k_blocks;
   DType dtype;
 };
-
-// This thread's share [begin, end) of `count` items (contiguous).
-inline void thread_share(int64_t count, int64_t* begin, int64_t* end) {
-#if defined(_OPENMP)
-  const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
-#else
-  const int64_t thread = 0, threads = 1;
-#endif
-  *begin = count * thread / threads;
-  *end = count * (thread + 1) / threads;
-}
 
 template <typename V>
 V* grown(std::vector<V>& buffer, int64_t size) {
