@@ -35,12 +35,16 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch  # loaded first: see the invariant above
 
 from engine.cache_paths import cache_root
 from engine.capabilities import cpu_features
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +86,13 @@ def load(isa: str | None = None) -> ctypes.CDLL | None:
         logger.info("native CPU kernels: this CPU cannot run the %s build (%s)", isa, cpu_features().describe())
         return None
     return _open(isa)
+
+
+def entry_points(library: ctypes.CDLL | None, declare: Callable[[ctypes.CDLL], T]) -> T | None:
+    """`declare(library)` (a kernel module's signatures) on the given build, or on the one `load`
+    picks; None when no library loads."""
+    library = load() if library is None else library
+    return None if library is None else declare(library)
 
 
 def active_isa() -> str | None:

@@ -104,8 +104,7 @@ class _Kernel(NamedTuple):
 
 def _kernel(library: ctypes.CDLL | None) -> _Kernel | None:
     """The build's entry points with their signatures declared, or None without a library."""
-    library = native_library.load() if library is None else library
-    return None if library is None else _declared(library)
+    return native_library.entry_points(library, _declared)
 
 
 @functools.cache
