@@ -44,64 +44,71 @@ class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int, max_num_batched_tokens: int = 8192) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
-        labels = ["model_name"]
-        r = self.registry
-
-        def gauge(name: str, doc: str) -> Any:
-            return Gauge(name, doc, labels, registry=r).labels(model_name)
-
-        def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, labels, registry=r).labels(model_name)
-
-        def histogram(name: str, doc: str, buckets: list[float]) -> Any:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
-
-        self.num_requests_running = gauge("engine:num_requests_running", "Requests in the running batch.")
-        self.num_requests_waiting = gauge("engine:num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_cache_usage_perc = gauge("engine:kv_cache_usage_perc", "KV cache usage, 0 to 1.")
-        self.prompt_tokens = counter("engine:prompt_tokens", "Prefill tokens processed.")
-        self.generation_tokens = counter("engine:generation_tokens", "Tokens generated.")
-        self.num_preemptions = counter("engine:num_preemptions", "Cumulative preemptions.")
-        self.prefix_cache_queries = counter("engine:prefix_cache_queries",
-                                            "Prompt tokens looked up in the prefix cache.")
-        self.prefix_cache_hits = counter("engine:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
-        self.pruned_prompt_tokens = counter("engine:pruned_prompt_tokens",
-                                            "Prompt tokens prompt pruning kept out of the layers past the prune layer.")
-        self.slo_attained = counter("engine:slo_attained", "Finished requests that met every latency target.")
-        self.slo_violated = counter("engine:slo_violated", "Finished requests that missed a latency target.")
-        self._requests_rejected = Counter("engine:requests_rejected", "Requests the scheduling policy refused.",
-                                          ["model_name", "reason"], registry=r)
-        for reason in ("slo_ttft_unattainable", "slo_tpot_unattainable"):
-            self._requests_rejected.labels(model_name, reason)
-        self._request_success = Counter("engine:request_success", "Finished requests by finish reason.",
-                                        ["model_name", "finished_reason"], registry=r)
-        for reason in ("stop", "length", "abort"):  # export every series from the start
-            self._request_success.labels(model_name, reason)
-        self._elastic_tokens = Counter("engine:elastic_generation_tokens",
-                                       "Tokens generated, by the elastic level that generated them.",
-                                       ["model_name", "level"], registry=r)
-        token_buckets = buckets_1_2_5(max_model_len)
-        self.time_to_first_token = histogram("engine:time_to_first_token_seconds",
-                                             "Time to first token.", TTFT_BUCKETS)
-        self.inter_token_latency = histogram("engine:inter_token_latency_seconds",
-                                             "Time between consecutive output tokens.", ITL_BUCKETS)
-        self.e2e_request_latency = histogram("engine:e2e_request_latency_seconds",
-                                             "Arrival to finish.", REQUEST_LATENCY_BUCKETS)
-        self.request_queue_time = histogram("engine:request_queue_time_seconds",
-                                            "Arrival to first scheduled.", REQUEST_LATENCY_BUCKETS)
-        self.request_prefill_time = histogram("engine:request_prefill_time_seconds",
-                                              "First scheduled to first token.", REQUEST_LATENCY_BUCKETS)
-        self.request_decode_time = histogram("engine:request_decode_time_seconds",
-                                             "First token to last token.", REQUEST_LATENCY_BUCKETS)
-        self.request_prompt_tokens = histogram("engine:request_prompt_tokens",
-                                               "Prompt length of finished requests.", token_buckets)
-        self.request_generation_tokens = histogram("engine:request_generation_tokens",
-                                                   "Generated length of finished requests.", token_buckets)
-        self.iteration_tokens = histogram("engine:iteration_tokens_total", "Tokens scheduled per step.",
-                                          buckets_1_2_5(max(max_num_batched_tokens, 1)))
+        self._add_gauges_and_counters()
+        self._add_labelled_counters()
+        self._add_histograms(max_model_len, max_num_batched_tokens)
         self.stat_logger = StatLogger()
         self._last_totals: dict[str, int] = {}  # engine-side running totals already exported
         self._progress: dict[str, list[_SampleProgress]] = {}  # request id -> per sample
+
+    def _gauge(self, name: str, doc: str) -> Any:
+        return Gauge(name, doc, ["model_name"], registry=self.registry).labels(self.model_name)
+
+    def _counter(self, name: str, doc: str) -> Any:
+        return Counter(name, doc, ["model_name"], registry=self.registry).labels(self.model_name)
+
+    def _histogram(self, name: str, doc: str, buckets: list[float]) -> Any:
+        return Histogram(name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(self.model_name)
+
+    def _add_gauges_and_counters(self) -> None:
+        self.num_requests_running = self._gauge("engine:num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = self._gauge("engine:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage_perc = self._gauge("engine:kv_cache_usage_perc", "KV cache usage, 0 to 1.")
+        self.prompt_tokens = self._counter("engine:prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = self._counter("engine:generation_tokens", "Tokens generated.")
+        self.num_preemptions = self._counter("engine:num_preemptions", "Cumulative preemptions.")
+        self.prefix_cache_queries = self._counter("engine:prefix_cache_queries",
+                                                  "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = self._counter("engine:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.pruned_prompt_tokens = self._counter(
+            "engine:pruned_prompt_tokens", "Prompt tokens prompt pruning kept out of the layers past the prune layer.")
+        self.slo_attained = self._counter("engine:slo_attained", "Finished requests that met every latency target.")
+        self.slo_violated = self._counter("engine:slo_violated", "Finished requests that missed a latency target.")
+
+    def _add_labelled_counters(self) -> None:
+        """Counters with a second label; every known series is exported from the start."""
+        self._requests_rejected = Counter("engine:requests_rejected", "Requests the scheduling policy refused.",
+                                          ["model_name", "reason"], registry=self.registry)
+        for reason in ("slo_ttft_unattainable", "slo_tpot_unattainable"):
+            self._requests_rejected.labels(self.model_name, reason)
+        self._request_success = Counter("engine:request_success", "Finished requests by finish reason.",
+                                        ["model_name", "finished_reason"], registry=self.registry)
+        for reason in ("stop", "length", "abort"):  # export every series from the start
+            self._request_success.labels(self.model_name, reason)
+        self._elastic_tokens = Counter("engine:elastic_generation_tokens",
+                                       "Tokens generated, by the elastic level that generated them.",
+                                       ["model_name", "level"], registry=self.registry)
+
+    def _add_histograms(self, max_model_len: int, max_num_batched_tokens: int) -> None:
+        token_buckets = buckets_1_2_5(max_model_len)
+        self.time_to_first_token = self._histogram("engine:time_to_first_token_seconds",
+                                                   "Time to first token.", TTFT_BUCKETS)
+        self.inter_token_latency = self._histogram("engine:inter_token_latency_seconds",
+                                                   "Time between consecutive output tokens.", ITL_BUCKETS)
+        self.e2e_request_latency = self._histogram("engine:e2e_request_latency_seconds",
+                                                   "Arrival to finish.", REQUEST_LATENCY_BUCKETS)
+        self.request_queue_time = self._histogram("engine:request_queue_time_seconds",
+                                                  "Arrival to first scheduled.", REQUEST_LATENCY_BUCKETS)
+        self.request_prefill_time = self._histogram("engine:request_prefill_time_seconds",
+                                                    "First scheduled to first token.", REQUEST_LATENCY_BUCKETS)
+        self.request_decode_time = self._histogram("engine:request_decode_time_seconds",
+                                                   "First token to last token.", REQUEST_LATENCY_BUCKETS)
+        self.request_prompt_tokens = self._histogram("engine:request_prompt_tokens",
+                                                     "Prompt length of finished requests.", token_buckets)
+        self.request_generation_tokens = self._histogram("engine:request_generation_tokens",
+                                                         "Generated length of finished requests.", token_buckets)
+        self.iteration_tokens = self._histogram("engine:iteration_tokens_total", "Tokens scheduled per step.",
+                                                buckets_1_2_5(max(max_num_batched_tokens, 1)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
