@@ -31,6 +31,7 @@ from tqdm import tqdm
 from engine import LLM, SamplingParams
 from engine.bench.retrieval_tasks import FILLERS, TASKS, RetrievalSample, make_task_set
 from engine.config import PromptPruningConfig
+from engine.prompt_pruning import parse_prune_layers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KEEPS = (1.0, 0.7, 0.5, 0.3, 0.2)
@@ -46,7 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=30)
     parser.add_argument("--num-samples-long", type=int, default=20, help="samples of 4096-token cells")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prune-layer", type=int, default=None, help="l* (default: the engine's)")
+    parser.add_argument("--prune-layers", type=parse_prune_layers, default=None,
+                        help="l_1,l_2,... (one layer: one stage; default: the engine's)")
+    parser.add_argument("--score-window", type=int, default=PromptPruningConfig.score_window)
     parser.add_argument("--num-score-layers", type=int, default=PromptPruningConfig.num_score_layers)
     parser.add_argument("--pool-size", type=int, default=PromptPruningConfig.pool_size)
     parser.add_argument("--window", type=int, default=PromptPruningConfig.window)
@@ -65,8 +68,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def pruning_config(args: argparse.Namespace) -> PromptPruningConfig:
-    return PromptPruningConfig(prune_layer=args.prune_layer, num_score_layers=args.num_score_layers,
-                               pool_size=args.pool_size, window=args.window)
+    return PromptPruningConfig(prune_layers=args.prune_layers, num_score_layers=args.num_score_layers,
+                               pool_size=args.pool_size, window=args.window, score_window=args.score_window)
 
 
 def variants(keeps: list[float]) -> list[tuple[float, str]]:
@@ -127,8 +130,9 @@ def ttft(args: argparse.Namespace) -> dict:
 
 
 def markdown(args: argparse.Namespace, cells: list[dict], ttfts: dict | None) -> str:
-    lines = [f"# Prompt pruning (prune layer {args.prune_layer or 'default'}, score layers {args.num_score_layers}, "
-             f"pool {args.pool_size}, window {args.window})", ""]
+    layers = ",".join(map(str, args.prune_layers)) if args.prune_layers else "default"
+    lines = [f"# Prompt pruning (prune layers {layers}, score layers {args.num_score_layers}, "
+             f"pool {args.pool_size}, window {args.window}, score window {args.score_window})", ""]
     if cells:
         keeps = [k for k in args.keeps if k < 1]
         header = "| task | filler | length | n | keep 1.0 | " + " | ".join(f"{k} attn / random" for k in keeps) + " |"

@@ -15,7 +15,7 @@ from engine.model.loader import resolve_model, load_tokenizer
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.profiling import profile_step_costs
-from engine.prompt_pruning import PrunePlan
+from engine.prompt_pruning import PrunePlan, stage_fractions
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepCostModel, features_of
@@ -68,7 +68,7 @@ class LLMEngine:
         self.default_elastic_level = self._default_elastic_level(config.model.elastic_level)
         self.kv = KVCacheGroups.create(self.runner.num_kv_blocks, config.cache.block_size,
                                        enable_prefix_caching=config.cache.enable_prefix_caching,
-                                       two_groups=self.runner.prune_layer is not None)
+                                       num_stages=len(self.runner.prune_layers))
         scheduler_config: SchedulerConfig = replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(self.kv, FCFSPolicy(),
                                    max_num_batched_tokens=scheduler_config.max_num_batched_tokens,
@@ -156,16 +156,16 @@ class LLMEngine:
         if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1:
             raise InvalidRequestError(f"elastic.prompt_keep must be a number in (0, 1], got {keep!r}",
                                       "elastic.prompt_keep")
-        prune_layer = self.runner.prune_layer
-        if prune_layer is None:
+        prune_layers = self.runner.prune_layers
+        if not prune_layers:
             if keep < 1:
                 raise InvalidRequestError("prompt pruning is off on this server (prompt_keep must be 1)",
                                           "elastic.prompt_keep")
             return None
-        num_layers = len(self.runner.model.layers)
         return PrunePlan.make(num_prompt_tokens, keep, min_prompt_tokens=config.min_prompt_tokens,
                               num_sink_tokens=config.num_sink_tokens, window=config.window,
-                              deep_fraction=(num_layers - prune_layer) / num_layers, scoring=scoring)
+                              fractions=stage_fractions(prune_layers, len(self.runner.model.layers)),
+                              scoring=scoring, score_window=config.score_window)
 
     def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

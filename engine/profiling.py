@@ -203,9 +203,9 @@ def _scheduled_chunk(engine: ProfiledEngine, request_id: str, chunk: ProfileChun
                             num_scheduled_tokens=chunk.num_scheduled_tokens,
                             block_ids=engine.kv.block_table(request_id), samples=chunk.samples,
                             new_request=NewRequestData.of(request),
-                            kept_block_ids=engine.kv.kept_block_table(request_id) if engine.kv.has_two_groups else None,
-                            num_kept_computed_tokens=chunk.num_computed_tokens,
-                            num_kept_scheduled_tokens=chunk.num_scheduled_tokens)
+                            kept_block_ids=engine.kv.kept_block_tables(request_id),
+                            num_kept_computed_tokens=(chunk.num_computed_tokens,) * engine.kv.num_stages,
+                            num_kept_scheduled_tokens=(chunk.num_scheduled_tokens,) * engine.kv.num_stages)
 
 
 # ---- real steps ------------------------------------------------------------------------------

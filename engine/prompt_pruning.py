@@ -1,32 +1,41 @@
 """Prompt pruning's token accounting: how a pruned request's tokens split between the KV groups.
 
-Layers [0, l*) keep KV for every token (group A); layers [l*, L) only for the kept ones (group B),
-engine/kv/kv_cache_groups.py.  A pruned request with P prompt tokens of which K are kept:
+Progressive pruning (LazyLLM's, within one step): the model is cut at prune layers l_1 < ... < l_S
+into KV groups, group 0 = layers [0, l_1), group s = layers [l_s, l_{s+1}) (l_{S+1} = L),
+engine/kv/kv_cache_groups.py.  A pruned request with P prompt tokens keeps K_s of them in group s,
+P > K_1 >= ... >= K_S = K (each stage keeps a subset of the previous stage's tokens):
 
     all tokens:  | sinks | prompt ......................... | window | output ........ |
                  0       S                        P - window       P                  num_tokens
-    group A:     every token, chunked as today; its progress is num_computed_tokens (c)
-    group B:     | K kept prompt tokens, in position order  | output ........ |
-                 0                                          K                  K + num_tokens - P
+    group 0:     every token, chunked as today; its progress is num_computed_tokens (c)
+    group s:     | K_s kept prompt tokens, in position order  | output ........ |
+                 0                                            K_s                K_s + num_tokens - P
 
-so when group A has computed c tokens, group B has computed
+so when group 0 has computed c tokens, group s has computed
 
-    num_kept(c) = 0              c <  P    (stage A: group B waits for the score)
-                = K + c - P      c >= P    (every output token runs every layer)
+    num_kept(c, s) = 0                c <  P    (stage A: the deep groups wait for the score)
+                   = K_s + c - P      c >= P    (every output token runs every layer)
 
-The step whose chunk reaches P (the stage-B step) scores the prompt with the window's queries,
-then runs the K kept prompt tokens (and the chunk's output tokens, when a preempted request is
-recomputed) through [l*, L).  A chunk never ends inside the window (`chunk_size`), so that step
-holds every query of the score; a prefix-cache hit never reaches into it either (`max_match`).
+The step whose chunk reaches P (the stage-B step) scores the prompt with the window's queries
+at l_1, runs its K_1 kept tokens to l_2, scores those there, and so on: all deep groups' prompt
+rows run in that one step (and the chunk's output tokens, when a preempted request is
+recomputed).  A chunk never ends inside the window (`chunk_size`), so that step holds every query
+of the score; a prefix-cache hit never reaches into it either (`max_match`).
 
-Token budget: a pruned request's tokens cost what they compute.  A token that runs only layers
-below l* costs (1 - deep_fraction) of a token; a row of group B costs deep_fraction more:
+Why two stages (measured on SmolLM2-135M, benchmarks/prune_layer_study.py): the window attention
+that finds a pass key hidden in natural text lives in layers 15-24; layers below 12 find it only
+when keeping half the prompt (needle recall 0.83 at l = 9, keep 0.5, against 0.43 at keep 0.3).
+A first cut at l_1 = 9 to keep^(1/2) of the prompt, then a second at l_2 = 15 to keep, computes
+about what one cut at 9 to keep does and keeps the needle as a cut at 15 would.
 
-    cost(c, n) = ceil(n * (1 - d) + (num_kept(c + n) - num_kept(c)) * d)      d = (L - l*) / L
+Token budget: a pruned request's tokens cost what they compute.  A token that runs only group 0
+costs f_0 = l_1 / L of a token; a row of group s costs f_s = (l_{s+1} - l_s) / L more:
+
+    cost(c, n) = ceil(n * f_0 + sum over s of (num_kept(c + n, s) - num_kept(c, s)) * f_s)
 
 so stage-A chunks are longer than the budget in tokens, and the stage-B step may overrun the step's
-budget by the K kept rows (once per request; the step is then full).  An unpruned request has no
-plan: num_kept(c) == c, cost == n, as without pruning.
+budget by the kept rows (once per request; the step is then full).  An unpruned request has no
+plan: num_kept(c, s) == c, cost == n, as without pruning.
 """
 
 from __future__ import annotations
@@ -45,35 +54,76 @@ from dataclasses import dataclass
 # benchmarks/prune_layer_study.py: 0.27 / 0.13 / 0.50 / 0.93; no single head below layer 12
 # recalls more than 0.40).  With repeated filler l* = 9 keeps the needle every time.  A one-stage
 # prune layer cannot have both; a progressive scheme (a first cut at ~9, the final one at ~18)
-# is the next step (issue #14's "progressive pruning at several layers").
-DEFAULT_PRUNE_LAYER_FRACTION = 0.3
+# is why pruning runs in two stages (module docstring): the first cut at 0.3 L, the second at 0.5 L
+# where the retrieval heads begin (benchmarks/README.md, "progressive pruning").
+DEFAULT_PRUNE_LAYER_FRACTIONS = (0.3, 0.5)
 
 
-def default_prune_layer(num_layers: int) -> int:
-    return max(1, min(num_layers - 1, round(DEFAULT_PRUNE_LAYER_FRACTION * num_layers)))
+def default_prune_layers(num_layers: int) -> tuple[int, ...]:
+    """The default prune layers for a model of this depth, ascending, each in [1, num_layers)."""
+    layers = sorted({max(1, min(num_layers - 1, round(f * num_layers))) for f in DEFAULT_PRUNE_LAYER_FRACTIONS})
+    return tuple(layers)
+
+
+def parse_prune_layers(text: str) -> tuple[int, ...]:
+    """--prune-layers: "9" or "9,15" (argparse type; a bad list is argparse's usage error)."""
+    import argparse
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers separated by commas, got {text!r}") from None
+
+
+def stage_fractions(prune_layers: tuple[int, ...], num_layers: int) -> tuple[float, ...]:
+    """f_s for s >= 1: each deep group's share of a token's compute (module docstring)."""
+    bounds = (*prune_layers, num_layers)
+    return tuple((end - start) / num_layers for start, end in zip(bounds, bounds[1:]))
 
 
 @dataclass(frozen=True, slots=True)
 class PrunePlan:
-    """How many of a request's prompt tokens group B keeps; fixed when the request is added."""
+    """How many of a request's prompt tokens each deep group keeps; fixed when the request is added."""
 
     num_prompt_tokens: int  # P
-    num_kept_prompt_tokens: int  # K, sinks and window included; < P
-    window: int  # the last prompt tokens: the score's queries, always kept
-    deep_fraction: float  # (L - l*) / L: the share of a token's compute that runs in group B, < 1
+    kept_per_stage: tuple[int, ...]  # K_1 >= ... >= K_S, sinks and window included; K_1 < P
+    window: int  # the last prompt tokens: the score's queries end here, always kept
+    fractions: tuple[float, ...]  # f_1 .. f_S: each deep group's share of a token's compute
     scoring: str = "attention"  # or "random": which tokens, not how many (engine/model/layers/prompt_pruning.py)
+    score_window: int | None = None  # the last prompt tokens whose queries score (None: the whole window)
 
     @classmethod
     def make(cls, num_prompt_tokens: int, keep: float, *, min_prompt_tokens: int, num_sink_tokens: int,
-             window: int, deep_fraction: float, scoring: str = "attention") -> PrunePlan | None:
+             window: int, fractions: tuple[float, ...], scoring: str = "attention",
+             score_window: int | None = None) -> PrunePlan | None:
         """The plan for a prompt at `keep`, or None where nothing would be pruned (keep 1, a short
-        prompt, or a keep so high that every token stays)."""
+        prompt, or a keep so high that every token stays).  Stage s of S keeps keep^(s / S) of
+        the prompt: each stage drops the same share of what reaches it."""
         if keep >= 1 or num_prompt_tokens < min_prompt_tokens:
             return None
-        num_kept = max(num_sink_tokens + window, math.ceil(keep * num_prompt_tokens))
-        if num_kept >= num_prompt_tokens:
+        floor, num_stages = num_sink_tokens + window, len(fractions)
+        kept = tuple(min(num_prompt_tokens, max(floor, math.ceil(keep ** (s / num_stages) * num_prompt_tokens)))
+                     for s in range(1, num_stages + 1))
+        if kept[-1] >= num_prompt_tokens:
             return None
-        return cls(num_prompt_tokens, num_kept, window, deep_fraction, scoring)
+        return cls(num_prompt_tokens, kept, window, fractions, scoring, score_window)
+
+    @property
+    def num_kept_prompt_tokens(self) -> int:
+        """K: the prompt tokens that run every layer."""
+        return self.kept_per_stage[-1]
+
+    @property
+    def num_score_queries(self) -> int:
+        return self.window if self.score_window is None else min(self.score_window, self.window)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.kept_per_stage)
+
+    @property
+    def deep_fraction(self) -> float:
+        """The share of a token's compute past the first prune layer."""
+        return sum(self.fractions)
 
     @property
     def num_pruned_tokens(self) -> int:
@@ -83,10 +133,11 @@ class PrunePlan:
     def window_start(self) -> int:
         return self.num_prompt_tokens - self.window
 
-    def num_kept(self, num_computed_tokens: int) -> int:
-        """Group B's length when group A holds num_computed_tokens (the diagram above)."""
+    def num_kept(self, num_computed_tokens: int, stage: int = -1) -> int:
+        """Group `stage + 1`'s length (stage 0 the first deep group; -1 the last) when group 0
+        holds num_computed_tokens (the diagram above)."""
         past_prompt = num_computed_tokens - self.num_prompt_tokens
-        return 0 if past_prompt < 0 else self.num_kept_prompt_tokens + past_prompt
+        return 0 if past_prompt < 0 else self.kept_per_stage[stage] + past_prompt
 
     def max_match(self) -> int:
         """The most tokens a prefix-cache hit may cover: up to the window, whose queries score."""
@@ -97,9 +148,10 @@ class PrunePlan:
 
     def cost(self, num_computed_tokens: int, num_scheduled_tokens: int) -> int:
         """Budget tokens the chunk [c, c + n) costs (the formula above)."""
-        num_rows_b = self.num_kept(num_computed_tokens + num_scheduled_tokens) - self.num_kept(num_computed_tokens)
+        c, end = num_computed_tokens, num_computed_tokens + num_scheduled_tokens
+        deep = sum((self.num_kept(end, s) - self.num_kept(c, s)) * f for s, f in enumerate(self.fractions))
         # A decode costs exactly 1: the epsilon keeps float rounding (0.3 + 0.7) from making it 2.
-        return math.ceil(num_scheduled_tokens * (1 - self.deep_fraction) + num_rows_b * self.deep_fraction - 1e-9)
+        return math.ceil(num_scheduled_tokens * (1 - self.deep_fraction) + deep - 1e-9)
 
     def chunk_size(self, num_computed_tokens: int, num_tokens_to_compute: int, budget: int) -> int:
         """Tokens to schedule from c under `budget` (0: none this step).  Stage-A chunks run only

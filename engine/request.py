@@ -78,9 +78,9 @@ class Request:
     elastic_level: int = FULL_LEVEL
     # Which prompt tokens the deep layers skip (engine/prompt_pruning.py); None: not pruned.
     prune_plan: PrunePlan | None = None
-    # The prompt positions the runner kept, once it has scored the prompt: a recompute after a
-    # preemption runs exactly these again instead of scoring anew.
-    kept_prompt_positions: tuple[int, ...] | None = None
+    # The prompt positions the runner kept at each prune layer, once it has scored the prompt: a
+    # recompute after a preemption runs exactly these again instead of scoring anew.
+    kept_prompt_positions: tuple[tuple[int, ...], ...] | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)

@@ -5,14 +5,18 @@
 #
 #   benchmarks/peers/build_llama_server.sh              # prints the path of llama-server
 #   benchmarks/peers/build_llama_server.sh --isa avx2   # an AVX2-only build beside it
+#   benchmarks/peers/build_llama_server.sh --isa avx512 # AVX-512 (VNNI, BF16, VBMI) without AMX
 #
 # The default build is tuned to this CPU (-DGGML_NATIVE=ON) in llama.cpp/build. `--isa avx2`
 # (or LLAMA_SERVER_ISA=avx2) builds a second binary in llama.cpp/build-avx2 limited to AVX2, FMA
 # and F16C: the peer benchmarks/peers/llama_server.py runs when ELASTIC_ENGINE_CPU_ISA=avx2 caps
-# our engine, so that a masked run compares like with like.
+# our engine, so that a masked run compares like with like. `--isa avx512` (llama.cpp/build-avx512)
+# is the native build's instruction set without AMX: on a Sapphire Rapids VM the native build
+# (llama-cpp-python 0.3.36) dies with SIGSEGV right after "llama threadpool init", while this one
+# runs: pass `--llama-server <cache>/llama.cpp/build-avx512/bin/llama-server` to the benchmarks there.
 #
 # Environment: LLAMA_SERVER_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/elastic-engine/llama-server),
-# LLAMA_SERVER_ISA (native or avx2; default native), PIP (default: the repository's .venv/bin/pip,
+# LLAMA_SERVER_ISA (native, avx512 or avx2; default native), PIP (default: the repository's .venv/bin/pip,
 # else pip), JOBS (default 2).
 set -euo pipefail
 
@@ -22,7 +26,7 @@ while [[ $# -gt 0 ]]; do
         --isa) isa="${2:?--isa needs a value: native or avx2}"; shift 2 ;;
         --isa=*) isa="${1#--isa=}"; shift ;;
         -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "unknown argument: $1 (expected --isa native|avx2)" >&2; exit 2 ;;
+        *) echo "unknown argument: $1 (expected --isa native|avx512|avx2)" >&2; exit 2 ;;
     esac
 done
 
@@ -38,8 +42,13 @@ case "$isa" in
         isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                    -DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF
                    -DGGML_AVX_VNNI=OFF) ;;
+    avx512)
+        build_dir="build-avx512"
+        isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+                   -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+                   -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF) ;;
     *)
-        echo "unknown ISA: $isa (expected native or avx2)" >&2
+        echo "unknown ISA: $isa (expected native, avx512 or avx2)" >&2
         exit 2 ;;
 esac
 

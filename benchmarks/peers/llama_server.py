@@ -53,9 +53,13 @@ def default_binary() -> Path:
     return default_cache_dir() / "llama.cpp" / build_dir / "bin" / "llama-server"
 
 
+# build_llama_server.sh --isa ISA -> its build directory (avx512: the native set without AMX).
+BUILD_SCRIPT_DIRS = {**BUILD_DIRS, "avx512": "build-avx512"}
+
+
 def build_command(binary: Path) -> str:
     """The command that builds `binary` where it is one of build_llama_server.sh's builds."""
-    isa = next((isa for isa, build_dir in BUILD_DIRS.items() if binary.parent.parent.name == build_dir), None)
+    isa = next((isa for isa, build_dir in BUILD_SCRIPT_DIRS.items() if binary.parent.parent.name == build_dir), None)
     return "benchmarks/peers/build_llama_server.sh" + (f" --isa {isa}" if isa else "")
 
 

@@ -37,6 +37,7 @@ from engine.api.serving_common import check_model, check_prompt_token_ids, run_u
 from engine.api.serving_completions import create_completion
 from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
     MLFQConfig, ModelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
+from engine.prompt_pruning import parse_prune_layers
 
 logger = logging.getLogger("engine.api")
 
@@ -207,8 +208,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-keep", type=float, default=PromptPruningConfig.default_keep,
                         help="fraction of a long prompt the layers past the prune layer compute, for requests "
                              "that name none (1: no pruning; elastic.prompt_keep per request)")
-    parser.add_argument("--prune-layer", type=int, default=None,
-                        help="prompt pruning's prune layer (default: the engine's measured one)")
+    parser.add_argument("--prune-layers", type=parse_prune_layers, default=None,
+                        help="prompt pruning's prune layers, ascending, e.g. 9,15 (one layer: one stage; "
+                             "default: the engine's measured ones)")
     parser.add_argument("--prompt-pruning-min-tokens", type=int, default=PromptPruningConfig.min_prompt_tokens,
                         help="prompts shorter than this are never pruned")
     parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
@@ -271,7 +273,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy,
                                   **policy_configs_from_args(args)),
         runner=RunnerConfig(attention_backend=args.attention_backend),
-        prompt_pruning=PromptPruningConfig(default_keep=args.prompt_keep, prune_layer=args.prune_layer,
+        prompt_pruning=PromptPruningConfig(default_keep=args.prompt_keep, prune_layers=args.prune_layers,
                                            min_prompt_tokens=args.prompt_pruning_min_tokens))
 
 

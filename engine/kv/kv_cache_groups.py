@@ -1,28 +1,31 @@
-"""The KV of a model cut at the prune layer l*: two groups of layers, each with its own block
-pool and block tables (as vLLM's hybrid KV cache manager keeps one table per group).
+"""The KV of a model cut at prune layers l_1 < ... < l_S: one group of layers per stage, each
+with its own block pool and block tables (as vLLM's hybrid KV cache manager keeps one table per
+group).
 
-    group A  layers [0, l*)   every token of every request, and the residual stream entering l*
-    group B  layers [l*, L)   every token of an unpruned request; the kept prompt tokens and the
-                              output tokens of a pruned one (engine/prompt_pruning.py)
+    group 0 (`full`)     layers [0, l_1)        every token of every request, and the residual
+                                                stream entering l_1
+    group s (`stages[s-1]`) layers [l_s, l_{s+1}) every token of an unpruned request; the prompt
+                                                tokens stage s kept and the output tokens of a
+                                                pruned one (engine/prompt_pruning.py)
 
-Both groups index the same per-layer KV tensors: block b of group A is block b of layers below
-l*, block b of group B block b of the layers from l*; the two never overlap, so each pool has all
-num_blocks blocks.  Each pool keeps its own invariants (block_pool.py: free + used == total per
-pool, ref counts == tables holding the block).  Across the groups, for every request:
+Every group indexes the same per-layer KV tensors: block b of group 0 is block b of the layers
+below l_1, block b of group s block b of layers [l_s, l_{s+1}); no two overlap, so each pool has
+all num_blocks blocks.  Each pool keeps its own invariants (block_pool.py: free + used == total
+per pool, ref counts == tables holding the block).  Across the groups, for every request:
 
-    len(B table) == ceil(num_kept(tokens of A) / block_size)       (plan None: num_kept(c) == c)
+    len(group s table) == ceil(num_kept(tokens of group 0, s) / block_size)   (plan None: num_kept(c) == c)
 
-because `allocate_slots` grows both tables together, or neither (it checks both pools first: a
+because `allocate_slots` grows every table together, or none (it checks every pool first: a
 block registered in the prefix cache is computed in the step being scheduled, so registering one
 group's blocks for a step that then does not run would cache KV never written).
 
-Prefix caching.  Group A caches and matches as without pruning, for pruned requests too: its
-KV depends only on the tokens (and the elastic level's salt), so prefix-cache hits of group A do
-not depend on who prunes.  Group B caches only unpruned requests' blocks, under the same keys
-(they hold the full prompt's deep-layer KV); a pruned request's group-B blocks hold a subset of
-its prompt and are never registered, and a pruned request never matches in group B, so group B
-never serves kept tokens as if they were the full prompt.  An unpruned request's hit is the
-shorter of the two groups' matches (their LRUs evict independently).  A pruned request's group-A
+Prefix caching.  Group 0 caches and matches as without pruning, for pruned requests too: its
+KV depends only on the tokens (and the elastic level's salt), so prefix-cache hits of group 0 do
+not depend on who prunes.  The deep groups cache only unpruned requests' blocks, under the same
+keys (they hold the full prompt's deep-layer KV); a pruned request's deep blocks hold a subset of
+its prompt and are never registered, and a pruned request never matches in a deep group, so no
+deep group serves kept tokens as if they were the full prompt.  An unpruned request's hit is the
+shortest of the groups' matches (their LRUs evict independently).  A pruned request's group-0
 hit stops before its scoring window (PrunePlan.max_match).
 """
 
@@ -36,34 +39,38 @@ from engine.prompt_pruning import PrunePlan
 
 
 class KVCacheGroups:
-    def __init__(self, full: KVCacheManager, kept: KVCacheManager | None = None) -> None:
-        """`kept`: group B's manager; None for one group (pruning off), where B is A."""
+    def __init__(self, full: KVCacheManager, stages: Sequence[KVCacheManager] = ()) -> None:
+        """`stages`: the deep groups' managers, one per prune layer; none: one group (pruning off)."""
         self.full = full
-        self.kept = kept
+        self.stages = list(stages)
         self.block_size = full.block_size
 
     @classmethod
     def create(cls, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-               two_groups: bool = True) -> KVCacheGroups:
-        kept = KVCacheManager(num_blocks, block_size, enable_prefix_caching) if two_groups else None
-        return cls(KVCacheManager(num_blocks, block_size, enable_prefix_caching), kept)
+               num_stages: int = 1) -> KVCacheGroups:
+        return cls(KVCacheManager(num_blocks, block_size, enable_prefix_caching),
+                   [KVCacheManager(num_blocks, block_size, enable_prefix_caching) for _ in range(num_stages)])
 
     @property
-    def has_two_groups(self) -> bool:
-        return self.kept is not None
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def managers(self) -> list[KVCacheManager]:
+        return [self.full, *self.stages]
 
     @property
     def pool(self) -> BlockPool:
-        """Group A's pool: it holds every token, so it is the one that runs out first."""
+        """Group 0's pool: it holds every token, so it is the one that runs out first."""
         return self.full.pool
 
     @property
     def usage(self) -> float:
-        return max(self.full.usage, self.kept.usage if self.kept else 0.0)
+        return max(m.usage for m in self.managers)
 
     @property
     def num_free_blocks(self) -> int:
-        return min(self.full.num_free_blocks, self.kept.num_free_blocks if self.kept else self.full.num_free_blocks)
+        return min(m.num_free_blocks for m in self.managers)
 
     @property
     def prefix_cache_queries_total(self) -> int:
@@ -76,68 +83,68 @@ class KVCacheGroups:
     def block_table(self, request_id: str) -> list[int]:
         return self.full.block_table(request_id)
 
-    def kept_block_table(self, request_id: str) -> list[int]:
-        return (self.kept or self.full).block_table(request_id)
+    def kept_block_tables(self, request_id: str) -> list[list[int]]:
+        """The deep groups' tables, stage order ([] with one group)."""
+        return [m.block_table(request_id) for m in self.stages]
 
     def request_ids(self) -> set[str]:
-        return self.full.request_ids() | (self.kept.request_ids() if self.kept else set())
+        return set().union(*(m.request_ids() for m in self.managers))
 
     # ---- admission and growth -----------------------------------------------------------------
 
     def match_prefix(self, request_id: str, token_ids: Sequence[int], cache_salt: bytes = b"",
                      plan: PrunePlan | None = None) -> int:
-        """Install the cached prefix in both groups' tables; tokens it covers (module docstring)."""
+        """Install the cached prefix in every group's table; tokens it covers (module docstring)."""
         if plan is not None:
             return self.full.match_prefix(request_id, token_ids, cache_salt, plan.max_match())
         num_hit = self.full.match_prefix(request_id, token_ids, cache_salt)
-        if self.kept is None:
-            return num_hit
-        num_kept_hit = self.kept.match_prefix(request_id, token_ids, cache_salt, num_hit)
-        if num_kept_hit < num_hit:  # group B evicted part of it: match A again, only as far
-            self.full.free(request_id)
-            num_hit = self.full.match_prefix(request_id, token_ids, cache_salt, num_kept_hit)
+        for index, manager in enumerate(self.stages):
+            num_deep_hit = manager.match_prefix(request_id, token_ids, cache_salt, num_hit)
+            if num_deep_hit < num_hit:  # this group evicted part of it: match again, only as far
+                for shallower in self.managers[:index + 1]:
+                    shallower.free(request_id)
+                    shallower.match_prefix(request_id, token_ids, cache_salt, num_deep_hit)
+                num_hit = num_deep_hit
         return num_hit
 
     def allocate_slots(self, request_id: str, num_total_tokens: int, token_ids: Sequence[int] | None = None,
                        cache_salt: bytes = b"", plan: PrunePlan | None = None) -> bool:
-        """Grow both tables to cover num_total_tokens of group A (and what group B keeps of them);
-        False, and no change, if either pool is short."""
-        if self.kept is None:
-            return self.full.allocate_slots(request_id, num_total_tokens, token_ids, cache_salt)
-        num_kept = num_total_tokens if plan is None else plan.num_kept(num_total_tokens)
-        if (self.full.num_blocks_needed(request_id, num_total_tokens) > self.full.num_free_blocks
-                or self.kept.num_blocks_needed(request_id, num_kept) > self.kept.num_free_blocks):
+        """Grow every table to cover num_total_tokens of group 0 (and what each deep group keeps
+        of them); False, and no change, if any pool is short."""
+        needs = [num_total_tokens if plan is None else plan.num_kept(num_total_tokens, s)
+                 for s in range(self.num_stages)]
+        if self.full.num_blocks_needed(request_id, num_total_tokens) > self.full.num_free_blocks or any(
+                m.num_blocks_needed(request_id, n) > m.num_free_blocks for m, n in zip(self.stages, needs)):
             return False
         assert self.full.allocate_slots(request_id, num_total_tokens, token_ids, cache_salt)
         kept_token_ids = token_ids if plan is None else None  # None: never registered
-        assert self.kept.allocate_slots(request_id, num_kept, kept_token_ids, cache_salt)
+        for manager, num_kept in zip(self.stages, needs):
+            assert manager.allocate_slots(request_id, num_kept, kept_token_ids, cache_salt)
         return True
 
     # ---- release -------------------------------------------------------------------------------
 
     def free(self, request_id: str) -> None:
-        self.full.free(request_id)
-        if self.kept is not None:
-            self.kept.free(request_id)
+        for manager in self.managers:
+            manager.free(request_id)
 
     def reset_prefix_cache(self) -> bool:
-        reset = self.full.reset_prefix_cache()
-        return (self.kept.reset_prefix_cache() if self.kept else False) or reset
+        return any([m.reset_prefix_cache() for m in self.managers])  # a list: every group resets
 
     # ---- checks --------------------------------------------------------------------------------
 
     def check_invariants(self, plans: dict[str, PrunePlan | None] | None = None) -> None:
         """Each group's own invariants; with `plans` (request id -> its plan), also that every
-        request's group-B table covers what group B keeps of its group-A tokens."""
-        self.full.check_invariants()
-        if self.kept is None:
-            return
-        self.kept.check_invariants()
+        request's deep tables cover what each deep group keeps of its group-0 tokens."""
+        for manager in self.managers:
+            manager.check_invariants()
         for request_id, plan in (plans or {}).items():
-            num_blocks_a = len(self.full.block_table(request_id))
-            num_blocks_b = len(self.kept.block_table(request_id))
-            if plan is None:
-                assert num_blocks_b == num_blocks_a, f"{request_id}: {num_blocks_b} B blocks, {num_blocks_a} A"
-            else:  # A's table covers between (blocks - 1) * size + 1 and blocks * size tokens
-                assert num_blocks_b <= cdiv(plan.num_kept(num_blocks_a * self.block_size), self.block_size), \
-                    f"{request_id}: group B holds more blocks than it keeps tokens"
+            num_blocks_full = len(self.full.block_table(request_id))
+            for stage, manager in enumerate(self.stages):
+                num_blocks = len(manager.block_table(request_id))
+                if plan is None:
+                    assert num_blocks == num_blocks_full, \
+                        f"{request_id}: {num_blocks} blocks in group {stage + 1}, {num_blocks_full} in group 0"
+                else:  # group 0's table covers between (blocks - 1) * size + 1 and blocks * size tokens
+                    most = cdiv(plan.num_kept(num_blocks_full * self.block_size, stage), self.block_size)
+                    assert num_blocks <= most, f"{request_id}: group {stage + 1} holds more blocks than it keeps tokens"

@@ -18,18 +18,20 @@ prefix-ordered weight are a prefix of the rows (engine/model/layers/elastic.py):
     level order:  | level-index-0 rows | level-index-1 rows | ... | last level's rows |
                   0                    rows_upto[0]         rows_upto[1] ...          rows_upto[-1] == num_tokens
 
-Prompt pruning (`KeptRows`): layers from the prune layer l* run group B's rows (engine/prompt_pruning.py).
-At l* the pruning layer (engine/model/layers/prompt_pruning.py) chooses the kept prompt tokens of
-the requests whose stage-B step this is, then points the batch's attention, positions, rope,
-elastic rows, request ids and logits_indices at group B's, so every later layer and the sampler
-follow the kept rows.  Group B's rows, per request with any (request order as above, so decodes
-stay first):
+Prompt pruning (`KeptRows`, one per stage): layers from prune layer l_s run deep group s's rows
+(engine/prompt_pruning.py).  At l_s the pruning layer (engine/model/layers/prompt_pruning.py)
+chooses stage s's kept prompt tokens of the requests whose stage-B step this is, then points the
+batch's attention, positions, rope, elastic rows, request ids and logits_indices at group s's, so
+every later layer and the sampler follow the kept rows.  Group s's rows, per request with any
+(request order as above, so decodes stay first), each from the previous group's rows:
 
-    unpruned, or pruned past its prompt:  the same rows as group A       (source: this step's row)
-    stage-B step of a pruned request:     | K kept prompt rows          | output rows of the chunk |
-                                            source: hidden cache, at      source: this step's rows
-                                            the kept positions' A slots
-    pruned, still in stage A:             none (the chunk ran only the layers below l*)
+    unpruned, or pruned past its prompt:  the same rows as the previous group's
+    stage-B step of a pruned request:     | K_s kept prompt rows         | output rows of the chunk |
+                                            stage 1: the hidden cache, at  the previous group's rows
+                                            the kept positions' slots;
+                                            later: the previous group's
+                                            rows of the kept candidates
+    pruned, still in stage A:             none (the chunk ran only the layers below l_1)
 """
 
 from __future__ import annotations
@@ -66,36 +68,47 @@ class ElasticRows:
 
 @dataclass(slots=True)
 class PromptSelection:
-    """A request whose stage-B step this is: which prompt positions go on past the prune layer."""
+    """A request whose stage-B step this is: which of its candidates (the prompt positions that
+    reached this stage's prune layer, in position order) go on past it."""
 
     request_id: str
-    num_prompt_tokens: int  # P
-    num_kept: int  # K, sinks and window included
-    window: int  # the last prompt positions, whose queries (this step's rows) score the others
-    window_rows: tuple[int, int]  # the group-A rows [start, end) of the window's queries
-    context_slots: torch.Tensor  # [P] int64: group-A cache slot of each prompt position
-    kept_rows_start: int  # group-B row of the first kept position; K rows follow
+    # The candidates: at the first stage the prompt (C = P, candidate i is position i); at a later
+    # one the previous stage's kept positions (C = K_{s-1}), chosen there (`parent`).
+    num_candidates: int  # C
+    num_kept: int  # K_s, sinks and window included
+    window: int  # the last candidates: always kept
+    window_rows: tuple[int, int]  # the previous group's rows [start, end) of the scoring queries (the last ones)
+    context_slots: torch.Tensor  # [C] int64: each candidate's cache slot in the previous group
+    kept_rows_start: int  # this group's row of the first kept candidate; K_s rows follow
     scoring: str  # "attention" or "random" (the same mechanism with seeded random scores)
     seed: int  # random scoring's seed, a function of the prompt (so a recompute draws the same)
+    parent: PromptSelection | None = None  # the previous stage's selection (None at the first)
+    candidate_rows_start: int = 0  # later stages: the previous group's row of candidate 0
     # Chosen at the prune layer, or given (a recompute after preemption keeps the same tokens).
-    kept_positions: torch.Tensor | None = None  # [K] int64, ascending
+    kept_positions: torch.Tensor | None = None  # [K_s] int64 prompt positions, ascending
     is_replayed: bool = False
-    scores: torch.Tensor | None = None  # [P] fp32, summed over the score layers' window attention
+    scores: torch.Tensor | None = None  # [C] fp32, summed over the score layers' window attention
+
+    def candidate_positions(self) -> torch.Tensor | None:
+        """[C] the candidates' prompt positions; None at the first stage (candidate i is position i)."""
+        return None if self.parent is None else self.parent.kept_positions
 
 
 @dataclass(slots=True)
 class KeptRows:
-    """Group B's view of the step: what layers from the prune layer run (module docstring)."""
+    """One deep group's view of the step: what the layers from its prune layer run (module docstring)."""
 
-    # Over group B's block tables, one sequence per request with rows; None when no request has any
-    # (every chunk of the step is a pruned prompt's stage A: the layers from l* have nothing to run).
+    # Over this group's block tables, one sequence per request with rows; None when no request has
+    # any (every chunk of the step is a pruned prompt's stage A: the deep layers have nothing to run).
     attention: AttentionMetadata | None
     request_ids: list[str]
-    positions: torch.Tensor  # [num_kept_rows] original positions (RoPE); selections' rows set at l*
-    logits_indices: torch.Tensor  # [num_sampling] group-B rows
+    positions: torch.Tensor  # [num_kept_rows] original positions (RoPE); selections' rows set at the prune layer
+    logits_indices: torch.Tensor  # [num_sampling] this group's rows
     elastic: ElasticRows | None
-    # [num_kept_rows] int64: row r < T (the step's rows) is group-A row r; r >= T is cache row
-    # r - T, the selections' kept positions in order.  None: group B's rows are group A's.
+    # [num_kept_rows] int64: row r < T (the previous group's rows) is that group's row r; at the
+    # first stage r >= T is hidden-cache row r - T, the selections' kept positions in order; at
+    # later stages the kept candidates' rows are set at the prune layer.  None: the previous
+    # group's rows.
     source_rows: torch.Tensor | None
     selections: list[PromptSelection]
 
@@ -115,12 +128,17 @@ class ForwardBatch:
     # cos/sin at `positions`, built once by the model's rotary embedding and read by every layer.
     rope: RopeTables | None = None
     elastic: ElasticRows | None = None  # None: every row runs the full model
-    # Group B's rows, for a model cut at a prune layer (None: one KV group, every layer runs these rows).
-    kept: KeptRows | None = None
+    # Each deep group's rows, for a model cut at prune layers (None: one KV group, every layer runs
+    # these rows).
+    kept: list[KeptRows] | None = None
+    # The deep group the batch's fields describe now (0: group 0, the step's own rows).
+    group: int = 0
 
-    def enter_kept_rows(self) -> None:
-        """From here on, layers and the sampler see group B's rows (the prune layer calls this)."""
-        kept = self.kept
+    def enter_kept_rows(self, stage: int) -> None:
+        """From here on, layers and the sampler see deep group stage + 1's rows (prune layer
+        l_{stage + 1} calls this)."""
+        kept = self.kept[stage]
+        self.group = stage + 1
         self.attention, self.request_ids, self.elastic = kept.attention, kept.request_ids, kept.elastic
         self.positions, self.logits_indices = kept.positions, kept.logits_indices
 

@@ -142,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
                  elastic: Sequence[LayerElasticity] | None = None, pruner: PromptPruner | None = None) -> None:
         """`elastic`: per layer, the widths and side paths of each elastic level (its weights then
         load already reordered, engine/elastic/permutation.py); None for a plain model.
-        `pruner`: the prune layer of prompt pruning (two KV groups); None: one group."""
+        `pruner`: the prune layers of prompt pruning (a KV group each); None: one group."""
         super().__init__()
         self.config = config
         self.plan = plan
@@ -159,17 +159,19 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor],
                 hidden_cache: torch.Tensor | None = None) -> torch.Tensor:
-        """-> final hidden states [num_tokens, hidden] (group B's rows where the batch has them).
-        `hidden_cache`: group A's store of the residual stream entering the prune layer."""
+        """-> final hidden states [num_tokens, hidden] (the last deep group's rows where the batch
+        has them).  `hidden_cache`: group 0's store of the residual stream entering l_1."""
         x = self.tok_embeddings(batch.input_ids)
         batch.rope = self.rotary.tables(batch.positions, x.dtype)
         residual = None
         for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
-            if batch.kept is not None and index == self.pruner.prune_layer:
-                x, residual = self.pruner(x, residual, batch, hidden_cache)
-                if batch.kept.attention is None:
+            stage = None if batch.kept is None else self.pruner.stage_at(index)
+            if stage is not None:
+                x, residual = self.pruner(stage, x, residual, batch, hidden_cache)
+                kept = batch.kept[stage]
+                if kept.attention is None:
                     return x  # no rows go on: nothing samples this step
-                if batch.kept.source_rows is not None:  # rows moved: RoPE at their positions
+                if kept.source_rows is not None:  # rows moved: RoPE at their positions
                     batch.rope = self.rotary.tables(batch.positions, x.dtype)
             x, residual = layer(x, residual, kv_cache, batch)
         return self.norm(x, residual)[0]

@@ -28,8 +28,8 @@ class NewRequestData:
     # Score the prompt tokens as they are computed (Request.needs_prompt_logprobs at (re)start).
     needs_prompt_logprobs: bool = False
     prune_plan: PrunePlan | None = None
-    # Known after a preemption: the runner runs these again rather than scoring the prompt anew.
-    kept_prompt_positions: tuple[int, ...] | None = None
+    # Known after a preemption, per stage: the runner runs these again rather than scoring anew.
+    kept_prompt_positions: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def of(cls, request: Request) -> NewRequestData:
@@ -57,12 +57,12 @@ class ScheduledRequest:
     # The elastic submodel this step runs the request's tokens at, chosen by the scheduler.  K and
     # V heads are never pruned, so a request may run at another level next step.
     elastic_level: int = FULL_LEVEL
-    # Group B (layers from the prune layer, engine/kv/kv_cache_groups.py): its block table (None
-    # on an engine with one group, whose deep layers use block_ids) and its tokens, computed
-    # before this step and run this step.  Unpruned: the same counts as group A's.
-    kept_block_ids: list[int] | None = None
-    num_kept_computed_tokens: int = 0
-    num_kept_scheduled_tokens: int = 0
+    # The deep KV groups (layers from each prune layer, engine/kv/kv_cache_groups.py), one entry
+    # per stage (none on an engine with one group, whose deep layers use block_ids): each block
+    # table and tokens, computed before this step and run this step.  Unpruned: group 0's counts.
+    kept_block_ids: list[list[int]] = field(default_factory=list)
+    num_kept_computed_tokens: tuple[int, ...] = ()
+    num_kept_scheduled_tokens: tuple[int, ...] = ()
     request_id: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,5 +109,6 @@ class ModelRunnerOutput:
     sampled: dict[str, SampledToken]
     # request_id -> its whole prompt's logprobs, sent once, in the step of its first sampled token
     prompt_logprobs: dict[str, PromptLogprobsLists] = field(default_factory=dict)
-    # request_id -> the prompt positions its stage-B step kept (only requests scored this step)
-    kept_prompt_positions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # request_id -> the prompt positions its stage-B step kept at each prune layer (only requests
+    # scored this step)
+    kept_prompt_positions: dict[str, tuple[tuple[int, ...], ...]] = field(default_factory=dict)

@@ -19,8 +19,8 @@ only as its policy allows (Displacement).  A victim is never lost: it goes back 
 Running requests the walk does not reach this step are paused: they keep their KV.
 
 Prompt pruning changes only what a token costs and where a chunk may end (engine/prompt_pruning.py:
-PrunePlan.chunk_size and cost); num_computed_tokens counts group A's tokens, and the KV groups
-(engine/kv/kv_cache_groups.py) derive group B's from it.  A preempted pruned request is recomputed
+PrunePlan.chunk_size and cost); num_computed_tokens counts group 0's tokens, and the KV groups
+(engine/kv/kv_cache_groups.py) derive each deep group's from it.  A preempted pruned request is recomputed
 from 0 like any other, and its kept positions, reported by the runner when it scored the prompt,
 go back with it, so the recompute keeps the same tokens.
 """
@@ -203,18 +203,18 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int, starts: bool = False) -> ScheduledRequest:
         """`starts`: the request (re)starts running this step, so the runner gets its tokens."""
         start, plan = request.num_computed_tokens, request.prune_plan
-        kept_start, kept_end = (start, start + num_new) if plan is None else (plan.num_kept(start),
-                                                                              plan.num_kept(start + num_new))
+        stages = range(self.kv.num_stages)
+        kept_start = tuple(start if plan is None else plan.num_kept(start, s) for s in stages)
+        kept_end = tuple(start + num_new if plan is None else plan.num_kept(start + num_new, s) for s in stages)
         return ScheduledRequest(request=request, num_computed_tokens=start,
                                 num_scheduled_tokens=num_new,
                                 block_ids=self.kv.block_table(request.request_id),
                                 samples=num_new == request.num_tokens_to_compute,
                                 new_request=NewRequestData.of(request) if starts else None,
                                 elastic_level=request.elastic_level,
-                                kept_block_ids=self.kv.kept_block_table(request.request_id)
-                                if self.kv.has_two_groups else None,
+                                kept_block_ids=self.kv.kept_block_tables(request.request_id),
                                 num_kept_computed_tokens=kept_start,
-                                num_kept_scheduled_tokens=kept_end - kept_start)
+                                num_kept_scheduled_tokens=tuple(e - b for b, e in zip(kept_start, kept_end)))
 
     def _preempt(self, request: Request) -> None:
         """Recompute-style preemption: drop the KV, keep the tokens, wait again."""

@@ -1,16 +1,20 @@
-"""SchedulerOutput -> KeptRows: group B's rows of one step (the layers from the prune layer).
+"""SchedulerOutput -> one KeptRows per deep KV group: the rows the layers from each prune layer run.
 
-Per scheduled request i, in the step's order (c, n its group-A range; b, m its group-B range,
-ScheduledRequest.num_kept_*): a request with m == 0 (pruned, still in stage A) has no group-B
-sequence; the others keep the step's order, so decodes (m == 1) stay first.  Group-B rows of a
-request, and where each comes from (T = the step's group-A rows, r0 = the request's first one):
+Per scheduled request i, in the step's order (c, n its group-0 range; b_s, m_s its range in deep
+group s, ScheduledRequest.num_kept_*): a request with m_s == 0 (pruned, still in stage A) has no
+sequence in any deep group; the others keep the step's order, so decodes (m == 1) stay first.
+Group s's rows of a request, and where each comes from (T = the previous group's rows, r0 = the
+request's first row there):
 
-    plain:          rows r0 .. r0 + n - 1                       positions c .. c + n - 1
-    stage-B step:   cache rows T + j .. T + j + K - 1           positions chosen at l* (placeholders)
-                    then rows r0 + (P - c) .. r0 + n - 1        positions P .. c + n - 1
+    plain:            rows r0 .. r0 + n - 1 of the previous group   positions c .. c + n - 1
+    stage-B step:     K_s kept prompt rows                          positions chosen at l_s (placeholders)
+                        stage 1: hidden-cache rows T + j .. T + j + K_1 - 1
+                        later:   the previous group's rows of the kept candidates (set at l_s)
+                      then the previous group's rows of the chunk's output tokens
+                                                                    positions P .. c + n - 1
 
-The attention metadata indexes group B's table by group-B index b .. b + m - 1, not by position:
-the kept tokens sit side by side in group B's blocks, their positions live only in RoPE.
+The attention metadata indexes group s's table by its own index b_s .. b_s + m_s - 1, not by
+position: the kept tokens sit side by side in the group's blocks, their positions live only in RoPE.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,75 +33,139 @@ from engine.worker.forward_batch_builder import _block_tables, _elastic_rows, _t
 from engine.worker.request_states import RequestState, RequestStates
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A group's rows of the step: each scheduled request's first row and row count (0: none)."""
+
+    first_rows: np.ndarray  # [len(scheduled)]
+    counts: np.ndarray  # [len(scheduled)]
+    num_rows: int
+
+
 def build_kept_rows(scheduled: list[ScheduledRequest], states: RequestStates, batch: ForwardBatch,
                     block_size: int, device: torch.device,
-                    elastic_levels: Sequence[int] | None = None) -> KeptRows:
+                    elastic_levels: Sequence[int] | None = None) -> list[KeptRows]:
     to_device = _to_device(device)
-    rows = [s for s in scheduled if s.num_kept_scheduled_tokens > 0]
-    if not rows:  # only pruned prompts' stage-A chunks: the layers from l* have nothing to run
+    num_stages = len(scheduled[0].kept_block_ids)
+    starts = batch.attention.query_start_loc_cpu
+    layout = _Layout(np.asarray(starts[:-1]), np.diff(starts), batch.num_tokens)
+    groups: list[KeptRows] = []
+    parents: dict[str, PromptSelection] = {}
+    positions = batch.positions
+    for stage in range(num_stages):
+        kept, layout = _stage_rows(stage, scheduled, states, layout, parents, block_size, to_device, elastic_levels)
+        if kept.source_rows is None and kept.attention is not None:
+            kept.positions = positions  # the same rows: the same tensor (RoPE tables are not rebuilt)
+        parents, positions = {s.request_id: s for s in kept.selections}, kept.positions
+        groups.append(kept)
+    return groups
+
+
+def _stage_rows(stage: int, scheduled: list[ScheduledRequest], states: RequestStates, previous: _Layout,
+                parents: dict[str, PromptSelection], block_size: int, to_device,
+                elastic_levels: Sequence[int] | None) -> tuple[KeptRows, _Layout]:
+    """Deep group `stage`'s rows, each from the previous group's (`previous`); and their layout."""
+    counts = np.array([s.num_kept_scheduled_tokens[stage] for s in scheduled], dtype=np.int64)
+    rows = [s for s, count in zip(scheduled, counts) if count > 0]
+    first_rows = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    layout = _Layout(first_rows, counts, int(counts.sum()))
+    if not rows:  # only pruned prompts' stage-A chunks: the deep layers have nothing to run
         empty = to_device(np.zeros(0, dtype=np.int64))
         return KeptRows(attention=None, request_ids=[], positions=empty, logits_indices=empty, elastic=None,
-                        source_rows=None, selections=[])
-    row_starts = batch.attention.query_start_loc_cpu
+                        source_rows=None, selections=[]), layout
     sources: list[np.ndarray] = []
     positions: list[np.ndarray] = []
     selections: list[PromptSelection] = []
-    num_cache_rows, num_kept_rows = 0, 0
+    num_cache_rows = 0
     for index, s in enumerate(scheduled):
-        if s.num_kept_scheduled_tokens == 0:
+        if counts[index] == 0:
             continue
-        state, first_row = states[s.request_id], row_starts[index]
-        plan, end = state.prune_plan, s.num_computed_tokens + s.num_scheduled_tokens
+        state, plan = states[s.request_id], states[s.request_id].prune_plan
+        first_row = int(previous.first_rows[index])
+        end = first_row + int(previous.counts[index])
         if plan is not None and plan.is_stage_b_step(s.num_computed_tokens, s.num_scheduled_tokens):
-            selections.append(_selection(s, state, first_row, num_kept_rows, block_size, to_device))
-            sources.append(batch.num_tokens + num_cache_rows + np.arange(plan.num_kept_prompt_tokens))
-            positions.append(np.zeros(plan.num_kept_prompt_tokens, dtype=np.int64))
-            num_cache_rows += plan.num_kept_prompt_tokens
-            first_row += plan.num_prompt_tokens - s.num_computed_tokens
-        sources.append(np.arange(first_row, row_starts[index + 1]))
-        positions.append(np.arange(end - (row_starts[index + 1] - first_row), end))
-        num_kept_rows += s.num_kept_scheduled_tokens
+            num_kept = plan.kept_per_stage[stage]
+            if stage == 0:
+                selection = _first_selection(s, state, first_row, int(first_rows[index]), block_size, to_device)
+                sources.append(previous.num_rows + num_cache_rows + np.arange(num_kept))
+                num_cache_rows += num_kept
+                first_row += plan.num_prompt_tokens - s.num_computed_tokens
+            else:
+                selection = _later_selection(stage, s, state, parents[s.request_id], first_row,
+                                             int(first_rows[index]), block_size, to_device)
+                sources.append(np.zeros(num_kept, dtype=np.int64))  # set at the prune layer
+                first_row += plan.kept_per_stage[stage - 1]
+            selections.append(selection)
+            positions.append(np.zeros(num_kept, dtype=np.int64))
+        sources.append(np.arange(first_row, end))
+        positions.append(np.arange(s.num_computed_tokens + s.num_scheduled_tokens - (end - first_row),
+                                   s.num_computed_tokens + s.num_scheduled_tokens))
     source_rows = np.concatenate(sources)
-    is_same_rows = source_rows.shape[0] == batch.num_tokens and bool((source_rows == np.arange(batch.num_tokens)).all())
-    return KeptRows(attention=_kept_attention(rows, block_size, to_device),
+    is_same_rows = not selections and source_rows.shape[0] == previous.num_rows
+    kept = KeptRows(attention=_kept_attention(rows, stage, block_size, to_device),
                     request_ids=[s.request_id for s in rows],
-                    positions=batch.positions if is_same_rows else to_device(np.concatenate(positions)),
-                    logits_indices=_logits_indices(rows, to_device),
+                    positions=to_device(np.concatenate(positions)),
+                    logits_indices=_logits_indices(rows, stage, to_device),
                     elastic=None if elastic_levels is None else _elastic_rows(
-                        rows, np.array([s.num_kept_scheduled_tokens for s in rows]), elastic_levels, to_device),
+                        rows, counts[counts > 0], elastic_levels, to_device),
                     source_rows=None if is_same_rows else to_device(source_rows), selections=selections)
+    return kept, layout
 
 
-def _kept_attention(rows: list[ScheduledRequest], block_size: int, to_device):
-    starts = np.array([s.num_kept_computed_tokens for s in rows], dtype=np.int64)
-    counts = np.array([s.num_kept_scheduled_tokens for s in rows], dtype=np.int64)
-    return attention_metadata(starts, counts, _block_tables([s.kept_block_ids for s in rows]), block_size, to_device)
+def _kept_attention(rows: list[ScheduledRequest], stage: int, block_size: int, to_device):
+    starts = np.array([s.num_kept_computed_tokens[stage] for s in rows], dtype=np.int64)
+    counts = np.array([s.num_kept_scheduled_tokens[stage] for s in rows], dtype=np.int64)
+    return attention_metadata(starts, counts, _block_tables([s.kept_block_ids[stage] for s in rows]),
+                              block_size, to_device)
 
 
-def _logits_indices(rows: list[ScheduledRequest], to_device) -> torch.Tensor:
-    ends = np.cumsum([s.num_kept_scheduled_tokens for s in rows])
+def _logits_indices(rows: list[ScheduledRequest], stage: int, to_device) -> torch.Tensor:
+    ends = np.cumsum([s.num_kept_scheduled_tokens[stage] for s in rows])
     return to_device(np.array([end - 1 for end, s in zip(ends, rows) if s.samples], dtype=np.int64))
 
 
-def _selection(s: ScheduledRequest, state: RequestState, first_row: int, kept_rows_start: int, block_size: int,
-               to_device) -> PromptSelection:
-    """The request's stage-B choice: its window rows in this step, its prompt's group-A slots."""
+def _slots(block_ids: list[int], count: int, block_size: int) -> np.ndarray:
+    """The cache slots of a table's indices 0 .. count - 1."""
+    indices = np.arange(count)
+    return np.asarray(block_ids, dtype=np.int64)[indices // block_size] * block_size + indices % block_size
+
+
+def _first_selection(s: ScheduledRequest, state: RequestState, first_row: int, kept_rows_start: int,
+                     block_size: int, to_device) -> PromptSelection:
+    """The request's first cut: its window rows in this step, its prompt's group-0 slots."""
     plan = state.prune_plan
-    num_prompt = plan.num_prompt_tokens
-    positions = np.arange(num_prompt)
-    block_ids = np.array(s.block_ids, dtype=np.int64)
-    window_end = first_row + num_prompt - s.num_computed_tokens
-    known = state.kept_prompt_positions
+    window_end = first_row + plan.num_prompt_tokens - s.num_computed_tokens
     return PromptSelection(
-        request_id=s.request_id, num_prompt_tokens=num_prompt, num_kept=plan.num_kept_prompt_tokens,
-        window=plan.window, window_rows=(window_end - plan.window, window_end),
-        context_slots=to_device(block_ids[positions // block_size] * block_size + positions % block_size),
+        request_id=s.request_id, num_candidates=plan.num_prompt_tokens, num_kept=plan.kept_per_stage[0],
+        window=plan.window, window_rows=(window_end - plan.num_score_queries, window_end),
+        context_slots=to_device(_slots(s.block_ids, plan.num_prompt_tokens, block_size)),
         kept_rows_start=kept_rows_start, scoring=plan.scoring, seed=_prompt_seed(state.prompt_token_ids),
-        kept_positions=None if known is None else to_device(np.array(known, dtype=np.int64)),
-        is_replayed=known is not None)
+        **_known(state, 0, to_device))
+
+
+def _later_selection(stage: int, s: ScheduledRequest, state: RequestState, parent: PromptSelection,
+                     candidate_rows_start: int, kept_rows_start: int, block_size: int, to_device) -> PromptSelection:
+    """A later cut: the previous stage's kept rows are the candidates, in the previous group."""
+    plan = state.prune_plan
+    num_candidates = plan.kept_per_stage[stage - 1]
+    window_end = candidate_rows_start + num_candidates
+    return PromptSelection(
+        request_id=s.request_id, num_candidates=num_candidates, num_kept=plan.kept_per_stage[stage],
+        window=plan.window, window_rows=(window_end - plan.num_score_queries, window_end),
+        context_slots=to_device(_slots(s.kept_block_ids[stage - 1], num_candidates, block_size)),
+        kept_rows_start=kept_rows_start, scoring=plan.scoring, seed=_prompt_seed(state.prompt_token_ids) + stage,
+        parent=parent, candidate_rows_start=candidate_rows_start, **_known(state, stage, to_device))
+
+
+def _known(state: RequestState, stage: int, to_device) -> dict:
+    """A recompute's kept positions of this stage (given, not scored again)."""
+    known = state.kept_prompt_positions
+    if known is None:
+        return {}
+    return {"kept_positions": to_device(np.array(known[stage], dtype=np.int64)), "is_replayed": True}
 
 
 def _prompt_seed(prompt_token_ids: list[int]) -> int:
     """A seed that is a function of the prompt alone (random scoring draws the same on a recompute)."""
     digest = hashlib.blake2b(array("q", prompt_token_ids).tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)

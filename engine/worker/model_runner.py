@@ -20,7 +20,7 @@ from engine.model.layers.linear import weight_bytes
 from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
-from engine.prompt_pruning import default_prune_layer
+from engine.prompt_pruning import default_prune_layers
 from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.worker.forward_batch_builder import build_forward_batch
 from engine.worker.host_allocator import keep_freed_memory
@@ -50,7 +50,7 @@ class ModelRunner:
                  weight_format: str = "auto", elastic: ElasticCheckpoint | None = None,
                  pruning: PromptPruningConfig | None = None) -> None:
         """`elastic`: run the model as elastic submodels (its weights reordered by the checkpoint).
-        `pruning`: cut the model at its prune layer into two KV groups (None or disabled: one)."""
+        `pruning`: cut the model at its prune layers into KV groups (None or disabled: one group)."""
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)
         self.device = torch.device(runner.device)
@@ -95,9 +95,9 @@ class ModelRunner:
         return weight_bytes(self.model)
 
     @property
-    def prune_layer(self) -> int | None:
-        """The first layer of KV group B; None when the model runs as one group."""
-        return None if self.pruner is None else self.pruner.prune_layer
+    def prune_layers(self) -> tuple[int, ...]:
+        """The first layer of each deep KV group; () when the model runs as one group."""
+        return () if self.pruner is None else self.pruner.prune_layers
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -140,20 +140,23 @@ class ModelRunner:
             score_prompt_chunk(self.model.compute_logits, hidden, item, first_row[item.request_id],
                                state.prompt_token_ids, state.prompt_logprobs)
 
-    def _chosen_kept_positions(self, batch) -> dict[str, tuple[int, ...]]:
-        """The prompt positions chosen this step, for the scheduler to replay after a preemption."""
-        chosen = {}
-        for selection in batch.kept.selections if batch.kept is not None else ():
-            if not selection.is_replayed:
-                positions = tuple(selection.kept_positions.tolist())
-                chosen[selection.request_id] = self.requests[selection.request_id].kept_prompt_positions = positions
-        return chosen
+    def _chosen_kept_positions(self, batch) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """The prompt positions chosen this step at each prune layer, for the scheduler to replay
+        after a preemption."""
+        chosen: dict[str, list[tuple[int, ...]]] = {}
+        for kept in batch.kept or ():
+            for selection in kept.selections:
+                if not selection.is_replayed:
+                    chosen.setdefault(selection.request_id, []).append(tuple(selection.kept_positions.tolist()))
+        for request_id, stages in chosen.items():
+            self.requests[request_id].kept_prompt_positions = tuple(stages)
+        return {request_id: tuple(stages) for request_id, stages in chosen.items()}
 
 
 def _make_pruner(config: PromptPruningConfig | None, num_layers: int) -> PromptPruner | None:
     if config is None or not config.enabled or num_layers < 2:
         return None
-    prune_layer = config.prune_layer if config.prune_layer is not None else default_prune_layer(num_layers)
-    if not 1 <= prune_layer < num_layers:
-        raise ConfigError(f"prune_layer must be in [1, {num_layers}), got {prune_layer}")
-    return PromptPruner(prune_layer, config.num_score_layers, config.num_sink_tokens, config.pool_size)
+    prune_layers = config.prune_layers if config.prune_layers is not None else default_prune_layers(num_layers)
+    if not all(1 <= layer < num_layers for layer in prune_layers):
+        raise ConfigError(f"prune_layers must be in [1, {num_layers}), got {list(prune_layers)}")
+    return PromptPruner(prune_layers, config.num_score_layers, config.num_sink_tokens, config.pool_size)

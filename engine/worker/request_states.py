@@ -31,7 +31,8 @@ class RequestState:
     # dropped, in the step that samples the first token.
     prompt_logprobs: PromptLogprobsBuffer | None = None
     prune_plan: PrunePlan | None = None
-    kept_prompt_positions: tuple[int, ...] | None = None  # once chosen (or given on a restart)
+    # Per stage, once chosen (or given on a restart).
+    kept_prompt_positions: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def of(cls, data: NewRequestData, generator: torch.Generator | None) -> RequestState:

@@ -1,8 +1,11 @@
 """Prompt pruning end to end on the real model: keep 1.0 is the unpruned path token for token,
-pruned requests run beside unpruned and elastic ones in one step with both KV pools consistent
-after every step, the kept set is a function of the prompt, and group-A prefix hits stay."""
+pruned requests run beside unpruned and elastic ones in one step with every KV pool consistent
+after every step, the kept sets (one per stage, nested) are a function of the prompt, and group-0
+(A) prefix hits stay."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -30,14 +33,10 @@ def prompt_ids(llm) -> list[int]:
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 
-def kept_positions(llm, request_id: str) -> tuple[int, ...] | None:
-    return llm.engine.runner.requests[request_id].kept_prompt_positions
-
-
 def test_keep_one_is_the_unpruned_path(llm, prompt_ids):
     one_group = make_llm(dtype="float32", weight_format="dequantized", max_num_batched_tokens=64, block_size=16,
                          kv_cache_memory=0.25, prompt_pruning=PromptPruningConfig(enabled=False))
-    assert not one_group.engine.kv.has_two_groups and llm.engine.kv.has_two_groups
+    assert one_group.engine.kv.num_stages == 0 and llm.engine.kv.num_stages == len(llm.engine.runner.prune_layers) == 2
     llm.engine.kv.reset_prefix_cache()
     expected = one_group.generate({"prompt_token_ids": prompt_ids}, GREEDY, use_tqdm=False)[0]
     got = llm.generate({"prompt_token_ids": prompt_ids}, GREEDY, use_tqdm=False, prompt_keep=1.0)[0]
@@ -55,7 +54,7 @@ def test_mixed_batch_of_pruned_unpruned_and_random_runs_in_one_step(llm, prompt_
     assert PASSKEY in outputs[0].outputs[0].text and PASSKEY in outputs[1].outputs[0].text
     assert all(len(o.outputs[0].token_ids) == 6 for o in outputs)
     assert llm.engine.stats.num_pruned_prompt_tokens_total > 0
-    assert llm.engine.kv.full.pool.num_used_blocks == llm.engine.kv.kept.pool.num_used_blocks == 0
+    assert all(manager.pool.num_used_blocks == 0 for manager in llm.engine.kv.managers)
 
 
 def test_kept_set_depends_on_the_prompt_alone(llm, prompt_ids):
@@ -71,9 +70,33 @@ def test_kept_set_depends_on_the_prompt_alone(llm, prompt_ids):
     shifted, kept_shifted = _run(engine)
     assert kept["alone"] == kept_shifted["shifted"]
     assert shifted["shifted"].outputs[0].token_ids == alone["alone"].outputs[0].token_ids
-    num_prompt = len(prompt_ids)
-    assert len(kept["alone"]) == -(-3 * num_prompt // 10) and list(kept["alone"]) == sorted(set(kept["alone"]))
-    assert set(range(4)) | set(range(num_prompt - 16, num_prompt)) <= set(kept["alone"])
+    num_prompt, (first, final) = len(prompt_ids), kept["alone"]
+    assert len(first) == math.ceil(0.3 ** 0.5 * num_prompt) and len(final) == math.ceil(0.3 * num_prompt)
+    for stage in (first, final):  # ascending, sinks and the window among them
+        assert list(stage) == sorted(set(stage))
+        assert set(range(4)) | set(range(num_prompt - 16, num_prompt)) <= set(stage)
+    assert set(final) < set(first)
+
+
+def test_preempted_pruned_request_replays_both_kept_sets_and_its_tokens(llm, prompt_ids):
+    """Preempted after its stage-B step and two decodes, a two-stage pruned request is recomputed
+    from 0 with the kept sets it chose (not scored again: the recompute's rows are fewer), and
+    ends with the tokens it produces alone."""
+    engine = llm.engine
+    engine.kv.reset_prefix_cache()
+    engine.add_request("alone", prompt_ids, GREEDY, prompt_keep=0.3)
+    alone, kept = _run(engine)
+    engine.kv.reset_prefix_cache()
+    engine.add_request("again", prompt_ids, GREEDY, prompt_keep=0.3)
+    request = engine.scheduler.requests["again"]
+    while len(request.output_token_ids) < 2:
+        _step(engine, {}, {})
+    assert request.kept_prompt_positions == kept["alone"]
+    engine.scheduler._preempt(request)  # what a KV shortage does (Scheduler._preempt_below)
+    again, kept_again = _run(engine)
+    assert kept_again == {}  # replayed, not chosen anew
+    assert request.metrics.num_preemptions == 1
+    assert again["again"].outputs[0].token_ids == alone["alone"].outputs[0].token_ids
 
 
 def test_group_a_prefix_hits_are_unchanged_by_pruning(llm, prompt_ids):
@@ -103,13 +126,17 @@ def _run(engine) -> tuple[dict, dict]:
     """Step to the end: the finished outputs, and the kept positions the runner reported."""
     finished, kept = {}, {}
     while engine.has_unfinished_requests():
-        scheduler_output = engine.scheduler.schedule()
-        runner_output = engine.runner.execute(scheduler_output)
-        kept.update(runner_output.kept_prompt_positions)
-        for request in engine.scheduler.update_from_output(scheduler_output, runner_output):
-            engine._on_new_token(request, runner_output, 0.0)
-        for output in engine.outputs.outputs_for([s.request for s in scheduler_output.scheduled]):
-            if output.finished:
-                finished[output.request_id] = output
-        engine.check_invariants()
+        _step(engine, finished, kept)
     return finished, kept
+
+
+def _step(engine, finished: dict, kept: dict) -> None:
+    scheduler_output = engine.scheduler.schedule()
+    runner_output = engine.runner.execute(scheduler_output)
+    kept.update(runner_output.kept_prompt_positions)
+    for request in engine.scheduler.update_from_output(scheduler_output, runner_output):
+        engine._on_new_token(request, runner_output, 0.0)
+    for output in engine.outputs.outputs_for([s.request for s in scheduler_output.scheduled]):
+        if output.finished:
+            finished[output.request_id] = output
+    engine.check_invariants()

@@ -23,11 +23,13 @@ class Untouchable:
         raise AssertionError(f"the runner read Request.{name}")
 
 
-def scheduled(request_id: str, start: int, count: int, block_ids: tuple[list[int], list[int]], samples: bool,
+def scheduled(request_id: str, start: int, count: int, block_ids: tuple[list[int], list[list[int]]], samples: bool,
               new: NewRequestData | None = None) -> ScheduledRequest:
-    """`block_ids`: the request's tables of both KV groups (an unpruned request: the same tokens)."""
+    """`block_ids`: the request's tables of every KV group (an unpruned request: the same tokens)."""
+    num_stages = len(block_ids[1])
     return ScheduledRequest(Untouchable(request_id), start, count, block_ids[0], samples, new_request=new,  # type: ignore[arg-type]
-                            kept_block_ids=block_ids[1], num_kept_computed_tokens=start, num_kept_scheduled_tokens=count)
+                            kept_block_ids=block_ids[1], num_kept_computed_tokens=(start,) * num_stages,
+                            num_kept_scheduled_tokens=(count,) * num_stages)
 
 
 def test_runner_reads_only_plain_data_and_matches_the_engine(llm_fp32):
@@ -39,7 +41,7 @@ def test_runner_reads_only_plain_data_and_matches_the_engine(llm_fp32):
 
     request = Request(request_id="plain", prompt_token_ids=prompt, sampling_params=params, max_tokens=4)
     assert engine.kv.allocate_slots("plain", len(prompt) + 3)
-    blocks = engine.kv.block_table("plain"), engine.kv.kept_block_table("plain")
+    blocks = engine.kv.block_table("plain"), engine.kv.kept_block_tables("plain")
     try:
         runner = engine.runner
         first = scheduled("plain", 0, len(prompt), blocks, True, NewRequestData.of(request))
@@ -62,7 +64,7 @@ def test_a_preempted_request_restarts_from_new_request_data(llm_fp32):
     expected = llm_fp32.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
     request = Request(request_id="again", prompt_token_ids=prompt, sampling_params=params, max_tokens=2)
     assert engine.kv.allocate_slots("again", len(prompt) + 1)
-    blocks = engine.kv.block_table("again"), engine.kv.kept_block_table("again")
+    blocks = engine.kv.block_table("again"), engine.kv.kept_block_tables("again")
     try:
         runner = engine.runner
         first = scheduled("again", 0, len(prompt), blocks, True, NewRequestData.of(request))

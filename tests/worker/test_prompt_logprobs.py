@@ -63,13 +63,14 @@ def assert_scored_as_reference(prompt_logprobs: PromptLogprobs, prompt_token_ids
 
 
 def scheduled(request: Request, start: int, count: int, block_ids: list[int], samples: bool,
-              starts: bool = False, kept_block_ids: list[int] | None = None) -> ScheduledRequest:
-    """An unpruned request's step; `kept_block_ids`: its group-B table where the engine has two
-    KV groups (the same tokens run every layer)."""
+              starts: bool = False, kept_block_ids: list[list[int]] = ()) -> ScheduledRequest:
+    """An unpruned request's step; `kept_block_ids`: its deep groups' tables where the engine has
+    several KV groups (the same tokens run every layer)."""
+    num_stages = len(kept_block_ids)
     return ScheduledRequest(request, start, count, block_ids, samples,
                             new_request=NewRequestData.of(request) if starts else None,
-                            kept_block_ids=kept_block_ids, num_kept_computed_tokens=start,
-                            num_kept_scheduled_tokens=count)
+                            kept_block_ids=list(kept_block_ids), num_kept_computed_tokens=(start,) * num_stages,
+                            num_kept_scheduled_tokens=(count,) * num_stages)
 
 
 def test_a_preemption_mid_prompt_rescores_from_the_start_and_sends_once(llm_fp32):
@@ -84,7 +85,7 @@ def test_a_preemption_mid_prompt_rescores_from_the_start_and_sends_once(llm_fp32
     params = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2)
     request = Request("mid", prompt, params, max_tokens=3)
     assert engine.kv.allocate_slots("mid", num_prompt + 2)
-    blocks, kept = engine.kv.block_table("mid"), engine.kv.kept_block_table("mid")
+    blocks, kept = engine.kv.block_table("mid"), engine.kv.kept_block_tables("mid")
     try:
         first = runner.execute(SchedulerOutput([scheduled(request, 0, 40, blocks, False, starts=True, kept_block_ids=kept)], 40))
         assert first.prompt_logprobs == {} and first.sampled == {}
@@ -113,7 +114,7 @@ def test_a_recompute_after_the_first_token_does_not_score_again(llm_fp32):
     request = Request("after", prompt, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=0),
                       max_tokens=3)
     assert engine.kv.allocate_slots("after", len(prompt) + 2)
-    blocks, kept = engine.kv.block_table("after"), engine.kv.kept_block_table("after")
+    blocks, kept = engine.kv.block_table("after"), engine.kv.kept_block_tables("after")
     try:
         out = runner.execute(SchedulerOutput([scheduled(request, 0, len(prompt), blocks, True, starts=True, kept_block_ids=kept)],
                                              len(prompt)))

@@ -29,7 +29,7 @@ class TorchAttentionScratch:
     decode_buckets: list | None = None  # list[DecodeBucket], see torch_backend.py
     gather_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # K and V gather destinations
     context_slots: dict[int, torch.Tensor] = field(default_factory=dict)  # sequence -> its cache slots
-    future_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # chunk length -> causal mask
+    visible_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (chunk, context) -> visible keys
 
 
 @dataclass(slots=True)

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from engine.model.attention_backends.metadata import AttentionMetadata
 
 
 class TorchAttentionBackend:
     """CPU path: gather each sequence's context through its block table with index_select, then
-    matmul-softmax-matmul.
+    matmul-softmax-matmul for decodes and torch's fused (flash) attention for prefill chunks.
 
     PERF (measured on the 2-core dev machine, bf16, 64 sequences x 580 context, one layer):
     scaled_dot_product_attention with one query and enable_gqa took ~14 ms; advanced indexing
@@ -24,6 +25,12 @@ class TorchAttentionBackend:
     softmax accumulates in fp32 whatever its input, so an fp32 copy, an out-of-place mask add and
     a cast back bought no precision; dropping them took a 512-token chunk over 1,108 tokens of
     context from ~6.3 to ~4.3 ms a layer, with identical outputs.
+
+    Prefill chunks go through scaled_dot_product_attention, whose CPU kernel is a flash attention
+    (tiles, fp32 accumulation, no [q, L] score matrix): one layer, 9 query and 3 KV heads of 64,
+    bf16, 2 cores, against matmul-softmax-matmul: 512 x 512 1.1 vs 2.9 ms, 512 over 2,048 of
+    context 4.3 vs 14.3 ms, a 1,920-token chunk 7.0 vs 63.8 ms (the score matrix no longer fits
+    any cache); fp32 outputs agree to 1e-6.
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -69,21 +76,18 @@ class TorchAttentionBackend:
                  seq: int) -> torch.Tensor:
         num_query, num_q_heads, head_dim = query.shape
         num_kv_heads = kv_cache.shape[3]
-        group = num_q_heads // num_kv_heads
         seq_len = meta.seq_lens_cpu[seq]
         slots = _context_slots(meta, seq, seq_len)
         flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        keys = flat[0].index_select(0, slots).transpose(0, 1).contiguous()  # [Hkv, L, D]
-        values = flat[1].index_select(0, slots).transpose(0, 1).contiguous()
-        q = query.view(num_query, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        q = q.reshape(num_kv_heads, group * num_query, head_dim) * head_dim ** -0.5
-        scores = torch.matmul(q, keys.transpose(1, 2))  # [Hkv, G * q, L]
-        # Keys before the chunk are visible to all its queries; only the chunk's own square is causal.
-        chunk = scores.view(num_kv_heads, group, num_query, seq_len)[..., seq_len - num_query:]
-        chunk.masked_fill_(_future_mask(meta, num_query), float("-inf"))
-        probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 whatever the input dtype
-        out = torch.matmul(probs, values).view(num_kv_heads, group, num_query, head_dim)
-        return out.permute(2, 0, 1, 3).reshape(num_query, num_q_heads, head_dim)
+        keys = flat[0].index_select(0, slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        values = flat[1].index_select(0, slots).transpose(0, 1)[None]
+        q = query.transpose(0, 1)[None]  # [1, Hq, q, D]; head h reads KV head h // (Hq / Hkv)
+        # Keys before the chunk are visible to all its queries; only the chunk's own square is
+        # causal (a whole prompt in one chunk: plain causal, no mask tensor).
+        mask = None if num_query == seq_len else _visible_mask(meta, num_query, seq_len)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=num_q_heads != num_kv_heads)
+        return out[0].transpose(0, 1)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -121,12 +125,13 @@ def _context_slots(meta: AttentionMetadata, seq: int, seq_len: int) -> torch.Ten
     return slots
 
 
-def _future_mask(meta: AttentionMetadata, num_query: int) -> torch.Tensor:
-    """[q, q] bool, True where query j would see chunk key i > j; built once per step and size."""
-    mask = meta.scratch.future_masks.get(num_query)
+def _visible_mask(meta: AttentionMetadata, num_query: int, seq_len: int) -> torch.Tensor:
+    """[q, L] bool, True where the chunk's query j (position L - q + j) sees key i; built once
+    per step and shape."""
+    mask = meta.scratch.visible_masks.get((num_query, seq_len))
     if mask is None:
-        mask = meta.scratch.future_masks[num_query] = torch.ones(num_query, num_query, dtype=torch.bool,
-                                            device=meta.block_tables.device).triu_(1)
+        mask = meta.scratch.visible_masks[(num_query, seq_len)] = torch.ones(
+            num_query, seq_len, dtype=torch.bool, device=meta.block_tables.device).tril_(seq_len - num_query)
     return mask
 
 

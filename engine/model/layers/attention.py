@@ -35,8 +35,8 @@ class Attention(nn.Module):
         if self.rank_major:
             q = q.unflatten(1, (group, self.num_kv_heads)).transpose(1, 2).reshape(q.shape)
         out = self.backend.forward(q, k, v, kv_cache, batch.attention)
-        if self.scorer is not None and batch.kept is not None and batch.kept.selections:
-            self.scorer.add_scores(q, kv_cache, batch.kept)  # after the backend wrote this step's K
+        if self.scorer is not None and batch.kept is not None:
+            self.scorer.add_scores(q, kv_cache, batch)  # after the backend wrote this step's K
         if self.rank_major:
             out = out.view(num_tokens, self.num_kv_heads, group, self.head_dim).transpose(1, 2)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
