@@ -22,11 +22,10 @@ rows run in that one step (and the chunk's output tokens, when a preempted reque
 recomputed).  A chunk never ends inside the window (`chunk_size`), so that step holds every query
 of the score; a prefix-cache hit never reaches into it either (`max_match`).
 
-Why two stages (measured on SmolLM2-135M, benchmarks/prune_layer_study.py): the window attention
-that finds a pass key hidden in natural text lives in layers 15-24; layers below 12 find it only
-when keeping half the prompt (needle recall 0.83 at l = 9, keep 0.5, against 0.43 at keep 0.3).
-A first cut at l_1 = 9 to keep^(1/2) of the prompt, then a second at l_2 = 15 to keep, computes
-about what one cut at 9 to keep does and keeps the needle as a cut at 15 would.
+Why two stages (measured on SmolLM2-135M; DEFAULT_PRUNE_LAYER_FRACTIONS): the window attention
+that finds a needle hidden in natural text lives in layers 15-24, and is sharper the deeper it
+is.  A first cut at l_1 = 15 to keep^(1/2) of the prompt, then a second at l_2 = 18 to keep,
+keeps the needle as one cut at 18 would and costs about what one cut at 15 does.
 
 Token budget: a pruned request's tokens cost what they compute.  A token that runs only group 0
 costs f_0 = l_1 / L of a token; a row of group s costs f_s = (l_{s+1} - l_s) / L more:
@@ -43,20 +42,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# The prune layer l* as a fraction of the model's depth where PromptPruningConfig names none.
-# Measured on SmolLM2-135M (30 layers, so l* = 9), 2k-token prompts, keep 0.3, scoring included
-# (benchmarks/prompt_pruning.py --prune-layer L, one request at a time, quiet 2-core CPU):
-#     l*           9      12     15     18
-#     TTFT ratio   0.53   0.60   0.67   0.77     (issue #14: <= 0.62)
-# so the TTFT targets need l* <= 12.  But where the needle hides in natural text (ShareGPT filler),
-# the window attention of layers below 12 does not find it: passkey at 1k, keep 0.3, engine
-# accuracy 43% / 13% / 57% / 97% at those l* (needle recall from the fp32 model's attention,
-# benchmarks/prune_layer_study.py: 0.27 / 0.13 / 0.50 / 0.93; no single head below layer 12
-# recalls more than 0.40).  With repeated filler l* = 9 keeps the needle every time.  A one-stage
-# prune layer cannot have both; a progressive scheme (a first cut at ~9, the final one at ~18)
-# is why pruning runs in two stages (module docstring): the first cut at 0.3 L, the second at 0.5 L
-# where the retrieval heads begin (benchmarks/README.md, "progressive pruning").
-DEFAULT_PRUNE_LAYER_FRACTIONS = (0.3, 0.5)
+# The prune layers as fractions of the model's depth where PromptPruningConfig names none.
+# Measured on SmolLM2-135M (30 layers), 2k-token prompts, keep 0.3, ShareGPT filler
+# (benchmarks/prompt_pruning.py --prune-layers L1,L2; benchmarks/README.md, "progressive pruning"):
+#     prune layers            9 (one)   8,15    8,18    15,18
+#     TTFT ratio at 2k        0.53*     0.42    -       0.60      (issue #14: <= 0.62)
+#     passkey 1k              0.43*     0.97    -       1.00      (>= 0.75)
+#     NIAH single 4k / full   0.33*     0.53    0.53    0.93      (>= 0.9)
+# (* one stage, score window 32, before prefill attention ran fused.)  The window attention that
+# finds a needle in natural text lives in layers 15-24 (benchmarks/prune_layer_study.py: no head
+# below layer 12 recalls a NIAH needle at keep 0.5 more than half the time), so the first cut
+# waits for layer 15; the second, at 18, where every sample's needle is recalled, keeps 0.3.
+# Prefill attention is the larger part of a long prompt's cost, and it falls with the square of
+# what is kept, so both targets hold there.
+DEFAULT_PRUNE_LAYER_FRACTIONS = (0.5, 0.6)
 
 
 def default_prune_layers(num_layers: int) -> tuple[int, ...]:

@@ -67,49 +67,56 @@ def _stage_rows(stage: int, scheduled: list[ScheduledRequest], states: RequestSt
     """Deep group `stage`'s rows, each from the previous group's (`previous`); and their layout."""
     counts = np.array([s.num_kept_scheduled_tokens[stage] for s in scheduled], dtype=np.int64)
     rows = [s for s, count in zip(scheduled, counts) if count > 0]
-    first_rows = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    layout = _Layout(first_rows, counts, int(counts.sum()))
+    layout = _Layout(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts, int(counts.sum()))
     if not rows:  # only pruned prompts' stage-A chunks: the deep layers have nothing to run
         empty = to_device(np.zeros(0, dtype=np.int64))
         return KeptRows(attention=None, request_ids=[], positions=empty, logits_indices=empty, elastic=None,
                         source_rows=None, selections=[]), layout
+    sources, positions, selections = _row_sources(stage, scheduled, states, previous, layout, parents,
+                                                  block_size, to_device)
+    is_same_rows = not selections and sources.shape[0] == previous.num_rows
+    kept = KeptRows(attention=_kept_attention(rows, stage, block_size, to_device),
+                    request_ids=[s.request_id for s in rows],
+                    positions=to_device(positions),
+                    logits_indices=_logits_indices(rows, stage, to_device),
+                    elastic=None if elastic_levels is None else _elastic_rows(
+                        rows, counts[counts > 0], elastic_levels, to_device),
+                    source_rows=None if is_same_rows else to_device(sources), selections=selections)
+    return kept, layout
+
+
+def _row_sources(stage: int, scheduled: list[ScheduledRequest], states: RequestStates, previous: _Layout,
+                 layout: _Layout, parents: dict[str, PromptSelection], block_size: int, to_device
+                 ) -> tuple[np.ndarray, np.ndarray, list[PromptSelection]]:
+    """Each of the group's rows: its source row and position (module docstring), and the
+    selections of the requests whose stage-B step this is."""
     sources: list[np.ndarray] = []
     positions: list[np.ndarray] = []
     selections: list[PromptSelection] = []
     num_cache_rows = 0
     for index, s in enumerate(scheduled):
-        if counts[index] == 0:
+        if layout.counts[index] == 0:
             continue
         state, plan = states[s.request_id], states[s.request_id].prune_plan
         first_row = int(previous.first_rows[index])
-        end = first_row + int(previous.counts[index])
+        end, num_done = first_row + int(previous.counts[index]), s.num_computed_tokens + s.num_scheduled_tokens
         if plan is not None and plan.is_stage_b_step(s.num_computed_tokens, s.num_scheduled_tokens):
-            num_kept = plan.kept_per_stage[stage]
-            if stage == 0:
-                selection = _first_selection(s, state, first_row, int(first_rows[index]), block_size, to_device)
+            num_kept, kept_rows_start = plan.kept_per_stage[stage], int(layout.first_rows[index])
+            if stage == 0:  # kept rows from the hidden cache, appended after the step's rows
+                selection = _first_selection(s, state, first_row, kept_rows_start, block_size, to_device)
                 sources.append(previous.num_rows + num_cache_rows + np.arange(num_kept))
                 num_cache_rows += num_kept
                 first_row += plan.num_prompt_tokens - s.num_computed_tokens
-            else:
-                selection = _later_selection(stage, s, state, parents[s.request_id], first_row,
-                                             int(first_rows[index]), block_size, to_device)
-                sources.append(np.zeros(num_kept, dtype=np.int64))  # set at the prune layer
+            else:  # kept rows among the previous group's candidate rows, set at the prune layer
+                selection = _later_selection(stage, s, state, parents[s.request_id], first_row, kept_rows_start,
+                                             block_size, to_device)
+                sources.append(np.zeros(num_kept, dtype=np.int64))
                 first_row += plan.kept_per_stage[stage - 1]
             selections.append(selection)
-            positions.append(np.zeros(num_kept, dtype=np.int64))
+            positions.append(np.zeros(num_kept, dtype=np.int64))  # set at the prune layer
         sources.append(np.arange(first_row, end))
-        positions.append(np.arange(s.num_computed_tokens + s.num_scheduled_tokens - (end - first_row),
-                                   s.num_computed_tokens + s.num_scheduled_tokens))
-    source_rows = np.concatenate(sources)
-    is_same_rows = not selections and source_rows.shape[0] == previous.num_rows
-    kept = KeptRows(attention=_kept_attention(rows, stage, block_size, to_device),
-                    request_ids=[s.request_id for s in rows],
-                    positions=to_device(np.concatenate(positions)),
-                    logits_indices=_logits_indices(rows, stage, to_device),
-                    elastic=None if elastic_levels is None else _elastic_rows(
-                        rows, counts[counts > 0], elastic_levels, to_device),
-                    source_rows=None if is_same_rows else to_device(source_rows), selections=selections)
-    return kept, layout
+        positions.append(np.arange(num_done - (end - first_row), num_done))
+    return np.concatenate(sources), np.concatenate(positions), selections
 
 
 def _kept_attention(rows: list[ScheduledRequest], stage: int, block_size: int, to_device):

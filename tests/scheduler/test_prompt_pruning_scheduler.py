@@ -156,3 +156,20 @@ def test_preempted_pruned_request_is_recomputed_with_its_kept_set():
             break
     else:
         pytest.fail("p never restarted")
+
+
+def test_prune_layers_flag_and_config_refuse_a_bad_list():
+    import argparse
+
+    from engine.config import ConfigError, PromptPruningConfig
+    from engine.prompt_pruning import default_prune_layers, parse_prune_layers
+
+    assert parse_prune_layers("15,18") == (15, 18) and parse_prune_layers("9") == (9,)
+    with pytest.raises(argparse.ArgumentTypeError, match="layer numbers"):
+        parse_prune_layers("15,x")
+    for bad in ((18, 15), (0, 4), ()):
+        with pytest.raises(ConfigError, match="prune_layers"):
+            PromptPruningConfig(prune_layers=bad)
+    with pytest.raises(ConfigError, match="score_window"):
+        PromptPruningConfig(window=8, score_window=16)
+    assert default_prune_layers(30) == (15, 18) and default_prune_layers(2) == (1,)
