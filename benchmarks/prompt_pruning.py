@@ -78,15 +78,14 @@ def variants(keeps: list[float]) -> list[tuple[float, str]]:
 
 
 def run_sample(llm: LLM, sample: RetrievalSample, keeps: list[float]) -> dict[str, float]:
-    """Scores of one sample at keep 1.0, then at every other (keep, scoring)."""
+    """Scores of one sample at keep 1.0, then at every other (keep, scoring), each run alone as
+    keep 1.0 is (batched together, bf16 rounding differs with the batch's chunking and flipped a
+    borderline sample either way)."""
     params = SamplingParams(temperature=0.0, max_tokens=sample.max_tokens)
-    full = llm.generate(sample.prompt, params, use_tqdm=False)[0]
-    scores = {"1.0": sample.score(full.outputs[0].text)}
-    pairs = variants(keeps)
-    outputs = llm.generate([sample.prompt] * len(pairs), params, use_tqdm=False,
-                           prompt_keep=[keep for keep, _ in pairs], prompt_scoring=[scoring for _, scoring in pairs])
-    for (keep, scoring), output in zip(pairs, outputs):
-        scores[f"{keep}/{scoring}"] = sample.score(output.outputs[0].text)
+    scores = {}
+    for keep, scoring in [(1.0, "attention")] + variants(keeps):
+        output = llm.generate(sample.prompt, params, use_tqdm=False, prompt_keep=keep, prompt_scoring=scoring)[0]
+        scores["1.0" if keep == 1 else f"{keep}/{scoring}"] = sample.score(output.outputs[0].text)
     return scores
 
 

@@ -135,8 +135,8 @@ class RunnerConfig:
 @dataclass(frozen=True)
 class PromptPruningConfig:
     """Per-request prompt pruning (engine/prompt_pruning.py): every prompt token runs the layers
-    below the first prune layer; past each prune layer, only what that stage kept.  Which are kept is scored by the model's
-    own attention (engine/model/layers/prompt_pruning.py)."""
+    below the first prune layer; past each prune layer, only what that stage kept.  Which are kept
+    is scored by the model's own attention (engine/model/layers/prompt_pruning.py)."""
 
     # One KV group per stage plus the shallow one.  Off: one group, as without this feature, and
     # a request asking for prompt_keep < 1 is refused.

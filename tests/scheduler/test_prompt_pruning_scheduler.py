@@ -172,4 +172,4 @@ def test_prune_layers_flag_and_config_refuse_a_bad_list():
             PromptPruningConfig(prune_layers=bad)
     with pytest.raises(ConfigError, match="score_window"):
         PromptPruningConfig(window=8, score_window=16)
-    assert default_prune_layers(30) == (15, 18) and default_prune_layers(2) == (1,)
+    assert default_prune_layers(30) == (15, 19) and default_prune_layers(2) == (1,)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from engine.model.forward_batch import ForwardBatch, KeptRows, PromptSelection
 
+
 class WindowScorer:
     """Adds one score layer's window attention to its stage's selections (Attention calls it
     after the layer's K/V are written)."""
