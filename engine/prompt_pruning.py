@@ -116,10 +116,6 @@ class PrunePlan:
         return self.window if self.score_window is None else min(self.score_window, self.window)
 
     @property
-    def num_stages(self) -> int:
-        return len(self.kept_per_stage)
-
-    @property
     def deep_fraction(self) -> float:
         """The share of a token's compute past the first prune layer."""
         return sum(self.fractions)

@@ -53,18 +53,18 @@ def build_kept_rows(scheduled: list[ScheduledRequest], states: RequestStates, ba
     parents: dict[str, PromptSelection] = {}
     positions = batch.positions
     for stage in range(num_stages):
-        kept, layout = _stage_rows(stage, scheduled, states, layout, parents, block_size, to_device, elastic_levels)
-        if kept.source_rows is None and kept.attention is not None:
-            kept.positions = positions  # the same rows: the same tensor (RoPE tables are not rebuilt)
+        kept, layout = _stage_rows(stage, scheduled, states, layout, positions, parents, block_size, to_device,
+                                   elastic_levels)
         parents, positions = {s.request_id: s for s in kept.selections}, kept.positions
         groups.append(kept)
     return groups
 
 
 def _stage_rows(stage: int, scheduled: list[ScheduledRequest], states: RequestStates, previous: _Layout,
-                parents: dict[str, PromptSelection], block_size: int, to_device,
+                previous_positions: torch.Tensor, parents: dict[str, PromptSelection], block_size: int, to_device,
                 elastic_levels: Sequence[int] | None) -> tuple[KeptRows, _Layout]:
-    """Deep group `stage`'s rows, each from the previous group's (`previous`); and their layout."""
+    """Deep group `stage`'s rows, each from the previous group's (`previous`, at
+    `previous_positions`); and their layout."""
     counts = np.array([s.num_kept_scheduled_tokens[stage] for s in scheduled], dtype=np.int64)
     rows = [s for s, count in zip(scheduled, counts) if count > 0]
     layout = _Layout(np.concatenate([[0], np.cumsum(counts)[:-1]]), counts, int(counts.sum()))
@@ -77,7 +77,8 @@ def _stage_rows(stage: int, scheduled: list[ScheduledRequest], states: RequestSt
     is_same_rows = not selections and sources.shape[0] == previous.num_rows
     kept = KeptRows(attention=_kept_attention(rows, stage, block_size, to_device),
                     request_ids=[s.request_id for s in rows],
-                    positions=to_device(positions),
+                    # The same rows: the same tensor (so RoPE tables are not rebuilt).
+                    positions=previous_positions if is_same_rows else to_device(positions),
                     logits_indices=_logits_indices(rows, stage, to_device),
                     elastic=None if elastic_levels is None else _elastic_rows(
                         rows, counts[counts > 0], elastic_levels, to_device),
