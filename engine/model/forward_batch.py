@@ -36,7 +36,7 @@ every later layer and the sampler follow the kept rows.  Group s's rows, per req
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,16 @@ class ElasticRows:
     order: torch.Tensor | None  # [num_tokens] int64: level-order row i is batch row order[i]
     inverse: torch.Tensor | None  # [num_tokens] int64: batch row j is level-order row inverse[j]
     rows_upto: tuple[int, ...]  # per level index k: rows at level index <= k (a level-order prefix)
+    row_levels: torch.Tensor  # [num_tokens] int64, batch order: each row's level index
+    _per_row: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # per_row's memo
+
+    def per_row(self, per_level: tuple[int, ...]) -> torch.Tensor:
+        """[num_tokens] int32, batch order: each row's entry of a per-level-index tuple.  Memoised
+        for the step: layers share a few distinct tuples, and an index op costs tens of us."""
+        if per_level not in self._per_row:
+            table = torch.tensor(per_level, dtype=torch.int32, device=self.row_levels.device)
+            self._per_row[per_level] = table[self.row_levels]
+        return self._per_row[per_level]
 
     def to_level_order(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.order is None else x.index_select(0, self.order)
@@ -64,6 +74,11 @@ class ElasticRows:
         """The level-order row range [start, end) of the rows at exactly this level index."""
         start = self.rows_upto[level_index - 1] if level_index else 0
         return start, self.rows_upto[level_index]
+
+    def level_groups(self) -> list[tuple[int, int, int]]:
+        """(level index, start, end) of each level with rows, widest first (level order)."""
+        groups = [(index, *self.level_rows(index)) for index in range(len(self.rows_upto))]
+        return [group for group in groups if group[2] > group[1]]
 
 
 @dataclass(slots=True)

@@ -23,8 +23,9 @@ from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
-from engine.model.layers.elastic import BlockElasticity, LayerElasticity, column_tiles
-from engine.model.layers.linear import Linear, LinearWeight, TileBounds, VocabEmbedding
+from engine.model.layers.elastic import (BlockElasticity, LayerElasticity, RowLevels, column_tiles,
+                                         zero_dropped_columns)
+from engine.model.layers.linear import ElasticSlices, Linear, LinearWeight, VocabEmbedding
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.prompt_pruning import PromptPruner, WindowScorer
 from engine.model.layers.rotary import RotaryEmbedding
@@ -34,28 +35,53 @@ class SelfAttention(nn.Module):
     def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
                  elastic: BlockElasticity | None = None, scorer: WindowScorer | None = None) -> None:
         super().__init__()
-        self.q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_dim, self.kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         # A block every level runs whole (an anchor layer's) computes like a plain model's.
         tiled = elastic is not None and not elastic.is_whole
-        q_bounds = TileBounds("rows", elastic.bounds() + (self.q_dim + 2 * kv_dim,)) if tiled else None
-        self.wqkv = Linear(config.hidden_size, self.q_dim + 2 * kv_dim, config.attention_bias, plan, q_bounds)
+        qkv_ext, wo_ext = elastic.folded.extensions() if tiled else (None, None)
+        qkv_slices = ElasticSlices("rows", (0,), elastic.widths, (self.q_dim, self.q_dim + 2 * self.kv_dim)) if tiled else None
+        self.wqkv = Linear(config.hidden_size, self.q_dim + 2 * self.kv_dim, config.attention_bias, plan,
+                           qkv_slices, qkv_ext)
         # An elastic model's query heads sit in rank-major slots (engine/elastic/spec.py), in
         # every layer, whole ones included: the permutation moves them all.
         self.attn = Attention(config.num_heads, config.num_kv_heads, config.head_dim, backend, plan,
                               rank_major=elastic is not None, scorer=scorer)
         self.wo = Linear(self.q_dim, config.hidden_size, False, plan,
-                         TileBounds("columns", elastic.bounds()) if tiled else None)
+                         ElasticSlices("columns", (0,), elastic.widths) if tiled else None, wo_ext)
         self.elastic = elastic if tiled else None
+        # Per level index: the query heads of each KV group it keeps (its head ranks).
+        self.group_heads = None if not tiled else tuple(w // self.kv_dim for w in elastic.widths)
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        if batch.elastic is not None and self.elastic is not None:
-            return self._forward_elastic(x, kv_cache, batch, batch.elastic)
+        path = "plain" if self.elastic is None else elastic_path(x.shape[0], batch.elastic, self.wqkv, self.wo)
+        if path == "slices":
+            return self._forward_level_slice(x, kv_cache, batch, batch.elastic)
+        if path == "tiles":
+            return self._forward_tiles(x, kv_cache, batch, batch.elastic)
         return self.wo(self.attn(self.wqkv(x, batch), kv_cache, batch), batch)
 
-    def _forward_elastic(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch,
-                         rows: ElasticRows) -> torch.Tensor:
-        """Each row's query heads are its level's slot prefix; K and V are whole for every row.
-        Projections run in level order, attention in batch order (decodes first)."""
+    def _forward_level_slice(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch,
+                             rows: ElasticRows | None) -> torch.Tensor:
+        """Prepacked weights: every row through the widest present level's slices, one GEMM per
+        linear, attention over that level's query heads only; a narrower row's extra heads are
+        skipped in decode attention and zeroed before o_proj.  Side paths ride in the slices."""
+        levels, folded = RowLevels.of(rows), self.elastic.folded
+        width = self.elastic.widths[levels.widest]
+        qkv_width = width + 2 * self.kv_dim
+        projected = self.wqkv.forward_level(x, width)  # [T, qkv_width + side ranks]: Q, K, V, side paths
+        wo_input = x.new_empty(x.shape[0], width + folded.size)
+        group_heads = None if levels.single is not None else rows.per_row(self.group_heads)
+        self.attn(projected[:, :qkv_width], kv_cache, batch, group_heads, width // self.kv_dim,
+                  out=wo_input[:, :width])
+        zero_dropped_columns(wo_input[:, :width], levels, self.elastic.widths)
+        folded.fill_hidden(projected[:, qkv_width:], wo_input[:, width:], levels)
+        out = self.wo.forward_level(wo_input, width, folded.bias_of_one_level(levels))
+        folded.add_biases(out, levels)
+        return out
+
+    def _forward_tiles(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch,
+                       rows: ElasticRows) -> torch.Tensor:
+        """Weights with views (dense, quantized): column tiles in level order, side paths apart."""
         x_levels = rows.to_level_order(x)
         tiles = column_tiles(self.elastic.widths, rows.rows_upto)
         # Zeros: a dropped head's query stays finite; its output is never read by wo's tiles.
@@ -63,7 +89,8 @@ class SelfAttention(nn.Module):
         for num_rows, start, end in tiles:
             self.wqkv.forward_rows(x_levels[:num_rows], start, end, out=qkv[:num_rows, start:end])
         self.wqkv.forward_rows(x_levels, self.q_dim, self.wqkv.out_features, out=qkv[:, self.q_dim:])
-        heads = rows.to_level_order(self.attn(rows.to_batch_order(qkv), kv_cache, batch))
+        heads = rows.to_level_order(self.attn(rows.to_batch_order(qkv), kv_cache, batch,
+                                              rows.per_row(self.group_heads)))
         out = x.new_zeros(x.shape[0], self.wo.out_features)
         for num_rows, start, end in tiles:
             out[:num_rows] += self.wo.forward_columns(heads[:num_rows, start:end], start, end)
@@ -76,24 +103,42 @@ class SelfAttention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaArchConfig, plan: ComputePlan, elastic: BlockElasticity | None = None) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        self.intermediate_size = size = config.intermediate_size
         tiled = elastic is not None and not elastic.is_whole  # see SelfAttention
-        # Gate rows [0, I) and up rows [I, 2I) are tiled alike.
-        gate_up = TileBounds("rows", elastic.bounds() + elastic.bounds(self.intermediate_size)[1:]) if tiled else None
-        self.w13 = Linear(config.hidden_size, 2 * config.intermediate_size, False, plan, gate_up)
+        w13_ext, w2_ext = elastic.folded.extensions() if tiled else (None, None)
+        # Gate rows [0, I) and up rows [I, 2I) are cut alike.
+        self.w13 = Linear(config.hidden_size, 2 * size, False, plan,
+                          ElasticSlices("rows", (0, size), elastic.widths) if tiled else None, w13_ext)
         self.act = SiluAndMul(plan)
-        self.w2 = Linear(config.intermediate_size, config.hidden_size, False, plan,
-                         TileBounds("columns", elastic.bounds()) if tiled else None)
+        self.w2 = Linear(size, config.hidden_size, False, plan,
+                         ElasticSlices("columns", (0,), elastic.widths) if tiled else None, w2_ext)
         self.elastic = elastic if tiled else None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        if batch.elastic is not None and self.elastic is not None:
-            return self._forward_elastic(x, batch.elastic)
+        path = "plain" if self.elastic is None else elastic_path(x.shape[0], batch.elastic, self.w13, self.w2)
+        if path == "slices":
+            return self._forward_level_slice(x, batch.elastic)
+        if path == "tiles":
+            return self._forward_tiles(x, batch.elastic)
         return self.w2(self.act(self.w13(x, batch)), batch)
 
-    def _forward_elastic(self, x: torch.Tensor, rows: ElasticRows) -> torch.Tensor:
-        """Each row uses its level's neuron prefix: gate rows [0, w), up rows [I, I + w), down
-        columns [0, w), computed tile by tile in level order."""
+    def _forward_level_slice(self, x: torch.Tensor, rows: ElasticRows | None) -> torch.Tensor:
+        """Prepacked weights: every row through the widest present level's neurons (gate rows
+        [0, w), up rows [I, I + w), down columns [0, w)), one GEMM per linear; a narrower row's
+        extra neurons are zeroed before the down projection.  Side paths ride in the slices."""
+        levels, folded = RowLevels.of(rows), self.elastic.folded
+        width = self.elastic.widths[levels.widest]
+        projected = self.w13.forward_level(x, width)  # [T, 2 width + side ranks]: gate, up, side paths
+        hidden = projected.new_empty(x.shape[0], width + folded.size)
+        self.act(projected, width, hidden[:, :width])
+        zero_dropped_columns(hidden[:, :width], levels, self.elastic.widths)
+        folded.fill_hidden(projected[:, 2 * width:], hidden[:, width:], levels)
+        out = self.w2.forward_level(hidden, width, folded.bias_of_one_level(levels))
+        folded.add_biases(out, levels)
+        return out
+
+    def _forward_tiles(self, x: torch.Tensor, rows: ElasticRows) -> torch.Tensor:
+        """Weights with views (dense, quantized): column tiles in level order, side paths apart."""
         x_levels = rows.to_level_order(x)
         tiles = column_tiles(self.elastic.widths, rows.rows_upto)
         size = self.intermediate_size
@@ -111,6 +156,20 @@ class FeedForward(nn.Module):
         return rows.to_batch_order(out)
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
+
+
+def elastic_path(num_rows: int, rows: ElasticRows | None, first: Linear, second: Linear) -> str:
+    """How an elastic block runs this step: "slices" (level slices, prepacked), "tiles" (column
+    tiles over views of dense or quantized weights) or "plain" (every row at the full level, each
+    linear in its own best form, Linear.forward).  Each linear says whether it runs slices at this
+    row count; a GGUF file may keep one of the two as floats (SmolLM2's down projections), which
+    then has only slices, while the other runs its quantized blocks at a few rows."""
+    first_slices, second_slices = first.runs_level_slices(num_rows), second.runs_level_slices(num_rows)
+    if rows is None and not (first_slices and second_slices):
+        return "plain"
+    if first_slices or second_slices:
+        return "slices"
+    return "plain" if rows is None else "tiles"
 
 
 class DecoderLayer(nn.Module):

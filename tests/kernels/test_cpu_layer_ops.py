@@ -98,6 +98,18 @@ def test_silu_and_mul_matches_torch_path(library: ctypes.CDLL, dtype: torch.dtyp
     assert_nearly_bit_equal(layer_ops.silu_and_mul(x, library=library), F.silu(gate) * up, max_ulps=2.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_reads_and_writes_strided_rows(library: ctypes.CDLL, dtype: torch.dtype) -> None:
+    """An elastic level's slice: gate and up of width n, then side-path columns the kernel must
+    neither read nor overwrite, into a wider output row."""
+    n, extra = 40, 8
+    x = (torch.randn(6, 2 * n + extra) * 4).to(dtype)
+    out = torch.full((6, n + extra), 7.0, dtype=dtype)
+    layer_ops.silu_and_mul(x, n, out[:, :n], library=library)
+    assert_nearly_bit_equal(out[:, :n], F.silu(x[:, :n]) * x[:, n:2 * n], max_ulps=2.0)
+    assert torch.equal(out[:, n:], torch.full((6, extra), 7.0, dtype=dtype))
+
+
 def test_builds_agree_bit_for_bit(library: ctypes.CDLL) -> None:
     """Every build sums in the same order (kSumLanes in simd.h): the norm gives the best build's bits."""
     best = native_library.load(cpu_features().kernel_isa)

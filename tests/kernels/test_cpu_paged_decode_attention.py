@@ -63,6 +63,26 @@ def test_matches_reference(library: ctypes.CDLL, dtype: torch.dtype, num_q_heads
     torch.testing.assert_close(out.float(), expected, **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_heads_attend_with_the_first_heads_only(library: ctypes.CDLL, dtype: torch.dtype) -> None:
+    """An elastic row keeps the first r heads of every KV group: those equal the all-heads
+    result, the rest are zeros, and a count of 0 leaves the row all zeros."""
+    num_q_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
+    seq_lens = [1, 17, 40, 300, 33]
+    group_heads = torch.tensor([3, 1, 2, 1, 0], dtype=torch.int32)
+    block_tables = random_block_tables(seq_lens, block_size, 64)
+    kv_cache = random_kv_cache(64, block_size, num_kv_heads, head_dim, dtype)
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    whole = paged_decode_attention(query, kv_cache, block_tables, lens, library=library)
+    out = paged_decode_attention(query, kv_cache, block_tables, lens, group_heads=group_heads, library=library)
+    group = num_q_heads // num_kv_heads
+    for seq, live in enumerate(group_heads.tolist()):
+        for head in range(num_q_heads):
+            expected = whole[seq, head] if head % group < live else torch.zeros(head_dim, dtype=dtype)
+            assert torch.equal(out[seq, head], expected), (seq, head)
+
+
 def test_block_size_one_and_large_scores(library: ctypes.CDLL) -> None:
     """Tiny blocks (every position its own block) and scores large enough that softmax without the
     max shift would overflow fp32."""

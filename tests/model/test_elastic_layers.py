@@ -20,6 +20,7 @@ from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 from engine.model.compute_plan import ComputePlan, _can_prepack_bf16
 from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.model.layers.elastic import column_tiles
+from engine.model.layers.linear import ElasticSlices
 from engine.model.layers.rotary import RotaryEmbedding
 from engine.model.llama import LlamaForCausalLM
 from tests.kernels.paged_batch import make_metadata
@@ -49,6 +50,16 @@ def test_column_tiles_cover_each_row_once(widths: tuple[int, ...], level_counts:
         assert covered[row] == [1] * width + [0] * (widths[0] - width)
     distinct = {count for count in rows_upto if count}
     assert len(column_tiles(widths, rows_upto)) <= len(distinct)
+
+
+def test_elastic_slices_keep_each_parts_prefix_and_the_fixed_rows() -> None:
+    gate_up = ElasticSlices("rows", (0, 8), (8, 6, 2))
+    assert gate_up.index(8).tolist() == list(range(16))  # the full level: the whole weight, in order
+    assert gate_up.index(2).tolist() == [0, 1, 8, 9]
+    qkv = ElasticSlices("rows", (0,), (6, 3), fixed=(6, 10))
+    assert qkv.index(3).tolist() == [0, 1, 2, 6, 7, 8, 9]
+    assert gate_up.tile_bounds.bounds == (0, 2, 6, 8, 10, 14, 16)
+    assert qkv.tile_bounds.bounds == (0, 3, 6, 10)
 
 
 def rank_major(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,7 +124,8 @@ def run(model: LlamaForCausalLM, tokens: list[torch.Tensor], level_indices: list
     if model.is_elastic and row_levels.any():
         order = torch.argsort(row_levels, stable=True)
         counts = torch.bincount(row_levels, minlength=len(SPEC.levels)).cumsum(0)
-        elastic = ElasticRows(order=order, inverse=torch.argsort(order), rows_upto=tuple(counts.tolist()))
+        elastic = ElasticRows(order=order, inverse=torch.argsort(order), rows_upto=tuple(counts.tolist()),
+                              row_levels=row_levels)
     batch = ForwardBatch(input_ids=torch.cat(tokens), positions=positions, attention=meta,
                          request_ids=[str(i) for i in range(len(lens))], logits_indices=torch.arange(sum(lens)),
                          elastic=elastic)
@@ -171,16 +183,18 @@ def build_bf16(weights: dict[str, torch.Tensor], prepack: bool) -> LlamaForCausa
 
 @pytest.mark.skipif(not _can_prepack_bf16(), reason="oneDNN cannot prepack bf16 on this CPU (or under this mask)")
 def test_prepacked_elastic_model_keeps_dense_views_only_where_levels_prune() -> None:
-    """Steps whose rows all run whole weights take the whole prepacked weight; tiles take its
-    segments, prepacked one by one, which anchor layers (whole at every level) do not keep."""
+    """Anchor layers (whole at every level) keep one prepacked weight; pruned layers keep each
+    level width's slice prepacked (the full level's too, with the side paths appended), and give
+    what the unpacked model gives at every mix of levels."""
     weights = random_hf_weights(CONFIG, seed=5)
     packed, unpacked = build_bf16(weights, prepack=True), build_bf16(weights, prepack=False)
     anchor, pruned = packed.layers[0], packed.layers[1]
     for linear in (anchor.attention.wqkv, anchor.feed_forward.w13, anchor.feed_forward.w2):
-        assert linear.packed is not None and linear.dense is None and linear.packed_segments is None
+        assert linear.packed is not None and linear.dense is None and linear.packed_levels is None
     assert anchor.feed_forward.elastic is None and anchor.attention.elastic is None
     for linear in (pruned.attention.wqkv, pruned.attention.wo, pruned.feed_forward.w13, pruned.feed_forward.w2):
-        assert linear.packed is not None and linear.dense is None and len(linear.packed_segments) >= 2
-    for levels in ([0, 0, 0], [1, 0, 2], [2, 2, 2], [2, 0, 0], [1, 1, 1]):  # tiles of one and of two segments
+        assert linear.dense is None and linear.packed is None
+        assert set(linear.packed_levels) == set(linear.elastic.widths)  # one slice per distinct width
+    for levels in ([0, 0, 0], [1, 0, 2], [2, 2, 2], [2, 0, 0], [1, 1, 1]):  # one level, and mixes
         for got, want in zip(run(packed, TOKENS, levels), run(unpacked, TOKENS, levels)):
             torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

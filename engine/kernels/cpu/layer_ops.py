@@ -57,15 +57,21 @@ def rotary_embedding_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     return x
 
 
-def silu_and_mul(x: torch.Tensor, *, library: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x [T, 2n] contiguous (gate, then up) -> silu(gate) * up [T, n]."""
+def silu_and_mul(x: torch.Tensor, n: int | None = None, out: torch.Tensor | None = None, *,
+                 library: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x [T, >= 2n] (gate in columns [0, n), up in [n, 2n); rows may be strided) -> silu(gate) *
+    up [T, n], into `out` if given (rows may be strided).  n defaults to half of x's width."""
     tokens, width = x.shape
-    if width % 2 or not x.is_contiguous():
-        raise ValueError(f"x must be contiguous [T, 2n], got {tuple(x.shape)}")
-    _check_same(x)
-    out = torch.empty(tokens, width // 2, dtype=x.dtype)
-    _call(library, "silu_and_mul", x.data_ptr(), out.data_ptr(), tokens, width // 2, DTYPE_CODES[x.dtype],
-          torch.get_num_threads())
+    n = width // 2 if n is None else n
+    if x.stride(1) != 1 or 2 * n > width or (n == width // 2 and width % 2):
+        raise ValueError(f"x must be [T, >= 2n] with contiguous rows, got {tuple(x.shape)} strides {x.stride()}")
+    _check_same(x, out)
+    if out is None:
+        out = torch.empty(tokens, n, dtype=x.dtype)
+    elif out.shape != (tokens, n) or out.stride(1) != 1:
+        raise ValueError(f"out must be [{tokens}, {n}] with contiguous rows, got {tuple(out.shape)}")
+    _call(library, "silu_and_mul", x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), tokens, n,
+          DTYPE_CODES[x.dtype], torch.get_num_threads())
     return out
 
 

@@ -68,6 +68,10 @@ struct Problem {
   const int32_t* block_tables;
   int64_t block_table_stride;
   const int32_t* seq_lens;
+  // Query heads each sequence uses per KV group (nullptr: all of them).  An elastic level keeps
+  // the first r heads of every group (engine/model/layers/attention.py): the kernel attends for
+  // those and writes zeros for the rest, so a row at a third of the heads costs about a third.
+  const int32_t* group_heads;
   void* out;
   int num_q_heads, num_kv_heads, head_dim, block_size;
   float scale;
@@ -110,10 +114,13 @@ struct Task {
   const T* values;         // V rows likewise
   const T* query;          // the group's query rows, head_dim apart
   T* out;                  // the group's output rows, head_dim apart
+  int live;                // query heads of the group this sequence uses (the first ones)
 
   Task(const Problem& pb, int seq, int kv_head) {
     const int group = pb.num_q_heads / pb.num_kv_heads;
     len = pb.seq_lens[seq];
+    live = pb.group_heads == nullptr ? group : pb.group_heads[seq];
+    live = live < 0 ? 0 : live > group ? group : live;  // a last guard: the caller does not check
     blocks = pb.block_tables + seq * pb.block_table_stride;
     row_stride = static_cast<int64_t>(pb.num_kv_heads) * pb.head_dim;
     keys = static_cast<const T*>(pb.key_cache) + kv_head * pb.head_dim;
@@ -128,7 +135,7 @@ struct Task {
 template <typename T, int kVecs>
 void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHeadDim], float* scores,
                 int64_t capacity, float* max_score) {
-  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
+  const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   for (int g = 0; g < group; g++) max_score[g] = -3.0e38f;
   for (int start = 0; start < task.len; start += pb.block_size) {
     const int64_t first_slot = static_cast<int64_t>(task.blocks[start / pb.block_size]) * pb.block_size;
@@ -168,7 +175,7 @@ void sum_values(const Problem& pb, const Task<T>& task, const float* weights, in
                 const float* inverse_sum) {
   constexpr int kHeads = heads_per_pass<kVecs>();
   constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
-  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
+  const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   for (int g0 = 0; g0 < group; g0 += kHeads) {
     const int heads = group - g0 < kHeads ? group - g0 : kHeads;
     Vec acc[kHeads][kRowVecs];
@@ -201,7 +208,10 @@ void sum_values(const Problem& pb, const Task<T>& task, const float* weights, in
 template <typename T, int kVecs>
 void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t capacity) {
   const Task<T> task(pb, seq, kv_head);
-  const int group = pb.num_q_heads / pb.num_kv_heads, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
+  const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
+  const int64_t dead = static_cast<int64_t>(pb.num_q_heads / pb.num_kv_heads - group) * pb.head_dim;
+  std::memset(task.out + group * pb.head_dim, 0, dead * sizeof(T));  // heads the level drops
+  if (group == 0) return;
   alignas(64) float q[kMaxGroup][kMaxHeadDim];
   for (int g = 0; g < group; g++)
     for (int v = 0; v < vecs; v++)
@@ -250,15 +260,18 @@ const char* engine_cpu_kernel_isa(void) { return ENGINE_CPU_ISA; }
 
 // Returns 0 on success, -1 for shapes or dtypes the kernel does not handle (the caller checks
 // first; this is a last guard against reading out of bounds).
+// group_heads: nullptr, or [num_seqs] query heads per KV group each sequence uses (the first
+// ones of each group; each in 0 .. num_q_heads / num_kv_heads).
 int paged_decode_attention(const void* query, int64_t query_stride, const void* key_cache, const void* value_cache,
                            const int32_t* block_tables, int64_t block_table_stride, const int32_t* seq_lens,
-                           void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim,
+                           const int32_t* group_heads, void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim,
                            int block_size, float scale, int dtype, int num_threads) {
   if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > kMaxGroup ||
       head_dim % 16 != 0 || head_dim > kMaxHeadDim || head_dim <= 0 || block_size <= 0)
     return -1;
   return with_storage_type(dtype, [&](auto element, DType type) {
-    const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens, out,
+    const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens,
+                     group_heads, out,
                      num_q_heads, num_kv_heads, head_dim, block_size, scale, type};
     attend_all_dims<decltype(element)>(pb, num_seqs, num_threads);
   });

@@ -36,11 +36,16 @@ def _handles(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, out: torch.Tensor | None = None, *,
+                           group_heads: torch.Tensor | None = None,
                            library: ctypes.CDLL | None = None) -> torch.Tensor:
     """query [B, Hq, D] (one token per sequence; rows may be strided views),
     kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [B, max_blocks] int32,
-    seq_lens [B] int32 (each >= 1) -> out [B, Hq, D]."""
+    seq_lens [B] int32 (each >= 1) -> out [B, Hq, D].  `group_heads` [B] int32: each sequence
+    attends with only the first group_heads[i] query heads of every KV group (an elastic level's
+    heads, engine/model/layers/attention.py); the others' outputs are zeros.  None: every head."""
     _check(query, kv_cache, block_tables, seq_lens)
+    if group_heads is not None:
+        _check_group_heads(group_heads, query.shape[0])
     if out is None:
         out = torch.empty_like(query)
     elif out.shape != query.shape or out.dtype != query.dtype or not out.is_contiguous():
@@ -55,7 +60,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
     status = library.paged_decode_attention(
         query.data_ptr(), query.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
-        block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), num_seqs, num_q_heads,
+        block_tables.stride(0), seq_lens.data_ptr(),
+        0 if group_heads is None else group_heads.data_ptr(), out.data_ptr(), num_seqs, num_q_heads,
         kv_cache.shape[3], head_dim, kv_cache.shape[2], head_dim ** -0.5, DTYPE_CODES[query.dtype],
         torch.get_num_threads())
     if status != 0:
@@ -81,3 +87,11 @@ def _check(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
         raise ValueError("block_tables must be 2-D with contiguous rows, seq_lens contiguous")
     if block_tables.shape[0] < query.shape[0] or seq_lens.shape[0] < query.shape[0]:
         raise ValueError("block_tables and seq_lens need a row per query sequence")
+
+
+def _check_group_heads(group_heads: torch.Tensor, num_seqs: int) -> None:
+    # Counts outside [0, group] are clamped by the kernel: no check of the values on this hot path.
+    if group_heads.dtype != torch.int32 or group_heads.dim() != 1 or not group_heads.is_contiguous():
+        raise ValueError("group_heads must be a contiguous 1-D int32 tensor")
+    if group_heads.shape[0] < num_seqs:
+        raise ValueError("group_heads needs a count per query sequence")

@@ -25,14 +25,17 @@ inline Vec silu(Vec g) {
   return numerator * reciprocal_1_to_2(splat(1.0f) + e);
 }
 
+// Rows may be strided (x_stride, out_stride elements apart): an elastic level's gate/up slice is
+// followed by its side path's columns, and the output row leaves room for them.
 template <typename T>
-void activate(const void* x, void* out, int64_t tokens, int64_t n, DType dtype, int num_threads) {
+void activate(const void* x, int64_t x_stride, void* out, int64_t out_stride, int64_t tokens, int64_t n, DType dtype,
+              int num_threads) {
   // exp per element: worth a second thread from about 16K elements on (a 32-row decode step has 49K)
 #pragma omp parallel for num_threads(num_threads) if (tokens * n >= (1 << 14))
   for (int64_t t = 0; t < tokens; t++) {
-    const T* gate = static_cast<const T*>(x) + t * 2 * n;
+    const T* gate = static_cast<const T*>(x) + t * x_stride;
     const T* up = gate + n;
-    T* row = static_cast<T*>(out) + t * n;
+    T* row = static_cast<T*>(out) + t * out_stride;
     for (int64_t i = 0; i < n; i += kLanes) {
       const Mask live = lanes(n - i);
       const Vec activated = round_to(dtype, silu(load(gate + i, dtype, live)));
@@ -44,9 +47,11 @@ void activate(const void* x, void* out, int64_t tokens, int64_t n, DType dtype, 
 }  // namespace
 
 // x [tokens, 2n] and out [tokens, n], contiguous.  Returns 0, or -1 for a dtype it does not handle.
-extern "C" int silu_and_mul(const void* x, void* out, int64_t tokens, int64_t n, int dtype, int num_threads) {
+extern "C" int silu_and_mul(const void* x, int64_t x_stride, void* out, int64_t out_stride, int64_t tokens, int64_t n,
+                            int dtype, int num_threads) {
+  if (x_stride < 2 * n || out_stride < n) return -1;
   return with_storage_type(dtype, [&](auto element, DType type) {
-    activate<decltype(element)>(x, out, tokens, n, type, num_threads);
+    activate<decltype(element)>(x, x_stride, out, out_stride, tokens, n, type, num_threads);
   });
 }
 

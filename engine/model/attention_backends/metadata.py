@@ -65,6 +65,11 @@ class AttentionBackend(Protocol):
     """Writes this step's K/V into the paged cache, then attends each query over its context."""
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """query [T, Hq, D], key/value [T, Hkv, D], kv_cache as above -> output [T, Hq, D]."""
+                kv_cache: torch.Tensor, meta: AttentionMetadata,
+                group_heads: torch.Tensor | None = None) -> torch.Tensor:
+        """query [T, Hq, D], key/value [T, Hkv, D], kv_cache as above -> output [T, Hq, D].
+
+        `group_heads` [T] int32 or None: row t reads only the outputs of the first group_heads[t]
+        query heads of each KV group (an elastic level's, engine/model/layers/attention.py).  A
+        backend may skip the other heads (their outputs are then unspecified) or compute them."""
         ...

@@ -17,12 +17,14 @@ class NativeCpuAttentionBackend(TorchAttentionBackend):
     def __init__(self) -> None:
         self._supported: dict[tuple, bool] = {}
 
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                group_heads: torch.Tensor | None = None) -> torch.Tensor:
         key = (tuple(kv_cache.shape), kv_cache.dtype, query.shape[1])
         if key not in self._supported:
             self._supported[key] = supports(kv_cache, query.shape[1])
         if not self._supported[key]:
-            return super()._decode(query, kv_cache, meta)
+            return super()._decode(query, kv_cache, meta, group_heads)
         if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
             query = query.contiguous()
-        return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens)
+        # The decode rows come first, so their group_heads are the first num_decodes entries.
+        return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, group_heads=group_heads)

@@ -34,20 +34,23 @@ class TorchAttentionBackend:
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, meta: AttentionMetadata,
+                group_heads: torch.Tensor | None = None) -> torch.Tensor:
+        # group_heads: this path computes every head (the reference); prefill rows always do.
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         if meta.num_decodes == meta.num_seqs:
-            return self._decode(query, kv_cache, meta)
+            return self._decode(query, kv_cache, meta, group_heads)
         output = torch.empty_like(query)
         num_decode_tokens = meta.num_decodes
         if num_decode_tokens:
-            output[:num_decode_tokens] = self._decode(query[:num_decode_tokens], kv_cache, meta)
+            output[:num_decode_tokens] = self._decode(query[:num_decode_tokens], kv_cache, meta, group_heads)
         for seq in range(meta.num_decodes, meta.num_seqs):
             start, end = meta.query_start_loc_cpu[seq], meta.query_start_loc_cpu[seq + 1]
             output[start:end] = self._prefill(query[start:end], kv_cache, meta, seq)
         return output
 
-    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                group_heads: torch.Tensor | None = None) -> torch.Tensor:
         buckets = _decode_buckets(meta, kv_cache.shape[3], kv_cache.shape[4], kv_cache.dtype)
         if len(buckets) == 1:
             return self._decode_bucket(query, kv_cache, meta, buckets[0])

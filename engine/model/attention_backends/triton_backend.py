@@ -17,7 +17,8 @@ from engine.model.attention_backends.metadata import AttentionMetadata
 
 class TritonAttentionBackend:
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, meta: AttentionMetadata,
+                group_heads: torch.Tensor | None = None) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D] -> output [T, Hq, D]."""
         kv_cache_write(key, value, kv_cache, meta.slot_mapping)
         output = torch.empty_like(query)

@@ -28,30 +28,42 @@ class Attention(nn.Module):
         self.rank_major = rank_major
         self.scorer = scorer
 
-    def forward(self, qkv: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """qkv [T, (Hq + 2 Hkv) D], the fused projection's output -> [T, Hq D]."""
-        q, k, v = self._rotated_heads(qkv, batch)
-        num_tokens, group = qkv.shape[0], self.num_heads // self.num_kv_heads
+    def forward(self, qkv: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch,
+                group_heads: torch.Tensor | None = None, ranks: int | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """qkv [T, (Hq + 2 Hkv) D], the fused projection's output (rows may be strided) -> [T, Hq D],
+        into `out` if given (rows may be strided).  Elastic models only:
+          `group_heads` [T] int32: row t reads only its first group_heads[t] head ranks (the
+            backend may skip the rest, AttentionBackend.forward); None: all;
+          `ranks`: every row keeps this many head ranks, and qkv carries only their query heads
+            (Hq = ranks x Hkv): the other heads are not computed at all."""
+        group = self.num_heads // self.num_kv_heads if ranks is None else ranks
+        num_heads = group * self.num_kv_heads
+        q, k, v = self._rotated_heads(qkv, batch, num_heads)
+        num_tokens = qkv.shape[0]
         if self.rank_major:
             q = q.unflatten(1, (group, self.num_kv_heads)).transpose(1, 2).reshape(q.shape)
-        out = self.backend.forward(q, k, v, kv_cache, batch.attention)
+        heads = self.backend.forward(q, k, v, kv_cache, batch.attention, group_heads)
         if self.scorer is not None and batch.kept is not None:
             self.scorer.add_scores(q, kv_cache, batch)  # after the backend wrote this step's K
         if self.rank_major:
-            out = out.view(num_tokens, self.num_kv_heads, group, self.head_dim).transpose(1, 2)
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+            heads = heads.view(num_tokens, self.num_kv_heads, group, self.head_dim).transpose(1, 2)
+        if out is None:
+            return heads.reshape(num_tokens, num_heads * self.head_dim)
+        out.view(num_tokens, *heads.shape[1:]).copy_(heads)
+        return out
 
-    def _rotated_heads(self, qkv: torch.Tensor, batch: ForwardBatch
+    def _rotated_heads(self, qkv: torch.Tensor, batch: ForwardBatch, num_heads: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         num_tokens, head_dim = qkv.shape[0], self.head_dim
-        heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, head_dim)
-        q = heads[:, : self.num_heads]
-        k = heads[:, self.num_heads: self.num_heads + self.num_kv_heads]
-        v = heads[:, self.num_heads + self.num_kv_heads:]
+        heads = qkv.view(num_tokens, num_heads + 2 * self.num_kv_heads, head_dim)
+        q = heads[:, :num_heads]
+        k = heads[:, num_heads: num_heads + self.num_kv_heads]
+        v = heads[:, num_heads + self.num_kv_heads:]
         rope = batch.rope
         if self.native_rope:
             # Q and K heads are adjacent in each row: one call rotates both, in place.
-            layer_ops.rotary_embedding_(heads[:, : self.num_heads + self.num_kv_heads], rope.cos, rope.sin)
+            layer_ops.rotary_embedding_(heads[:, : num_heads + self.num_kv_heads], rope.cos, rope.sin)
             return q, k, v
         return apply_rotary(q, *rope.full()), apply_rotary(k, *rope.full()), v
 

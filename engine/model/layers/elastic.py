@@ -19,16 +19,24 @@ for all the rows that use it:
 so each weight column is read once a step whatever the mix (gate/up: out[:n, a:b] = x[:n] @
 W[a:b]^T; down and o_proj: y[:n] += h[:n, a:b] @ W[:, a:b]^T).  Tiles with equal row counts
 merge, so a batch at one level is one tile: the plain prefix GEMM.
+
+That is how weights with views run (dense and quantized).  A weight prepacked for oneDNN has no
+views, and a call costs ~15 us whatever its size, so there each level keeps its whole slice
+prepacked and the rows of a level run it in one call: level groups (Linear.runs_level_groups),
+a level's columns read once per level present rather than once a step.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.model.forward_batch import ElasticRows
+from engine.model.layers.linear import SliceExtension
 
 Tile = tuple[int, int, int]  # (num_rows, start column, end column)
 
@@ -69,20 +77,80 @@ class SidePath:
 
 
 @dataclass(frozen=True)
+class FoldedSidePaths:
+    """Every level's side path of one block, stacked so that they ride in the block's own GEMMs
+    (level slices, Linear.forward_level): the levels' lora_a appended to the first linear's output
+    rows (QKV, gate/up), their lora_b to the second's input columns (o_proj, down).  The first
+    GEMM then yields every level's side-path hidden; a row keeps its own level's columns, the
+    others are zeroed (fill_hidden), and its level's bias is added to the second's output.
+    PERF: as calls of their own the side paths took ~5 small ops a block and a level (~2.5 ms of
+    a 32-row decode step at level 40); here they cost a product and, for mixed rows, a bias add."""
+
+    lora_a: torch.Tensor | None  # [sum of ranks, hidden]
+    lora_b: torch.Tensor | None  # [hidden, sum of ranks]
+    masks: torch.Tensor  # [levels, sum of ranks]: 1 on each level's own columns
+    biases: tuple[torch.Tensor | None, ...]  # per level index
+    bias_table: torch.Tensor | None  # [levels, hidden] the biases, zeros where a level has none
+
+    @classmethod
+    def stack(cls, paths: Sequence[SidePath | None]) -> FoldedSidePaths:
+        low_rank = [p for p in paths if p is not None and p.lora_a is not None]
+        ranks = [0 if p is None or p.lora_a is None else p.lora_a.shape[0] for p in paths]
+        # Explicit device: models are built under a meta-device context, these tables are not weights.
+        device = next((t.device for p in paths if p is not None for t in (p.lora_a, p.bias) if t is not None), "cpu")
+        masks = torch.zeros(len(paths), sum(ranks), device=device)
+        for index, (start, rank) in enumerate(zip(itertools.accumulate([0, *ranks]), ranks)):
+            masks[index, start:start + rank] = 1
+        biases = tuple(None if p is None else p.bias for p in paths)
+        some_bias = next((b for b in biases if b is not None), None)
+        bias_table = None if some_bias is None else torch.stack([some_bias.new_zeros(some_bias.shape) if b is None else b
+                                                                  for b in biases])
+        return cls(lora_a=torch.cat([p.lora_a for p in low_rank]) if low_rank else None,
+                   lora_b=torch.cat([p.lora_b for p in low_rank], dim=1) if low_rank else None,
+                   masks=masks, biases=biases, bias_table=bias_table)
+
+    @property
+    def size(self) -> int:
+        return self.masks.shape[1]
+
+    def extensions(self) -> tuple[SliceExtension | None, SliceExtension | None]:
+        """What the block's first and second linear append to every level slice."""
+        if self.lora_a is None:
+            return None, None
+        return SliceExtension(self.lora_a), SliceExtension(self.lora_b)
+
+    def fill_hidden(self, stacked: torch.Tensor, out: torch.Tensor, levels: RowLevels) -> None:
+        """out [T, size] <- `stacked` [T, size] on each row's own level's columns, zeros elsewhere."""
+        if self.size:
+            masks = self.masks.to(stacked.dtype)  # PERF: a [levels, ranks] cast, no copy when already so
+            torch.mul(stacked, masks[levels.single] if levels.single is not None else masks[levels.rows.row_levels],
+                      out=out)
+
+    def bias_of_one_level(self, levels: RowLevels) -> torch.Tensor | None:
+        """The bias to hand the second GEMM: its level's, when the rows are of one level."""
+        return None if levels.single is None else self.biases[levels.single]
+
+    def add_biases(self, out: torch.Tensor, levels: RowLevels) -> None:
+        """Rows of several levels: each row's level's bias (in place)."""
+        if levels.single is None and self.bias_table is not None:
+            out += self.bias_table[levels.rows.row_levels]
+
+
+@dataclass(frozen=True)
 class BlockElasticity:
     """One block of one layer across the levels (index 0 = the full model)."""
 
     widths: tuple[int, ...]  # columns each level keeps: FFN neurons, or query-head slots x head_dim
     side_paths: tuple[SidePath | None, ...]  # per level index; None at the full level
 
-    def bounds(self, offset: int = 0) -> tuple[int, ...]:
-        """Where this block's tiles start and end (column_tiles cuts at level widths), + offset."""
-        return tuple(sorted({offset, *(offset + width for width in self.widths)}))
-
     @property
     def is_whole(self) -> bool:
         """Every level runs the whole block with no side path (an anchor layer's blocks)."""
         return all(width == self.widths[0] for width in self.widths) and all(p is None for p in self.side_paths)
+
+    @functools.cached_property
+    def folded(self) -> FoldedSidePaths:
+        return FoldedSidePaths.stack(self.side_paths)
 
     def add_side_paths(self, out: torch.Tensor, x: torch.Tensor, rows: ElasticRows) -> None:
         """Each level's side path on its own rows (level order, in place)."""
@@ -96,3 +164,28 @@ class BlockElasticity:
 class LayerElasticity:
     ffn: BlockElasticity
     attention: BlockElasticity
+
+
+@dataclass(frozen=True)
+class RowLevels:
+    """A step's rows as one block's level-slice path sees them (batch order throughout)."""
+
+    rows: ElasticRows | None  # None: every row at the full level
+    single: int | None  # the level index every row is at, None when they mix
+    widest: int  # the widest (lowest) level index present
+
+    @classmethod
+    def of(cls, rows: ElasticRows | None) -> RowLevels:
+        if rows is None:
+            return cls(None, 0, 0)
+        present = [index for index, start, end in rows.level_groups()]
+        return cls(rows, present[0] if len(present) == 1 else None, present[0])
+
+
+def zero_dropped_columns(x: torch.Tensor, levels: RowLevels, widths: Sequence[int]) -> None:
+    """Rows computed at the widest level present: zero the columns each narrower row's level
+    drops (neurons, or query-head slots), so that the next GEMM reads none of them."""
+    if levels.single is None:
+        row_widths = levels.rows.per_row(tuple(widths))
+        columns = torch.arange(x.shape[1], device=x.device)
+        x.masked_fill_(columns[None, :] >= row_widths[:, None], 0)

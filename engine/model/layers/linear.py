@@ -60,19 +60,62 @@ class TileBounds:
         return list(zip(self.bounds[index[start]:index[end]], self.bounds[index[start] + 1:index[end] + 1]))
 
 
+@dataclass(frozen=True)
+class ElasticSlices:
+    """Which part of an elastic linear's weight each level runs.  Along `axis` (rows: out features,
+    gate/up and q; columns: in features, down and o_proj), a level of width w keeps [s, s + w) of
+    every elastic part starting at s in `part_starts` (gate and up: two parts), and the `fixed`
+    range whole (a fused QKV's K and V rows).  The widths are non-increasing by level index, the
+    first the whole part, so level 0 keeps the whole weight in its stored order."""
+
+    axis: str  # "rows" or "columns"
+    part_starts: tuple[int, ...]
+    widths: tuple[int, ...]  # per level index
+    fixed: tuple[int, int] | None = None  # [start, end) every level keeps
+
+    def index(self, width: int) -> torch.Tensor:
+        """[kept] int64: the rows or columns a level of this width keeps, in stored order."""
+        ranges = [torch.arange(start, start + width) for start in self.part_starts]
+        if self.fixed is not None:
+            ranges.append(torch.arange(*self.fixed))
+        return torch.cat(ranges)
+
+    @property
+    def tile_bounds(self) -> TileBounds:
+        """The bounds column tiles (engine/model/layers/elastic.py) cut this weight at."""
+        bounds = {start + width for start in self.part_starts for width in (0, *self.widths)}
+        return TileBounds(self.axis, tuple(sorted(bounds | set(self.fixed or ()))))
+
+
+@dataclass(frozen=True)
+class SliceExtension:
+    """What every level slice of an elastic linear appends (engine/model/layers/elastic.py,
+    FoldedSidePaths): along axis rows, `weight` [extra, in] as output rows after the slice's;
+    along axis columns, `weight` [out, extra] as input columns after the slice's.  So the levels'
+    recovery side paths ride in the block's own GEMMs instead of calls of their own."""
+
+    weight: torch.Tensor
+
+    def size(self, axis: str) -> int:
+        return self.weight.shape[0 if axis == "rows" else 1]
+
+
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, plan: ComputePlan,
-                 tile_bounds: TileBounds | None = None) -> None:
-        """`tile_bounds`: elastic levels run row or column ranges of the weight (forward_rows /
-        forward_columns) that start and end on these bounds; None for a plain linear."""
+                 elastic: ElasticSlices | None = None, extension: SliceExtension | None = None) -> None:
+        """`elastic`: what each elastic level runs of this weight, as column tiles (forward_rows /
+        forward_columns) or as one level's whole slice (forward_level); None for a plain linear.
+        `extension`: what every level slice appends (forward_level only)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.plan = plan
-        self.tile_bounds = tile_bounds
+        self.elastic = elastic
+        self.tile_bounds = None if elastic is None else elastic.tile_bounds
+        self.extension = extension
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.dense: torch.Tensor | None = None
         self.packed: torch.Tensor | None = None
-        self.packed_segments: dict[tuple[int, int], torch.Tensor] | None = None
+        self.packed_levels: dict[int, torch.Tensor] | None = None  # width -> its slice + extension, prepacked
         self.quantized: QuantizedWeight | None = None
 
     def load(self, weight: LinearWeight) -> None:
@@ -88,9 +131,12 @@ class Linear(nn.Module):
                 return
             weight = dequantize(weight).to(self.plan.dtype)
         if self.plan.prepack_bf16 and weight.dtype == torch.bfloat16:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            if self.tile_bounds is not None:
-                self.packed_segments = _pack_segments(weight, self.tile_bounds)
+            if self.elastic is None:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                return
+            # No plain whole weight: steps past dense_above_rows run level slices, the full
+            # level's included (runs_level_slices), so the extension costs no second copy.
+            self.packed_levels = _pack_levels(weight, self.elastic, self.extension)
             return
         self.dense = weight
 
@@ -106,17 +152,54 @@ class Linear(nn.Module):
             return self._quantized_kernel(x.shape[0])(x, self.quantized, self.bias)
         if self.packed is not None:
             return _packed_linear(x, self.packed, self.bias)
+        if self.packed_levels is not None:
+            return self._forward_full_level(x)
         return F.linear(x, self.dense, self.bias)
 
-    # Elastic tiles (engine/model/layers/elastic.py): a row or column range of the weight.  Dense
-    # and quantized weights give it as a view, never a copy.  A prepacked weight has no views, so
-    # a tiled linear also keeps each segment between its tile bounds prepacked on its own (the
-    # segments partition the weight: one more copy of it, made once at load); steps whose rows
-    # all run the whole weight take the whole packed one (forward).
-    # PERF (2-vCPU Sapphire Rapids, bf16, one thread): gate + up + down at a 576-neuron prefix,
-    # 16 rows: 204 us from packed segments against 321 us from dense views, which oneDNN re-lays
-    # out on every call (the whole layer prepacked: 438 us).  A tile made of many thin segments
-    # pays ~25 us a GEMM call: 12 segments of the whole gate/up took 597 us against 296 us whole.
+    def _forward_full_level(self, x: torch.Tensor) -> torch.Tensor:
+        """An elastic linear with only level slices, every row at the full level: the full slice,
+        its extension idle (axis rows: outputs past out_features dropped, a strided view; axis
+        columns: zeros in the extension's inputs).  Plain steps of this many rows come here only
+        while the block's other linear runs quantized blocks (a few rows, llama.elastic_path)."""
+        full = self.elastic.widths[0]
+        if self.extension is None:
+            return self.forward_level(x, full)
+        if self.elastic.axis == "rows":
+            return self.forward_level(x, full)[:, :self.out_features]
+        padding = x.new_zeros(x.shape[0], self.extension.size("columns"))
+        return self.forward_level(torch.cat([x, padding], dim=1), full)
+
+    # Elastic levels run in one of two ways (engine/model/layers/elastic.py), chosen by
+    # runs_level_slices:
+    #   - column tiles: a row or column range of the weight, which dense and quantized weights
+    #     give as a view, never a copy; each weight column is read once a step whatever the mix;
+    #   - level groups: a prepacked weight has no views, so it keeps each level's whole slice
+    #     prepacked (packed_levels, made once at load: the sum of the levels' widths, ~4.4x the
+    #     tiled layers on SmolLM2's six levels), and the rows of each level run theirs in one call.
+    # PERF (2-vCPU Sapphire Rapids, bf16, two threads, quiet): a oneDNN call costs ~15 us
+    # whatever its size (gate/up at 32 rows: 85 us whole, 37 us at 640 neurons, 26 us at 384).
+    # Tiles from segments prepacked one by one cost a call per segment plus the copies that
+    # gather them: a uniform level-40 batch of 32 ran 0.92x the full model's decode.
+
+    def runs_level_slices(self, num_rows: int) -> bool:
+        """Whether a step of this many rows runs each level's prepacked slice (forward_level)
+        rather than column tiles."""
+        return self.packed_levels is not None and not self._runs_quantized(num_rows)
+
+    def forward_level(self, x: torch.Tensor, width: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, kept inputs (+ extension columns)] @ the slice of a level of this width -> [n, kept
+        outputs (+ extension rows)], in ElasticSlices.index order (gate then up, Q then K and V),
+        one oneDNN call; `bias` [out] is added (the linear's own bias too, where it has one)."""
+        return _packed_linear(x, self.packed_levels[width], self._slice_bias(width, bias))
+
+    def _slice_bias(self, width: int, extra: torch.Tensor | None) -> torch.Tensor | None:
+        if self.bias is None:
+            return extra
+        own = self.bias
+        if self.elastic.axis == "rows":  # the slice's own rows, zeros for the extension's
+            size = 0 if self.extension is None else self.extension.size("rows")
+            own = torch.cat([own.index_select(0, self.elastic.index(width)), own.new_zeros(size)])
+        return own if extra is None else own + extra
 
     def forward_rows(self, x: torch.Tensor, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, in] @ W[start:end]^T (+ bias[start:end]) -> [n, end - start], into `out` if given
@@ -124,8 +207,6 @@ class Linear(nn.Module):
         bias = None if self.bias is None else self.bias[start:end]
         if self._runs_quantized(x.shape[0]):
             return self._quantized_kernel(x.shape[0])(x, self.quantized.rows(start, end), bias, out)
-        if self.packed_segments is not None:
-            return self._packed_rows(x, start, end, out)
         weight = self.dense[start:end]
         if out is None:
             return F.linear(x, weight, bias)
@@ -138,36 +219,22 @@ class Linear(nn.Module):
         (the caller sums tiles and adds it once)."""
         if self._runs_quantized(x.shape[0]):
             return self._quantized_kernel(x.shape[0])(x, self.quantized.columns(start, end))
-        if self.packed_segments is not None:
-            total = None
-            for a, b in self.tile_bounds.segments(start, end):
-                part = _packed_linear(x[:, a - start:b - start].contiguous(), self.packed_segments[a, b], None)
-                total = part if total is None else total.add_(part)
-            return total
         return F.linear(x, self.dense[:, start:end])
-
-    def _packed_rows(self, x: torch.Tensor, start: int, end: int, out: torch.Tensor | None) -> torch.Tensor:
-        if out is None:
-            out = x.new_empty(x.shape[0], end - start)
-        for a, b in self.tile_bounds.segments(start, end):
-            bias = None if self.bias is None else self.bias[a:b]
-            out[:, a - start:b - start] = _packed_linear(x, self.packed_segments[a, b], bias)
-        return out
 
     def _quantized_kernel(self, num_rows: int):
         return quantized_linear_q8 if self.plan.runs_q8(num_rows) else quantized_linear
 
     def _runs_quantized(self, num_rows: int) -> bool:
-        """A tile runs quantized unless this step is past dense_above_rows and a dense form
-        (dense views or packed segments) is there."""
-        has_dense_tiles = self.dense is not None or self.packed_segments is not None
-        return self.quantized is not None and (not has_dense_tiles or self.plan.dense_above_rows is None
+        """An elastic step runs quantized unless it is past dense_above_rows and a dense form
+        (dense views or packed level slices) is there."""
+        has_dense_form = self.dense is not None or self.packed_levels is not None
+        return self.quantized is not None and (not has_dense_form or self.plan.dense_above_rows is None
                                                or num_rows <= self.plan.dense_above_rows)
 
     def extra_repr(self) -> str:
         forms = [f"quantized {self.quantized.format.name}"] if self.quantized is not None else []
         forms += ["prepacked"] if self.packed is not None else ["dense"] if self.dense is not None else []
-        forms += [f"{len(self.packed_segments)} prepacked segments"] if self.packed_segments else []
+        forms += [f"{len(self.packed_levels)} prepacked level slices"] if self.packed_levels else []
         form = " + ".join(forms)
         return f"in_features={self.in_features}, out_features={self.out_features}, {form}"
 
@@ -203,12 +270,18 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _pack_segments(weight: torch.Tensor, bounds: TileBounds) -> dict[tuple[int, int], torch.Tensor]:
-    def segment(a: int, b: int) -> torch.Tensor:
-        return (weight[a:b] if bounds.axis == "rows" else weight[:, a:b]).contiguous()
+def _pack_levels(weight: torch.Tensor, elastic: ElasticSlices, extension: SliceExtension | None
+                 ) -> dict[int, torch.Tensor]:
+    """Width -> the slice a level of that width runs, the extension appended, prepacked."""
+    axis = 0 if elastic.axis == "rows" else 1
 
-    return {(a, b): torch.ops.mkldnn._reorder_linear_weight(segment(a, b), None)
-            for a, b in zip(bounds.bounds, bounds.bounds[1:])}
+    def pack(width: int) -> torch.Tensor:
+        sliced = weight.index_select(axis, elastic.index(width))
+        if extension is not None:
+            sliced = torch.cat([sliced, extension.weight.to(weight.dtype)], dim=axis)
+        return torch.ops.mkldnn._reorder_linear_weight(sliced.contiguous(), None)
+
+    return {width: pack(width) for width in dict.fromkeys(elastic.widths)}
 
 
 def in_plan_format(weight: LinearWeight, plan: ComputePlan) -> LinearWeight:
@@ -244,7 +317,7 @@ def _layer_weights(module: nn.Module) -> list[torch.Tensor]:
     for layer in module.modules():
         if isinstance(layer, Linear):
             tensors += [t for t in (layer.dense, layer.packed) if t is not None]
-            tensors += list((layer.packed_segments or {}).values())
+            tensors += list((layer.packed_levels or {}).values())
             if layer.quantized is not None:
                 tensors.append(layer.quantized.blocks)
         elif isinstance(layer, VocabEmbedding) and layer.table is not None:
