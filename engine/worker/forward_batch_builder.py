@@ -77,12 +77,14 @@ def _elastic_rows(scheduled: list[ScheduledRequest], counts: np.ndarray, elastic
         return None
     row_levels = np.repeat(request_levels, counts)
     rows_upto = np.cumsum(np.bincount(row_levels, minlength=len(elastic_levels)))
+    upto = tuple(rows_upto.tolist())
     if np.all(row_levels[:-1] <= row_levels[1:]):
-        return ElasticRows(order=None, inverse=None, rows_upto=tuple(rows_upto.tolist()))
+        return ElasticRows(order=None, inverse=None, rows_upto=upto, row_levels=to_device(row_levels))
     order = np.argsort(row_levels, kind="stable")
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.shape[0])
-    return ElasticRows(order=to_device(order), inverse=to_device(inverse), rows_upto=tuple(rows_upto.tolist()))
+    return ElasticRows(order=to_device(order), inverse=to_device(inverse), rows_upto=upto,
+                       row_levels=to_device(row_levels))
 
 
 def _block_tables(tables: list[list[int]]) -> np.ndarray:
