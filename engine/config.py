@@ -43,6 +43,9 @@ class ModelConfig:
     elastic: str = "auto"
     elastic_checkpoint: str | None = None  # a checkpoint directory; None = the user cache's
     elastic_level: int = 100  # level for requests that name none (one of the checkpoint's levels)
+    # Requests that name no level and no prompt_keep leave both to the SLO policy ("auto",
+    # engine/scheduler/elastic_choice.py) instead of taking elastic_level and the default keep.
+    elastic_auto: bool = False
 
     def __post_init__(self) -> None:
         _require(self.elastic in ELASTIC_MODES, f"elastic must be one of {ELASTIC_MODES}, got {self.elastic!r}")

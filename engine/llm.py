@@ -22,11 +22,12 @@ class LLM:
                  kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
                  enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
                  attention_backend: str = "auto", device: str = "cpu", elastic: str = "auto",
-                 elastic_checkpoint: str | None = None, elastic_level: int = 100,
+                 elastic_checkpoint: str | None = None, elastic_level: int = 100, elastic_auto: bool = False,
                  prompt_pruning: PromptPruningConfig | None = None) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format, max_model_len=max_model_len,
-                              elastic=elastic, elastic_checkpoint=elastic_checkpoint, elastic_level=elastic_level),
+                              elastic=elastic, elastic_checkpoint=elastic_checkpoint, elastic_level=elastic_level,
+                              elastic_auto=elastic_auto),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

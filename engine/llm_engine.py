@@ -8,17 +8,21 @@ import time
 from dataclasses import dataclass, field, replace
 
 from engine.config import PROMPT_SCORINGS, ConfigError, EngineConfig, SchedulerConfig
+from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.loading import load_elastic_checkpoint
+from engine.elastic.quality_table import load_quality_table
 from engine.elastic.spec import FULL_LEVEL
 from engine.kv.kv_cache_groups import KVCacheGroups
 from engine.model.loader import resolve_model, load_tokenizer
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
-from engine.profiling import profile_step_costs
+from engine.profiling import profile_level_costs, profile_step_costs
 from engine.prompt_pruning import PrunePlan, stage_fractions
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepCostModel, features_of
+from engine.scheduler.elastic_choice import AUTO, KEEP_LADDER, ElasticChoice
+from engine.scheduler.knob_costs import KnobCosts
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.scheduler.policy import FCFSPolicy
 from engine.scheduler.policy_factory import make_policy
@@ -77,9 +81,12 @@ class LLMEngine:
         # The step cost model, for policies that predict step times: profiled now by running real
         # steps (under FCFS, with no request yet), then refined from every step the engine runs.
         self.cost_model: StepCostModel | None = None
+        self.knob_costs: KnobCosts | None = None  # what elastic levels and pruning save (slo policy only)
+        choice = None
         if scheduler_config.policy == "slo":
             self.cost_model = self._profile_cost_model()
-        self.scheduler.policy = make_policy(scheduler_config, self.cost_model)
+            choice = self._elastic_choice(elastic)
+        self.scheduler.policy = make_policy(scheduler_config, self.cost_model, choice)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         logger.info("engine ready: model=%s dtype=%s weights=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
@@ -90,20 +97,29 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
                     arrival_time: float | None = None, priority: int = 0, slo: SLOTarget | None = None,
-                    elastic_level: int | None = None, prompt_keep: float | None = None,
-                    prompt_scoring: str | None = None) -> None:
+                    elastic_level: int | str | None = None, prompt_keep: float | str | None = None,
+                    prompt_scoring: str | None = None, min_level: int | None = None,
+                    min_prompt_keep: float | None = None) -> None:
         """Queue a request.  Raises InvalidRequestError for a request the engine cannot serve, and
         AdmissionRejected when the scheduling policy refuses it (an unreachable latency target).
-        `elastic_level`: the submodel it runs (None: the engine's default level).  `prompt_keep`:
-        the fraction of a long prompt the layers past the prune layer compute (None: the default);
-        `prompt_scoring`: "attention" or "random" (the baseline; None: the engine's setting)."""
+        `elastic_level`: the submodel it runs (None: the engine's default level; "auto": the SLO
+        policy's choice each step, never below `min_level`).  `prompt_keep`: the fraction of a
+        long prompt the layers past the prune layer compute (None: the default; "auto": the SLO
+        policy's choice on arrival, never below `min_prompt_keep`); `prompt_scoring`: "attention"
+        or "random" (the baseline; None: the engine's setting).  With --elastic-auto, a request
+        that names neither level nor keep leaves both to the policy."""
         if request_id in self.outputs.parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        level = self._resolve_elastic_level(elastic_level)
+        if self.config.model.elastic_auto and elastic_level is None and prompt_keep is None:
+            elastic_level = prompt_keep = AUTO
+        level, level_auto = self._resolve_elastic_level(elastic_level)
+        floors = self._elastic_floors(min_level, min_prompt_keep)
         prompt_token_ids = self._prompt_token_ids(prompt)
-        prune_plan = self._prune_plan(len(prompt_token_ids), prompt_keep, prompt_scoring)
+        keep_options = self._keep_options(len(prompt_token_ids), prompt_keep, floors[1], prompt_scoring)
+        prune_plan = keep_options[max(keep_options)]
         if params.prompt_logprobs is not None:
-            prune_plan = None  # every prompt row must reach the LM head to be scored
+            keep_options = {1.0: None}  # every prompt row must reach the LM head to be scored
+            prune_plan = None
         max_tokens = self._resolve_max_tokens(len(prompt_token_ids), params.max_tokens)
         arrival_time = time.time() if arrival_time is None else arrival_time
         slo_defaults = self.config.scheduler.slo
@@ -113,7 +129,9 @@ class LLMEngine:
                             sampling_params=params if params.n == 1 else params.for_child(i),
                             max_tokens=max_tokens, eos_token_ids=self.tokenizer.stop_token_ids,
                             arrival_time=arrival_time, priority=priority, slo=slo, elastic_level=level,
-                            prune_plan=prune_plan)
+                            prune_plan=prune_plan, prompt_keep=max(keep_options), elastic_auto=level_auto,
+                            min_level=floors[0], min_prompt_keep=floors[1],
+                            keep_options=keep_options if len(keep_options) > 1 else None)
                     for i in range(params.n)]
         self.scheduler.add_requests(children)
         self.outputs.add(request_id, prompt if isinstance(prompt, str) else None, children)
@@ -129,21 +147,52 @@ class LLMEngine:
             raise ConfigError(f"elastic_level {level} is not one of the model's levels {list(levels)}")
         return level
 
-    def _resolve_elastic_level(self, requested: int | None) -> int:
+    def _resolve_elastic_level(self, requested: int | str | None) -> tuple[int, bool]:
+        """(the level to start at, whether the SLO policy chooses it from then on)."""
         levels = self.elastic_levels
         if requested is None:
-            return self.default_elastic_level
+            return self.default_elastic_level, False
+        if requested == AUTO:
+            if levels is None:
+                raise InvalidRequestError(f"elastic level \"auto\" asked of {self.model_name}, which is not elastic "
+                                          "(serve it with --elastic on)", "elastic.level")
+            return levels[0], True  # the full model until the policy chooses
+        return self._model_level(requested, "elastic.level"), False
+
+    def _model_level(self, requested: object, field: str) -> int:
+        levels = self.elastic_levels
         if isinstance(requested, bool) or not isinstance(requested, int):
-            raise InvalidRequestError(f"elastic.level must be an integer, got {requested!r}", "elastic.level")
+            raise InvalidRequestError(f"{field} must be an integer level or \"auto\", got {requested!r}", field)
         if levels is None:
             if requested == FULL_LEVEL:
                 return requested
             raise InvalidRequestError(f"elastic level {requested} asked of {self.model_name}, which is not elastic "
-                                      "(serve it with --elastic on)", "elastic.level")
+                                      "(serve it with --elastic on)", field)
         if requested not in levels:
             raise InvalidRequestError(f"unknown elastic level {requested}; {self.model_name} has levels "
-                                      f"{list(levels)}", "elastic.level")
+                                      f"{list(levels)}", field)
         return requested
+
+    def _elastic_floors(self, min_level: int | None, min_prompt_keep: float | None) -> tuple[int | None, float | None]:
+        """The request's quality floors for the SLO policy's choice, checked."""
+        if min_level is not None:
+            min_level = self._model_level(min_level, "elastic.min_level")
+        if min_prompt_keep is not None and (isinstance(min_prompt_keep, bool) or not isinstance(min_prompt_keep, int | float)
+                                            or not 0 < min_prompt_keep <= 1):
+            raise InvalidRequestError(f"elastic.min_prompt_keep must be a number in (0, 1], got {min_prompt_keep!r}",
+                                      "elastic.min_prompt_keep")
+        return min_level, min_prompt_keep
+
+    def _keep_options(self, num_prompt_tokens: int, prompt_keep: float | str | None, min_keep: float | None,
+                      scoring: str | None) -> dict[float, PrunePlan | None]:
+        """prompt_keep -> prune plan: the one keep asked for, or for "auto" every keep of the
+        choice's ladder at or above the floor (only the whole prompt where pruning is off)."""
+        if prompt_keep != AUTO:
+            keep = self.config.prompt_pruning.default_keep if prompt_keep is None else prompt_keep
+            return {keep if isinstance(keep, int | float) else 1.0: self._prune_plan(num_prompt_tokens, keep, scoring)}
+        ladder = KEEP_LADDER if self.runner.prune_layers else (1.0,)
+        allowed = [keep for keep in ladder if min_keep is None or keep >= min_keep] or [1.0]
+        return {keep: self._prune_plan(num_prompt_tokens, keep, scoring) for keep in allowed}
 
     def _prune_plan(self, num_prompt_tokens: int, prompt_keep: float | None,
                     scoring: str | None = None) -> PrunePlan | None:
@@ -215,7 +264,7 @@ class LLMEngine:
         start = time.perf_counter()
         runner_output = self.runner.execute(scheduler_output)
         if self.cost_model is not None and not scheduler_output.is_empty:
-            self.cost_model.observe(features_of(scheduler_output), time.perf_counter() - start)
+            self._observe_step(scheduler_output, time.perf_counter() - start)
         progressed = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.stats.num_pruned_prompt_tokens_total += sum(
             s.request.prune_plan.num_pruned_tokens for s in scheduler_output.scheduled
@@ -279,6 +328,31 @@ class LLMEngine:
         last step."""
         return replace(self.stats, num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
                        kv_cache_usage=self.kv.usage, num_rejected_total=dict(self.scheduler.num_rejected_total))
+
+    def _observe_step(self, scheduler_output: SchedulerOutput, elapsed_s: float) -> None:
+        """Refine the step cost model (full-model steps) and the knob costs from a step: a step
+        below the full level informs its level's fraction, and the cost model sees what the step
+        would have taken at the full level."""
+        features = features_of(scheduler_output)
+        level = max(s.elastic_level for s in scheduler_output.scheduled)  # the widest row sets the cost
+        if self.knob_costs is not None and level != FULL_LEVEL and level in self.knob_costs.decode_fraction:
+            is_decode = features.num_prefill_seqs == 0
+            self.knob_costs.observe(level, is_decode, self.cost_model.predict_s(features), elapsed_s)
+            elapsed_s /= self.knob_costs.fraction(level, is_decode)
+        self.cost_model.observe(features, elapsed_s)
+
+    def _elastic_choice(self, checkpoint: ElasticCheckpoint | None) -> ElasticChoice | None:
+        """How the slo policy picks settings for auto requests: each level's measured cost
+        fractions (profiled now) and the quality table; None when the model has no knob."""
+        prune_layers = self.runner.prune_layers
+        if checkpoint is None and not prune_layers:
+            return None
+        shares = stage_fractions(prune_layers, len(self.runner.model.layers)) if prune_layers else ()
+        levels = self.elastic_levels or (FULL_LEVEL,)
+        start = time.perf_counter()
+        self.knob_costs = profile_level_costs(self, levels, shares)
+        logger.info("elastic knob costs profiled in %.1f s: %s", time.perf_counter() - start, self.knob_costs.as_dict())
+        return ElasticChoice(self.knob_costs, load_quality_table(None if checkpoint is None else checkpoint.directory))
 
     def _profile_cost_model(self) -> StepCostModel:
         start = time.perf_counter()

@@ -51,6 +51,8 @@ class ParentState:
                              outputs=[s.completion() for s in self.samples], finished=self.finished,
                              metrics=first, sample_metrics=[s.request.metrics for s in self.samples],
                              elastic_level=self.samples[0].request.elastic_level,
+                             prompt_keep=self.samples[0].request.prompt_keep,
+                             elastic_auto=self.samples[0].request.elastic_auto,
                              prompt_logprobs=self.prompt_logprobs,
                              num_prompt_tokens_computed_in_full=self.samples[0].request.num_prompt_tokens_computed_in_full)
 

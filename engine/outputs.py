@@ -61,6 +61,8 @@ class RequestOutput:
     # metrics of each of the n samples (same order as outputs) for per-sample latency stats
     sample_metrics: list[RequestMetrics] = field(default_factory=list)
     elastic_level: int = 100  # the submodel its last step ran (engine/elastic/spec.py)
+    prompt_keep: float = 1.0  # the fraction of its prompt pruning kept (1.0: whole, or not pruned)
+    elastic_auto: bool = False  # the server chose its level (and keep) under the load (issue #15)
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs asked for them
     # Prompt tokens that ran every layer: all of them, unless prompt pruning kept fewer.
     num_prompt_tokens_computed_in_full: int | None = None

@@ -25,7 +25,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from engine.elastic.spec import FULL_LEVEL
 from engine.request import Request
+from engine.scheduler.knob_costs import KnobCosts
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepFeatures, StepSample, features_of_chunks
 from engine.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
@@ -148,6 +150,27 @@ def profile_step_costs(engine: ProfiledEngine, steps: Sequence[ProfileStep] | No
                 for step in runnable]
 
 
+def profile_level_costs(engine: ProfiledEngine, levels: Sequence[int], prune_stage_shares: Sequence[float] = (),
+                        *, num_repeats: int = 2) -> KnobCosts:
+    """Each elastic level's decode and prefill step time over the full level's
+    (engine/scheduler/knob_costs.py): a decode step of up to 32 rows at ~256 tokens of context and
+    a prefill chunk of up to 256 tokens, each run at every level, fastest of `num_repeats`.
+    About a second for SmolLM2's six levels here.  The engine must be idle."""
+    seats, budget = engine.scheduler.max_num_seqs, engine.scheduler.max_num_batched_tokens
+    steps = {True: ProfileStep("decode", ragged_decodes(min(32, seats), 256)),
+             False: ProfileStep("prefill", (prefill(min(256, budget)),))}
+    fractions: dict[bool, dict[int, float]] = {True: {}, False: {}}
+    with _scattered_free_blocks(engine.kv):
+        for is_decode, step in steps.items():
+            if not _fits(engine, step):
+                fractions[is_decode] = {level: 1.0 for level in levels}
+                continue
+            _run_step(engine, step)  # warm-up
+            times = {level: min(_run_step(engine, step, level) for _ in range(num_repeats)) for level in levels}
+            fractions[is_decode] = {level: min(times[level] / times[levels[0]], 2.0) for level in levels}
+    return KnobCosts(tuple(levels), fractions[True], fractions[False], tuple(prune_stage_shares))
+
+
 @contextmanager
 def _scattered_free_blocks(kv: KVCacheGroups, seed: int = 0) -> Iterator[None]:
     """Make the next allocations draw blocks scattered over the whole pool, as they are once real
@@ -173,12 +196,13 @@ def _fits(engine: ProfiledEngine, step: ProfileStep) -> bool:
     return blocks <= engine.kv.num_free_blocks and step.max_position <= engine.max_model_len
 
 
-def _run_step(engine: ProfiledEngine, step: ProfileStep) -> float:
-    """Seconds `runner.execute` takes on this step; the step's KV blocks are freed after."""
+def _run_step(engine: ProfiledEngine, step: ProfileStep, level: int = FULL_LEVEL) -> float:
+    """Seconds `runner.execute` takes on this step (every row at elastic `level`); the step's KV
+    blocks are freed after."""
     scheduled = []
     try:
         for i, chunk in enumerate(step.chunks):
-            scheduled.append(_scheduled_chunk(engine, f"profile-{i}", chunk))
+            scheduled.append(_scheduled_chunk(engine, f"profile-{i}", chunk, level))
         scheduled.sort(key=lambda s: s.num_scheduled_tokens != 1)  # decodes first, as the runner expects
         output = SchedulerOutput(scheduled=scheduled, num_batched_tokens=step.features.num_scheduled_tokens)
         start = time.perf_counter()
@@ -189,7 +213,8 @@ def _run_step(engine: ProfiledEngine, step: ProfileStep) -> float:
             engine.kv.free(item.request.request_id)
 
 
-def _scheduled_chunk(engine: ProfiledEngine, request_id: str, chunk: ProfileChunk) -> ScheduledRequest:
+def _scheduled_chunk(engine: ProfiledEngine, request_id: str, chunk: ProfileChunk,
+                     level: int = FULL_LEVEL) -> ScheduledRequest:
     end = chunk.num_computed_tokens + chunk.num_scheduled_tokens
     # A chunk that does not sample stops short of the request's last token.
     num_tokens = end if chunk.samples else end + 1
@@ -202,6 +227,7 @@ def _scheduled_chunk(engine: ProfiledEngine, request_id: str, chunk: ProfileChun
     return ScheduledRequest(request=request, num_computed_tokens=chunk.num_computed_tokens,
                             num_scheduled_tokens=chunk.num_scheduled_tokens,
                             block_ids=engine.kv.block_table(request_id), samples=chunk.samples,
+                            elastic_level=level,
                             new_request=NewRequestData.of(request),
                             kept_block_ids=engine.kv.kept_block_tables(request_id),
                             num_kept_computed_tokens=(chunk.num_computed_tokens,) * engine.kv.num_stages,

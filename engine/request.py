@@ -78,6 +78,14 @@ class Request:
     elastic_level: int = FULL_LEVEL
     # Which prompt tokens the deep layers skip (engine/prompt_pruning.py); None: not pruned.
     prune_plan: PrunePlan | None = None
+    prompt_keep: float = 1.0  # the prompt_keep its prune plan was made for (1.0: whole)
+    # Settings left to the server (issue #15, engine/scheduler/elastic_choice.py): the SLO policy
+    # sets elastic_level each step and picks prompt_keep (one of keep_options' plans) on arrival,
+    # never below the floors.
+    elastic_auto: bool = False
+    min_level: int | None = None
+    keep_options: dict[float, PrunePlan | None] | None = None  # prompt_keep -> its plan; None: fixed keep
+    min_prompt_keep: float | None = None
     # The prompt positions the runner kept at each prune layer, once it has scored the prompt: a
     # recompute after a preemption runs exactly these again instead of scoring anew.
     kept_prompt_positions: tuple[tuple[int, ...], ...] | None = None
@@ -122,8 +130,17 @@ class Request:
     @property
     def kv_cache_salt(self) -> bytes:
         """What besides its tokens the request's KV depends on, for the prefix cache's keys: KV
-        written by one elastic level is never reused by another."""
+        written by one elastic level is never reused by another.  An auto request's level moves
+        between steps, so its blocks mix levels: they are salted apart from every fixed level's,
+        and serve only other auto requests."""
+        if self.elastic_auto:
+            return b"elastic-level=auto"
         return b"" if self.elastic_level == FULL_LEVEL else f"elastic-level={self.elastic_level}".encode()
+
+    def choose_prompt_keep(self, keep: float) -> None:
+        """Fix an auto request's prompt_keep (before any of its KV is allocated)."""
+        assert self.keep_options is not None and self.num_computed_tokens == 0
+        self.prompt_keep, self.prune_plan = keep, self.keep_options[keep]
 
     @property
     def needs_prompt_logprobs(self) -> bool:

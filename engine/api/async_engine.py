@@ -44,8 +44,9 @@ class _Add:
     priority: int
     slo: SLOTarget | None
     arrival_time: float
-    elastic_level: int | None = None
-    prompt_keep: float | None = None
+    elastic_level: int | str | None = None
+    prompt_keep: float | str | None = None
+    floors: tuple[int | None, float | None] = (None, None)  # min_level, min_prompt_keep
 
 
 @dataclass(slots=True)
@@ -163,16 +164,18 @@ class AsyncEngine:
 
     def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0,
                  slo: SLOTarget | None = None, arrival_time: float | None = None,
-                 elastic_level: int | None = None, prompt_keep: float | None = None) -> RequestGroup:
+                 elastic_level: int | str | None = None, prompt_keep: float | str | None = None,
+                 floors: tuple[int | None, float | None] = (None, None)) -> RequestGroup:
         """Queue sub-requests (request_id, prompt_token_ids, params) and return their outputs.
-        `arrival_time` (time.time()) is when the HTTP request came in; now if not given."""
+        `arrival_time` (time.time()) is when the HTTP request came in; now if not given.
+        `floors`: (min_level, min_prompt_keep) for settings left to the server ("auto")."""
         self._check_capacity(len(requests))
         stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         arrival_time = time.time() if arrival_time is None else arrival_time
         for index, (request_id, prompt_token_ids, params) in enumerate(requests):
             self._streams[request_id] = (stream, index)
             self._commands.put(_Add(request_id, prompt_token_ids, params, priority, slo, arrival_time, elastic_level,
-                                    prompt_keep))
+                                    prompt_keep, floors))
         self._num_adds_queued += len(requests)
         self._wakeup.set()
         return RequestGroup(self, [request_id for request_id, _, _ in requests], stream)
@@ -239,7 +242,8 @@ class AsyncEngine:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
                                         arrival_time=command.arrival_time, priority=command.priority,
                                         slo=command.slo, elastic_level=command.elastic_level,
-                                        prompt_keep=command.prompt_keep)
+                                        prompt_keep=command.prompt_keep, min_level=command.floors[0],
+                                        min_prompt_keep=command.floors[1])
                 self._num_samples[command.request_id] = command.params.n
                 batch.append((command.request_id, ACCEPTED))
             except AdmissionRejected as e:  # the scheduling policy refused it: come back later

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +42,14 @@ def buckets_1_2_5(max_value: int) -> list[float]:
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, max_model_len: int, max_num_batched_tokens: int = 8192) -> None:
+    def __init__(self, model_name: str, max_model_len: int, max_num_batched_tokens: int = 8192,
+                 elastic_levels: Sequence[int] = (100,), prompt_keeps: Sequence[float] = (1.0,)) -> None:
+        """`elastic_levels`, `prompt_keeps`: the series of the per-level and per-keep counters to
+        export from the start (others appear when first used)."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         self._add_gauges_and_counters()
-        self._add_labelled_counters()
+        self._add_labelled_counters(elastic_levels, prompt_keeps)
         self._add_histograms(max_model_len, max_num_batched_tokens)
         self.stat_logger = StatLogger()
         self._last_totals: dict[str, int] = {}  # engine-side running totals already exported
@@ -75,7 +79,7 @@ class EngineMetrics:
         self.slo_attained = self._counter("engine:slo_attained", "Finished requests that met every latency target.")
         self.slo_violated = self._counter("engine:slo_violated", "Finished requests that missed a latency target.")
 
-    def _add_labelled_counters(self) -> None:
+    def _add_labelled_counters(self, elastic_levels: Sequence[int], prompt_keeps: Sequence[float]) -> None:
         """Counters with a second label; every known series is exported from the start."""
         self._requests_rejected = Counter("engine:requests_rejected", "Requests the scheduling policy refused.",
                                           ["model_name", "reason"], registry=self.registry)
@@ -88,6 +92,13 @@ class EngineMetrics:
         self._elastic_tokens = Counter("engine:elastic_generation_tokens",
                                        "Tokens generated, by the elastic level that generated them.",
                                        ["model_name", "level"], registry=self.registry)
+        self._prompt_keep = Counter("engine:elastic_prompt_keep_requests",
+                                    "Finished requests, by the prompt_keep their prompt ran at (1: whole).",
+                                    ["model_name", "keep"], registry=self.registry)
+        for level in elastic_levels:
+            self._elastic_tokens.labels(self.model_name, str(level))
+        for keep in prompt_keeps:
+            self._prompt_keep.labels(self.model_name, f"{keep:g}")
 
     def _add_histograms(self, max_model_len: int, max_num_batched_tokens: int) -> None:
         token_buckets = buckets_1_2_5(max_model_len)
@@ -195,6 +206,7 @@ class EngineMetrics:
     def _record_finished(self, output: RequestOutput, index: int, now: float) -> None:
         completion = output.outputs[index]
         self._request_success.labels(self.model_name, completion.finish_reason).inc()
+        self._prompt_keep.labels(self.model_name, f"{output.prompt_keep:g}").inc()
         self.request_prompt_tokens.observe(len(output.prompt_token_ids))
         self.request_generation_tokens.observe(len(completion.token_ids))
         metrics = _sample_metrics(output, index)

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -39,12 +39,16 @@ class SLOField(msgspec.Struct, kw_only=True):
 
 
 class ElasticField(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Which elastic submodel serves the request (this engine's extension; engine/elastic/)."""
+    """Which elastic submodel serves the request (this engine's extension; engine/elastic/).
+    "auto" leaves a knob to the slo policy, which picks the best quality the request's latency
+    targets allow under the load, never below the floors (engine/scheduler/elastic_choice.py)."""
 
-    level: int | None = None
+    level: int | Literal["auto"] | None = None
     # The fraction of a long prompt the layers past the prune layer compute (engine/prompt_pruning.py);
     # checked by the engine, so that a bad value is a 400 naming `elastic.prompt_keep`.
-    prompt_keep: float | None = None
+    prompt_keep: float | Literal["auto"] | None = None
+    min_level: int | None = None  # floors for "auto"
+    min_prompt_keep: float | None = None
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -127,7 +131,8 @@ class UsageInfo(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-    elastic_level: int | None = None  # the submodel that served it, on an elastic model
+    elastic_level: int | None = None  # the submodel that served it (its last step), on an elastic model
+    prompt_keep: float | None = None  # the fraction of the prompt pruning kept (1.0: whole)
     # Prompt tokens that ran every layer (fewer than prompt_tokens when prompt pruning dropped some).
     prompt_tokens_computed_in_full: int | None = None
 

@@ -37,7 +37,9 @@ from engine.api.serving_common import check_model, check_prompt_token_ids, run_u
 from engine.api.serving_completions import create_completion
 from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
     MLFQConfig, ModelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
+from engine.elastic.spec import FULL_LEVEL
 from engine.prompt_pruning import parse_prune_layers
+from engine.scheduler.elastic_choice import KEEP_LADDER
 
 logger = logging.getLogger("engine.api")
 
@@ -205,6 +207,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--elastic-checkpoint", default=None, help="elastic checkpoint directory (default: the cache's)")
     parser.add_argument("--elastic-level", type=int, default=ModelConfig.elastic_level,
                         help="elastic level of requests that name none (100: the full model)")
+    parser.add_argument("--elastic-auto", action="store_true",
+                        help="requests that name no elastic level or prompt_keep leave both to the slo policy, "
+                             "which picks the best quality their latency targets allow under the current load")
     parser.add_argument("--prompt-keep", type=float, default=PromptPruningConfig.default_keep,
                         help="fraction of a long prompt the layers past the prune layer compute, for requests "
                              "that name none (1: no pruning; elastic.prompt_keep per request)")
@@ -266,7 +271,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(model=args.model, dtype=args.dtype, weight_format=args.weight_format,
                           max_model_len=args.max_model_len, served_model_name=args.served_model_name,
                           elastic=args.elastic, elastic_checkpoint=args.elastic_checkpoint,
-                          elastic_level=args.elastic_level),
+                          elastic_level=args.elastic_level, elastic_auto=args.elastic_auto),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
@@ -289,7 +294,8 @@ def run_server(args: argparse.Namespace) -> None:
 
     llm_engine = LLMEngine(config)
     disable_created_metrics()  # no `*_created` series: like vLLM, and half the /metrics size
-    metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens)
+    metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens,
+                            llm_engine.elastic_levels or (FULL_LEVEL,), sorted({1.0, *KEEP_LADDER}, reverse=True))
     metrics.stat_logger.enabled = not args.disable_log_stats
     engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests)
     app = build_app(engine, metrics, args.api_key, engine_on_own_thread=False)

@@ -13,7 +13,7 @@ from engine.api.errors import APIError
 from engine.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                  ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
                                  ChatTokenLogprob, DeltaMessage, TopLogprob, encode, random_id, sse_event)
-from engine.api.serving_elastic import requested_level, requested_prompt_keep
+from engine.api.serving_elastic import requested_floors, requested_level, requested_prompt_keep
 from engine.api.serving_common import (LOGPROB_FLOOR, check_model, collect, prompt_logprobs_body,
                                        resolve_max_tokens, slo_target, streaming_response, to_sampling_params,
                                        usage_of)
@@ -44,7 +44,7 @@ async def create_chat_completion(request: ChatCompletionRequest, engine: AsyncEn
     chat_id = random_id("chatcmpl")
     group = engine.generate([(chat_id, prompt_token_ids, params)], priority=request.priority, slo=slo_target(request),
                             arrival_time=arrival_time, elastic_level=requested_level(request, engine),
-                            prompt_keep=requested_prompt_keep(request))
+                            prompt_keep=requested_prompt_keep(request), floors=requested_floors(request))
     if request.stream:
         try:
             await group.accepted()

@@ -143,10 +143,11 @@ def usage_of(prompt_lengths: list[int], outputs: list[RequestOutput | None]) -> 
     completion_tokens = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
     prompt_tokens = sum(prompt_lengths)
     level = next((o.elastic_level for o in outputs if o is not None), None)
+    keep = next((o.prompt_keep for o in outputs if o is not None), None)
     # One output per prompt (its samples share the prompt and its pruning).
     in_full = sum(length if o is None or o.num_prompt_tokens_computed_in_full is None
                   else o.num_prompt_tokens_computed_in_full for length, o in zip(prompt_lengths, outputs))
-    return UsageInfo(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, level, in_full)
+    return UsageInfo(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, level, keep, in_full)
 
 
 async def collect(group: RequestGroup) -> list[RequestOutput]:

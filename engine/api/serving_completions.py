@@ -19,7 +19,7 @@ from engine.api.async_engine import AsyncEngine, RequestGroup
 from engine.api.errors import APIError
 from engine.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                  encode, random_id, sse_event)
-from engine.api.serving_elastic import requested_level, requested_prompt_keep
+from engine.api.serving_elastic import requested_floors, requested_level, requested_prompt_keep
 from engine.api.serving_common import (LOGPROB_FLOOR, MAX_NUM_PROMPTS, check_model, check_prompt_token_ids,
                                        collect, prompt_logprobs_body, resolve_max_tokens, slo_target,
                                        streaming_response, to_sampling_params, usage_of)
@@ -59,7 +59,7 @@ async def create_completion(request: CompletionRequest, engine: AsyncEngine,
         sub_requests.append((f"{completion_id}-{i}", prompt.token_ids, params))
     group = engine.generate(sub_requests, priority=request.priority, slo=slo_target(request),
                             arrival_time=arrival_time, elastic_level=requested_level(request, engine),
-                            prompt_keep=requested_prompt_keep(request))
+                            prompt_keep=requested_prompt_keep(request), floors=requested_floors(request))
     if request.stream:
         try:
             await group.accepted()

@@ -44,6 +44,10 @@ class RequestRecord:
     error: str | None = None
     arrival_time_s: float = 0.0  # when the arrival process released it
     start_time_s: float = 0.0  # when it was sent: later than arrival while --max-concurrency holds it back
+    # Elastic settings that served it, where the benchmark knows them (in-process replays): the
+    # level of each generated token, and the prompt_keep its prompt ran at.
+    token_levels: list[int] = field(default_factory=list)
+    prompt_keep: float | None = None
 
     @property
     def tpot_s(self) -> float | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -32,12 +32,17 @@ class TraceRequest:
     arrival_time_s: float  # from the start of the replay
     priority: int = 0
     slo: SLOTarget | None = None
+    # LLMEngine.add_request's elastic settings: elastic_level, prompt_keep ("auto" or values), min_level,
+    # min_prompt_keep; empty: the engine's defaults.
+    elastic: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class _Timeline:
     arrival_s: float
     token_times_s: list[float] = field(default_factory=list)
+    token_levels: list[int] = field(default_factory=list)
+    prompt_keep: float | None = None
     num_tokens: int = 0
     error: str | None = None
     finished: bool = False
@@ -77,7 +82,7 @@ def _add(engine: LLMEngine, request_id: str, spec: TraceRequest, start: float,
     params = SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
     try:
         engine.add_request(request_id, spec.prompt_token_ids, params, arrival_time=start + spec.arrival_time_s,
-                           priority=spec.priority, slo=spec.slo)
+                           priority=spec.priority, slo=spec.slo, **spec.elastic)
     except AdmissionRejected as rejection:
         timeline.error = f"rejected: {rejection.reason}"
         return False
@@ -88,6 +93,8 @@ def _record_tokens(timeline: _Timeline, output, now_s: float) -> int:
     """Note the tokens a step produced; 1 if the request finished (for the progress bar)."""
     num_tokens = len(output.outputs[0].token_ids)
     timeline.token_times_s += [now_s] * (num_tokens - timeline.num_tokens)
+    timeline.token_levels += [output.elastic_level] * (num_tokens - timeline.num_tokens)
+    timeline.prompt_keep = output.prompt_keep
     timeline.num_tokens = num_tokens
     if output.finished and not timeline.finished:
         timeline.finished = True
@@ -103,4 +110,5 @@ def _record(spec: TraceRequest, timeline: _Timeline) -> RequestRecord:
     times = timeline.token_times_s
     return RequestRecord(prompt_len=prompt_len, output_len=len(times), ttft_s=times[0] - timeline.arrival_s,
                          itl_s=[b - a for a, b in zip(times, times[1:])], e2el_s=times[-1] - timeline.arrival_s,
-                         arrival_time_s=timeline.arrival_s, start_time_s=timeline.arrival_s)
+                         arrival_time_s=timeline.arrival_s, start_time_s=timeline.arrival_s,
+                         token_levels=timeline.token_levels, prompt_keep=timeline.prompt_keep)

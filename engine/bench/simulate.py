@@ -27,6 +27,7 @@ Built-in cost profiles (`--cost-profile`), and where their numbers come from:
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -46,8 +47,11 @@ from engine.config import SchedulerConfig, SLOConfig
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
-from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of
-from engine.scheduler.output import ModelRunnerOutput, SampledToken, SchedulerOutput
+from engine.elastic.quality_table import DEFAULT_QUALITY
+from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of, features_of_chunks
+from engine.scheduler.elastic_choice import AUTO, KEEP_LADDER, ElasticChoice
+from engine.scheduler.knob_costs import KnobCosts
+from engine.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from engine.scheduler.policy import AdmissionRejected
 from engine.scheduler.policy_factory import make_policy
 from engine.scheduler.scheduler import Scheduler
@@ -127,6 +131,13 @@ class SimRequest:
     arrival_time_s: float = 0.0
     prompt_token_ids: tuple[int, ...] | None = None
     priority: int = 0  # the request field the priority policy orders by
+    slo: SLOTarget | None = None  # its own targets (None: SimConfig's)
+    # Elastic settings, as LLMEngine.add_request takes them: a level or "auto", a prompt_keep or
+    # "auto", and the floors of "auto".  They cost what SimConfig.knob_costs says (issue #15).
+    elastic_level: int | str = 100
+    prompt_keep: float | str = 1.0
+    min_level: int | None = None
+    min_prompt_keep: float | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,9 @@ class SimConfig:
     slo_ttft_ms: float | None = None  # every request's targets (the slo policy schedules by them)
     slo_tpot_ms: float | None = None
     seed: int = 0  # of the random prompt ids
+    # What elastic levels and pruned prompts save (engine/scheduler/knob_costs.py, as the engine
+    # profiled them); None: every setting costs the full model's step.
+    knob_costs: KnobCosts | None = None
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -192,6 +206,8 @@ class _Timeline:
 
     arrival_s: float
     token_times_s: list[float] = field(default_factory=list)
+    token_levels: list[int] = field(default_factory=list)
+    prompt_keep: float = 1.0
     finished_s: float | None = None
     error: str | None = None
 
@@ -204,7 +220,9 @@ class Replica:
         self.cost_model = cost_model
         kv = KVCacheManager(config.num_kv_blocks, config.block_size,
                             enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(kv, make_policy(config.scheduler_config(), cost_model),
+        self.knob_costs = None if config.knob_costs is None else copy.deepcopy(config.knob_costs)
+        choice = None if self.knob_costs is None else ElasticChoice(self.knob_costs, DEFAULT_QUALITY)
+        self.scheduler = Scheduler(kv, make_policy(config.scheduler_config(), cost_model, choice),
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
                                    clock=lambda: self.now)
@@ -229,8 +247,20 @@ class Replica:
         if output.is_empty:
             self.blocked = True  # nothing can run until something changes: only an arrival can
             return
-        self.in_flight = (output, self.now + self.cost_model.predict_s(features_of(output)))
+        self.in_flight = (output, self.now + self.step_s(output))
         self.num_steps += 1
+
+    def step_s(self, output: SchedulerOutput) -> float:
+        """The cost model's step time, scaled by the knobs: a pruned prompt's prefill chunks count
+        their full-model-equivalent tokens, and the step runs at its widest row's level."""
+        costs = self.knob_costs
+        if costs is None:
+            return self.cost_model.predict_s(features_of(output))
+        chunks = [(s.num_computed_tokens, _pruned_tokens(s, costs), s.samples) for s in output.scheduled]
+        features = features_of_chunks(chunks)
+        level = max(s.elastic_level for s in output.scheduled)
+        fraction = costs.fraction(level, features.num_prefill_seqs == 0) if level in costs.decode_fraction else 1.0
+        return self.cost_model.predict_s(features) * fraction
 
     def end_step(self) -> list[Request]:
         output, self.now = self.in_flight
@@ -303,15 +333,34 @@ def _arrive(replica: Replica, index: int, spec: SimRequest, timeline: _Timeline,
     request = Request(request_id=str(index), prompt_token_ids=list(token_ids),
                       sampling_params=SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True),
                       max_tokens=spec.output_len, arrival_time=now, priority=spec.priority,
-                      slo=config.slo_target())
+                      slo=spec.slo or config.slo_target(), **_elastic_fields(spec))
     try:
         replica.scheduler.add_request(request)
     except AdmissionRejected as rejection:
         timeline.error = f"rejected: {rejection}"
 
 
+def _elastic_fields(spec: SimRequest) -> dict:
+    """Request fields of the spec's elastic settings.  Pruned prompts keep one KV group here (no
+    prune plan): only their cost is simulated (Replica.step_s)."""
+    level_auto, keep_auto = spec.elastic_level == AUTO, spec.prompt_keep == AUTO
+    keeps = [k for k in KEEP_LADDER if spec.min_prompt_keep is None or k >= spec.min_prompt_keep] or [1.0]
+    return {"elastic_level": 100 if level_auto else spec.elastic_level, "elastic_auto": level_auto,
+            "min_level": spec.min_level, "min_prompt_keep": spec.min_prompt_keep,
+            "prompt_keep": 1.0 if keep_auto else spec.prompt_keep,
+            "keep_options": dict.fromkeys(keeps) if keep_auto and len(keeps) > 1 else None}
+
+
+def _pruned_tokens(scheduled: ScheduledRequest, costs: KnobCosts) -> int:
+    """A chunk's full-model-equivalent tokens: a pruned prompt's prefill costs keep_fraction."""
+    n, keep = scheduled.num_scheduled_tokens, scheduled.request.prompt_keep
+    return n if n == 1 or keep >= 1.0 else max(2, round(n * costs.keep_fraction(keep)))
+
+
 def _on_token(request: Request, timeline: _Timeline, now: float) -> None:
     timeline.token_times_s.append(now)
+    timeline.token_levels.append(request.elastic_level)
+    timeline.prompt_keep = request.prompt_keep
     if request.is_finished:
         timeline.finished_s = now
 
@@ -333,7 +382,8 @@ def _record(spec: SimRequest, timeline: _Timeline) -> RequestRecord:
                              start_time_s=timeline.arrival_s)
     return RequestRecord(prompt_len=spec.prompt_len, output_len=len(times), ttft_s=times[0] - timeline.arrival_s,
                          itl_s=np.diff(times).tolist(), e2el_s=timeline.finished_s - timeline.arrival_s,
-                         arrival_time_s=timeline.arrival_s, start_time_s=timeline.arrival_s)
+                         arrival_time_s=timeline.arrival_s, start_time_s=timeline.arrival_s,
+                         token_levels=timeline.token_levels, prompt_keep=timeline.prompt_keep)
 
 
 def make_trace(prompt_lens: Sequence[int], output_lens: Sequence[int], request_rate: float,

@@ -54,6 +54,7 @@ class ElasticCheckpoint:
     head_orders: torch.Tensor  # int64 [num_layers, num_heads]
     # level value -> per layer its corrections (None for anchors); adapters already applied
     corrections: dict[int, list[LayerCorrection | None]] = field(default_factory=dict)
+    directory: Path | None = None  # where it was loaded from (its quality.json lives there too)
 
 
 # Bumped whenever elastify's defaults change what a checkpoint holds (levels, allocation,
@@ -124,7 +125,7 @@ def load_checkpoint(directory: Path, with_adapters: bool = True) -> ElasticCheck
               for kind in ("ffn_order", "head_order")]
     corrections = {level.level: _level_corrections(tensors, level.level, spec.num_layers)
                    for level in spec.levels[1:]}
-    return ElasticCheckpoint(spec, orders[0], orders[1], corrections)
+    return ElasticCheckpoint(spec, orders[0], orders[1], corrections, directory=Path(directory))
 
 
 def _level_corrections(tensors: dict[str, torch.Tensor], level: int, num_layers: int) -> list[LayerCorrection | None]:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from engine.config import SchedulerConfig
 from engine.scheduler.cost_model import StepCostModel
+from engine.scheduler.elastic_choice import ElasticChoice
 from engine.scheduler.mlfq import MLFQPolicy
 from engine.scheduler.policy import FCFSPolicy, PriorityPolicy, SchedulingPolicy
 from engine.scheduler.slo_policy import SLOPolicy
 
 
-def make_policy(config: SchedulerConfig | str, cost_model: StepCostModel | None = None) -> SchedulingPolicy:
-    """The policy a SchedulerConfig names (or a bare name, with default settings)."""
+def make_policy(config: SchedulerConfig | str, cost_model: StepCostModel | None = None,
+                choice: ElasticChoice | None = None) -> SchedulingPolicy:
+    """The policy a SchedulerConfig names (or a bare name, with default settings).  `choice`: the
+    elastic settings of auto requests, for the slo policy (the others run them at the full level)."""
     if isinstance(config, str):
         config = SchedulerConfig(policy=config)
     if config.policy == "fcfs":
@@ -27,5 +30,5 @@ def make_policy(config: SchedulerConfig | str, cost_model: StepCostModel | None 
         if cost_model is None:
             raise ValueError("the slo policy needs a step cost model")
         return SLOPolicy(config.slo, cost_model, max_budget=config.max_num_batched_tokens,
-                         max_num_seqs=config.max_num_seqs)
+                         max_num_seqs=config.max_num_seqs, choice=choice)
     raise ValueError(f"unknown scheduling policy {config.policy!r}")

@@ -34,6 +34,7 @@ from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingP
 
 if TYPE_CHECKING:
     from engine.scheduler.cost_model import StepCostModel
+    from engine.scheduler.elastic_choice import ElasticChoice
 
 # Keep the predicted step time this far under the tightest TPOT target: the model is a fit.
 TPOT_SAFETY = 0.9
@@ -53,11 +54,15 @@ class SLOPolicy(SchedulingPolicy):
     name = "slo"
     displacement = Displacement.PAUSE
 
-    def __init__(self, config: SLOConfig, cost_model: StepCostModel, max_budget: int, max_num_seqs: int) -> None:
+    def __init__(self, config: SLOConfig, cost_model: StepCostModel, max_budget: int, max_num_seqs: int,
+                 choice: ElasticChoice | None = None) -> None:
+        """`choice`: how requests that leave their elastic level or prompt_keep to the server get
+        them (engine/scheduler/elastic_choice.py); None: such requests run the full model whole."""
         self.config = config
         self.cost_model = cost_model
         self.max_budget = max_budget
         self.max_num_seqs = max_num_seqs
+        self.choice = choice
         self._last_budget = max_budget
         self._last_step_s = cost_model.predict_s(StepFeatures.of_chunk(0, max_budget, False))
 
@@ -96,6 +101,71 @@ class SLOPolicy(SchedulingPolicy):
         chunk = max(1, min(num_tokens, self._last_budget))
         return math.ceil(num_tokens / chunk) * self.cost_model.predict_s(StepFeatures.of_chunk(0, chunk, False))
 
+    # ---- elastic settings (engine/scheduler/elastic_choice.py) ---------------------------------
+
+    def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
+        """Choose this step's level for the requests that leave it to the server."""
+        auto = [r for r in (*running, *waiting) if r.elastic_auto]
+        if self.choice is None or not auto:
+            return
+        self.choice.choose_level(self.decode_pressure(running), self.ttft_pressure(running, waiting, now))
+        for request in auto:
+            request.elastic_level = self.choice.level_for(request.min_level)
+
+    def decode_pressure(self, running: Sequence[Request]) -> float:
+        """The predicted full-model step of the running decodes over the tightest of their TPOT
+        targets, with its safety margin (prefill chunks fit in what is left: token_budget)."""
+        decodes = [r for r in running if phase(r) == 0][:self.max_num_seqs]
+        tpot_targets = [t for t in (self.target(r).tpot_s for r in decodes) if t is not None]
+        if not tpot_targets:
+            return 0.0
+        return self.cost_model.predict_s(_decode_features(decodes)) / (min(tpot_targets) * TPOT_SAFETY)
+
+    def ttft_pressure(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> float:
+        """Max over prompts still to prefill, in deadline order, of the full-model prefill time
+        due up to and including each over the time left to its deadline.  Prompts whose target is
+        already lost do not count: they are served as such, and would pin the level down."""
+        due = sorted((r for r in (*running, *waiting) if phase(r) != 0 and not r.best_effort
+                      and math.isfinite(self.deadline(r))), key=self.deadline)
+        pressure, tokens = 0.0, 0
+        for request in due:
+            left_s = self.deadline(request) - now
+            if left_s <= 0:
+                continue
+            tokens += self.prefill_tokens(request)
+            pressure = max(pressure, self.prefill_time_s(tokens) / left_s)
+        return pressure
+
+    def prefill_tokens(self, request: Request) -> float:
+        """Full-model-equivalent prefill tokens the request still needs: its pruned prompt's
+        deep layers run only the kept share (KnobCosts.keep_fraction)."""
+        if self.choice is None or request.prompt_keep >= 1.0:
+            return request.num_tokens_to_compute
+        return request.num_tokens_to_compute * self.choice.costs.keep_fraction(request.prompt_keep)
+
+    def _level_fraction(self, decodes: Sequence[Request]) -> float:
+        """How much cheaper than the full model's this step's rows run: the fraction of the widest
+        level among them (the step runs every row at it; the larger of its decode and prefill
+        fractions, the step being both).  1 without a choice."""
+        if self.choice is None or not decodes:
+            return 1.0
+        costs, widest = self.choice.costs, max(r.elastic_level for r in decodes)
+        if widest not in costs.decode_fraction:
+            return 1.0
+        return max(costs.fraction(widest, True), costs.fraction(widest, False))
+
+    def _choose_prompt_keep(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
+                            now: float) -> None:
+        """An auto prompt_keep: the largest whose predicted first token meets the TTFT target."""
+        deadline = self.deadline(request)
+
+        def fits(keep: float) -> bool:
+            request.choose_prompt_keep(keep)
+            return now + self.first_token_eta_s(request, waiting, running) <= deadline
+
+        keep, _ = self.choice.choose_keep(fits, request.min_prompt_keep, tuple(request.keep_options))
+        request.choose_prompt_keep(keep)
+
     # ---- budget ------------------------------------------------------------------------------
 
     def token_budget(self, running: Sequence[Request], max_budget: int, now: float) -> int:
@@ -106,7 +176,7 @@ class SLOPolicy(SchedulingPolicy):
         if tpot_targets:
             prefill_tokens = self.cost_model.max_chunk_tokens(
                 _decode_features(decodes), num_computed_tokens=0, max_tokens=room,
-                budget_s=min(tpot_targets) * TPOT_SAFETY)
+                budget_s=min(tpot_targets) * TPOT_SAFETY / self._level_fraction(decodes))
         self._last_budget = len(decodes) + min(room, max(prefill_tokens, MIN_PREFILL_TOKENS))
         self._last_step_s = self.cost_model.predict_s(
             _decode_features(decodes) + StepFeatures.of_chunk(0, self._last_budget - len(decodes), False))
@@ -117,6 +187,8 @@ class SLOPolicy(SchedulingPolicy):
     def on_arrival(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
                    now: float) -> None:
         target = self.target(request)
+        if request.keep_options is not None and self.choice is not None:
+            self._choose_prompt_keep(request, waiting, running, now)
         if target.ttft_s is not None:
             eta_s = self.first_token_eta_s(request, waiting, running)
             if now + eta_s > self.deadline(request):
@@ -127,6 +199,8 @@ class SLOPolicy(SchedulingPolicy):
         if target.tpot_s is not None:
             admitted = [r for r in (*waiting, *running) if not r.best_effort]
             demand, supply = self.decode_seat_demand([*admitted, request]), self.decode_seat_supply()
+            if request.elastic_auto and self.choice is not None:  # it may run down to its floor
+                supply /= self.choice.costs.fraction(self.choice.lowest_level(request.min_level), True)
             if demand > MAX_DECODE_SEAT_SHARE * supply:
                 self._refuse(request, TPOT_REJECT_REASON,
                              f"The TPOT target ({1000 * target.tpot_s:.0f} ms) cannot be met: with it the "
@@ -144,9 +218,9 @@ class SLOPolicy(SchedulingPolicy):
         its own, at the prefill rate the current budget leaves.  Seats are not the limit: decodes
         ahead of their TPOT schedule pause for prefills."""
         deadline = self.deadline(request)
-        ahead = sum(r.num_tokens_to_compute for r in (*waiting, *running)
+        ahead = sum(self.prefill_tokens(r) for r in (*waiting, *running)
                     if phase(r) != 0 and not r.best_effort and self.deadline(r) <= deadline)
-        num_tokens = ahead + request.num_prompt_tokens
+        num_tokens = math.ceil(ahead + self.prefill_tokens(request))
         decodes = [r for r in running if phase(r) == 0][:self.max_num_seqs]
         prefill_per_step = max(self._last_budget - len(decodes), MIN_PREFILL_TOKENS)
         step_s = self.cost_model.predict_s(_decode_features(decodes)

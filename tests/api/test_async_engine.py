@@ -43,7 +43,7 @@ class FakeEngine:
         self.num_steps = 0
 
     def add_request(self, request_id, prompt, params, *, arrival_time=None, priority=0, slo=None,
-                    elastic_level=None, prompt_keep=None) -> None:
+                    elastic_level=None, prompt_keep=None, min_level=None, min_prompt_keep=None) -> None:
         self.thread_ids.add(threading.get_ident())
         if prompt == BAD_PROMPT:
             error = ValueError("bad prompt")

@@ -77,3 +77,20 @@ def test_bad_levels_get_a_400_naming_the_field(elastic_server: ServerProcess, le
 def test_conflicting_levels_are_refused(elastic_server: ServerProcess, levels: list[int]) -> None:
     response = complete(elastic_server, model=f"{MODEL_NAME}@{levels[1]}", elastic={"level": levels[2]})
     assert response.status_code == 400 and response.json()["error"]["param"] == "elastic.level"
+
+
+def test_auto_settings_and_their_floors(elastic_server: ServerProcess, levels: list[int]) -> None:
+    """"auto" is accepted everywhere a level or keep is; under a policy that does not choose
+    (fcfs here; the slo policy's choice is tests/llm_engine/test_elastic_auto.py) such a request
+    runs the full model on its whole prompt, and usage says so."""
+    for fields in ({"elastic": {"level": "auto", "prompt_keep": "auto", "min_level": levels[2]}},
+                   {"vllm_xargs": {"elastic_level": "auto", "prompt_keep": "auto"}}):
+        usage = complete(elastic_server, **fields).json()["usage"]
+        assert usage["elastic_level"] == 100 and usage["prompt_keep"] == 1.0
+    assert metric(scrape(elastic_server.base_url), "engine:elastic_prompt_keep_requests_total", keep="1") >= 2
+    for fields, param in (({"elastic": {"level": "auto", "min_level": MISSING_LEVEL}}, "elastic.min_level"),
+                          ({"elastic": {"prompt_keep": "auto", "min_prompt_keep": 1.5}}, "elastic.min_prompt_keep"),
+                          ({"elastic": {"prompt_keep": "half"}}, "elastic.prompt_keep"),
+                          ({"vllm_xargs": {"prompt_keep": "half"}}, "vllm_xargs.prompt_keep")):
+        response = complete(elastic_server, **fields)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text

@@ -1,0 +1,304 @@
+"""The scheduler turning the elastic knobs (issue #15): SLO attainment and quality under load, on
+the real model, for a mix of three request classes, against fixed settings.
+
+Request classes (ShareGPT text; targets set from this machine's measured step times, printed):
+
+    chat      a ShareGPT question, up to --chat-output tokens, tight TPOT, TTFT a few seconds;
+              floor: level >= 70 (perplexity at most ~2.3x the full model's)
+    document  a ~--doc-len-token stretch of ShareGPT text and a question, 16 output tokens,
+              a TTFT target, no TPOT; floor: prompt_keep >= 0.3 (needle recall at 4k tokens equal
+              to the whole prompt's, prompt_pruning.md)
+    batch     a ShareGPT question, --batch-output tokens, loose targets, no floor
+
+Variants, each the same trace at each load (Poisson arrivals at --loads x capacity; capacity is
+this mix's requests/s under FCFS with every request arriving at once, full model):
+
+    fcfs          FCFS, full model, whole prompts
+    slo@L         the slo policy, every request at fixed level L (L = 100 is "slo at the full model")
+    slo auto      the slo policy choosing level and prompt_keep per request and step, within the floors
+
+Reported per load and variant: SLO attainment (the request's own targets), goodput (req/s that met
+them), quality-weighted goodput (req/s that met them at a setting meeting the request's floor:
+level and keep at or above them), mean level (over generated tokens) and prompt_keep (document
+requests), and each run's mean quality (engine/elastic/quality_table.py) for the Pareto plot.
+A load step (rate x2 for --step-seconds, then back) shows auto's level over time.  The simulator
+(engine bench simulate, with the profiled knob costs) replays the same traces: does it rank the
+variants as the real runs do?
+
+    .venv/bin/python benchmarks/slo_elastic.py                  # about 30 minutes here
+    .venv/bin/python benchmarks/slo_elastic.py --num-requests 16 --loads 1.5 --levels 100,40 --skip-step
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine import LLM
+from engine.bench.arrivals import arrival_times
+from engine.bench.datasets import sample_long, sample_sharegpt
+from engine.bench.metrics import RequestRecord, meets_slos
+from engine.bench.replay import TraceRequest, replay_trace
+from engine.bench.simulate import SimConfig, SimRequest, simulate
+from engine.config import SLOConfig
+from engine.elastic.quality_table import DEFAULT_QUALITY
+from engine.request import SLOTarget
+from engine.scheduler.elastic_choice import AUTO
+
+RESULTS = Path(__file__).parent / "results"
+CLASSES = ("chat", "document", "batch")
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    name: str
+    slo: SLOTarget
+    min_level: int | None = None
+    min_prompt_keep: float | None = None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=36, help="per run (a third of each class)")
+    parser.add_argument("--loads", default="0.5,1.0,1.5,2.0")
+    parser.add_argument("--levels", default="100,70,40", help="fixed levels run under the slo policy")
+    parser.add_argument("--chat-output", type=int, default=48)
+    parser.add_argument("--batch-output", type=int, default=96)
+    parser.add_argument("--doc-len", type=int, default=1536)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--step-seconds", type=float, default=30.0)
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "slo_elastic"))
+    return parser.parse_args()
+
+
+def class_specs(llm: LLM, args: argparse.Namespace) -> dict[str, ClassSpec]:
+    """Targets from this machine: the full model's decode step at max_num_seqs rows and a
+    document's whole prefill, as the slo policy's cost model predicts them."""
+    from engine.scheduler.cost_model import features_of_chunks
+
+    cost = llm.engine.cost_model
+    decode_s = cost.predict_s(features_of_chunks([(300, 1, True)] * args.max_num_seqs))
+    doc_prefill_s = llm.engine.scheduler.policy.prefill_time_s(args.doc_len)
+    print(f"full-model decode step at {args.max_num_seqs} rows: {1000 * decode_s:.1f} ms; "
+          f"{args.doc_len}-token prefill: {1000 * doc_prefill_s:.0f} ms")
+    return {"chat": ClassSpec("chat", SLOTarget(ttft_s=3.0, tpot_s=1.5 * decode_s), min_level=70),
+            "document": ClassSpec("document", SLOTarget(ttft_s=3.0 * doc_prefill_s), min_prompt_keep=0.3),
+            "batch": ClassSpec("batch", SLOTarget(ttft_s=60.0, tpot_s=1.0))}
+
+
+def base_trace(llm: LLM, args: argparse.Namespace, specs: dict[str, ClassSpec]) -> list[tuple[str, TraceRequest]]:
+    """The requests, in a seeded mixed order, arrival times still 0."""
+    tokenizer = llm.get_tokenizer()
+    per_class = args.num_requests // 3
+    chats = sample_sharegpt(tokenizer, per_class, seed=args.seed, max_prompt_len=256, fixed_output_len=args.chat_output)
+    batches = sample_sharegpt(tokenizer, per_class, seed=args.seed + 1, max_prompt_len=256,
+                              fixed_output_len=args.batch_output)
+    docs = sample_long(tokenizer, per_class, args.doc_len, 16, seed=args.seed)
+    rows = [(name, sample) for name, samples in (("chat", chats), ("document", docs), ("batch", batches))
+            for sample in samples]
+    random.Random(args.seed).shuffle(rows)
+    return [(name, TraceRequest(s.prompt_token_ids or tokenizer.encode(s.prompt), s.expected_output_len, 0.0,
+                                slo=specs[name].slo))
+            for name, s in rows]
+
+
+def with_variant(trace: list[tuple[str, TraceRequest]], specs: dict[str, ClassSpec], level: int | str,
+                 times: list[float]) -> list[TraceRequest]:
+    out = []
+    for (name, request), t in zip(trace, times):
+        spec = specs[name]
+        elastic: dict[str, Any] = {"elastic_level": level}
+        if level == AUTO:
+            elastic.update(prompt_keep=AUTO, min_level=spec.min_level, min_prompt_keep=spec.min_prompt_keep)
+        out.append(replace(request, arrival_time_s=t, elastic=elastic))
+    return out
+
+
+def meets_floor(spec: ClassSpec, record: RequestRecord) -> bool:
+    level_ok = spec.min_level is None or all(level >= spec.min_level for level in record.token_levels)
+    keep_ok = spec.min_prompt_keep is None or (record.prompt_keep or 1.0) >= spec.min_prompt_keep
+    return level_ok and keep_ok
+
+
+def summarize_run(names: list[str], records: list[RequestRecord], duration_s: float,
+                  specs: dict[str, ClassSpec]) -> dict[str, Any]:
+    met = [meets_slos(r, 1000 * specs[n].slo.ttft_s, None if specs[n].slo.tpot_s is None else 1000 * specs[n].slo.tpot_s)
+           for n, r in zip(names, records)]
+    quality_met = [m and meets_floor(specs[n], r) for m, n, r in zip(met, names, records)]
+    levels = [level for r in records for level in r.token_levels]
+    keeps = [r.prompt_keep or 1.0 for n, r in zip(names, records) if n == "document" and r.success]
+    qualities = [DEFAULT_QUALITY.quality(int(np.mean(r.token_levels)) if r.token_levels else 100, r.prompt_keep or 1.0)
+                 for r in records if r.success]
+    return {"slo_attainment": float(np.mean(met)), "goodput": sum(met) / duration_s,
+            "quality_goodput": sum(quality_met) / duration_s, "mean_level": float(np.mean(levels)) if levels else None,
+            "mean_doc_keep": float(np.mean(keeps)) if keeps else None,
+            "mean_quality": float(np.mean(qualities)) if qualities else None,
+            "failed": sum(not r.success for r in records), "duration_s": duration_s,
+            "by_class": {c: float(np.mean([m for m, n in zip(met, names) if n == c])) for c in CLASSES}}
+
+
+def measure_capacity(llm: LLM, trace: list[tuple[str, TraceRequest]], specs) -> float:
+    records, duration = replay_trace(llm.engine, with_variant(trace, specs, 100, [0.0] * len(trace)),
+                                     desc="capacity (fcfs, all at once)")
+    return sum(r.success for r in records) / duration
+
+
+def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> dict[str, dict[str, Any]]:
+    levels = [int(v) for v in args.levels.split(",")]
+    results: dict[str, dict[str, Any]] = {}
+    names = [name for name, _ in trace]
+    for load in [float(v) for v in args.loads.split(",")]:
+        times = arrival_times(len(trace), load * capacity, seed=args.seed)
+        variants = [("fcfs", "fcfs", 100), *((f"slo@{lv}", "slo", lv) for lv in levels), ("slo auto", "slo", AUTO)]
+        for label, policy, level in variants:
+            llm = llms[policy]
+            if level == AUTO:
+                llm.engine.scheduler.policy.choice.level = 100  # every run starts from the full model
+            records, duration = replay_trace(llm.engine, with_variant(trace, specs, level, times),
+                                             desc=f"{load:.1f}x {label}")
+            results[f"{load}|{label}"] = summarize_run(names, records, duration, specs)
+            sim_records, sim_duration = simulated(llms["slo"], llm, trace, specs, level, times, policy, args)
+            results[f"{load}|{label}"]["sim"] = summarize_run(names, sim_records, sim_duration, specs)
+            print(f"{load:.1f}x {label}: {results[f'{load}|{label}']}", flush=True)
+    return results
+
+
+def simulated(slo_llm: LLM, llm: LLM, trace, specs, level, times, policy: str, args) -> tuple[list, float]:
+    """The same run in the simulator: the slo engine's fitted step cost model and knob costs."""
+    engine = slo_llm.engine
+    config = SimConfig(policy=policy, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
+                       max_num_seqs=args.max_num_seqs, num_kv_blocks=llm.engine.kv.pool.num_blocks,
+                       max_model_len=engine.max_model_len, enable_prefix_caching=False,
+                       knob_costs=engine.knob_costs)
+    requests = [SimRequest(len(r.prompt_token_ids), r.output_len, r.arrival_time_s, slo=r.slo, **r.elastic)
+                for r in with_variant(trace, specs, level, times)]
+    if policy == "fcfs":
+        requests = [replace(r, slo=None) for r in requests]  # fcfs ignores targets; records still judged by them
+    result = simulate(requests, config, engine.cost_model)
+    return result.records, result.duration_s
+
+
+def load_step(llm: LLM, trace, specs, capacity: float, args) -> dict[str, list[float]]:
+    """Auto at 1.0x capacity, doubled for step_seconds, then back: auto's level over time."""
+    engine = llm.engine
+    rng = np.random.default_rng(args.seed)
+    times, t = [], 0.0
+    phases = ((args.step_seconds, 1.0), (args.step_seconds, 2.0), (args.step_seconds, 1.0))
+    start = 0.0
+    for length, factor in phases:
+        while t < start + length:
+            t += rng.exponential(1.0 / (factor * capacity))
+            if t < start + length:
+                times.append(t)
+        start += length
+    requests = [trace[i % len(trace)] for i in range(len(times))]
+    engine.scheduler.policy.choice.level = 100
+    levels_over_time: list[tuple[float, int]] = []
+    policy = engine.scheduler.policy
+    original = policy.prepare_step
+    clock_start = [None]
+
+    def record(running, waiting, now):
+        original(running, waiting, now)
+        clock_start[0] = clock_start[0] or now
+        levels_over_time.append((now - clock_start[0], policy.choice.level))
+
+    policy.prepare_step = record
+    try:
+        replay_trace(engine, with_variant(requests, specs, AUTO, times), desc="load step (auto)")
+    finally:
+        policy.prepare_step = original
+    return {"t": [t for t, _ in levels_over_time], "level": [lv for _, lv in levels_over_time],
+            "phases": [list(p) for p in phases]}
+
+
+def write(results: dict, step: dict | None, capacity: float, specs, args) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"capacity": capacity, "results": results, "step": step,
+                                                    "targets": {n: [s.slo.ttft_s, s.slo.tpot_s] for n, s in specs.items()}},
+                                                   indent=1))
+    lines = [f"# SLO-driven elastic settings: {args.num_requests} requests a run, capacity {capacity:.3f} req/s", "",
+             "Targets (s): " + ", ".join(f"{n} TTFT {s.slo.ttft_s:.2f} / TPOT {s.slo.tpot_s}" for n, s in specs.items()), ""]
+    for load in sorted({key.split("|")[0] for key in results}, key=float):
+        lines += [f"## Load {float(load):.1f}x", "",
+                  "| variant | SLO attainment | goodput req/s | quality-weighted goodput | mean level | doc keep | mean quality | chat / doc / batch attainment |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key, r in results.items():
+            if key.split("|")[0] != load:
+                continue
+            by_class = " / ".join(f"{r['by_class'][c]:.2f}" for c in CLASSES)
+            lines.append(f"| {key.split('|')[1]} | {r['slo_attainment']:.2f} | {r['goodput']:.3f} | {r['quality_goodput']:.3f} | "
+                         f"{r['mean_level'] or 0:.0f} | {r['mean_doc_keep'] or 1:.2f} | {r['mean_quality'] or 0:.3f} | {by_class} |")
+        lines.append("")
+    lines += ranking_lines(results)
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    plot(results, step, out.with_suffix(".png"))
+
+
+def ranking_lines(results: dict) -> list[str]:
+    """Per load, the variants ranked by quality-weighted goodput, measured and simulated."""
+    lines = ["## Simulator against the real runs (ranked by quality-weighted goodput)", "",
+             "| load | measured order | simulated order | same order |", "|---|---|---|---|"]
+    for load in sorted({key.split("|")[0] for key in results}, key=float):
+        keys = [k for k in results if k.split("|")[0] == load]
+        real = sorted(keys, key=lambda k: -results[k]["quality_goodput"])
+        sim = sorted(keys, key=lambda k: -results[k]["sim"]["quality_goodput"])
+        names = lambda order: " > ".join(k.split("|")[1] for k in order)  # noqa: E731
+        lines.append(f"| {float(load):.1f}x | {names(real)} | {names(sim)} | {real == sim} |")
+    return lines + [""]
+
+
+def plot(results: dict, step: dict | None, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3 if step else 2, figsize=(16 if step else 11, 4.5))
+    variants = sorted({key.split("|")[1] for key in results})
+    loads = sorted({float(key.split("|")[0]) for key in results})
+    for variant in variants:
+        ys = [results.get(f"{load}|{variant}", {}).get("quality_goodput") for load in loads]
+        axes[0].plot(loads, ys, marker="o", label=variant)
+        points = [(results[k]["slo_attainment"], results[k]["mean_quality"]) for k in results if k.endswith(f"|{variant}")]
+        axes[1].scatter(*zip(*points), label=variant)
+    axes[0].set(xlabel="load (x capacity)", ylabel="quality-weighted goodput (req/s)", title="goodput at quality")
+    axes[1].set(xlabel="SLO attainment", ylabel="mean quality (1 = full model, whole prompt)",
+                title="quality against attainment (every load)")
+    axes[0].legend(), axes[1].legend()
+    if step:
+        axes[2].plot(step["t"], step["level"], drawstyle="steps-post")
+        edge = 0.0
+        for length, factor in step["phases"][:-1]:
+            edge += length
+            axes[2].axvline(edge, color="grey", linestyle="--")
+        axes[2].set(xlabel="seconds", ylabel="auto requests' level", title="load step: rate x2 between the lines")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    args = parse_args()
+    slo = SLOConfig(best_effort=True)  # refusals would hide what each variant does with the load
+    llms = {"slo": LLM(scheduling_policy="slo", max_num_seqs=args.max_num_seqs, slo=slo, enable_prefix_caching=False)}
+    specs = class_specs(llms["slo"], args)
+    trace = base_trace(llms["slo"], args, specs)
+    llms["fcfs"] = LLM(max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
+    capacity = measure_capacity(llms["fcfs"], trace, specs)
+    print(f"capacity: {capacity:.3f} req/s", flush=True)
+    results = run_variants(llms, trace, specs, capacity, args)
+    step = None if args.skip_step else load_step(llms["slo"], trace, specs, capacity, args)
+    write(results, step, capacity, specs, args)
+
+
+if __name__ == "__main__":
+    main()

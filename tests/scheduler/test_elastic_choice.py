@@ -1,0 +1,99 @@
+"""The SLO policy's choice of elastic settings (engine/scheduler/elastic_choice.py), its knob costs
+(engine/scheduler/knob_costs.py) and the quality table it ranks by (engine/elastic/quality_table.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.elastic.quality_table import DEFAULT_QUALITY, QualityTable, load_quality_table
+from engine.scheduler.elastic_choice import CLIMB_MARGIN, ElasticChoice
+from engine.scheduler.knob_costs import KnobCosts
+
+LEVELS = (100, 90, 70, 40)
+DECODE = {100: 1.0, 90: 0.95, 70: 0.85, 40: 0.7}
+PREFILL = {100: 1.0, 90: 0.9, 70: 0.75, 40: 0.55}
+
+
+def choice() -> ElasticChoice:
+    return ElasticChoice(KnobCosts(LEVELS, dict(DECODE), dict(PREFILL), (0.2, 0.3)), DEFAULT_QUALITY)
+
+
+def test_light_load_keeps_the_full_model() -> None:
+    c = choice()
+    assert c.choose_level(0.0, 0.0) == 100 and c.choose_level(0.99, 0.5) == 100
+
+
+@pytest.mark.parametrize("decode, ttft, expected", [
+    (1.02, 0.0, 90),   # decode pressure just over: the widest level that fits
+    (1.10, 0.0, 70),   # 0.95 x 1.10 > 1, 0.85 x 1.10 <= 1
+    (0.0, 1.5, 40),    # prefill pressure: prefill fractions (0.75 x 1.5 > 1)
+    (1.2, 1.2, 40),    # both must fit: at 70 the prefill would (0.9) but the decode would not (1.02)
+    (5.0, 0.0, 40),    # nothing fits: the narrowest
+])
+def test_level_falls_to_the_widest_that_fits(decode: float, ttft: float, expected: int) -> None:
+    c = choice()
+    chosen = c.choose_level(decode, ttft)
+    assert chosen == expected
+    load = max(decode * DECODE[chosen], ttft * PREFILL[chosen])
+    wider = LEVELS[:LEVELS.index(chosen)]
+    assert load <= 1.0 or chosen == LEVELS[-1]
+    assert all(max(decode * DECODE[w], ttft * PREFILL[w]) > 1.0 for w in wider)
+
+
+def test_level_climbs_back_one_level_a_step_with_margin() -> None:
+    c = choice()
+    assert c.choose_level(1.5, 0.0) == 40
+    # Load gone: one level back a step, never straight to the top.
+    assert [c.choose_level(0.0, 0.0) for _ in range(4)] == [70, 90, 100, 100]
+    c.choose_level(1.5, 0.0)
+    # At a pressure that puts the next wider level (70) at 0.94 of its allowance it would fit,
+    # but climbing needs its load <= CLIMB_MARGIN: the level stays at 40.
+    pressure = 0.94 / DECODE[70]
+    assert DECODE[70] * pressure > CLIMB_MARGIN
+    assert c.choose_level(pressure, 0.0) == 40
+
+
+def test_floor_caps_how_far_a_request_falls() -> None:
+    c = choice()
+    c.choose_level(5.0, 0.0)
+    assert c.level == 40
+    assert c.level_for(None) == 40 and c.level_for(70) == 70 and c.lowest_level(90) == 90
+
+
+def test_keep_is_the_largest_that_fits_above_the_floor() -> None:
+    c = choice()
+    assert c.choose_keep(lambda keep: True, None) == (1.0, True)
+    assert c.choose_keep(lambda keep: keep <= 0.5, None) == (0.5, True)
+    assert c.choose_keep(lambda keep: keep <= 0.3, 0.5) == (0.5, False)  # the floor wins: best effort
+    assert c.choose_keep(lambda keep: False, None) == (0.3, False)
+
+
+def test_keep_fraction_follows_the_prune_layers() -> None:
+    costs = KnobCosts(LEVELS, dict(DECODE), dict(PREFILL), (0.2, 0.3))  # layers below l_1: 50%
+    assert costs.keep_fraction(1.0) == 1.0
+    assert costs.keep_fraction(0.25) == pytest.approx(0.5 + 0.2 * 0.5 + 0.3 * 0.25)
+    assert KnobCosts.unmeasured(LEVELS).keep_fraction(0.3) == 1.0  # pruning off
+
+
+def test_observed_steps_move_their_levels_fraction() -> None:
+    costs = KnobCosts(LEVELS, dict(DECODE), dict(PREFILL))
+    for _ in range(200):
+        costs.observe(40, True, predicted_full_s=0.040, elapsed_s=0.024)
+    assert costs.fraction(40, True) == pytest.approx(0.6, abs=0.01)
+    assert costs.fraction(40, False) == PREFILL[40] and costs.fraction(70, True) == DECODE[70]
+    with pytest.raises(ValueError):
+        KnobCosts(LEVELS, {100: 1.0}, dict(PREFILL))
+
+
+def test_quality_table_orders_settings_and_round_trips(tmp_path) -> None:
+    table = DEFAULT_QUALITY
+    qualities = [table.level_quality(level) for level in (100, 90, 80, 70, 55, 40)]
+    assert qualities == sorted(qualities, reverse=True) and qualities[0] == 1.0
+    assert table.level_quality(85) == pytest.approx(1 / ((table.perplexity_ratio[80] + table.perplexity_ratio[90]) / 2))
+    assert load_quality_table(tmp_path) is DEFAULT_QUALITY
+    measured = QualityTable({100: 1.0, 50: 2.0}, {1.0: 1.0, 0.5: 0.8}, "test")
+    measured.save(tmp_path)
+    loaded = load_quality_table(tmp_path)
+    assert loaded == measured and loaded.quality(50, 0.5) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        QualityTable({100: 0.5}, {1.0: 1.0}, "a cut model better than the full one")
