@@ -330,16 +330,17 @@ class LLMEngine:
                        kv_cache_usage=self.kv.usage, num_rejected_total=dict(self.scheduler.num_rejected_total))
 
     def _observe_step(self, scheduler_output: SchedulerOutput, elapsed_s: float) -> None:
-        """Refine the step cost model (full-model steps) and the knob costs from a step: a step
-        below the full level informs its level's fraction, and the cost model sees what the step
-        would have taken at the full level."""
+        """Refine the step cost model from full-level steps, and a level's cost fractions from
+        steps at that level (against the cost model's full-level prediction).  Never both from
+        one step: a fraction fitted against a prediction that was itself fitted through that
+        fraction feeds back on itself (a fraction that dips inflates the model, which lowers the
+        next observed fraction, and so on: measured here, it ran away within a minute)."""
         features = features_of(scheduler_output)
         level = max(s.elastic_level for s in scheduler_output.scheduled)  # the widest row sets the cost
-        if self.knob_costs is not None and level != FULL_LEVEL and level in self.knob_costs.decode_fraction:
-            is_decode = features.num_prefill_seqs == 0
-            self.knob_costs.observe(level, is_decode, self.cost_model.predict_s(features), elapsed_s)
-            elapsed_s /= self.knob_costs.fraction(level, is_decode)
-        self.cost_model.observe(features, elapsed_s)
+        if level == FULL_LEVEL or self.knob_costs is None or level not in self.knob_costs.decode_fraction:
+            self.cost_model.observe(features, elapsed_s)
+            return
+        self.knob_costs.observe(level, features.num_prefill_seqs == 0, self.cost_model.predict_s(features), elapsed_s)
 
     def _elastic_choice(self, checkpoint: ElasticCheckpoint | None) -> ElasticChoice | None:
         """How the slo policy picks settings for auto requests: each level's measured cost

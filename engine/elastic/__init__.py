@@ -12,6 +12,8 @@ submodel is a prefix of each weight matrix; a request picks its level per step.
     permutation.py   the weights reordered so each level is a prefix (dense and quantized blocks)
     checkpoint.py    the elastic checkpoint on disk (spec.json + elastic.safetensors), its cache dir
     quality.py       perplexity and top-1 agreement of a level against the full model
+    quality_table.py the measured quality of each level and prompt_keep, which the SLO policy's
+                     choice ranks settings by (no torch: the scheduler reads it)
     elastify.py      the orchestrator (`engine elastify`): resumable stages, progress bars
     distill.py       distillation recovery (`engine elastify --distill`): each level's terms trained
                      on logit KL from the full model under a wall-clock budget, resumable per level
