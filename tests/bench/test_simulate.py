@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import random
 import subprocess
@@ -15,7 +16,9 @@ import pytest
 
 from engine.bench.simulate import (COST_PROFILES, Replica, SimConfig, SimRequest, add_arguments, main, make_trace,
                                    simulate)
+from engine.request import SLOTarget
 from engine.scheduler.cost_model import CostCoefficients, StepCostModel, StepFeatures
+from engine.scheduler.knob_costs import KnobCosts
 
 MODEL = StepCostModel(CostCoefficients(overhead_s=0.015, per_scheduled_token_s=3e-4, per_sampled_seq_s=6e-4,
                                        per_decode_context_token_s=2e-6, per_prefill_attention_pair_s=8e-7))
@@ -116,6 +119,23 @@ def test_the_slo_policy_runs_in_the_simulator() -> None:
     summary = result.summary(config.slo_ttft_ms, config.slo_tpot_ms)
     assert summary["completed"] + summary["failed"] == 40
     assert all(r.success or r.error.startswith("rejected") for r in result.records)
+
+
+def test_the_simulator_models_elastic_levels_and_pruned_prompts() -> None:
+    """Auto requests under a tight TPOT target run below the full level, whose steps cost the
+    level's fraction: more of them meet the target than of the same trace at the full level."""
+    costs = KnobCosts((100, 70, 40), {100: 1.0, 70: 0.8, 40: 0.6}, {100: 1.0, 70: 0.75, 40: 0.5}, (0.2, 0.3))
+    config = SimConfig(**{**vars(SMALL), "policy": "slo", "knob_costs": costs})
+    slo = SLOTarget(ttft_s=30.0, tpot_s=0.02)
+    base = trace(24, request_rate=50.0)
+    auto = [replace(r, slo=slo, elastic_level="auto", prompt_keep="auto") for r in base]
+    full = [replace(r, slo=slo, elastic_level=100) for r in base]
+    auto_result, full_result = simulate(auto, config, MODEL), simulate(full, config, MODEL)
+    levels = [level for r in auto_result.records for level in r.token_levels]
+    assert min(levels) < 100 and all(level in (100, 70, 40) for level in levels)
+    assert {level for r in full_result.records for level in r.token_levels} == {100}
+    attained = [result.summary(None, 20.0)["slo_attainment"] for result in (auto_result, full_result)]
+    assert attained[0] > attained[1], attained
 
 
 def test_built_in_profiles_predict_sane_step_times() -> None:
