@@ -76,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "slo_elastic"))
+    parser.add_argument("--variants", default=None,
+                        help="run only these variants (comma-separated labels, e.g. 'slo auto'), keeping the capacity "
+                             "and the other variants' results of the --out JSON already there")
     return parser.parse_args()
 
 
@@ -158,6 +161,8 @@ def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> d
     for load in [float(v) for v in args.loads.split(",")]:
         times = arrival_times(len(trace), load * capacity, seed=args.seed)
         variants = [("fcfs", "fcfs", 100), *((f"slo@{lv}", "slo", lv) for lv in levels), ("slo auto", "slo", AUTO)]
+        if args.variants:
+            variants = [v for v in variants if v[0] in args.variants.split(",")]
         for label, policy, level in variants:
             llm = llms[policy]
             if level == AUTO:
@@ -293,9 +298,10 @@ def main() -> None:
     specs = class_specs(llms["slo"], args)
     trace = base_trace(llms["slo"], args, specs)
     llms["fcfs"] = LLM(max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
-    capacity = measure_capacity(llms["fcfs"], trace, specs)
+    earlier = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.variants else None
+    capacity = earlier["capacity"] if earlier else measure_capacity(llms["fcfs"], trace, specs)
     print(f"capacity: {capacity:.3f} req/s", flush=True)
-    results = run_variants(llms, trace, specs, capacity, args)
+    results = {**(earlier["results"] if earlier else {}), **run_variants(llms, trace, specs, capacity, args)}
     step = None if args.skip_step else load_step(llms["slo"], trace, specs, capacity, args)
     write(results, step, capacity, specs, args)
 
