@@ -21,9 +21,10 @@ W[a:b]^T; down and o_proj: y[:n] += h[:n, a:b] @ W[:, a:b]^T).  Tiles with equal
 merge, so a batch at one level is one tile: the plain prefix GEMM.
 
 That is how weights with views run (dense and quantized).  A weight prepacked for oneDNN has no
-views, and a call costs ~15 us whatever its size, so there each level keeps its whole slice
-prepacked and the rows of a level run it in one call: level groups (Linear.runs_level_groups),
-a level's columns read once per level present rather than once a step.
+views, and a call costs 20-80 us whatever its size, so there each level width keeps its whole
+slice prepacked, and a step runs every row through the widest present level's slices, one call
+per linear (level slices, Linear.runs_level_slices; engine/model/llama.py, elastic_path): a
+narrower row's extra columns are zeroed before the block's second GEMM (zero_dropped_columns).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -91,6 +92,7 @@ class FoldedSidePaths:
     masks: torch.Tensor  # [levels, sum of ranks]: 1 on each level's own columns
     biases: tuple[torch.Tensor | None, ...]  # per level index
     bias_table: torch.Tensor | None  # [levels, hidden] the biases, zeros where a level has none
+    _masks_as: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, compare=False)  # masks by dtype
 
     @classmethod
     def stack(cls, paths: Sequence[SidePath | None]) -> FoldedSidePaths:
@@ -122,7 +124,9 @@ class FoldedSidePaths:
     def fill_hidden(self, stacked: torch.Tensor, out: torch.Tensor, levels: RowLevels) -> None:
         """out [T, size] <- `stacked` [T, size] on each row's own level's columns, zeros elsewhere."""
         if self.size:
-            masks = self.masks.to(stacked.dtype)  # PERF: a [levels, ranks] cast, no copy when already so
+            if stacked.dtype not in self._masks_as:  # PERF: cast once, not every layer and step
+                self._masks_as[stacked.dtype] = self.masks.to(stacked.dtype)
+            masks = self._masks_as[stacked.dtype]
             torch.mul(stacked, masks[levels.single] if levels.single is not None else masks[levels.rows.row_levels],
                       out=out)
 
