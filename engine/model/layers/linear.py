@@ -173,13 +173,15 @@ class Linear(nn.Module):
     # runs_level_slices:
     #   - column tiles: a row or column range of the weight, which dense and quantized weights
     #     give as a view, never a copy; each weight column is read once a step whatever the mix;
-    #   - level groups: a prepacked weight has no views, so it keeps each level's whole slice
-    #     prepacked (packed_levels, made once at load: the sum of the levels' widths, ~4.4x the
-    #     tiled layers on SmolLM2's six levels), and the rows of each level run theirs in one call.
-    # PERF (2-vCPU Sapphire Rapids, bf16, two threads, quiet): a oneDNN call costs ~15 us
-    # whatever its size (gate/up at 32 rows: 85 us whole, 37 us at 640 neurons, 26 us at 384).
-    # Tiles from segments prepacked one by one cost a call per segment plus the copies that
-    # gather them: a uniform level-40 batch of 32 ran 0.92x the full model's decode.
+    #   - level slices: a prepacked weight has no views, so it keeps each level width's whole
+    #     slice prepacked (packed_levels, made once at load: on SmolLM2 weights resident 808 MB
+    #     against 498 MB), and a step runs all its rows through the widest level's, one call.
+    # PERF (2-vCPU Sapphire Rapids, bf16, two threads, quiet): a oneDNN call costs ~15-20 us hot
+    # whatever its size (gate/up at 32 rows: 85 us whole, 37 us at 640 neurons, 26 us at 384) and
+    # 60-80 us inside a decode step, its weights out of cache.  Tiles from segments prepacked one
+    # by one cost a call per segment plus the copies that gather them (a uniform level-40 batch of
+    # 32 ran 0.92x the full model's decode; now 1.2x), and one call per level present cost a mixed
+    # step 2.4-2.9x its uniform steps' mean (now 1.2x).
 
     def runs_level_slices(self, num_rows: int) -> bool:
         """Whether a step of this many rows runs each level's prepacked slice (forward_level)
