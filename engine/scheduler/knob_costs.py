@@ -11,7 +11,7 @@ these on top of the step cost model (cost_model.py), which predicts steps at the
                  and keep^(s/S) of them through stage s's layers (engine/prompt_pruning.py), so its
                  prefill costs keep_fraction(keep) of the whole prompt's, from the prune layers alone.
 
-Fractions are profiled at start-up (engine/profiling.py, profile_level_fractions) and refined
+Fractions are profiled at start-up (engine/profiling.py, profile_level_costs) and refined
 online: each observed step at a level moves that level's fraction toward observed / predicted.
 Torch-free, like the rest of the scheduler.
 """

@@ -143,17 +143,6 @@ class SLOPolicy(SchedulingPolicy):
             return request.num_tokens_to_compute
         return request.num_tokens_to_compute * self.choice.costs.keep_fraction(request.prompt_keep)
 
-    def _level_fraction(self, decodes: Sequence[Request]) -> float:
-        """How much cheaper than the full model's this step's rows run: the fraction of the widest
-        level among them (the step runs every row at it; the larger of its decode and prefill
-        fractions, the step being both).  1 without a choice."""
-        if self.choice is None or not decodes:
-            return 1.0
-        costs, widest = self.choice.costs, max(r.elastic_level for r in decodes)
-        if widest not in costs.decode_fraction:
-            return 1.0
-        return max(costs.fraction(widest, True), costs.fraction(widest, False))
-
     def _choose_prompt_keep(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
                             now: float) -> None:
         """An auto prompt_keep: the largest whose predicted first token meets the TTFT target."""
@@ -176,7 +165,7 @@ class SLOPolicy(SchedulingPolicy):
         if tpot_targets:
             prefill_tokens = self.cost_model.max_chunk_tokens(
                 _decode_features(decodes), num_computed_tokens=0, max_tokens=room,
-                budget_s=min(tpot_targets) * TPOT_SAFETY / self._level_fraction(decodes))
+                budget_s=min(tpot_targets) * TPOT_SAFETY)
         self._last_budget = len(decodes) + min(room, max(prefill_tokens, MIN_PREFILL_TOKENS))
         self._last_step_s = self.cost_model.predict_s(
             _decode_features(decodes) + StepFeatures.of_chunk(0, self._last_budget - len(decodes), False))
