@@ -21,7 +21,7 @@ from engine.prompt_pruning import PrunePlan, stage_fractions
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepCostModel, features_of
-from engine.scheduler.elastic_choice import AUTO, KEEP_LADDER, ElasticChoice
+from engine.scheduler.elastic_choice import AUTO, KEEP_LADDER, ElasticChoice, allowed_keeps
 from engine.scheduler.knob_costs import KnobCosts
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.scheduler.policy import FCFSPolicy
@@ -191,8 +191,7 @@ class LLMEngine:
             keep = self.config.prompt_pruning.default_keep if prompt_keep is None else prompt_keep
             return {keep if isinstance(keep, int | float) else 1.0: self._prune_plan(num_prompt_tokens, keep, scoring)}
         ladder = KEEP_LADDER if self.runner.prune_layers else (1.0,)
-        allowed = [keep for keep in ladder if min_keep is None or keep >= min_keep] or [1.0]
-        return {keep: self._prune_plan(num_prompt_tokens, keep, scoring) for keep in allowed}
+        return {keep: self._prune_plan(num_prompt_tokens, keep, scoring) for keep in allowed_keeps(min_keep, ladder)}
 
     def _prune_plan(self, num_prompt_tokens: int, prompt_keep: float | None,
                     scoring: str | None = None) -> PrunePlan | None:

@@ -49,7 +49,7 @@ from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.elastic.quality_table import DEFAULT_QUALITY
 from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of, features_of_chunks
-from engine.scheduler.elastic_choice import AUTO, KEEP_LADDER, ElasticChoice
+from engine.scheduler.elastic_choice import AUTO, ElasticChoice, allowed_keeps
 from engine.scheduler.knob_costs import KnobCosts
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from engine.scheduler.policy import AdmissionRejected
@@ -344,7 +344,7 @@ def _elastic_fields(spec: SimRequest) -> dict:
     """Request fields of the spec's elastic settings.  Pruned prompts keep one KV group here (no
     prune plan): only their cost is simulated (Replica.step_s)."""
     level_auto, keep_auto = spec.elastic_level == AUTO, spec.prompt_keep == AUTO
-    keeps = [k for k in KEEP_LADDER if spec.min_prompt_keep is None or k >= spec.min_prompt_keep] or [1.0]
+    keeps = allowed_keeps(spec.min_prompt_keep)
     return {"elastic_level": 100 if level_auto else spec.elastic_level, "elastic_auto": level_auto,
             "min_level": spec.min_level, "min_prompt_keep": spec.min_prompt_keep,
             "prompt_keep": 1.0 if keep_auto else spec.prompt_keep,

@@ -39,6 +39,11 @@ KEEP_LADDER = (1.0, 0.5, 0.3)
 CLIMB_MARGIN = 0.85
 
 
+def allowed_keeps(min_keep: float | None, ladder: Sequence[float] = KEEP_LADDER) -> list[float]:
+    """The ladder's keeps at or above a request's floor, best first (the whole prompt if none is)."""
+    return [keep for keep in ladder if min_keep is None or keep >= min_keep] or [1.0]
+
+
 @dataclass
 class ElasticChoice:
     costs: KnobCosts
@@ -81,7 +86,7 @@ class ElasticChoice:
         """(keep, whether it meets the TTFT): the largest keep of the ladder at or above the floor
         for which fits(keep), else the smallest allowed (the caller refuses or serves it best
         effort)."""
-        allowed = [keep for keep in ladder if min_keep is None or keep >= min_keep] or [1.0]
+        allowed = allowed_keeps(min_keep, ladder)
         for keep in allowed:
             if fits(keep):
                 return keep, True
