@@ -56,7 +56,7 @@ def case(num_seqs: int, mean_context: int, repeats: int,
         slot_mapping=torch.zeros(0, dtype=torch.int64), query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
         seq_lens=seq_lens, block_tables=block_tables, num_decodes=num_seqs, max_query_len=1,
         max_seq_len=int(seq_lens.max()), block_size=BLOCK_SIZE,
-        query_start_loc_cpu=list(range(num_seqs + 1)), seq_lens_cpu=seq_lens.tolist(), cache={})
+        query_start_loc_cpu=list(range(num_seqs + 1)), seq_lens_cpu=seq_lens.tolist())
     torch_path = TorchAttentionBackend()
     # meta.scratch keeps the torch path's buckets and buffers across layers, as within one step
     torch_ms = time_ms(lambda layer: torch_path._decode(query, kv_caches[layer], meta), repeats)

@@ -149,9 +149,15 @@ class FeedForward(nn.Module):
             self.w13.forward_rows(x_levels[:num_rows], size + start, size + end,
                                   out=gate_up[:num_rows, size + start: size + end])
         hidden = self.act(gate_up)
-        out = x.new_zeros(x.shape[0], self.w2.out_features)
-        for num_rows, start, end in tiles:
-            out[:num_rows] += self.w2.forward_columns(hidden[:num_rows, start:end], start, end)
+        if self.w2.reads_whole_columns(x.shape[0]):  # no column views: one call, dropped neurons zero
+            kept = torch.zeros_like(hidden)
+            for num_rows, start, end in tiles:
+                kept[:num_rows, start:end] = hidden[:num_rows, start:end]
+            out = self.w2(kept)
+        else:
+            out = x.new_zeros(x.shape[0], self.w2.out_features)
+            for num_rows, start, end in tiles:
+                out[:num_rows] += self.w2.forward_columns(hidden[:num_rows, start:end], start, end)
         self.elastic.add_side_paths(out, x_levels, rows)
         return rows.to_batch_order(out)
 

@@ -3,12 +3,16 @@ original's; quantized rows move byte for byte where the permutation is exact."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.elastic.importance import ffn_orders, head_orders, random_importance
 from engine.elastic.permutation import permute_column_groups, permute_rows, permute_weights
 from engine.elastic.torch_model import TorchLlama
-from engine.kernels.cpu.quantized_weights import QuantFormat, dequantize, quantize
+from engine.kernels.cpu import native_library
+from engine.kernels.cpu.quantized_weights import InputPermutedBlocks, QuantFormat, dequantize, quantize
+from engine.model.compute_plan import ComputePlan
+from engine.model.layers.linear import Linear
 
 
 def random_orders(config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +43,33 @@ def test_quantized_rows_and_head_columns_move_byte_for_byte() -> None:
     assert torch.equal(moved.blocks[:, :2 * block_bytes], weight.blocks[:, 2 * block_bytes:])
 
 
-def test_quantized_down_proj_moves_its_exact_values_dense() -> None:
+def test_quantized_down_proj_keeps_its_blocks_beside_the_permutation() -> None:
     weight = quantize(torch.randn(16, 64), QuantFormat.Q4_1)
     neurons = torch.randperm(64)
     moved = permute_column_groups(weight, neurons, 1)
-    assert isinstance(moved, torch.Tensor)
-    assert torch.equal(moved, dequantize(weight)[:, neurons])
+    assert isinstance(moved, InputPermutedBlocks) and moved.blocks is weight  # the file's bytes, not a copy
+    assert torch.equal(moved.dequantize(), dequantize(weight)[:, neurons])
+
+
+@pytest.mark.skipif(native_library.load() is None, reason="no C++ compiler or no AVX2 here: no quantized linear")
+@pytest.mark.parametrize("dense_above_rows", [None, 2])
+def test_linear_with_permuted_inputs_computes_the_permuted_weight(dense_above_rows: int | None) -> None:
+    """The layer gathers its inputs into the blocks' stored order: whole, a row range and a
+    column tile all compute what the permuted dense weight does; past dense_above_rows the dense
+    copy is the permuted weight."""
+    weight = quantize(torch.randn(48, 96), QuantFormat.Q4_1)
+    moved = permute_column_groups(weight, torch.randperm(96), 1)
+    plan = ComputePlan(device=torch.device("cpu"), dtype=torch.float32, weight_format="native", native_ops=True,
+                       prepack_bf16=False, dense_above_rows=dense_above_rows)
+    linear = Linear(96, 48, False, plan)
+    linear.load(moved)
+    assert linear.quantized.blocks is weight.blocks
+    dense = moved.dequantize()
+    for rows in (1, 2, 5):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(linear(x), x @ dense.T, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(linear.forward_rows(x, 8, 40), x @ dense[8:40].T, atol=1e-4, rtol=1e-4)
+        if linear.reads_whole_columns(rows):
+            torch.testing.assert_close(linear.forward_columns(x[:, 32:64], 32, 64), x[:, 32:64] @ dense[:, 32:64].T,
+                                       atol=1e-4, rtol=1e-4)
+    assert linear.reads_whole_columns(2) and linear.reads_whole_columns(5) == (dense_above_rows is None)

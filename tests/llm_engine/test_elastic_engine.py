@@ -29,6 +29,12 @@ def plain_fp32():
                     max_num_batched_tokens=64)
 
 
+@pytest.fixture(scope="module")
+def elastic_native():
+    return make_llm(dtype="float32", weight_format="native", elastic="on", kv_cache_memory=0.5,
+                    max_num_batched_tokens=64)
+
+
 def test_full_level_equals_the_original_model(elastic_fp32, plain_fp32) -> None:
     """Level 100 of the reordered model: the same greedy tokens and top-5 logprobs within 1e-4."""
     got = elastic_fp32.generate(PROMPTS, GREEDY, use_tqdm=False, elastic_level=100)
@@ -43,10 +49,22 @@ def test_full_level_equals_the_original_model(elastic_fp32, plain_fp32) -> None:
     assert_kv_empty(elastic_fp32)
 
 
+def test_native_blocks_run_the_reordered_model_from_the_files_bytes(elastic_native, elastic_fp32) -> None:
+    """The down projections' neurons move inside Q4_1 blocks: they keep the file's blocks (gathering
+    their inputs), so native is the dequantized elastic model, at the file's 5 bits a weight."""
+    downs = [layer.feed_forward.w2 for layer in elastic_native.engine.runner.model.layers]
+    assert all(w2.quantized is not None for w2 in downs)
+    assert any(w2.quantized_input_order is not None for w2 in downs)
+    got = elastic_native.generate(PROMPTS, GREEDY, use_tqdm=False, elastic_level=100)
+    want = elastic_fp32.generate(PROMPTS, GREEDY, use_tqdm=False, elastic_level=100)
+    agree = sum(g.outputs[0].token_ids == w.outputs[0].token_ids for g, w in zip(got, want))
+    assert agree >= len(PROMPTS) - 1
+    assert_kv_empty(elastic_native)
+
+
 @pytest.mark.parametrize("weight_format", ["dequantized", "native"])
-def test_mixed_levels_give_each_request_its_tokens_alone(weight_format: str, elastic_fp32) -> None:
-    llm = elastic_fp32 if weight_format == "dequantized" else make_llm(
-        dtype="float32", weight_format="native", elastic="on", kv_cache_memory=0.5, max_num_batched_tokens=64)
+def test_mixed_levels_give_each_request_its_tokens_alone(weight_format: str, elastic_fp32, elastic_native) -> None:
+    llm = elastic_fp32 if weight_format == "dequantized" else elastic_native
     levels = list(llm.engine.elastic_levels)
     assert len(levels) >= 4 and levels[0] == 100
     per_prompt = [levels[i % len(levels)] for i in range(len(PROMPTS))][::-1]  # rows out of level order

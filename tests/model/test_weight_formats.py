@@ -21,7 +21,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm_native():
-    """The plain model: an elastic one keeps its reordered down_proj dense (engine/elastic/permutation.py)."""
+    """The plain model (the elastic one: tests/llm_engine/test_elastic_engine.py)."""
     return make_llm(dtype="float32", weight_format="native", max_num_batched_tokens=64, kv_cache_memory=0.25,
                     elastic="off")
 

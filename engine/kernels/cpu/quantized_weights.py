@@ -162,3 +162,34 @@ def dequantize(weight: QuantizedWeight) -> torch.Tensor:
         else:
             values = d * q + blocks[..., 2:4].contiguous().view(torch.float16).float()
     return values.reshape(weight.out_features, weight.in_features)
+
+
+@dataclass(frozen=True, slots=True)
+class InputPermutedBlocks:
+    """A weight whose input columns were permuted (an elastic model's down projection: neurons in
+    importance order), kept as its file's blocks in their stored column order: logical column i is
+    stored column `columns[i]`.  A block's 32 columns share one scale (and minimum), so no block
+    format holds single moved columns exactly; instead of dequantizing (bf16: 3.2x Q4_1's bytes)
+    or re-quantizing (another model), the layer gathers its input into stored order
+    (`x[:, stored_order]`, stored_order = argsort(columns)) and runs the blocks as they are."""
+
+    blocks: QuantizedWeight
+    columns: torch.Tensor  # int64 [in_features], a permutation
+    stored_order: torch.Tensor = field(init=False)  # int64 [in_features]: input i of stored order is x[stored_order[i]]
+
+    def __post_init__(self) -> None:
+        if sorted(self.columns.tolist()) != list(range(self.blocks.in_features)):
+            raise ValueError(f"columns must be a permutation of the weight's {self.blocks.in_features} inputs")
+        object.__setattr__(self, "stored_order", torch.argsort(self.columns))
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks.in_features
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight with its columns in logical (permuted) order."""
+        return dequantize(self.blocks)[:, self.columns]

@@ -28,11 +28,12 @@ from torch import nn
 
 from engine.kernels.cpu.quantized_linear import quantized_linear
 from engine.kernels.cpu.quantized_linear_q8 import quantized_linear_q8
-from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantFormat, QuantizedWeight, dequantize, quantize
+from engine.kernels.cpu.quantized_weights import (BLOCK_SIZE, InputPermutedBlocks, QuantFormat, QuantizedWeight,
+                                                  dequantize, quantize)
 from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ForwardBatch
 
-LinearWeight = torch.Tensor | QuantizedWeight
+LinearWeight = torch.Tensor | QuantizedWeight | InputPermutedBlocks
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None
         self.packed_levels: dict[int, torch.Tensor] | None = None  # width -> its slice + extension, prepacked
         self.quantized: QuantizedWeight | None = None
+        # The inputs' gather into the blocks' stored column order (InputPermutedBlocks), or None.
+        self.quantized_input_order: torch.Tensor | None = None
 
     def load(self, weight: LinearWeight) -> None:
         """Store the weight in the plan's format (see the module docstring); called once.  With
@@ -125,7 +128,12 @@ class Linear(nn.Module):
         if weight_shape(weight) != expected:
             raise ValueError(f"weight of shape {weight_shape(weight)} for a {expected} linear")
         weight = in_plan_format(weight, self.plan)
-        if isinstance(weight, QuantizedWeight):
+        if isinstance(weight, InputPermutedBlocks):
+            self.quantized, self.quantized_input_order = weight.blocks, weight.stored_order
+            if self.plan.dense_above_rows is None:
+                return
+            weight = weight.dequantize().to(self.plan.dtype)
+        elif isinstance(weight, QuantizedWeight):
             self.quantized = weight
             if self.plan.dense_above_rows is None:
                 return
@@ -149,7 +157,7 @@ class Linear(nn.Module):
         # MKL's fp32 tiles) win, 2-2.5x at 32 rows (benchmarks/quantized_linear.py).
         if self.quantized is not None and (self.plan.dense_above_rows is None
                                            or x.shape[0] <= self.plan.dense_above_rows):
-            return self._quantized_kernel(x.shape[0])(x, self.quantized, self.bias)
+            return self._quantized_kernel(x.shape[0])(self._in_stored_order(x), self.quantized, self.bias)
         if self.packed is not None:
             return _packed_linear(x, self.packed, self.bias)
         if self.packed_levels is not None:
@@ -208,7 +216,8 @@ class Linear(nn.Module):
         (rows may be strided, as a column range of a wider buffer is)."""
         bias = None if self.bias is None else self.bias[start:end]
         if self._runs_quantized(x.shape[0]):
-            return self._quantized_kernel(x.shape[0])(x, self.quantized.rows(start, end), bias, out)
+            return self._quantized_kernel(x.shape[0])(self._in_stored_order(x), self.quantized.rows(start, end),
+                                                      bias, out)
         weight = self.dense[start:end]
         if out is None:
             return F.linear(x, weight, bias)
@@ -218,10 +227,24 @@ class Linear(nn.Module):
 
     def forward_columns(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """x [n, end - start] (inputs start .. end - 1) @ W[:, start:end]^T -> [n, out], no bias
-        (the caller sums tiles and adds it once)."""
+        (the caller sums tiles and adds it once).  Blocks with permuted inputs have no column
+        views: the tile's inputs go in place among zeros and the whole weight runs (a caller with
+        several tiles runs them as one, reads_whole_columns)."""
+        if self.reads_whole_columns(x.shape[0]):
+            padded = x.new_zeros(x.shape[0], self.in_features)
+            padded[:, start:end] = x
+            return self._quantized_kernel(x.shape[0])(self._in_stored_order(padded), self.quantized)
         if self._runs_quantized(x.shape[0]):
             return self._quantized_kernel(x.shape[0])(x, self.quantized.columns(start, end))
         return F.linear(x, self.dense[:, start:end])
+
+    def reads_whole_columns(self, num_rows: int) -> bool:
+        """Whether a step of this many rows runs blocks whose inputs are permuted (no column tiles:
+        forward_columns reads the whole weight)."""
+        return self.quantized_input_order is not None and self._runs_quantized(num_rows)
+
+    def _in_stored_order(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.quantized_input_order is None else x.index_select(1, self.quantized_input_order)
 
     def _quantized_kernel(self, num_rows: int):
         return quantized_linear_q8 if self.plan.runs_q8(num_rows) else quantized_linear
@@ -289,6 +312,10 @@ def _pack_levels(weight: torch.Tensor, elastic: ElasticSlices, extension: SliceE
 def in_plan_format(weight: LinearWeight, plan: ComputePlan) -> LinearWeight:
     """native keeps a file's blocks (floats stay dense); int8 keeps Q8_0 blocks and quantizes the
     rest; dequantized turns blocks into floats.  Dense weights end up in the plan's dtype."""
+    if isinstance(weight, InputPermutedBlocks):
+        if plan.keeps_file_blocks or (plan.weight_format == "int8" and weight.blocks.format == QuantFormat.Q8_0):
+            return weight
+        weight = weight.dequantize()
     if isinstance(weight, QuantizedWeight):
         if plan.keeps_file_blocks or (plan.weight_format == "int8" and weight.format == QuantFormat.Q8_0):
             return weight
@@ -299,7 +326,7 @@ def in_plan_format(weight: LinearWeight, plan: ComputePlan) -> LinearWeight:
 
 
 def weight_shape(weight: LinearWeight) -> tuple[int, int]:
-    if isinstance(weight, QuantizedWeight):
+    if isinstance(weight, QuantizedWeight | InputPermutedBlocks):
         return weight.out_features, weight.in_features
     return tuple(weight.shape)
 
