@@ -12,6 +12,7 @@ from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.loading import load_elastic_checkpoint
 from engine.elastic.quality_table import load_quality_table
 from engine.elastic.spec import FULL_LEVEL
+from engine.fault_injection import FaultInjector
 from engine.kv.kv_cache_groups import KVCacheGroups
 from engine.model.loader import resolve_model, load_tokenizer
 from engine.output_processor import OutputProcessor
@@ -30,6 +31,14 @@ from engine.scheduler.scheduler import Scheduler
 from engine.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
+
+
+class RequestFault(Exception):
+    """Processing one request failed at a known stage (`reason`); it fails alone."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class InvalidRequestError(ValueError):
@@ -55,6 +64,7 @@ class EngineStats:
     prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # of which found
     num_pruned_prompt_tokens_total: int = 0  # prompt tokens the layers past the prune layer skipped
+    num_request_errors_total: dict[str, int] = field(default_factory=dict)  # reason -> requests failed alone
 
 
 class LLMEngine:
@@ -89,6 +99,7 @@ class LLMEngine:
         self.scheduler.policy = make_policy(scheduler_config, self.cost_model, choice)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
+        self.faults = FaultInjector.from_env()  # a test hook, None unless set (engine/fault_injection.py)
         logger.info("engine ready: model=%s dtype=%s weights=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
                     self.model_name, self.runner.dtype_name, self.runner.plan.weight_format, self.max_model_len, self.runner.num_kv_blocks,
                     config.cache.block_size, self.runner.kv_cache_bytes / (1 << 30))
@@ -270,7 +281,12 @@ class LLMEngine:
             if s.request_id in runner_output.kept_prompt_positions)
         now = time.time()
         for request in progressed:
-            self._on_new_token(request, runner_output, now)
+            if request.status is RequestStatus.FINISHED_ERROR:
+                continue  # a sibling sample's failure ended it already
+            try:
+                self._on_new_token(request, runner_output, now)
+            except Exception as error:  # this request's own failure: it ends, the others go on
+                self._fail(request, error)
         self._update_stats(scheduler_output, runner_output)
         return self.outputs.outputs_for(progressed)
 
@@ -279,10 +295,18 @@ class LLMEngine:
         if metrics.first_token_time is None:
             metrics.first_token_time = now
         metrics.last_token_time = now
+        sampled = runner_output.sampled[request.request_id]
+        if not sampled.logits_finite:
+            raise RequestFault("nonfinite_logits", "the model's logits for this request were not finite")
         prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
         if prompt_logprobs is not None:
             self.outputs.on_prompt_logprobs(request, prompt_logprobs)
-        stop = self.outputs.on_token(request, runner_output.sampled[request.request_id])
+        try:
+            if self.faults is not None:
+                self.faults.check("detokenize", request.prompt_token_ids)
+            stop = self.outputs.on_token(request, sampled)  # text, stop strings, logprobs
+        except Exception as error:
+            raise RequestFault("detokenize", f"turning its tokens into text failed: {error}") from error
         if stop is not None:
             if request.is_finished:  # the same token also hit a length limit: the stop wins
                 request.status = RequestStatus.FINISHED_STOPPED
@@ -293,6 +317,23 @@ class LLMEngine:
             metrics.finished_time = now
             self._count_slo(request)
             self.outputs.on_finished(request)
+
+    def _fail(self, request: Request, error: Exception) -> None:
+        """End the request (and its parent's other samples) with finish_reason "error", free its
+        KV and count it by reason.  Only the reason and a short message reach the client; the
+        traceback goes to the log."""
+        reason = error.reason if isinstance(error, RequestFault) else "internal"
+        logger.error("Request %s failed (%s); the engine goes on", request.request_id, reason, exc_info=error)
+        siblings = self.outputs.fail(request.request_id, reason, f"Processing this request failed ({reason}).")
+        self.scheduler.finish_requests([r.request_id for r in siblings if not r.is_finished],
+                                       RequestStatus.FINISHED_ERROR)
+        now = time.time()
+        for sibling in siblings:
+            sibling.status = RequestStatus.FINISHED_ERROR  # also one that had just finished otherwise
+            sibling.metrics.finished_time = sibling.metrics.finished_time or now
+            self.outputs.on_finished(sibling)
+        errors = self.stats.num_request_errors_total
+        errors[reason] = errors.get(reason, 0) + 1
 
     def _count_slo(self, request: Request) -> None:
         if request.slo is None:

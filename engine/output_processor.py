@@ -40,6 +40,7 @@ class ParentState:
     prompt_token_ids: list[int]
     samples: list[SampleState] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None  # from the first sample to score the prompt
+    error: tuple[str, str] | None = None  # (reason, message) once processing it failed
 
     @property
     def finished(self) -> bool:
@@ -53,7 +54,7 @@ class ParentState:
                              elastic_level=self.samples[0].request.elastic_level,
                              prompt_keep=self.samples[0].request.prompt_keep,
                              elastic_auto=self.samples[0].request.elastic_auto,
-                             prompt_logprobs=self.prompt_logprobs,
+                             prompt_logprobs=self.prompt_logprobs, error=self.error,
                              num_prompt_tokens_computed_in_full=self.samples[0].request.num_prompt_tokens_computed_in_full)
 
 
@@ -112,6 +113,13 @@ class OutputProcessor:
             if top_id not in entry:
                 entry[top_id] = Logprob(top_logprob, top_rank, self.tokenizer.token_text(top_id))
         return entry
+
+    def fail(self, request_id: str, reason: str, message: str) -> list[Request]:
+        """Mark the parent of this (child) request failed; returns all its samples' requests,
+        which the caller ends."""
+        parent, _ = self.samples[request_id]
+        parent.error = (reason, message)
+        return [sample.request for sample in parent.samples]
 
     def on_finished(self, request: Request) -> None:
         _, sample = self.samples[request.request_id]

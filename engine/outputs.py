@@ -66,3 +66,6 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs asked for them
     # Prompt tokens that ran every layer: all of them, unless prompt pruning kept fewer.
     num_prompt_tokens_computed_in_full: int | None = None
+    # Set when processing this request failed (finish_reason "error"): (reason, message).  The
+    # request alone ended; the engine went on.
+    error: tuple[str, str] | None = None

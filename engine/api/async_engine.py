@@ -8,6 +8,12 @@
 Invariants: the LLMEngine is touched only from the engine thread; `_streams` only from the loop
 thread.  The engine thread sleeps on `_wakeup` while the engine has no work.  Outputs are
 cumulative, so a reader that falls behind skips to the newest one without losing anything.
+
+Lifecycle: `begin_drain` (SIGTERM, SIGINT) refuses new requests (503) and lets running ones
+finish until a deadline, then ends the rest with an error; `run_engine_loop` then returns.  If the
+loop itself dies (an error outside any one request), every request in flight ends with an error
+and the error propagates, so `engine serve` exits non-zero instead of hanging with its port open.
+Nothing accepted is lost: every request ends with its output or with an error its client reads.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.api.errors import APIError
+from engine.api.limits import RequestLimits
 from engine.api.metrics import EngineMetrics
+from engine.fault_injection import FaultInjector
 from engine.outputs import RequestOutput
 from engine.request import SLOTarget
 from engine.scheduler.policy import AdmissionRejected
@@ -54,6 +62,10 @@ class _Abort:
     request_id: str
 
 
+class _LoopFault(Exception):
+    """The serving loop itself fails (the engine_loop fault hook): not one request's failure."""
+
+
 class RequestGroup:
     """The outputs of one API call's sub-requests (one per prompt), in arrival order.
 
@@ -61,10 +73,13 @@ class RequestGroup:
     error is raised.  `close()` aborts whatever is unfinished; call it in a `finally`.
     """
 
-    def __init__(self, engine: AsyncEngine, request_ids: list[str], stream: asyncio.Queue[StreamItem]):
+    def __init__(self, engine: AsyncEngine, request_ids: list[str], stream: asyncio.Queue[StreamItem],
+                 deadline: float | None = None):
+        """`deadline`: time.time() past which the group ends with a timeout error (None: never)."""
         self._engine = engine
         self.request_ids = request_ids
         self._stream = stream
+        self._deadline = deadline
         self._unfinished = set(range(len(request_ids)))
         self._not_yet_accepted = set(range(len(request_ids)))
         self._early: list[tuple[int, RequestOutput]] = []  # outputs read by `accepted`, not yet iterated
@@ -95,9 +110,20 @@ class RequestGroup:
         raise StopAsyncIteration
 
     async def _next_item(self) -> tuple[int, RequestOutput | object]:
-        index, item = await self._stream.get()
+        if self._deadline is None:
+            index, item = await self._stream.get()
+        else:
+            try:
+                index, item = await asyncio.wait_for(self._stream.get(), max(0.0, self._deadline - time.time()))
+            except TimeoutError:
+                self._engine.record_timeout()
+                raise APIError(f"The request did not finish within the server's request timeout "
+                               f"({self._engine.request_timeout_s:g} s).", status=408, code="request_timeout") from None
         if isinstance(item, BaseException):
             raise item
+        if isinstance(item, RequestOutput) and item.error is not None:
+            reason, message = item.error
+            raise APIError(message, status=500, type="server_error", code=reason)
         self._not_yet_accepted.discard(index)  # an output also means it was accepted
         return index, item
 
@@ -109,7 +135,8 @@ class RequestGroup:
 
 class AsyncEngine:
     def __init__(self, engine: Any, metrics: EngineMetrics | None = None,
-                 max_waiting_requests: int | None = None) -> None:
+                 max_waiting_requests: int | None = None, request_timeout_s: float | None = None,
+                 limits: RequestLimits = RequestLimits()) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name: str = engine.model_name
@@ -117,6 +144,11 @@ class AsyncEngine:
         self.elastic_levels: tuple[int, ...] | None = engine.elastic_levels  # None: not elastic
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
+        self.request_timeout_s = request_timeout_s  # None: a request may take as long as it needs
+        self.limits = limits  # what one request may ask (engine/api/limits.py), read by the serving code
+        self.faults = FaultInjector.from_env()  # a test hook (engine/fault_injection.py), None unless set
+        self._draining = threading.Event()  # set by begin_drain: refuse new requests, finish the rest
+        self._drain_deadline = float("inf")  # time.monotonic() when the rest are cut short
         self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -158,9 +190,23 @@ class AsyncEngine:
         if self._owns_thread and self._thread is not None:
             self._thread.join(timeout=10)
 
+    def begin_drain(self, timeout_s: float) -> None:
+        """Refuse new requests (503) from now; let the running ones finish for up to `timeout_s`,
+        then end the rest with an error; the engine loop returns once nothing is left.  Safe
+        from any thread, and from a signal handler."""
+        self._drain_deadline = min(self._drain_deadline, time.monotonic() + timeout_s)
+        self._draining.set()
+        self._wakeup.set()
+
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        """Healthy: the loop runs and takes new requests (not stopping, not draining)."""
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+                and not self._draining.is_set())
+
+    def record_timeout(self) -> None:
+        if self.metrics is not None:
+            self.metrics.record_request_errors("timeout")
 
     def generate(self, requests: list[tuple[str, list[int], SamplingParams]], priority: int = 0,
                  slo: SLOTarget | None = None, arrival_time: float | None = None,
@@ -169,6 +215,8 @@ class AsyncEngine:
         """Queue sub-requests (request_id, prompt_token_ids, params) and return their outputs.
         `arrival_time` (time.time()) is when the HTTP request came in; now if not given.
         `floors`: (min_level, min_prompt_keep) for settings left to the server ("auto")."""
+        if self._draining.is_set() or self._stopping.is_set():
+            raise APIError("The server is shutting down.", status=503, code="server_shutting_down")
         self._check_capacity(len(requests))
         stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         arrival_time = time.time() if arrival_time is None else arrival_time
@@ -178,7 +226,8 @@ class AsyncEngine:
                                     prompt_keep, floors))
         self._num_adds_queued += len(requests)
         self._wakeup.set()
-        return RequestGroup(self, [request_id for request_id, _, _ in requests], stream)
+        deadline = None if self.request_timeout_s is None else arrival_time + self.request_timeout_s
+        return RequestGroup(self, [request_id for request_id, _, _ in requests], stream, deadline)
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:
@@ -207,22 +256,59 @@ class AsyncEngine:
     # ---- engine thread ----
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        try:
+            while not self._stopping.is_set() and not self._drained():
+                self._run_once()
+        except BaseException as e:  # the loop itself died: end everything in flight, then propagate
+            logger.critical("The engine loop died (%s); ending %d requests", type(e).__name__, len(self._num_samples))
+            self._stopping.set()
             batch: list[tuple[str, RequestOutput | BaseException]] = []
-            try:
-                self._drain_commands(batch)
-                if self.engine.has_unfinished_requests():
-                    self._step(batch)
-                else:
-                    self._publish_idle_stats()
-            except Exception as e:  # an engine bug: fail the requests in flight, keep serving
-                logger.exception("Engine step failed; aborting %d requests", len(self._num_samples))
-                self._fail_all(batch, e)
-            if batch:
-                self._send(batch)
-            if not batch and not self.engine.has_unfinished_requests() and self._commands.empty():
-                self._wakeup.wait()
-                self._wakeup.clear()
+            self._fail_all(batch, "The engine stopped; this request could not finish.", "engine_loop")
+            self._refuse_queued(batch)
+            self._send(batch)
+            raise
+        self._end_all_in_flight()
+
+    def _run_once(self) -> None:
+        batch: list[tuple[str, RequestOutput | BaseException]] = []
+        try:
+            self._drain_commands(batch)
+            if self._draining.is_set() and time.monotonic() >= self._drain_deadline:
+                self._fail_all(batch, "The server shut down before this request finished.", "shutdown")
+            elif self.engine.has_unfinished_requests():
+                self._step(batch)
+            else:
+                self._publish_idle_stats()
+        except _LoopFault:
+            raise
+        except Exception:  # an engine bug in this step: fail the requests in flight, keep serving
+            logger.exception("Engine step failed; aborting %d requests", len(self._num_samples))
+            self._fail_all(batch, "Internal engine error.", "engine_step")
+        if batch:
+            self._send(batch)
+        if not batch and not self.engine.has_unfinished_requests() and self._commands.empty():
+            self._wakeup.wait(timeout=self._idle_wait_s())
+            self._wakeup.clear()
+
+    def _idle_wait_s(self) -> float | None:
+        # While draining, wake up for the deadline even if nothing arrives.
+        return None if not self._draining.is_set() else max(0.0, self._drain_deadline - time.monotonic())
+
+    def _drained(self) -> bool:
+        """Draining and nothing is left: every accepted request has ended."""
+        return (self._draining.is_set() and not self.engine.has_unfinished_requests()
+                and self._commands.empty() and not self._num_samples)
+
+    def _end_all_in_flight(self) -> None:
+        """On a stop: whatever is still in flight ends with an error (nothing is left hanging)."""
+        batch: list[tuple[str, RequestOutput | BaseException]] = []
+        self._fail_all(batch, "The server shut down before this request finished.", "shutdown")
+        self._refuse_queued(batch)
+        stats = self.engine.get_stats()
+        logger.info("Engine loop stopped: %d running, %d waiting, KV cache usage %.3f", stats.num_running,
+                    stats.num_waiting, stats.kv_cache_usage)
+        if batch:
+            self._send(batch)
 
     def _drain_commands(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
         aborted: dict[str, int] = {}  # request id -> n
@@ -238,6 +324,16 @@ class AsyncEngine:
                     aborted[command.request_id] = num_samples
                 continue
             self._num_adds_drained += 1
+            if self.faults is not None:
+                try:
+                    self.faults.check("engine_loop", command.prompt_token_ids)
+                except Exception as fault:
+                    self._num_samples[command.request_id] = command.params.n  # in flight: it ends with the rest
+                    raise _LoopFault() from fault
+            if self._draining.is_set():  # queued before the drain began, drained after: refuse it too
+                batch.append((command.request_id, APIError("The server is shutting down.", status=503,
+                                                           code="server_shutting_down")))
+                continue
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
                                         arrival_time=command.arrival_time, priority=command.priority,
@@ -254,8 +350,8 @@ class AsyncEngine:
                 batch.append((command.request_id, APIError(str(e), param=getattr(e, "param", None))))
             except Exception as e:  # an engine bug on this one request: fail it alone
                 logger.exception("add_request failed for %s", command.request_id)
-                batch.append((command.request_id, APIError(f"Internal engine error: {e}", status=500,
-                                                           type="server_error")))
+                batch.append((command.request_id, APIError(f"Internal engine error ({type(e).__name__}).",
+                                                           status=500, type="server_error", code="internal")))
         if aborted:
             self.engine.abort_request(list(aborted))
             if self.metrics is not None:
@@ -284,12 +380,27 @@ class AsyncEngine:
         if self.metrics is not None:
             self.metrics.set_idle()
 
-    def _fail_all(self, batch: list[tuple[str, RequestOutput | BaseException]], error: Exception) -> None:
+    def _refuse_queued(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Adds the engine never took (the loop stopped first): refused, as if they came later."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                batch.append((command.request_id, APIError("The server is shutting down.", status=503,
+                                                           code="server_shutting_down")))
+
+    def _fail_all(self, batch: list[tuple[str, RequestOutput | BaseException]], message: str, reason: str) -> None:
+        """End every request in flight with an error (`reason`: engine:request_errors_total's
+        label); no traceback or path reaches the client, the log has them."""
         request_ids = list(self._num_samples)
         self._num_samples.clear()
+        status = 503 if reason == "shutdown" else 500
         for request_id in request_ids:
-            batch.append((request_id, APIError(f"Internal engine error: {error}", status=500,
-                                               type="server_error")))
+            batch.append((request_id, APIError(message, status=status, type="server_error", code=reason)))
+        if self.metrics is not None and request_ids:
+            self.metrics.record_request_errors(reason, len(request_ids))
         try:
             self.engine.abort_request(request_ids)
         except Exception:

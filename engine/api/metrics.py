@@ -1,7 +1,9 @@
 """Prometheus metrics named like vLLM's (prefix `engine:`), and the periodic throughput log line.
 
-Everything here is written from the engine thread only (`record_step`, `record_outputs`,
-`record_abort`); `/metrics` reads the registry, which prometheus-client guards with its own locks.
+Everything here is written from the engine thread (`record_step`, `record_outputs`,
+`record_abort`), but for `record_request_errors`, which a request timeout calls from the event
+loop's thread: prometheus-client guards every metric with its own lock, and `/metrics` reads the
+registry under them.
 prometheus-client appends `_total` to counter names, so Counters are declared without it.
 """
 
@@ -26,6 +28,11 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 LOG_INTERVAL_S = 10.0
+# engine:request_errors_total's reasons: the engine's (LLMEngine._fail), a failed step (every
+# request in it), a dead engine loop, a request past --request-timeout, and one the shutdown
+# deadline cut short.
+REQUEST_ERROR_REASONS = ("detokenize", "nonfinite_logits", "internal", "engine_step", "engine_loop", "timeout",
+                         "shutdown")
 
 
 def buckets_1_2_5(max_value: int) -> list[float]:
@@ -87,8 +94,12 @@ class EngineMetrics:
             self._requests_rejected.labels(self.model_name, reason)
         self._request_success = Counter("engine:request_success", "Finished requests by finish reason.",
                                         ["model_name", "finished_reason"], registry=self.registry)
-        for reason in ("stop", "length", "abort"):  # export every series from the start
+        for reason in ("stop", "length", "abort", "error"):  # export every series from the start
             self._request_success.labels(self.model_name, reason)
+        self._request_errors = Counter("engine:request_errors", "Requests that failed alone, by the stage that failed.",
+                                       ["model_name", "reason"], registry=self.registry)
+        for reason in REQUEST_ERROR_REASONS:
+            self._request_errors.labels(self.model_name, reason)
         self._elastic_tokens = Counter("engine:elastic_generation_tokens",
                                        "Tokens generated, by the elastic level that generated them.",
                                        ["model_name", "level"], registry=self.registry)
@@ -140,7 +151,8 @@ class EngineMetrics:
                   "prefix_hits": stats.prefix_cache_hits_total, "slo_attained": stats.num_slo_attained_total,
                   "slo_violated": stats.num_slo_violated_total,
                   "pruned_prompt_tokens": stats.num_pruned_prompt_tokens_total,
-                  **{f"rejected:{reason}": count for reason, count in stats.num_rejected_total.items()}}
+                  **{f"rejected:{reason}": count for reason, count in stats.num_rejected_total.items()},
+                  **{f"error:{reason}": count for reason, count in stats.num_request_errors_total.items()}}
         for key, total in totals.items():
             new = total - self._last_totals.get(key, 0)
             if new > 0:
@@ -150,9 +162,15 @@ class EngineMetrics:
     def _counter_for(self, key: str) -> Any:
         if key.startswith("rejected:"):
             return self._requests_rejected.labels(self.model_name, key.removeprefix("rejected:"))
+        if key.startswith("error:"):
+            return self._request_errors.labels(self.model_name, key.removeprefix("error:"))
         return {"preemptions": self.num_preemptions, "prefix_queries": self.prefix_cache_queries,
                 "prefix_hits": self.prefix_cache_hits, "slo_attained": self.slo_attained,
                 "slo_violated": self.slo_violated, "pruned_prompt_tokens": self.pruned_prompt_tokens}[key]
+
+    def record_request_errors(self, reason: str, count: int = 1) -> None:
+        """Requests the serving loop ended with an error (a failed step, a timeout, the shutdown)."""
+        self._request_errors.labels(self.model_name, reason).inc(count)
 
     def set_gauges(self, stats: Any) -> None:
         self.num_requests_running.set(stats.num_running)

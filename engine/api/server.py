@@ -13,7 +13,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -21,12 +22,14 @@ from typing import Any
 import msgspec
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from engine.api.async_engine import AsyncEngine
 from engine.api.errors import APIError
+from engine.api.limits import add_limit_arguments, limits_from_args
 from engine.api.metrics import EngineMetrics
 from engine.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorInfo,
                                  ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
@@ -43,8 +46,6 @@ from engine.scheduler.elastic_choice import KEEP_LADDER
 
 logger = logging.getLogger("engine.api")
 
-MAX_REQUEST_BODY_BYTES = 8 * 1024 * 1024  # a full context of token ids as JSON is well under 1 MiB
-
 try:
     VERSION = version("elastic-engine")
 except PackageNotFoundError:
@@ -56,23 +57,25 @@ def error_response(error: APIError) -> Response:
     return Response(encode(body), status_code=error.status, media_type="application/json", headers=error.headers)
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body, refusing (413) anything over MAX_REQUEST_BODY_BYTES before reading it all."""
-    too_large = APIError(f"Request body exceeds {MAX_REQUEST_BODY_BYTES} bytes.", status=413)
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing (413) anything over max_bytes before reading it all."""
+    too_large = APIError(f"Request body exceeds {max_bytes} bytes.", status=413)
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_REQUEST_BODY_BYTES:
+    if declared.isdigit() and int(declared) > max_bytes:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_REQUEST_BODY_BYTES:
+        if size > max_bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def build_app(engine: AsyncEngine, metrics: EngineMetrics | None = None, api_key: str | None = None,
-              engine_on_own_thread: bool = True) -> FastAPI:
+def build_app(engine: AsyncEngine, metrics: EngineMetrics | None = None, api_keys: Sequence[str] = (),
+              engine_on_own_thread: bool = True, allowed_origins: Sequence[str] = ()) -> FastAPI:
+    """`api_keys`: /v1 needs `Authorization: Bearer <one of them>` (none: open).  `allowed_origins`:
+    browsers on these origins may call the API (CORS); none (the default): no CORS headers at all."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start(own_thread=engine_on_own_thread)
@@ -80,8 +83,11 @@ def build_app(engine: AsyncEngine, metrics: EngineMetrics | None = None, api_key
         engine.shutdown()
 
     app = FastAPI(title="Elastic Engine", version=VERSION, lifespan=lifespan)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     _add_error_handlers(app)
-    app.include_router(_openai_routes(engine, api_key))
+    app.include_router(_openai_routes(engine, api_keys))
     app.include_router(_server_routes(engine, metrics))
     return app
 
@@ -106,8 +112,9 @@ def _slug(text: str) -> str:
     return text.lower().replace(" ", "_")
 
 
-def _openai_routes(engine: AsyncEngine, api_key: str | None) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))])
+def _openai_routes(engine: AsyncEngine, api_keys: Sequence[str]) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_keys))])
+    max_bytes = engine.limits.max_body_bytes
 
     @router.get("/models")
     async def models() -> Response:
@@ -119,26 +126,30 @@ def _openai_routes(engine: AsyncEngine, api_key: str | None) -> APIRouter:
     @router.post("/completions")
     async def completions(raw: Request) -> Response:
         arrival_time = time.time()  # before reading, parsing and tokenizing: the client's clock starts here
-        request = decode_request(await read_body(raw), CompletionRequest)
+        request = decode_request(await read_body(raw, max_bytes), CompletionRequest)
         return await run_until_disconnected(raw, create_completion(request, engine, arrival_time))
 
     @router.post("/chat/completions")
     async def chat_completions(raw: Request) -> Response:
         arrival_time = time.time()
-        request = decode_request(await read_body(raw), ChatCompletionRequest)
+        request = decode_request(await read_body(raw, max_bytes), ChatCompletionRequest)
         return await run_until_disconnected(raw, create_chat_completion(request, engine, arrival_time))
 
     return router
 
 
-def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
-    expected = f"Bearer {api_key}".encode() if api_key is not None else None
+def _api_key_check(api_keys: Sequence[str]) -> Callable[[Request], None]:
+    """Constant time in the key's content: every key is compared (hmac.compare_digest), none
+    short-circuits, so timing tells nothing of which key or how much of one matched.  Keys are
+    never logged."""
+    expected = [f"Bearer {key}".encode() for key in api_keys]
 
     def check(request: Request) -> None:
-        if expected is None:
+        if not expected:
             return
         given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        matches = [hmac.compare_digest(given, key) for key in expected]
+        if not any(matches):
             raise APIError("Missing or invalid API key: send `Authorization: Bearer <key>`.", status=401,
                            code="invalid_api_key")
 
@@ -161,9 +172,11 @@ def _server_routes(engine: AsyncEngine, metrics: EngineMetrics | None) -> APIRou
     async def server_version() -> Response:
         return Response(msgspec.json.encode({"version": VERSION}), media_type="application/json")
 
+    max_bytes = engine.limits.max_body_bytes
+
     @router.post("/tokenize")
     async def tokenize(raw: Request) -> Response:
-        request = decode_request(await read_body(raw), TokenizeRequest)
+        request = decode_request(await read_body(raw, max_bytes), TokenizeRequest)
         check_model(request.model, engine)
         if (request.prompt is None) == (request.messages is None):
             raise APIError("Give exactly one of prompt and messages.", param="prompt")
@@ -176,7 +189,7 @@ def _server_routes(engine: AsyncEngine, metrics: EngineMetrics | None) -> APIRou
 
     @router.post("/detokenize")
     async def detokenize(raw: Request) -> Response:
-        request = decode_request(await read_body(raw), DetokenizeRequest)
+        request = decode_request(await read_body(raw, max_bytes), DetokenizeRequest)
         check_model(request.model, engine)
         if request.tokens:
             check_prompt_token_ids(request.tokens, engine, param="tokens")
@@ -194,7 +207,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on /v1")
+    parser.add_argument("--api-key", action="append", default=[],
+                        help="require `Authorization: Bearer <key>` on /v1 (repeat for several keys)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="a file of API keys, one a line (blank lines and # comments ignored); adds to --api-key")
+    parser.add_argument("--allowed-origins", default="",
+                        help="comma-separated origins browsers may call the API from (CORS); default none: CORS off")
     parser.add_argument("--dtype", default=ModelConfig.dtype, choices=DTYPES,
                         help="auto: bf16 on CUDA and on CPUs with bf16 dot products, else float32")
     parser.add_argument("--weight-format", default=ModelConfig.weight_format, choices=WEIGHT_FORMATS,
@@ -231,7 +249,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
     add_policy_arguments(parser)
     parser.add_argument("--max-waiting-requests", type=int, default=None,
-                        help="refuse new requests (429) while this many wait (default: no limit)")
+                        help="refuse new requests (429 with Retry-After) while this many wait (default: no limit)")
+    parser.add_argument("--request-timeout", type=float, default=None,
+                        help="end a request with a 408 error (an error event when streaming) this many seconds "
+                             "after it arrived (default: no timeout)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM or SIGINT, seconds running requests may take to finish; new ones get 503 "
+                             "meanwhile, the rest end with an error, then the server exits 0 (a second signal: now)")
+    parser.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                        help="close an idle keep-alive connection after this many seconds")
+    add_limit_arguments(parser)
     parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
                         help="auto: Triton kernels on CUDA; on CPU the C++ decode kernel where it builds, else the torch path")
     parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
@@ -286,9 +313,13 @@ def run_server(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     try:
         config = engine_config_from_args(args)
-        if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
-            raise ConfigError(f"max_waiting_requests must be non-negative, got {args.max_waiting_requests}")
-    except ConfigError as e:
+        limits = limits_from_args(args)
+        api_keys = api_keys_from_args(args)
+        for name in ("max_waiting_requests", "request_timeout", "shutdown_timeout", "timeout_keep_alive"):
+            value = getattr(args, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name} must be non-negative, got {value}")
+    except (ConfigError, ValueError, OSError) as e:
         raise SystemExit(f"engine serve: {e}") from None
     from engine.llm_engine import LLMEngine  # deferred: loading torch and the model is slow
 
@@ -297,36 +328,73 @@ def run_server(args: argparse.Namespace) -> None:
     metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens,
                             llm_engine.elastic_levels or (FULL_LEVEL,), sorted({1.0, *KEEP_LADDER}, reverse=True))
     metrics.stat_logger.enabled = not args.disable_log_stats
-    engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests)
-    app = build_app(engine, metrics, args.api_key, engine_on_own_thread=False)
-    logger.info("Serving %s on http://%s:%d", llm_engine.model_name, args.host, args.port)
+    engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests, args.request_timeout, limits)
+    origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
+    app = build_app(engine, metrics, api_keys, engine_on_own_thread=False, allowed_origins=origins)
+    logger.info("Serving %s on http://%s:%d%s", llm_engine.model_name, args.host, args.port,
+                f" ({len(api_keys)} API keys)" if api_keys else "")
     serve_http_beside_engine(engine, uvicorn.Config(app, host=args.host, port=args.port,
-                                                    log_level=args.uvicorn_log_level))
+                                                    log_level=args.uvicorn_log_level,
+                                                    timeout_keep_alive=args.timeout_keep_alive,
+                                                    timeout_graceful_shutdown=GRACEFUL_HTTP_CLOSE_S),
+                             args.shutdown_timeout)
 
 
-def serve_http_beside_engine(engine: AsyncEngine, config: uvicorn.Config) -> None:
+def api_keys_from_args(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key)
+    if args.api_key_file is not None:
+        lines = Path(args.api_key_file).read_text().splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if any(not key or any(c.isspace() for c in key) for key in keys):
+        raise ValueError("API keys must be non-empty and hold no whitespace")
+    return keys
+
+
+# After the engine loop ends every request is answered; uvicorn gets this long to flush and close.
+GRACEFUL_HTTP_CLOSE_S = 5
+
+
+def serve_http_beside_engine(engine: AsyncEngine, config: uvicorn.Config, shutdown_timeout_s: float = 30.0) -> None:
     """uvicorn's event loop on a thread of its own, the engine loop on this (the main) thread,
-    which loaded the model (see AsyncEngine.run_engine_loop for why).  Ctrl-C or SIGTERM stops both."""
+    which loaded the model (see AsyncEngine.run_engine_loop for why).
+
+    SIGTERM or SIGINT drains: new requests get 503 and /health 503, running ones may finish for
+    `shutdown_timeout_s`, the rest end with an error; then HTTP closes and this returns (exit 0).
+    A second signal stops at once.  If the engine loop dies, HTTP closes and this raises
+    SystemExit(1), so a supervisor restarts the server rather than finding its port open and dead."""
     server = uvicorn.Server(config)
     http_thread = threading.Thread(target=server.run, name="http", daemon=True)
-    stop = threading.Event()
+    signals = []
 
     def on_signal(signum, frame) -> None:  # noqa: ARG001
-        stop.set()
-        server.should_exit = True
-        engine.shutdown()
+        signals.append(signum)
+        if len(signals) == 1:
+            logger.info("%s: draining (new requests get 503; running ones have %g s)",
+                        signal.Signals(signum).name, shutdown_timeout_s)
+            engine.begin_drain(shutdown_timeout_s)
+        else:
+            engine.shutdown()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     http_thread.start()
     while not server.started and http_thread.is_alive():
         time.sleep(0.05)
-    if server.started:
-        engine.run_engine_loop()  # returns after shutdown()
-    server.should_exit = True
-    http_thread.join(timeout=10)
-    if not stop.is_set() and not server.started:
+    try:
+        if server.started:
+            engine.run_engine_loop()  # returns once drained or shut down
+    except BaseException:
+        logger.critical("The engine loop died; closing HTTP and exiting non-zero", exc_info=True)
+        _close_http(server, http_thread)
+        raise SystemExit(1) from None
+    _close_http(server, http_thread)
+    if not signals and not server.started:
         raise SystemExit("engine serve: the HTTP server failed to start (is the port free?)")
+
+
+def _close_http(server: uvicorn.Server, http_thread: threading.Thread) -> None:
+    server.should_exit = True
+    http_thread.join(timeout=GRACEFUL_HTTP_CLOSE_S + 5)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,9 +23,6 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
-MAX_N = 128  # samples per prompt; OpenAI's own limit
-MAX_NUM_PROMPTS = 256  # prompts in one completion request
-MAX_STOP_STRINGS = 64
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit is 300
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; OpenAI reports this for impossible tokens
 
@@ -74,13 +71,19 @@ def to_sampling_params(request: SamplingFields, engine: AsyncEngine, *, max_toke
                        prompt_logprobs: int | None = None) -> SamplingParams:
     """OpenAI + vLLM fields -> SamplingParams; range errors become 400 naming the field.
     `prompt_logprobs`: the request's own, or what the endpoint derives (echo with logprobs)."""
-    if not 1 <= request.n <= MAX_N:
-        raise APIError(f"n must be in [1, {MAX_N}], got {request.n}.", param="n")
+    limits = engine.limits
+    if not 1 <= request.n <= limits.max_n:
+        raise APIError(f"n must be in [1, {limits.max_n}], got {request.n}.", param="n")
+    for name, value in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and value > limits.max_logprobs:
+            raise APIError(f"{name} must be at most {limits.max_logprobs}, got {value}.", param=name)
     if request.prompt_logprobs is not None and request.stream:
         raise APIError("prompt_logprobs are not available when stream is true.", param="prompt_logprobs")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    if stop is not None and len(stop) > MAX_STOP_STRINGS:
-        raise APIError(f"At most {MAX_STOP_STRINGS} stop strings are allowed.", param="stop")
+    if stop is not None and len(stop) > limits.max_stop_strings:
+        raise APIError(f"At most {limits.max_stop_strings} stop strings are allowed.", param="stop")
+    if stop is not None and any(len(s) > limits.max_stop_string_chars for s in stop):
+        raise APIError(f"Each stop string may be at most {limits.max_stop_string_chars} characters.", param="stop")
     for name, value in (("temperature", request.temperature), ("top_p", request.top_p),
                         ("presence_penalty", request.presence_penalty),
                         ("frequency_penalty", request.frequency_penalty), ("min_p", request.min_p),
@@ -172,7 +175,8 @@ def streaming_response(events: AsyncIterator[bytes], group: RequestGroup) -> Str
             yield sse_event(ErrorResponse(ErrorInfo(e.message, e.type, e.param, e.code)))
         except Exception as e:  # a bug; the headers are sent, so report it in the stream
             logger.exception("Streaming response failed")
-            yield sse_event(ErrorResponse(ErrorInfo(f"Internal server error: {e}", "server_error")))
+            # No message text: it may hold paths or internals (the log has the traceback).
+            yield sse_event(ErrorResponse(ErrorInfo(f"Internal server error: {type(e).__name__}", "server_error")))
         finally:
             group.close()  # the client went away (cancellation) or the stream ended: free the KV
         yield b"data: [DONE]\n\n"

@@ -20,7 +20,7 @@ from engine.api.errors import APIError
 from engine.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                  encode, random_id, sse_event)
 from engine.api.serving_elastic import requested_floors, requested_level, requested_prompt_keep
-from engine.api.serving_common import (LOGPROB_FLOOR, MAX_NUM_PROMPTS, check_model, check_prompt_token_ids,
+from engine.api.serving_common import (LOGPROB_FLOOR, check_model, check_prompt_token_ids,
                                        collect, prompt_logprobs_body, resolve_max_tokens, slo_target,
                                        streaming_response, to_sampling_params, usage_of)
 from engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput, SampleLogprobs
@@ -126,8 +126,8 @@ def parse_prompts(prompt: str | list[str | int | list[int]], engine: AsyncEngine
     else:
         raise APIError("prompt must be a non-empty string, list of strings, list of token ids, or list of "
                        "token-id lists.", param="prompt")
-    if len(items) > MAX_NUM_PROMPTS:
-        raise APIError(f"At most {MAX_NUM_PROMPTS} prompts per request.", param="prompt")
+    if len(items) > engine.limits.max_num_prompts:
+        raise APIError(f"At most {engine.limits.max_num_prompts} prompts per request.", param="prompt")
     prompts = []
     for item in items:
         if isinstance(item, str):

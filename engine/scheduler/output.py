@@ -90,6 +90,7 @@ class SampledToken:
     rank: int | None = None  # 1 = the most likely token
     top_token_ids: list[int] | None = None
     top_logprobs: list[float] | None = None
+    logits_finite: bool = True  # False: the row's logits held NaN or inf (the token is meaningless)
 
 
 @dataclass(slots=True)

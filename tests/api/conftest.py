@@ -27,7 +27,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, env: dict[str, str] | None = None) -> None:
+        """`env`: variables added to this environment for the server (a fault to inject, say)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"engine-serve-{self.port}.log"
@@ -35,7 +36,8 @@ class ServerProcess:
         args = [sys.executable, "-m", "engine.api.server", "--port", str(self.port),
                 "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "0.25",
                 "--uvicorn-log-level", "warning", *extra_args]
-        self.process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=None if env is None else {**os.environ, **env})
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -63,10 +65,10 @@ class ServerProcess:
         self._log.close()
 
 
-def running_server(*extra_args: str) -> Iterator[ServerProcess]:
+def running_server(*extra_args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """A fixture body: a server with these flags, healthy for the fixture's scope, then stopped;
     a server that died meanwhile fails the last test that used it."""
-    process = ServerProcess(*extra_args)
+    process = ServerProcess(*extra_args, env=env)
     try:
         process.wait_ready()
         yield process

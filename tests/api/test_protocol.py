@@ -9,11 +9,13 @@ import msgspec
 import pytest
 
 from engine.api.errors import APIError
+from engine.api.limits import RequestLimits
 from engine.api.protocol import (ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse, UsageInfo,
                                  CompletionResponse, decode_request, sse_event)
 from engine.api.serving_common import resolve_max_tokens, to_sampling_params
 
-ENGINE = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=100), max_model_len=64, model_name="m")
+ENGINE = SimpleNamespace(tokenizer=SimpleNamespace(vocab_size=100), max_model_len=64, model_name="m",
+                         limits=RequestLimits())
 
 
 def decode(body: bytes, request_type: type = CompletionRequest):

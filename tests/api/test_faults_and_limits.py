@@ -1,0 +1,126 @@
+"""A server with several API keys, CORS for one origin, tight request limits, a request timeout
+and a fault injected into one prompt's detokenization (engine/fault_injection.py): each limit is
+a 400 naming its field, a request past the timeout ends with a 408 (its KV freed), and the
+poisoned request fails alone, counted in engine:request_errors_total, while others complete."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import MODEL_NAME, ServerProcess, metric, running_server, scrape
+
+KEYS = ("sk-first", "sk-from-file")
+POISON = 7777  # a token id: a prompt holding it fails as its tokens are turned into text
+ORIGIN = "http://dashboard.example"
+TIMEOUT_S = 4
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    key_file = Path(tmp_path_factory.mktemp("keys")) / "keys.txt"
+    key_file.write_text(f"# one key a line\n\n{KEYS[1]}\n")
+    yield from running_server("--api-key", KEYS[0], "--api-key-file", str(key_file), "--allowed-origins", ORIGIN,
+                              "--max-n", "4", "--max-stop-string-chars", "8", "--max-logprobs", "5",
+                              "--request-timeout", str(TIMEOUT_S),
+                              env={"ELASTIC_ENGINE_INJECT_FAULT": f"detokenize:{POISON}"})
+
+
+@pytest.fixture(scope="module")
+def http(limited_server: ServerProcess) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {KEYS[1]}"}
+    with httpx.Client(base_url=limited_server.base_url, headers=headers, timeout=60) as client:
+        yield client
+
+
+def test_every_key_from_flag_and_file_opens_the_api(limited_server: ServerProcess) -> None:
+    url = f"{limited_server.base_url}/v1/models"
+    for key in KEYS:
+        assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    for wrong in ("sk-firs", "sk-first-", KEYS[0] + KEYS[1], "# one key a line"):
+        response = httpx.get(url, headers={"Authorization": f"Bearer {wrong}"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert KEYS[0] not in limited_server.log() and KEYS[1] not in limited_server.log()
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"n": 5}, "n"),
+    ({"stop": ["123456789"]}, "stop"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"prompt_logprobs": 6}, "prompt_logprobs"),
+])
+def test_limits_are_400s_naming_the_field(http: httpx.Client, body: dict, param: str) -> None:
+    response = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    within = {key: (4 if key == "n" else ["12345678"] if key == "stop" else 5) for key in body}
+    assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, **within}).status_code == 200
+
+
+def test_cors_headers_only_for_the_allowed_origin(limited_server: ServerProcess, server: ServerProcess) -> None:
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    allowed = httpx.options(f"{limited_server.base_url}/v1/completions", headers=preflight)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.options(f"{limited_server.base_url}/v1/completions",
+                          headers={**preflight, "Origin": "http://elsewhere.example"})
+    assert "access-control-allow-origin" not in other.headers
+    default = httpx.get(f"{server.base_url}/v1/models", headers={"Origin": ORIGIN})  # no --allowed-origins
+    assert default.status_code == 200 and "access-control-allow-origin" not in default.headers
+
+
+def test_a_failing_request_fails_alone(limited_server: ServerProcess, http: httpx.Client) -> None:
+    before = metric(scrape(limited_server.base_url), "engine:request_errors_total", reason="detokenize")
+    healthy: dict = {}
+
+    def neighbour() -> None:  # runs beside the poisoned requests, in the same batches
+        healthy["response"] = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 24,
+                                                                 "ignore_eos": True})
+
+    thread = threading.Thread(target=neighbour)
+    thread.start()
+    poisoned = http.post("/v1/completions", json={"prompt": [1, 504, POISON, 28], "max_tokens": 16, "n": 2})
+    with http.stream("POST", "/v1/completions",
+                     json={"prompt": [1, POISON], "max_tokens": 16, "stream": True}) as stream:
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    thread.join()
+    assert poisoned.status_code == 500
+    error = poisoned.json()["error"]
+    assert error["code"] == "detokenize" and error["type"] == "server_error"
+    assert "Traceback" not in error["message"] and "/" not in error["message"]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "detokenize"
+    completed = healthy["response"]
+    assert completed.status_code == 200 and completed.json()["usage"]["completion_tokens"] == 24
+    samples = wait_for_idle(limited_server.base_url)
+    assert metric(samples, "engine:request_errors_total", reason="detokenize") == before + 2
+    assert metric(samples, "engine:kv_cache_usage_perc") == 0.0
+    assert http.get("/health").status_code == 200
+
+
+def test_a_request_past_the_timeout_ends_with_408_and_frees_its_kv(limited_server: ServerProcess,
+                                                                    http: httpx.Client) -> None:
+    body = {"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": True}
+    response = http.post("/v1/completions", json=body)  # ~1000 decode steps: far past 4 s
+    assert response.status_code == 408 and response.json()["error"]["code"] == "request_timeout"
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+        events = [line.removeprefix("data: ") for line in stream.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout"
+    assert len(events) > 3  # tokens streamed before the timeout cut it short
+    samples = wait_for_idle(limited_server.base_url)  # the aborts reach the engine thread a moment later
+    assert metric(samples, "engine:request_errors_total", reason="timeout") == 2
+    assert metric(samples, "engine:kv_cache_usage_perc") == 0
+
+
+def wait_for_idle(base_url: str, timeout_s: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(base_url)
+        if metric(samples, "engine:num_requests_running") == 0 or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
