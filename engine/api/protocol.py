@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -94,18 +94,21 @@ class CompletionRequest(SamplingFields, kw_only=True):
 
 
 class ContentPart(msgspec.Struct):
-    type: str
-    text: str | None = None
+    type: Literal["text"]  # the only part the engine reads (images and audio are refused by the decoder)
+    text: str
+
+
+Role = Literal["system", "developer", "user", "assistant"]  # what the chat templates render
 
 
 class ChatMessage(msgspec.Struct):
-    role: str
+    role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None

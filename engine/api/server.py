@@ -31,6 +31,7 @@ from engine.api.async_engine import AsyncEngine
 from engine.api.errors import APIError
 from engine.api.limits import add_limit_arguments, limits_from_args
 from engine.api.metrics import EngineMetrics
+from engine.api.openapi import VersionResponse, install_openapi
 from engine.api.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorInfo,
                                  ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
                                  DetokenizeResponse, decode_request, encode)
@@ -89,6 +90,7 @@ def build_app(engine: AsyncEngine, metrics: EngineMetrics | None = None, api_key
     _add_error_handlers(app)
     app.include_router(_openai_routes(engine, api_keys))
     app.include_router(_server_routes(engine, metrics))
+    install_openapi(app)
     return app
 
 
@@ -170,7 +172,7 @@ def _server_routes(engine: AsyncEngine, metrics: EngineMetrics | None) -> APIRou
 
     @router.get("/version")
     async def server_version() -> Response:
-        return Response(msgspec.json.encode({"version": VERSION}), media_type="application/json")
+        return Response(encode(VersionResponse(VERSION)), media_type="application/json")
 
     max_bytes = engine.limits.max_body_bytes
 

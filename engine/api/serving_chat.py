@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import get_args
 
 from starlette.responses import Response
 
@@ -12,14 +13,15 @@ from engine.api.async_engine import AsyncEngine, RequestGroup
 from engine.api.errors import APIError
 from engine.api.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                  ChatLogprobs, ChatMessage, ChatResponseMessage, ChatStreamChoice,
-                                 ChatTokenLogprob, DeltaMessage, TopLogprob, encode, random_id, sse_event)
+                                 ChatTokenLogprob, DeltaMessage, Role, TopLogprob, encode, random_id,
+                                 sse_event)
 from engine.api.serving_elastic import requested_floors, requested_level, requested_prompt_keep
 from engine.api.serving_common import (LOGPROB_FLOOR, check_model, collect, prompt_logprobs_body,
                                        resolve_max_tokens, slo_target, streaming_response, to_sampling_params,
                                        usage_of)
 from engine.outputs import CompletionOutput, Logprob
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = get_args(Role)
 
 
 @dataclass(slots=True)
