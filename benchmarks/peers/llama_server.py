@@ -124,6 +124,11 @@ class ServerProcess:
             raise
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def wait(self) -> None:
         """Block until the server exits (it runs until stopped)."""
         if self._process is not None:

@@ -136,7 +136,9 @@ class RequestGroup:
 class AsyncEngine:
     def __init__(self, engine: Any, metrics: EngineMetrics | None = None,
                  max_waiting_requests: int | None = None, request_timeout_s: float | None = None,
-                 limits: RequestLimits = RequestLimits()) -> None:
+                 limits: RequestLimits = RequestLimits(), check_invariants: bool = False) -> None:
+        """`check_invariants`: check the KV bookkeeping each time the engine goes idle (a debug
+        aid for soaks: engine:invariant_checks_total / engine:invariant_violations_total)."""
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.model_name: str = engine.model_name
@@ -146,6 +148,8 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self.request_timeout_s = request_timeout_s  # None: a request may take as long as it needs
         self.limits = limits  # what one request may ask (engine/api/limits.py), read by the serving code
+        self.check_invariants = check_invariants
+        self._was_busy = False  # engine thread only: whether the last iteration had work
         self.faults = FaultInjector.from_env()  # a test hook (engine/fault_injection.py), None unless set
         self._draining = threading.Event()  # set by begin_drain: refuse new requests, finish the rest
         self._drain_deadline = float("inf")  # time.monotonic() when the rest are cut short
@@ -277,8 +281,12 @@ class AsyncEngine:
                 self._fail_all(batch, "The server shut down before this request finished.", "shutdown")
             elif self.engine.has_unfinished_requests():
                 self._step(batch)
+                self._was_busy = True
             else:
                 self._publish_idle_stats()
+                if self._was_busy and self.check_invariants:
+                    self._check_idle_invariants()
+                self._was_busy = False
         except _LoopFault:
             raise
         except Exception:  # an engine bug in this step: fail the requests in flight, keep serving
@@ -373,6 +381,20 @@ class AsyncEngine:
         if self.metrics is not None:
             self.metrics.record_step(stats)
             self.metrics.record_outputs(outputs, time.time())
+
+    def _check_idle_invariants(self) -> None:
+        """Idle: the KV bookkeeping must be consistent and hold no request's blocks."""
+        try:
+            self.engine.check_invariants()
+            assert self.engine.get_stats().kv_cache_usage == 0.0, "KV blocks in use with nothing running"
+            failed = False
+        except AssertionError:
+            logger.exception("KV invariants failed at an idle moment")
+            failed = True
+        if self.metrics is not None:
+            self.metrics.invariant_checks.inc()
+            if failed:
+                self.metrics.invariant_violations.inc()
 
     def _publish_idle_stats(self) -> None:
         # With no unfinished request nothing runs, waits or holds KV blocks.

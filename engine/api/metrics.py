@@ -85,6 +85,10 @@ class EngineMetrics:
             "engine:pruned_prompt_tokens", "Prompt tokens prompt pruning kept out of the layers past the prune layer.")
         self.slo_attained = self._counter("engine:slo_attained", "Finished requests that met every latency target.")
         self.slo_violated = self._counter("engine:slo_violated", "Finished requests that missed a latency target.")
+        # With `engine serve --check-invariants`: KV bookkeeping checked whenever the engine goes idle.
+        self.invariant_checks = self._counter("engine:invariant_checks", "Idle-time checks of the KV invariants.")
+        self.invariant_violations = self._counter("engine:invariant_violations",
+                                                  "Idle-time checks of the KV invariants that failed.")
 
     def _add_labelled_counters(self, elastic_levels: Sequence[int], prompt_keeps: Sequence[float]) -> None:
         """Counters with a second label; every known series is exported from the start."""

@@ -146,7 +146,7 @@ def _api_key_check(api_keys: Sequence[str]) -> Callable[[Request], None]:
     never logged."""
     expected = [f"Bearer {key}".encode() for key in api_keys]
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: a sync dependency would run on a thread pool
         if not expected:
             return
         given = request.headers.get("authorization", "").encode()
@@ -264,6 +264,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
                         help="auto: Triton kernels on CUDA; on CPU the C++ decode kernel where it builds, else the torch path")
     parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
+    parser.add_argument("--check-invariants", action="store_true",
+                        help="debug: check the KV block bookkeeping whenever the engine goes idle "
+                             "(engine:invariant_violations_total; benchmarks/soak.py)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug", "trace"))
 
@@ -330,7 +333,8 @@ def run_server(args: argparse.Namespace) -> None:
     metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens,
                             llm_engine.elastic_levels or (FULL_LEVEL,), sorted({1.0, *KEEP_LADDER}, reverse=True))
     metrics.stat_logger.enabled = not args.disable_log_stats
-    engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests, args.request_timeout, limits)
+    engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests, args.request_timeout, limits,
+                         check_invariants=args.check_invariants)
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
     app = build_app(engine, metrics, api_keys, engine_on_own_thread=False, allowed_origins=origins)
     logger.info("Serving %s on http://%s:%d%s", llm_engine.model_name, args.host, args.port,
