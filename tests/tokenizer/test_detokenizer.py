@@ -47,8 +47,15 @@ def test_chat_template_renders_the_model_template(tokenizer):
     assert text.startswith("<|im_start|>system\n")
 
 
-def test_chat_template_is_sandboxed():
-    hostile = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+@pytest.mark.parametrize("hostile", [
+    "{{ messages.__class__.__mro__[1].__subclasses__() }}",  # Python's class graph
+    "{{ raise_exception.__globals__ }}",  # a function's module globals
+    "{{ cycler.__init__.__globals__.os.system('touch /tmp/pwned') }}",  # a shell through jinja's own globals
+    "{% include '/etc/passwd' %}",  # the file system
+    "{% import 'os' as os %}",
+    "{{ messages.append('x') }}",  # mutating what it is given (the immutable sandbox)
+])
+def test_chat_template_is_sandboxed(hostile: str):
     with pytest.raises(ChatTemplateError):
         render_chat_template(hostile, [{"role": "user", "content": "x"}], add_generation_prompt=True,
                              bos_token="", eos_token="")
