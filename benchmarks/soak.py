@@ -9,7 +9,7 @@ table, writes benchmarks/results/soak.md and a PNG of the servers' memory, descr
 threads over time.
 
     .venv/bin/python benchmarks/soak.py                       # 2,000 requests over four policies
-    .venv/bin/python benchmarks/soak.py --num-requests 200 --policies fcfs
+    .venv/bin/python benchmarks/soak.py --num-requests 2000 --policies fcfs --output soak_long   # one long run
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def run_policy(policy: str, config: SoakConfig, prompts: list[str], kv_gib: floa
     return capacity, report
 
 
-def write_results(rows: dict[str, tuple[float, SoakReport]], config: SoakConfig, kv_gib: float) -> None:
+def write_results(rows: dict[str, tuple[float, SoakReport]], config: SoakConfig, kv_gib: float, name: str) -> None:
     lines = ["# Soak (`benchmarks/soak.py`)", "", *[f"- {line}" for line in machine_lines(machine())],
              f"- {sum(len(r.outcomes) for _, r in rows.values())} requests in all, "
              f"KV cache {kv_gib} GiB (forces preemptions), n <= {config.max_n}, max_tokens <= {config.max_tokens}, "
@@ -97,9 +97,9 @@ def write_results(rows: dict[str, tuple[float, SoakReport]], config: SoakConfig,
                      f"{' '.join(f'{k}:{v}' for k, v in s['statuses'].items())} | {s['disconnected']} | {s['malformed']} | "
                      f"{s['preemptions']:.0f} | {s['rss_mb_q2']} -> {s['rss_mb_q4']} | {s['fds_idle_before_after']} | "
                      f"{s['threads_idle_before_after']} | {'yes' if not s['failures'] else '; '.join(s['failures'])} |")
-    (RESULTS / "soak.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, RESULTS / "soak.png")
+    plot(rows, RESULTS / f"{name}.png")
 
 
 def plot(rows: dict[str, tuple[float, SoakReport]], path: Path) -> None:
@@ -129,14 +129,15 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(POLICY_FLAGS))
     parser.add_argument("--kv-cache-memory", type=float, default=0.04, help="GiB: small, so preemptions happen")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="soak", help="results file names under benchmarks/results/")
     args = parser.parse_args()
     policies = args.policies.split(",")
     config = SoakConfig(num_requests=args.num_requests // len(policies), seed=args.seed)
     prompts = sharegpt_prompts()
     rows = {policy: run_policy(policy, config, prompts, args.kv_cache_memory, LOAD) for policy in policies}
-    (RESULTS / "soak.json").write_text(json.dumps({p: {"capacity": c, **r.summary()} for p, (c, r) in rows.items()},
-                                                  indent=1))
-    write_results(rows, config, args.kv_cache_memory)
+    summaries = {p: {"capacity": c, **r.summary()} for p, (c, r) in rows.items()}
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(summaries, indent=1))
+    write_results(rows, config, args.kv_cache_memory, args.output)
     if any(report.failures for _, report in rows.values()):
         raise SystemExit("soak: a check failed (see the table)")
 

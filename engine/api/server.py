@@ -11,6 +11,7 @@ import argparse
 import hmac
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -358,6 +359,7 @@ def api_keys_from_args(args: argparse.Namespace) -> list[str]:
 
 # After the engine loop ends every request is answered; uvicorn gets this long to flush and close.
 GRACEFUL_HTTP_CLOSE_S = 5
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def serve_http_beside_engine(engine: AsyncEngine, config: uvicorn.Config, shutdown_timeout_s: float = 30.0) -> None:
@@ -368,6 +370,10 @@ def serve_http_beside_engine(engine: AsyncEngine, config: uvicorn.Config, shutdo
     `shutdown_timeout_s`, the rest end with an error; then HTTP closes and this returns (exit 0).
     A second signal stops at once.  If the engine loop dies, HTTP closes and this raises
     SystemExit(1), so a supervisor restarts the server rather than finding its port open and dead."""
+    # PERF: the engine loop and the event loop share the GIL; at Python's default 5 ms switch
+    # interval each token's hand-over from one to the other waited for it.  Single stream, 256
+    # tokens, 2-vCPU Xeon: TPOT 14.5 ms at 5 ms, 13.7 at 0.5 ms (and at 0.1 ms), offline 12.3.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     server = uvicorn.Server(config)
     http_thread = threading.Thread(target=server.run, name="http", daemon=True)
     signals = []
