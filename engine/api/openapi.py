@@ -85,8 +85,11 @@ def _describe(entry: dict[str, Any], operation: Operation) -> None:
     if operation.response is not None:
         content["application/json"] = {"schema": _ref(operation.response)}
     if operation.streams:
-        content["text/event-stream"] = {"schema": {"type": "string", "description": "server-sent events, "
-                                                   "ending with `data: [DONE]`"}}
+        # Each event, as SSE parsers see it: `data` is a chunk's JSON (or an error body), and the
+        # last is the text [DONE].
+        content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
+                                                   "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                                                   "description": "server-sent events, ending with `data: [DONE]`"}}
     if operation.other_media is not None:
         content[operation.other_media] = {"schema": {"type": "string"}}
     if content:

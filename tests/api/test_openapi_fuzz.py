@@ -42,16 +42,33 @@ def test_the_document_describes_every_route(api_schema) -> None:
     assert set(OPERATIONS) <= operations
 
 
+VOCAB_SIZE = 49152  # SmolLM2's
+KEPT_FIELDS = ("prompt", "messages", "stream", "echo", "add_generation_prompt")
+
+
 def served_model(case):
-    """Most generated bodies name a random model, or give a user message no content (400s the
-    document allows): these name the served model and give every message content, so valid
-    bodies reach the engine."""
+    """Generated bodies hold ~25 optional fields, almost always one out of the server's ranges (a
+    400 the document allows), and name a random model: these keep the generated prompt or
+    messages (with content) and stream flag, token ids folded into the vocabulary, for the served
+    model and 4 tokens, so the fuzzed text and token ids reach the engine."""
     if isinstance(case.body, dict):
-        case.body["model"] = MODEL_NAME
+        case.body = {key: value for key, value in case.body.items() if key in KEPT_FIELDS}
+        case.body.update(model=MODEL_NAME, max_tokens=4)
+        if "prompt" in case.body:
+            case.body["prompt"] = _in_vocabulary(case.body["prompt"]) or "Hi"
         for message in case.body.get("messages") or []:
-            if message.get("content") is None:
+            if isinstance(message, dict) and message.get("content") is None:
                 message["content"] = "Hi"
     return case
+
+
+def _in_vocabulary(prompt):
+    if isinstance(prompt, int):
+        return abs(prompt) % VOCAB_SIZE
+    if isinstance(prompt, list):
+        folded = [_in_vocabulary(item) for item in prompt]
+        return [item for item in folded if item not in ("", [])] or None
+    return prompt
 
 
 @pytest.mark.parametrize("mode", [*GenerationMode, "served_model"])
