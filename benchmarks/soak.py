@@ -32,6 +32,7 @@ from peers.machine import machine, machine_lines
 from peers.our_server import REPO_ROOT
 
 RESULTS = Path(__file__).parent / "results"
+LOAD = 1.0  # the Poisson rate as a multiple of the measured capacity
 POLICY_FLAGS = {"fcfs": [], "priority": [], "mlfq": [],
                 "slo": ["--slo-ttft-ms", "4000", "--slo-tpot-ms", "250", "--slo-best-effort"]}
 
@@ -72,7 +73,8 @@ async def measure_capacity(url: str, config: SoakConfig, prompts: list[str], num
     return num / (time.monotonic() - start)
 
 
-def run_policy(policy: str, config: SoakConfig, prompts: list[str], kv_gib: float, load: float) -> tuple[float, SoakReport]:
+def run_policy(policy: str, config: SoakConfig, prompts: list[str], kv_gib: float,
+               load: float) -> tuple[float, SoakReport]:
     log_file = RESULTS / f"soak_{policy}.log"
     with soak_server(policy, kv_gib, log_file) as server:
         capacity = asyncio.run(measure_capacity(server.url, config, prompts))
@@ -90,11 +92,13 @@ def write_results(rows: dict[str, tuple[float, SoakReport]], config: SoakConfig,
              f"KV cache {kv_gib} GiB (forces preemptions), n <= {config.max_n}, max_tokens <= {config.max_tokens}, "
              f"{config.disconnect_share:.0%} disconnects, {config.malformed_share:.0%} malformed", "",
              "| policy | capacity req/s | rate req/s | requests | statuses | disconnected | malformed | preemptions "
-             "| RSS MB q2 -> q4 | fds idle before, after | threads idle before, after | holds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| RSS MB q2 -> q4 | fds idle before, after | threads idle before, after | holds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for policy, (capacity, report) in rows.items():
         s = report.summary()
+        statuses = " ".join(f"{k}:{v}" for k, v in s["statuses"].items())
         lines.append(f"| {policy} | {capacity:.2f} | {capacity * LOAD:.2f} | {s['requests']} | "
-                     f"{' '.join(f'{k}:{v}' for k, v in s['statuses'].items())} | {s['disconnected']} | {s['malformed']} | "
+                     f"{statuses} | {s['disconnected']} | {s['malformed']} | "
                      f"{s['preemptions']:.0f} | {s['rss_mb_q2']} -> {s['rss_mb_q4']} | {s['fds_idle_before_after']} | "
                      f"{s['threads_idle_before_after']} | {'yes' if not s['failures'] else '; '.join(s['failures'])} |")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
@@ -119,8 +123,6 @@ def plot(rows: dict[str, tuple[float, SoakReport]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
-
-LOAD = 1.0  # the Poisson rate as a multiple of the measured capacity
 
 
 def main() -> None:

@@ -423,6 +423,8 @@ class AsyncEngine:
             batch.append((request_id, APIError(message, status=status, type="server_error", code=reason)))
         if self.metrics is not None and request_ids:
             self.metrics.record_request_errors(reason, len(request_ids))
+            for request_id in request_ids:
+                self.metrics.forget(request_id)
         try:
             self.engine.abort_request(request_ids)
         except Exception:

@@ -176,6 +176,10 @@ class EngineMetrics:
         """Requests the serving loop ended with an error (a failed step, a timeout, the shutdown)."""
         self._request_errors.labels(self.model_name, reason).inc(count)
 
+    def forget(self, request_id: str) -> None:
+        """Drop a request's progress that will never finish (the serving loop failed it)."""
+        self._progress.pop(request_id, None)
+
     def set_gauges(self, stats: Any) -> None:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)

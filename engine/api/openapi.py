@@ -87,9 +87,10 @@ def _describe(entry: dict[str, Any], operation: Operation) -> None:
     if operation.streams:
         # Each event, as SSE parsers see it: `data` is a chunk's JSON (or an error body), and the
         # last is the text [DONE].
-        content["text/event-stream"] = {"schema": {"type": "object", "required": ["data"],
-                                                   "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-                                                   "description": "server-sent events, ending with `data: [DONE]`"}}
+        event = {"type": "object", "required": ["data"],
+                 "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                 "description": "server-sent events, ending with `data: [DONE]`"}
+        content["text/event-stream"] = {"schema": event}
     if operation.other_media is not None:
         content[operation.other_media] = {"schema": {"type": "string"}}
     if content:

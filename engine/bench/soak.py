@@ -240,7 +240,7 @@ async def _idle_metrics(client: httpx.AsyncClient, timeout_s: float = 30.0) -> d
     deadline = time.monotonic() + timeout_s
     while True:
         metrics = parse_prometheus((await client.get("/metrics")).text)
-        busy = metric_total(metrics, "engine:num_requests_running") + metric_total(metrics, "engine:num_requests_waiting")
+        busy = sum(metric_total(metrics, f"engine:num_requests_{state}") for state in ("running", "waiting"))
         if busy == 0 or time.monotonic() > deadline:
             return metrics
         await asyncio.sleep(0.2)

@@ -34,8 +34,9 @@ def engine_server() -> Iterator[ServerProcess]:
 def prometheus(engine_server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = Path(tmp_path_factory.mktemp("prometheus"))
     config = workdir / "prometheus.yml"
+    target = f"127.0.0.1:{engine_server.port}"
     config.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n"
-                      f"  - job_name: engine\n    static_configs:\n      - targets: ['127.0.0.1:{engine_server.port}']\n")
+                      f"  - job_name: engine\n    static_configs:\n      - targets: ['{target}']\n")
     port = free_port()
     log = open(workdir / "prometheus.log", "wb")
     process = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
