@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,10 @@ class _Add:
 @dataclass(slots=True)
 class _Abort:
     request_id: str
+
+
+def _shutting_down() -> APIError:
+    return APIError("The server is shutting down.", status=503, code="server_shutting_down")
 
 
 class _LoopFault(Exception):
@@ -220,7 +224,7 @@ class AsyncEngine:
         `arrival_time` (time.time()) is when the HTTP request came in; now if not given.
         `floors`: (min_level, min_prompt_keep) for settings left to the server ("auto")."""
         if self._draining.is_set() or self._stopping.is_set():
-            raise APIError("The server is shutting down.", status=503, code="server_shutting_down")
+            raise _shutting_down()
         self._check_capacity(len(requests))
         stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         arrival_time = time.time() if arrival_time is None else arrival_time
@@ -321,11 +325,7 @@ class AsyncEngine:
     def _drain_commands(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
         aborted: dict[str, int] = {}  # request id -> n
         refused = False
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        for command in self._queued_commands():
             if isinstance(command, _Abort):
                 num_samples = self._num_samples.pop(command.request_id, None)
                 if num_samples is not None:
@@ -339,8 +339,7 @@ class AsyncEngine:
                     self._num_samples[command.request_id] = command.params.n  # in flight: it ends with the rest
                     raise _LoopFault() from fault
             if self._draining.is_set():  # queued before the drain began, drained after: refuse it too
-                batch.append((command.request_id, APIError("The server is shutting down.", status=503,
-                                                           code="server_shutting_down")))
+                batch.append((command.request_id, _shutting_down()))
                 continue
             try:
                 self.engine.add_request(command.request_id, command.prompt_token_ids, command.params,
@@ -404,14 +403,17 @@ class AsyncEngine:
 
     def _refuse_queued(self, batch: list[tuple[str, RequestOutput | BaseException]]) -> None:
         """Adds the engine never took (the loop stopped first): refused, as if they came later."""
+        for command in self._queued_commands():
+            if isinstance(command, _Add):
+                batch.append((command.request_id, _shutting_down()))
+
+    def _queued_commands(self) -> Iterator[_Add | _Abort]:
+        """The commands queued so far, taken off the queue one by one."""
         while True:
             try:
-                command = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(command, _Add):
-                batch.append((command.request_id, APIError("The server is shutting down.", status=503,
-                                                           code="server_shutting_down")))
 
     def _fail_all(self, batch: list[tuple[str, RequestOutput | BaseException]], message: str, reason: str) -> None:
         """End every request in flight with an error (`reason`: engine:request_errors_total's

@@ -250,6 +250,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help=argparse.SUPPRESS)
     add_policy_arguments(parser)
+    add_reliability_arguments(parser)
+    parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
+                        help="auto: Triton kernels on CUDA; on CPU the C++ decode kernel where it builds, else the torch path")
+    parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
+    parser.add_argument("--check-invariants", action="store_true",
+                        help="debug: check the KV block bookkeeping whenever the engine goes idle "
+                             "(engine:invariant_violations_total; benchmarks/soak.py)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug", "trace"))
+
+
+def add_reliability_arguments(parser: argparse.ArgumentParser) -> None:
+    """Queue bound, timeouts, shutdown and per-request limits (engine/api/limits.py)."""
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="refuse new requests (429 with Retry-After) while this many wait (default: no limit)")
     parser.add_argument("--request-timeout", type=float, default=None,
@@ -261,14 +274,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0,
                         help="close an idle keep-alive connection after this many seconds")
     add_limit_arguments(parser)
-    parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
-                        help="auto: Triton kernels on CUDA; on CPU the C++ decode kernel where it builds, else the torch path")
-    parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
-    parser.add_argument("--check-invariants", action="store_true",
-                        help="debug: check the KV block bookkeeping whenever the engine goes idle "
-                             "(engine:invariant_violations_total; benchmarks/soak.py)")
-    parser.add_argument("--uvicorn-log-level", default="info",
-                        choices=("critical", "error", "warning", "info", "debug", "trace"))
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
