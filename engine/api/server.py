@@ -29,6 +29,7 @@ from starlette.responses import Response
 
 from engine.api.async_engine import AsyncEngine
 from engine.api.errors import APIError
+from engine.api.http_protocol import protocol_with_read_deadline
 from engine.api.limits import add_limit_arguments, limits_from_args
 from engine.api.metrics import EngineMetrics
 from engine.api.openapi import VersionResponse, install_openapi
@@ -273,6 +274,10 @@ def add_reliability_arguments(parser: argparse.ArgumentParser) -> None:
                              "meanwhile, the rest end with an error, then the server exits 0 (a second signal: now)")
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0,
                         help="close an idle keep-alive connection after this many seconds")
+    parser.add_argument("--timeout-request-read", type=float, default=30.0,
+                        help="close a connection whose client takes longer than this many seconds to send a whole "
+                             "request (headers and body) after connecting or after its previous response: slow "
+                             "or silent clients cannot hold connections")
     add_limit_arguments(parser)
 
 
@@ -325,7 +330,8 @@ def run_server(args: argparse.Namespace) -> None:
         config = engine_config_from_args(args)
         limits = limits_from_args(args)
         api_keys = api_keys_from_args(args)
-        for name in ("max_waiting_requests", "request_timeout", "shutdown_timeout", "timeout_keep_alive"):
+        for name in ("max_waiting_requests", "request_timeout", "shutdown_timeout", "timeout_keep_alive",
+                     "timeout_request_read"):
             value = getattr(args, name)
             if value is not None and not value >= 0:
                 raise ConfigError(f"{name} must be non-negative, got {value}")
@@ -347,6 +353,7 @@ def run_server(args: argparse.Namespace) -> None:
     serve_http_beside_engine(engine, uvicorn.Config(app, host=args.host, port=args.port,
                                                     log_level=args.uvicorn_log_level,
                                                     timeout_keep_alive=args.timeout_keep_alive,
+                                                    http=protocol_with_read_deadline(args.timeout_request_read),
                                                     timeout_graceful_shutdown=GRACEFUL_HTTP_CLOSE_S),
                              args.shutdown_timeout)
 

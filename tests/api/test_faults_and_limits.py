@@ -1,11 +1,13 @@
 """A server with several API keys, CORS for one origin, tight request limits, a request timeout
-and a fault injected into one prompt's detokenization (engine/fault_injection.py): each limit is
-a 400 naming its field, a request past the timeout ends with a 408 (its KV freed), and the
-poisoned request fails alone, counted in engine:request_errors_total, while others complete."""
+a request-read deadline and a fault injected into one prompt's detokenization
+(engine/fault_injection.py): each limit is a 400 naming its field, a request past the timeout ends
+with a 408 (its KV freed), a client too slow to send its request is disconnected, and the poisoned
+request fails alone, counted in engine:request_errors_total, while others complete."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ KEYS = ("sk-first", "sk-from-file")
 POISON = 7777  # a token id: a prompt holding it fails as its tokens are turned into text
 ORIGIN = "http://dashboard.example"
 TIMEOUT_S = 4
+READ_TIMEOUT_S = 2  # shorter than TIMEOUT_S: the 408 test shows responses are not cut by it
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     key_file.write_text(f"# one key a line\n\n{KEYS[1]}\n")
     yield from running_server("--api-key", KEYS[0], "--api-key-file", str(key_file), "--allowed-origins", ORIGIN,
                               "--max-n", "4", "--max-stop-string-chars", "8", "--max-logprobs", "5",
-                              "--request-timeout", str(TIMEOUT_S),
+                              "--request-timeout", str(TIMEOUT_S), "--timeout-request-read", str(READ_TIMEOUT_S),
                               env={"ELASTIC_ENGINE_INJECT_FAULT": f"detokenize:{POISON}"})
 
 
@@ -115,6 +118,51 @@ def test_a_request_past_the_timeout_ends_with_408_and_frees_its_kv(limited_serve
     samples = wait_for_idle(limited_server.base_url)  # the aborts reach the engine thread a moment later
     assert metric(samples, "engine:request_errors_total", reason="timeout") == 2
     assert metric(samples, "engine:kv_cache_usage_perc") == 0
+
+
+SLOW_REQUEST_STARTS = {
+    "silent": b"",
+    "headers_never_end": b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n",
+    "body_stops_halfway": (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                           b"Authorization: Bearer " + KEYS[0].encode() + b"\r\nContent-Length: 100\r\n\r\n{\"prompt\": "),
+}
+
+
+@pytest.mark.parametrize("start", SLOW_REQUEST_STARTS.values(), ids=SLOW_REQUEST_STARTS.keys())
+def test_a_client_too_slow_to_send_its_request_is_disconnected(limited_server: ServerProcess, start: bytes) -> None:
+    """Slowloris: one more header line every 0.5 s never completes the request; the server closes
+    the connection once the read deadline passes, without a response."""
+    with socket.create_connection(("127.0.0.1", limited_server.port)) as sock:
+        began = time.monotonic()
+        sock.sendall(start)
+        sock.settimeout(0.5)
+        received, closed = b"", False
+        while not closed and time.monotonic() - began < READ_TIMEOUT_S + 10:
+            try:
+                chunk = sock.recv(4096)
+                received, closed = received + chunk, not chunk
+            except TimeoutError:
+                if start.endswith(b"\r\n"):
+                    sock.sendall(b"X-Slow: %d\r\n" % time.monotonic_ns())
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+    assert closed and READ_TIMEOUT_S - 0.1 < time.monotonic() - began < READ_TIMEOUT_S + 5
+    assert received == b""
+    assert httpx.get(f"{limited_server.base_url}/health").status_code == 200
+
+
+def test_the_read_deadline_restarts_with_each_request_on_a_kept_alive_connection(
+        limited_server: ServerProcess) -> None:
+    """Three requests on one connection, spread over longer than the read deadline, all answered."""
+    with socket.create_connection(("127.0.0.1", limited_server.port)) as sock:
+        sock.settimeout(10)
+        began = time.monotonic()
+        for _ in range(3):
+            time.sleep(READ_TIMEOUT_S * 0.6)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            response = sock.recv(4096)
+            assert response.startswith(b"HTTP/1.1 200"), response
+        assert time.monotonic() - began > READ_TIMEOUT_S
 
 
 def wait_for_idle(base_url: str, timeout_s: float = 10.0) -> dict[str, float]:
