@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from engine.allocator import allocator_in_use, reexec_on_fast_allocator
 from engine.api.async_engine import AsyncEngine
 from engine.api.errors import APIError
 from engine.api.http_protocol import protocol_with_read_deadline
@@ -337,6 +338,8 @@ def run_server(args: argparse.Namespace) -> None:
                 raise ConfigError(f"{name} must be non-negative, got {value}")
     except (ConfigError, ValueError, OSError) as e:
         raise SystemExit(f"engine serve: {e}") from None
+    reexec_on_fast_allocator()  # before torch loads; returns at once in the re-executed process
+    logger.info("Memory allocator: %s", allocator_in_use())
     from engine.llm_engine import LLMEngine  # deferred: loading torch and the model is slow
 
     llm_engine = LLMEngine(config)

@@ -10,6 +10,8 @@ import httpx
 import openai
 import pytest
 
+from engine.allocator import find_allocator
+
 from .conftest import MAX_MODEL_LEN, MODEL_NAME, ServerProcess, metric, scrape
 
 PROMPT = "The capital of France is"
@@ -22,6 +24,13 @@ def test_models_health_version(client: openai.OpenAI, http: httpx.Client) -> Non
     assert all(alias.id.startswith(f"{MODEL_NAME}@") for alias in aliases)  # elastic levels, if any
     assert http.get("/health").status_code == 200
     assert http.get("/version").json()["version"]
+
+
+@pytest.mark.skipif(find_allocator() is None, reason="neither tcmalloc nor jemalloc is installed")
+def test_the_server_runs_on_the_installed_allocator(server: ServerProcess) -> None:
+    maps = open(f"/proc/{server.process.pid}/maps").read()  # the PID Popen started: exec kept it
+    assert find_allocator().name in maps
+    assert "Memory allocator: " + ("jemalloc" if "jemalloc" in find_allocator().name else "tcmalloc") in server.log()
 
 
 def test_completion(client: openai.OpenAI) -> None:
