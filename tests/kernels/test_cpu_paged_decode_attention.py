@@ -17,7 +17,8 @@ from engine.capabilities import cpu_features
 from engine.kernels.cpu import native_library
 from engine.model.attention_backends.native_cpu_backend import NativeCpuAttentionBackend
 from engine.kernels.cpu.paged_decode_attention import paged_decode_attention, supports
-from engine.model.attention_backends.metadata import TorchAttentionScratch
+from engine.model.attention_backends.metadata import (TorchAttentionScratch, grouped_from_rank_major,
+                                                      rank_major_from_grouped)
 from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 
 from .paged_batch import make_metadata, random_block_tables, random_kv_cache
@@ -83,6 +84,27 @@ def test_group_heads_attend_with_the_first_heads_only(library: ctypes.CDLL, dtyp
             assert torch.equal(out[seq, head], expected), (seq, head)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_major_slots_give_the_grouped_result_in_slot_order(library: ctypes.CDLL, dtype: torch.dtype) -> None:
+    """An elastic model's query heads in rank-major slots (slot r * Hkv + g: group g's r-th head),
+    rows strided as in the fused QKV output, some rows at fewer heads: bit for bit the grouped
+    call's result, moved to the same slots (a dropped head's slot zeros)."""
+    num_q_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
+    seq_lens = [1, 17, 40, 300, 33]
+    group_heads = torch.tensor([3, 1, 2, 1, 0], dtype=torch.int32)
+    block_tables = random_block_tables(seq_lens, block_size, 64)
+    kv_cache = random_kv_cache(64, block_size, num_kv_heads, head_dim, dtype)
+    qkv = torch.randn(len(seq_lens), num_q_heads + 2 * num_kv_heads, head_dim).to(dtype)
+    rank_major_query = qkv[:, :num_q_heads]  # strided rows
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    grouped = paged_decode_attention(grouped_from_rank_major(rank_major_query, num_kv_heads), kv_cache, block_tables,
+                                     lens, group_heads=group_heads, library=library)
+    out = paged_decode_attention(rank_major_query, kv_cache, block_tables, lens, group_heads=group_heads,
+                                 rank_major=True, library=library)
+    assert torch.equal(out, rank_major_from_grouped(grouped, num_kv_heads))
+    assert not torch.equal(out, grouped)  # the orders differ: the test can tell them apart
+
+
 def test_block_size_one_and_large_scores(library: ctypes.CDLL) -> None:
     """Tiny blocks (every position its own block) and scores large enough that softmax without the
     max shift would overflow fp32."""
@@ -140,3 +162,23 @@ def test_backend_matches_torch_backend_on_a_mixed_step(library: ctypes.CDLL, hea
     out = NativeCpuAttentionBackend().forward(query, key, value, native_cache, meta)
     assert torch.equal(native_cache, torch_cache)
     torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("num_decodes", [5, 3])  # all decodes: the kernel reads the slots; mixed: regrouped
+def test_backends_take_rank_major_heads(library: ctypes.CDLL, num_decodes: int,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native_library, "load", lambda isa=None: library)
+    block_size, num_blocks, head_dim = 16, 32, 64
+    context_lens = [15, 16, 40, 17, 3]
+    query_lens = [1] * num_decodes + [20, 9][: 5 - num_decodes]
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    block_tables = random_block_tables(seq_lens, block_size, num_blocks)
+    num_tokens = sum(query_lens)
+    query, key, value = (torch.randn(num_tokens, heads, head_dim) for heads in (6, 2, 2))
+    cache = random_kv_cache(num_blocks, block_size, 2, head_dim, torch.float32)
+    for backend in (TorchAttentionBackend(), NativeCpuAttentionBackend()):
+        meta, _ = make_metadata(context_lens, query_lens, num_decodes, block_size, block_tables)
+        grouped = backend.forward(grouped_from_rank_major(query, 2), key, value, cache.clone(), meta)
+        meta.scratch = TorchAttentionScratch()
+        rank_major = backend.forward(query, key, value, cache.clone(), meta, rank_major=True)
+        torch.testing.assert_close(rank_major, rank_major_from_grouped(grouped, 2), atol=1e-6, rtol=1e-6)

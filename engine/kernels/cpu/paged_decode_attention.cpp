@@ -13,7 +13,9 @@
 //   out             [num_seqs, num_q_heads, head_dim], contiguous
 //   key/value cache [num_slots, num_kv_heads, head_dim] rows, slot = block * block_size + offset
 //   block_tables    [num_seqs, block_table_stride] int32; seq_lens [num_seqs] int32
-// Query heads h * group .. h * group + group - 1 share KV head h (GQA).
+// Query heads h * group .. h * group + group - 1 share KV head h (GQA); with rank_major, query
+// head r * num_kv_heads + h is KV head h's r-th (an elastic model's slots, which keep a level's
+// heads a prefix: engine/model/layers/attention.py), and the output has the query's order.
 //
 // Numerics: the query is scaled in fp32, scores, softmax and the weighted sum of V stay fp32; only
 // the output is rounded to the cache dtype (round to nearest even).  Every build adds in the same
@@ -74,6 +76,7 @@ struct Problem {
   const int32_t* group_heads;
   void* out;
   int num_q_heads, num_kv_heads, head_dim, block_size;
+  bool rank_major;  // query (and output) heads in rank-major slots, see the layout above
   float scale;
   DType dtype;
 };
@@ -112,8 +115,9 @@ struct Task {
   int64_t row_stride;      // elements from one slot to the next
   const T* keys;           // K rows of this head: keys + slot * row_stride
   const T* values;         // V rows likewise
-  const T* query;          // the group's query rows, head_dim apart
-  T* out;                  // the group's output rows, head_dim apart
+  const T* query;          // the group's query rows, head_step apart
+  T* out;                  // the group's output rows, head_step apart
+  int64_t head_step;       // head_dim, or num_kv_heads * head_dim in rank-major order
   int live;                // query heads of the group this sequence uses (the first ones)
 
   Task(const Problem& pb, int seq, int kv_head) {
@@ -125,8 +129,10 @@ struct Task {
     row_stride = static_cast<int64_t>(pb.num_kv_heads) * pb.head_dim;
     keys = static_cast<const T*>(pb.key_cache) + kv_head * pb.head_dim;
     values = static_cast<const T*>(pb.value_cache) + kv_head * pb.head_dim;
-    query = static_cast<const T*>(pb.query) + seq * pb.query_stride + static_cast<int64_t>(kv_head) * group * pb.head_dim;
-    out = static_cast<T*>(pb.out) + (static_cast<int64_t>(seq) * pb.num_q_heads + kv_head * group) * pb.head_dim;
+    const int64_t first_head = pb.rank_major ? kv_head : static_cast<int64_t>(kv_head) * group;
+    head_step = pb.rank_major ? row_stride : pb.head_dim;
+    query = static_cast<const T*>(pb.query) + seq * pb.query_stride + first_head * pb.head_dim;
+    out = static_cast<T*>(pb.out) + (static_cast<int64_t>(seq) * pb.num_q_heads + first_head) * pb.head_dim;
   }
 };
 
@@ -198,7 +204,7 @@ void sum_values(const Problem& pb, const Task<T>& task, const float* weights, in
     }
     for (int j = 0; j < heads; j++)
       for (int v = 0; v < vecs; v++)
-        store(task.out + (g0 + j) * pb.head_dim + kLanes * v, acc[j][v] * splat(inverse_sum[g0 + j]), pb.dtype);
+        store(task.out + (g0 + j) * task.head_step + kLanes * v, acc[j][v] * splat(inverse_sum[g0 + j]), pb.dtype);
   }
 }
 
@@ -209,13 +215,13 @@ template <typename T, int kVecs>
 void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t capacity) {
   const Task<T> task(pb, seq, kv_head);
   const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
-  const int64_t dead = static_cast<int64_t>(pb.num_q_heads / pb.num_kv_heads - group) * pb.head_dim;
-  std::memset(task.out + group * pb.head_dim, 0, dead * sizeof(T));  // heads the level drops
+  for (int g = group; g < pb.num_q_heads / pb.num_kv_heads; g++)  // heads the level drops
+    std::memset(task.out + g * task.head_step, 0, pb.head_dim * sizeof(T));
   if (group == 0) return;
   alignas(64) float q[kMaxGroup][kMaxHeadDim];
   for (int g = 0; g < group; g++)
     for (int v = 0; v < vecs; v++)
-      store(q[g] + kLanes * v, load(task.query + g * pb.head_dim + kLanes * v, pb.dtype) * splat(pb.scale), kFloat32);
+      store(q[g] + kLanes * v, load(task.query + g * task.head_step + kLanes * v, pb.dtype) * splat(pb.scale), kFloat32);
   float max_score[kMaxGroup], inverse_sum[kMaxGroup];
   score_keys<T, kVecs>(pb, task, q, scores, capacity, max_score);
   for (int g = 0; g < group; g++) inverse_sum[g] = 1.0f / exp_and_sum(scores + g * capacity, task.len, max_score[g]);
@@ -261,18 +267,19 @@ const char* engine_cpu_kernel_isa(void) { return ENGINE_CPU_ISA; }
 // Returns 0 on success, -1 for shapes or dtypes the kernel does not handle (the caller checks
 // first; this is a last guard against reading out of bounds).
 // group_heads: nullptr, or [num_seqs] query heads per KV group each sequence uses (the first
-// ones of each group; each in 0 .. num_q_heads / num_kv_heads).
+// ones of each group; each in 0 .. num_q_heads / num_kv_heads).  rank_major: 0 grouped heads,
+// 1 rank-major slots (the layout at the top).
 int paged_decode_attention(const void* query, int64_t query_stride, const void* key_cache, const void* value_cache,
                            const int32_t* block_tables, int64_t block_table_stride, const int32_t* seq_lens,
                            const int32_t* group_heads, void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim,
-                           int block_size, float scale, int dtype, int num_threads) {
+                           int block_size, float scale, int dtype, int num_threads, int rank_major) {
   if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > kMaxGroup ||
       head_dim % 16 != 0 || head_dim > kMaxHeadDim || head_dim <= 0 || block_size <= 0)
     return -1;
   return with_storage_type(dtype, [&](auto element, DType type) {
     const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens,
                      group_heads, out,
-                     num_q_heads, num_kv_heads, head_dim, block_size, scale, type};
+                     num_q_heads, num_kv_heads, head_dim, block_size, rank_major != 0, scale, type};
     attend_all_dims<decltype(element)>(pb, num_seqs, num_threads);
   });
 }

@@ -36,11 +36,13 @@ def _handles(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, out: torch.Tensor | None = None, *,
-                           group_heads: torch.Tensor | None = None,
+                           group_heads: torch.Tensor | None = None, rank_major: bool = False,
                            library: ctypes.CDLL | None = None) -> torch.Tensor:
     """query [B, Hq, D] (one token per sequence; rows may be strided views),
     kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [B, max_blocks] int32,
-    seq_lens [B] int32 (each >= 1) -> out [B, Hq, D].  `group_heads` [B] int32: each sequence
+    seq_lens [B] int32 (each >= 1) -> out [B, Hq, D].  Query head h reads KV head h // (Hq / Hkv);
+    with `rank_major`, KV head h % Hkv (an elastic model's rank-major slots: slot r * Hkv + g is
+    group g's r-th head), the output in the same order.  `group_heads` [B] int32: each sequence
     attends with only the first group_heads[i] query heads of every KV group (an elastic level's
     heads, engine/model/layers/attention.py); the others' outputs are zeros.  None: every head."""
     _check(query, kv_cache, block_tables, seq_lens)
@@ -63,7 +65,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         block_tables.stride(0), seq_lens.data_ptr(),
         0 if group_heads is None else group_heads.data_ptr(), out.data_ptr(), num_seqs, num_q_heads,
         kv_cache.shape[3], head_dim, kv_cache.shape[2], head_dim ** -0.5, DTYPE_CODES[query.dtype],
-        torch.get_num_threads())
+        torch.get_num_threads(), int(rank_major))
     if status != 0:
         raise ValueError("paged_decode_attention: shapes or dtype not supported by the kernel")
     return out

@@ -66,10 +66,27 @@ class AttentionBackend(Protocol):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
-                group_heads: torch.Tensor | None = None) -> torch.Tensor:
+                group_heads: torch.Tensor | None = None, rank_major: bool = False) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D], kv_cache as above -> output [T, Hq, D].
 
-        `group_heads` [T] int32 or None: row t reads only the outputs of the first group_heads[t]
-        query heads of each KV group (an elastic level's, engine/model/layers/attention.py).  A
-        backend may skip the other heads (their outputs are then unspecified) or compute them."""
+        Query head h reads KV head h // (Hq / Hkv); with `rank_major`, KV head h % Hkv (an
+        elastic model's rank-major slots, slot r * Hkv + g holding group g's r-th head), and the
+        output comes in the same order.  `group_heads` [T] int32 or None: row t reads only the
+        outputs of the first group_heads[t] query heads of each KV group (an elastic level's,
+        engine/model/layers/attention.py).  A backend may skip the other heads (their outputs
+        are then unspecified) or compute them."""
         ...
+
+
+def grouped_from_rank_major(heads: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[T, Hq, D] in rank-major slots -> grouped order (head g * G + r is group g's r-th), a copy."""
+    num_tokens, num_heads, head_dim = heads.shape
+    return heads.view(num_tokens, num_heads // num_kv_heads, num_kv_heads, head_dim).transpose(1, 2).reshape(
+        heads.shape)
+
+
+def rank_major_from_grouped(heads: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The inverse of grouped_from_rank_major, a copy."""
+    num_tokens, num_heads, head_dim = heads.shape
+    return heads.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(1, 2).reshape(
+        heads.shape)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.model.attention_backends.metadata import AttentionMetadata
+from engine.model.attention_backends.metadata import (AttentionMetadata, grouped_from_rank_major,
+                                                      rank_major_from_grouped)
 
 
 class TorchAttentionBackend:
@@ -35,8 +36,13 @@ class TorchAttentionBackend:
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
-                group_heads: torch.Tensor | None = None) -> torch.Tensor:
+                group_heads: torch.Tensor | None = None, rank_major: bool = False) -> torch.Tensor:
         # group_heads: this path computes every head (the reference); prefill rows always do.
+        if rank_major:  # this path reads grouped heads only
+            num_kv_heads = kv_cache.shape[3]
+            grouped = self.forward(grouped_from_rank_major(query, num_kv_heads), key, value, kv_cache, meta,
+                                   group_heads)
+            return rank_major_from_grouped(grouped, num_kv_heads)
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         if meta.num_decodes == meta.num_seqs:
             return self._decode(query, kv_cache, meta, group_heads)

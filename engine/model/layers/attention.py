@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.kernels.cpu import layer_ops
-from engine.model.attention_backends.metadata import AttentionBackend
+from engine.model.attention_backends.metadata import AttentionBackend, grouped_from_rank_major
 from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ForwardBatch
 from engine.model.layers.prompt_pruning import WindowScorer
@@ -18,8 +18,8 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, backend: AttentionBackend,
                  plan: ComputePlan, rank_major: bool = False, scorer: WindowScorer | None = None) -> None:
         """`rank_major`: query heads come (and go) in an elastic model's rank-major slots, slot
-        r * Hkv + g holding KV group g's r-th head; backends take the grouped order (head h reads
-        KV head h // (Hq / Hkv)), so the query is regrouped before and the output after.
+        r * Hkv + g holding KV group g's r-th head (a level keeps a prefix of them); the backend
+        takes them so (AttentionBackend.forward) and the prompt-pruning scorer regrouped.
         `scorer`: this is a score layer of prompt pruning (engine/model/layers/prompt_pruning.py)."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -41,13 +41,10 @@ class Attention(nn.Module):
         num_heads = group * self.num_kv_heads
         q, k, v = self._rotated_heads(qkv, batch, num_heads)
         num_tokens = qkv.shape[0]
-        if self.rank_major:
-            q = q.unflatten(1, (group, self.num_kv_heads)).transpose(1, 2).reshape(q.shape)
-        heads = self.backend.forward(q, k, v, kv_cache, batch.attention, group_heads)
-        if self.scorer is not None and batch.kept is not None:
-            self.scorer.add_scores(q, kv_cache, batch)  # after the backend wrote this step's K
-        if self.rank_major:
-            heads = heads.view(num_tokens, self.num_kv_heads, group, self.head_dim).transpose(1, 2)
+        heads = self.backend.forward(q, k, v, kv_cache, batch.attention, group_heads, rank_major=self.rank_major)
+        if self.scorer is not None and batch.kept is not None:  # after the backend wrote this step's K
+            self.scorer.add_scores(grouped_from_rank_major(q, self.num_kv_heads) if self.rank_major else q,
+                                   kv_cache, batch)
         if out is None:
             return heads.reshape(num_tokens, num_heads * self.head_dim)
         out.view(num_tokens, *heads.shape[1:]).copy_(heads)
