@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from engine.allocator import allocator_in_use
 from engine.bench.datasets import first_exchange, load_sharegpt
 from engine.bench.soak import SoakConfig, SoakReport, plan_requests, run_soak
 from peers.llama_server import ServerProcess, free_port
@@ -74,30 +75,32 @@ async def measure_capacity(url: str, config: SoakConfig, prompts: list[str], num
 
 
 def run_policy(policy: str, config: SoakConfig, prompts: list[str], kv_gib: float,
-               load: float) -> tuple[float, SoakReport]:
+               load: float) -> tuple[float, str, SoakReport]:
+    """(capacity, the server's malloc, the soak's report)."""
     log_file = RESULTS / f"soak_{policy}.log"
     with soak_server(policy, kv_gib, log_file) as server:
+        malloc = allocator_in_use(server.pid)  # engine/allocator.py: tcmalloc where installed
         capacity = asyncio.run(measure_capacity(server.url, config, prompts))
         config = replace(config, rate=capacity * load)
         planned = plan_requests(config, prompts)
         with tqdm(total=len(planned), desc=f"soak {policy} @ {config.rate:.2f} req/s", unit="req") as bar:
             report = asyncio.run(run_soak(server.url, server.pid, planned, progress=bar))
     log_file.unlink(missing_ok=True)  # kept only while it runs: a benchmark dump is not committed
-    return capacity, report
+    return capacity, malloc, report
 
 
-def write_results(rows: dict[str, tuple[float, SoakReport]], config: SoakConfig, kv_gib: float, name: str) -> None:
+def write_results(rows: dict[str, tuple[float, str, SoakReport]], config: SoakConfig, kv_gib: float, name: str) -> None:
     lines = ["# Soak (`benchmarks/soak.py`)", "", *[f"- {line}" for line in machine_lines(machine())],
              f"- {sum(len(r.outcomes) for _, r in rows.values())} requests in all, "
              f"KV cache {kv_gib} GiB (forces preemptions), n <= {config.max_n}, max_tokens <= {config.max_tokens}, "
              f"{config.disconnect_share:.0%} disconnects, {config.malformed_share:.0%} malformed", "",
-             "| policy | capacity req/s | rate req/s | requests | statuses | disconnected | malformed | preemptions "
+             "| policy | malloc | capacity req/s | rate req/s | requests | statuses | disconnected | malformed | preemptions "
              "| RSS MB q2 -> q4 | fds idle before, after | threads idle before, after | holds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for policy, (capacity, report) in rows.items():
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for policy, (capacity, malloc, report) in rows.items():
         s = report.summary()
         statuses = " ".join(f"{k}:{v}" for k, v in s["statuses"].items())
-        lines.append(f"| {policy} | {capacity:.2f} | {capacity * LOAD:.2f} | {s['requests']} | "
+        lines.append(f"| {policy} | {malloc} | {capacity:.2f} | {capacity * LOAD:.2f} | {s['requests']} | "
                      f"{statuses} | {s['disconnected']} | {s['malformed']} | "
                      f"{s['preemptions']:.0f} | {s['rss_mb_q2']} -> {s['rss_mb_q4']} | {s['fds_idle_before_after']} | "
                      f"{s['threads_idle_before_after']} | {'yes' if not s['failures'] else '; '.join(s['failures'])} |")
@@ -106,12 +109,12 @@ def write_results(rows: dict[str, tuple[float, SoakReport]], config: SoakConfig,
     plot(rows, RESULTS / f"{name}.png")
 
 
-def plot(rows: dict[str, tuple[float, SoakReport]], path: Path) -> None:
+def plot(rows: dict[str, tuple[float, str, SoakReport]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for policy, (_, report) in rows.items():
+    for policy, (_, _, report) in rows.items():
         t = [s.t for s in report.samples]
         axes[0].plot(t, [s.rss_bytes / 2**20 for s in report.samples], label=policy)
         axes[1].plot(t, [s.fds for s in report.samples], label=policy)
@@ -137,10 +140,10 @@ def main() -> None:
     config = SoakConfig(num_requests=args.num_requests // len(policies), seed=args.seed)
     prompts = sharegpt_prompts()
     rows = {policy: run_policy(policy, config, prompts, args.kv_cache_memory, LOAD) for policy in policies}
-    summaries = {p: {"capacity": c, **r.summary()} for p, (c, r) in rows.items()}
+    summaries = {p: {"capacity": c, "malloc": m, **r.summary()} for p, (c, m, r) in rows.items()}
     (RESULTS / f"{args.output}.json").write_text(json.dumps(summaries, indent=1))
     write_results(rows, config, args.kv_cache_memory, args.output)
-    if any(report.failures for _, report in rows.values()):
+    if any(report.failures for _, _, report in rows.values()):
         raise SystemExit("soak: a check failed (see the table)")
 
 

@@ -40,10 +40,10 @@ def find_allocator() -> Path | None:
     return None
 
 
-def allocator_in_use() -> str:
-    """'tcmalloc', 'jemalloc' or 'system': which malloc this process runs on."""
+def allocator_in_use(pid: int | str = "self") -> str:
+    """'tcmalloc', 'jemalloc' or 'system': which malloc this process (or process `pid`) runs on."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return "system"
     return next((marker for marker in ALLOCATOR_MARKERS if f"lib{marker}" in maps), "system")
