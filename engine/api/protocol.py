@@ -309,8 +309,22 @@ def encode(obj: msgspec.Struct) -> bytes:
     return msgspec.json.encode(obj)
 
 
+# Characters JSON leaves raw in strings but many clients take for line ends (Python's splitlines,
+# hence httpx's aiter_lines; JavaScript before ES2019), as their UTF-8 bytes and JSON escapes.
+# SSE itself ends lines only at CR and LF, which JSON always escapes.  Found by the soak: a model
+# that emitted U+2028 cut a client's event in two.  The bytes cannot occur except as these
+# characters (C2 and E2 are lead bytes) and only inside strings (msgspec writes the rest in ASCII).
+LINE_BREAKING_UTF8 = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def sse_event(obj: msgspec.Struct) -> bytes:
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+    """One server-sent event: `data: <JSON>` and a blank line, the JSON on a single line for
+    every client's line splitter."""
+    data = msgspec.json.encode(obj)
+    for raw, escaped in LINE_BREAKING_UTF8:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -93,3 +93,13 @@ def test_encodings() -> None:
     event = sse_event(CompletionResponse("id", 1, "m", [], UsageInfo(1, 2, 3)))
     assert event.startswith(b"data: {") and event.endswith(b"}\n\n")
     assert msgspec.json.decode(event[len(b"data: "):])["usage"]["total_tokens"] == 3
+
+
+def test_sse_event_stays_one_line_for_every_line_splitter() -> None:
+    """U+0085, U+2028 and U+2029 are legal raw in JSON strings, but Python's splitlines (httpx's
+    aiter_lines) ends lines there: the event escapes them, and decodes to the same text."""
+    text = "one\u2028two\x85three\u2029four\u00e9\u20ac\U0001f600 \u2027\u202a"
+    event = sse_event(ErrorResponse(ErrorInfo(text, "server_error")))
+    assert event.decode().splitlines() == [event.decode()[:-2], ""]  # one data line, then the blank one
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert msgspec.json.decode(event[6:-2])["error"]["message"] == text
