@@ -89,24 +89,23 @@ def run_policy(policy: str, config: SoakConfig, prompts: list[str], kv_gib: floa
     return capacity, malloc, report
 
 
-def write_results(rows: dict[str, tuple[float, str, SoakReport]], config: SoakConfig, kv_gib: float, name: str) -> None:
+def results_table(summaries: dict[str, dict], config: SoakConfig, kv_gib: float) -> list[str]:
+    """Markdown lines of the soak's table, from the per-policy summaries written to the JSON."""
     lines = ["# Soak (`benchmarks/soak.py`)", "", *[f"- {line}" for line in machine_lines(machine())],
-             f"- {sum(len(r.outcomes) for _, r in rows.values())} requests in all, "
+             f"- {sum(s['requests'] for s in summaries.values())} requests in all, "
              f"KV cache {kv_gib} GiB (forces preemptions), n <= {config.max_n}, max_tokens <= {config.max_tokens}, "
              f"{config.disconnect_share:.0%} disconnects, {config.malformed_share:.0%} malformed", "",
-             "| policy | malloc | capacity req/s | rate req/s | requests | statuses | disconnected | malformed | preemptions "
-             "| RSS MB q2 -> q4 | fds idle before, after | threads idle before, after | holds |",
+             "| policy | malloc | capacity req/s | rate req/s | requests | statuses | disconnected | malformed "
+             "| preemptions | RSS MB q2 -> q4 | fds idle before, after | threads idle before, after | holds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for policy, (capacity, malloc, report) in rows.items():
-        s = report.summary()
+    for policy, s in summaries.items():
         statuses = " ".join(f"{k}:{v}" for k, v in s["statuses"].items())
-        lines.append(f"| {policy} | {malloc} | {capacity:.2f} | {capacity * LOAD:.2f} | {s['requests']} | "
-                     f"{statuses} | {s['disconnected']} | {s['malformed']} | "
-                     f"{s['preemptions']:.0f} | {s['rss_mb_q2']} -> {s['rss_mb_q4']} | {s['fds_idle_before_after']} | "
-                     f"{s['threads_idle_before_after']} | {'yes' if not s['failures'] else '; '.join(s['failures'])} |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    plot(rows, RESULTS / f"{name}.png")
+        lines.append(f"| {policy} | {s['malloc']} | {s['capacity']:.2f} | {s['capacity'] * LOAD:.2f} | "
+                     f"{s['requests']} | {statuses} | {s['disconnected']} | {s['malformed']} | "
+                     f"{s['preemptions']:.0f} | {s['rss_mb_q2']} -> {s['rss_mb_q4']} | "
+                     f"{tuple(s['fds_idle_before_after'])} | {tuple(s['threads_idle_before_after'])} | "
+                     f"{'yes' if not s['failures'] else '; '.join(s['failures'])} |")
+    return lines
 
 
 def plot(rows: dict[str, tuple[float, str, SoakReport]], path: Path) -> None:
@@ -142,7 +141,10 @@ def main() -> None:
     rows = {policy: run_policy(policy, config, prompts, args.kv_cache_memory, LOAD) for policy in policies}
     summaries = {p: {"capacity": c, "malloc": m, **r.summary()} for p, (c, m, r) in rows.items()}
     (RESULTS / f"{args.output}.json").write_text(json.dumps(summaries, indent=1))
-    write_results(rows, config, args.kv_cache_memory, args.output)
+    lines = results_table(summaries, config, args.kv_cache_memory)
+    (RESULTS / f"{args.output}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(rows, RESULTS / f"{args.output}.png")
     if any(report.failures for _, _, report in rows.values()):
         raise SystemExit("soak: a check failed (see the table)")
 
