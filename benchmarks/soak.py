@@ -8,8 +8,8 @@ then num_requests / len(policies) requests arrive as a Poisson process at that r
 table, writes benchmarks/results/soak.md and a PNG of the servers' memory, descriptors and
 threads over time.
 
-    .venv/bin/python benchmarks/soak.py                       # 2,000 requests over four policies
-    .venv/bin/python benchmarks/soak.py --num-requests 2000 --policies fcfs --output soak_long   # one long run
+    .venv/bin/python benchmarks/soak.py                                          # 2,000 requests over four policies
+    .venv/bin/python benchmarks/soak.py --num-requests 8000 --output soak_long   # 2,000 a policy (~45 min)
 """
 
 from __future__ import annotations
