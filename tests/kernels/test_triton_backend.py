@@ -46,6 +46,24 @@ def test_forward_matches_torch_backend(dtype: torch.dtype, num_q_heads: int, num
     torch.testing.assert_close(out.float(), expected.float(), **tolerance)
 
 
+def test_rank_major_heads_match_the_torch_backend() -> None:
+    """An elastic model's rank-major query slots: the Triton path regroups around its kernels and
+    gives the torch backend's result in the same slots."""
+    seq_lens = [c + q for c, q in zip(CONTEXT_LENS, QUERY_LENS)]
+    block_tables = random_block_tables(seq_lens, BLOCK_SIZE, 16)
+    meta, _ = make_metadata(CONTEXT_LENS, QUERY_LENS, NUM_DECODES, BLOCK_SIZE, block_tables)
+    num_tokens = sum(QUERY_LENS)
+    query, key, value = (torch.randn(num_tokens, heads, 64) for heads in (6, 2, 2))
+    cache = random_kv_cache(16, BLOCK_SIZE, 2, 64, torch.float32)
+    expected = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta, rank_major=True)
+    meta.scratch = TorchAttentionScratch()
+    out = TritonAttentionBackend().forward(query, key, value, cache.clone(), meta, rank_major=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    meta.scratch = TorchAttentionScratch()
+    grouped = TorchAttentionBackend().forward(query, key, value, cache.clone(), meta)
+    assert not torch.allclose(out, grouped)  # rank-major is not the grouped reading
+
+
 def tiny_llama_pair() -> tuple[LlamaForCausalLM, LlamaForCausalLM, LlamaArchConfig]:
     config = LlamaArchConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
                              num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=256)

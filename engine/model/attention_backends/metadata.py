@@ -17,7 +17,7 @@ The flattened batch puts decode sequences (one query token each) first, then pre
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -90,3 +90,13 @@ def rank_major_from_grouped(heads: torch.Tensor, num_kv_heads: int) -> torch.Ten
     num_tokens, num_heads, head_dim = heads.shape
     return heads.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(1, 2).reshape(
         heads.shape)
+
+
+def forward_rank_major_as_grouped(forward: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                                  group_heads: torch.Tensor | None) -> torch.Tensor:
+    """A backend's `forward` that reads grouped heads only, given rank-major ones: the query is
+    regrouped before and the output put back in rank-major slots after."""
+    num_kv_heads = kv_cache.shape[3]
+    grouped = forward(grouped_from_rank_major(query, num_kv_heads), key, value, kv_cache, meta, group_heads)
+    return rank_major_from_grouped(grouped, num_kv_heads)

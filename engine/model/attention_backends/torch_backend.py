@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.model.attention_backends.metadata import (AttentionMetadata, grouped_from_rank_major,
-                                                      rank_major_from_grouped)
+from engine.model.attention_backends.metadata import AttentionMetadata, forward_rank_major_as_grouped
 
 
 class TorchAttentionBackend:
@@ -39,10 +38,7 @@ class TorchAttentionBackend:
                 group_heads: torch.Tensor | None = None, rank_major: bool = False) -> torch.Tensor:
         # group_heads: this path computes every head (the reference); prefill rows always do.
         if rank_major:  # this path reads grouped heads only
-            num_kv_heads = kv_cache.shape[3]
-            grouped = self.forward(grouped_from_rank_major(query, num_kv_heads), key, value, kv_cache, meta,
-                                   group_heads)
-            return rank_major_from_grouped(grouped, num_kv_heads)
+            return forward_rank_major_as_grouped(self.forward, query, key, value, kv_cache, meta, group_heads)
         write_kv_cache(key, value, kv_cache, meta.slot_mapping)
         if meta.num_decodes == meta.num_seqs:
             return self._decode(query, kv_cache, meta, group_heads)

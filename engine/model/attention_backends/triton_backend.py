@@ -12,8 +12,7 @@ import torch
 from engine.kernels.kv_cache_write import kv_cache_write
 from engine.kernels.paged_decode_attention import paged_decode_attention
 from engine.kernels.paged_prefill_attention import paged_prefill_attention
-from engine.model.attention_backends.metadata import (AttentionMetadata, grouped_from_rank_major,
-                                                      rank_major_from_grouped)
+from engine.model.attention_backends.metadata import AttentionMetadata, forward_rank_major_as_grouped
 
 
 class TritonAttentionBackend:
@@ -22,10 +21,7 @@ class TritonAttentionBackend:
                 group_heads: torch.Tensor | None = None, rank_major: bool = False) -> torch.Tensor:
         """query [T, Hq, D], key/value [T, Hkv, D] -> output [T, Hq, D] (the contract: metadata.py)."""
         if rank_major:  # the kernels read grouped heads only
-            num_kv_heads = kv_cache.shape[3]
-            grouped = self.forward(grouped_from_rank_major(query, num_kv_heads), key, value, kv_cache, meta,
-                                   group_heads)
-            return rank_major_from_grouped(grouped, num_kv_heads)
+            return forward_rank_major_as_grouped(self.forward, query, key, value, kv_cache, meta, group_heads)
         kv_cache_write(key, value, kv_cache, meta.slot_mapping)
         output = torch.empty_like(query)
         num_decodes = meta.num_decodes
