@@ -2,9 +2,9 @@
 
 Why: under serving load glibc's malloc fragments.  Each step allocates and frees tensors whose
 sizes change with the batch, between long-lived Python objects, and the freed holes are not
-returned to the system.  The soak (`benchmarks/soak.py`, 500 requests, mlfq, 2-vCPU Xeon) grew
-resident memory 7.9% from its second quarter to its last on glibc, 1.6% on tcmalloc and 0.6% on
-jemalloc, with no Python-level growth (tracemalloc) and none of glibc's own knobs helping
+returned to the system.  The soak (`benchmarks/soak.py`, 500 requests, mlfq, 2-vCPU Xeon, one
+day) grew resident memory 9.3% from its second quarter to its last on glibc, 1.6% on tcmalloc and
+0.6% on jemalloc, with no Python-level growth (tracemalloc) and none of glibc's own knobs helping
 (benchmarks/README.md, "Reliability under load").  tcmalloc also served more requests a second.
 
 A malloc can only be replaced before the process starts, so `reexec_on_fast_allocator` runs the

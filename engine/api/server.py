@@ -336,6 +336,8 @@ def run_server(args: argparse.Namespace) -> None:
             value = getattr(args, name)
             if value is not None and not value >= 0:
                 raise ConfigError(f"{name} must be non-negative, got {value}")
+        if not args.timeout_request_read > 0:  # 0 would close every connection before its request
+            raise ConfigError(f"timeout_request_read must be positive, got {args.timeout_request_read}")
     except (ConfigError, ValueError, OSError) as e:
         raise SystemExit(f"engine serve: {e}") from None
     reexec_on_fast_allocator()  # before torch loads; returns at once in the re-executed process

@@ -172,3 +172,14 @@ def wait_for_idle(base_url: str, timeout_s: float = 10.0) -> dict[str, float]:
         if metric(samples, "engine:num_requests_running") == 0 or time.monotonic() > deadline:
             return samples
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("flags", [["--timeout-request-read", "0"], ["--timeout-keep-alive", "-1"]])
+def test_a_bad_timeout_flag_stops_the_server_with_a_message(flags: list[str]) -> None:
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "engine.api.server", *flags], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert f"engine serve: {flags[0][2:].replace('-', '_')} must be" in result.stderr
+    assert "Traceback" not in result.stderr
