@@ -63,6 +63,23 @@ def _elastify(args: argparse.Namespace) -> None:
         distill_checkpoint(args.model, result.directory, DistillConfig(**budget))
 
 
+def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
+    """`engine serve`'s scale-out flags (engine/replicas/launch.py takes them; each replica gets the rest)."""
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="engines behind one prefix-aware router, on Ray Serve (engine/replicas/); "
+                             "default: one engine in this process, no Ray")
+    parser.add_argument("--max-replicas", type=int, default=None,
+                        help="with --replicas: autoscale between --replicas and this on the engines' queue and KV use")
+
+
+def _serve_replicas(args: argparse.Namespace) -> None:
+    try:
+        from engine.replicas.launch import serve_replicas
+    except ImportError as error:
+        raise SystemExit(f"engine serve: --replicas needs Ray Serve ({error}): pip install -e '.[replicas]'") from None
+    serve_replicas(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="engine", description="Elastic Engine: an LLM serving engine")
@@ -96,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         serve = commands.add_parser("serve", help="start the OpenAI-compatible HTTP server")
         add_serve_arguments(serve)
-        serve.set_defaults(handler=run_server)
+        _add_replica_arguments(serve)
+        serve.set_defaults(handler=lambda args: run_server(args) if args.replicas is None else _serve_replicas(args))
 
     from engine.bench.cli import add_bench_commands
 

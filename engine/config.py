@@ -136,6 +136,17 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    # Ranks that each hold a shard of every weight and of the KV heads (engine/model/sharding.py),
+    # one process each (engine/worker/tensor_parallel.py); 1: the model runs in the engine's process.
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1,
+                 f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+
+
+@dataclass(frozen=True)
 class PromptPruningConfig:
     """Per-request prompt pruning (engine/prompt_pruning.py): every prompt token runs the layers
     below the first prune layer; past each prune layer, only what that stage kept.  Which are kept
@@ -184,3 +195,9 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     prompt_pruning: PromptPruningConfig = field(default_factory=PromptPruningConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.parallel.tensor_parallel_size == 1 or self.model.elastic != "on",
+                 "elastic submodels do not run under tensor parallelism yet: with tensor_parallel_size "
+                 f"{self.parallel.tensor_parallel_size}, pass --elastic off (auto turns them off)")

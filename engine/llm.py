@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from engine.config import (CacheConfig, EngineConfig, MLFQConfig, ModelConfig, PromptPruningConfig, RunnerConfig,
-                           SchedulerConfig, SLOConfig)
+from engine.config import (CacheConfig, EngineConfig, MLFQConfig, ModelConfig, ParallelConfig, PromptPruningConfig,
+                           RunnerConfig, SchedulerConfig, SLOConfig)
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -23,7 +23,9 @@ class LLM:
                  enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
                  attention_backend: str = "auto", device: str = "cpu", elastic: str = "auto",
                  elastic_checkpoint: str | None = None, elastic_level: int = 100, elastic_auto: bool = False,
-                 prompt_pruning: PromptPruningConfig | None = None) -> None:
+                 prompt_pruning: PromptPruningConfig | None = None, tensor_parallel_size: int = 1) -> None:
+        """`tensor_parallel_size`: ranks (processes) that each hold a shard of the model; call
+        `shutdown()` to stop them before making another such LLM in this process."""
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, weight_format=weight_format, max_model_len=max_model_len,
                               elastic=elastic, elastic_checkpoint=elastic_checkpoint, elastic_level=elastic_level,
@@ -34,9 +36,13 @@ class LLM:
                                       policy=scheduling_policy, mlfq=mlfq or MLFQConfig(), slo=slo or SLOConfig()),
             runner=RunnerConfig(device=device, attention_backend=attention_backend),
             prompt_pruning=prompt_pruning or PromptPruningConfig(),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
         )
         self.engine = LLMEngine(config)
         self._next_id = 0
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

@@ -29,6 +29,7 @@ from engine.scheduler.policy import FCFSPolicy
 from engine.scheduler.policy_factory import make_policy
 from engine.scheduler.scheduler import Scheduler
 from engine.worker.model_runner import ModelRunner
+from engine.worker.tensor_parallel import TensorParallelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,8 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or source.arch.max_position_embeddings,
                                  source.arch.max_position_embeddings)
         self.tokenizer = load_tokenizer(source)
-        elastic = load_elastic_checkpoint(config.model, source)
-        self.runner = ModelRunner(source, config.model.dtype, config.cache, config.runner,
-                                  weight_format=config.model.weight_format, elastic=elastic,
-                                  pruning=config.prompt_pruning)
+        elastic = self._elastic_checkpoint(source)
+        self.runner = self._make_runner(source, elastic)
         self.default_elastic_level = self._default_elastic_level(config.model.elastic_level)
         self.kv = KVCacheGroups.create(self.runner.num_kv_blocks, config.cache.block_size,
                                        enable_prefix_caching=config.cache.enable_prefix_caching,
@@ -103,6 +102,29 @@ class LLMEngine:
         logger.info("engine ready: model=%s dtype=%s weights=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
                     self.model_name, self.runner.dtype_name, self.runner.plan.weight_format, self.max_model_len, self.runner.num_kv_blocks,
                     config.cache.block_size, self.runner.kv_cache_bytes / (1 << 30))
+
+    def _elastic_checkpoint(self, source) -> ElasticCheckpoint | None:
+        tensor_parallel_size = self.config.parallel.tensor_parallel_size
+        if tensor_parallel_size > 1:  # EngineConfig refuses elastic "on" here
+            logger.info("elastic submodels off: they do not run under tensor parallelism (size %d) yet",
+                        tensor_parallel_size)
+            return None
+        return load_elastic_checkpoint(self.config.model, source)
+
+    def _make_runner(self, source, elastic: ElasticCheckpoint | None) -> ModelRunner | TensorParallelRunner:
+        """The model runner: in this process, or the driver of a tensor-parallel group."""
+        config = self.config
+        if config.parallel.tensor_parallel_size > 1:
+            return TensorParallelRunner(source, config.model.dtype, config.cache, config.runner,
+                                        config.parallel.tensor_parallel_size, config.model.weight_format,
+                                        config.prompt_pruning)
+        return ModelRunner(source, config.model.dtype, config.cache, config.runner,
+                           weight_format=config.model.weight_format, elastic=elastic, pruning=config.prompt_pruning)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks, if any (an engine in one process holds nothing to stop)."""
+        if isinstance(self.runner, TensorParallelRunner):
+            self.runner.shutdown()
 
     # ---- requests ----------------------------------------------------------------------------
 

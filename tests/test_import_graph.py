@@ -28,6 +28,8 @@ LAYERING_RULES = [
     ("engine.tokenizer", ("engine.model",)),
     ("engine.kernels", ("engine.model", "engine.worker", "engine.api")),
     ("engine.worker", ("engine.api",)),
+    ("engine.distributed", ("engine.model", "engine.worker", "engine.api", "engine.scheduler", "engine.replicas")),
+    ("engine.replicas", ("engine.worker", "engine.model", "engine.kernels")),  # through the server only
 ]
 
 

@@ -42,7 +42,7 @@ from engine.api.serving_elastic import model_aliases
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
 from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
-    MLFQConfig, ModelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
+    MLFQConfig, ModelConfig, ParallelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
 from engine.elastic.spec import FULL_LEVEL
 from engine.prompt_pruning import parse_prune_layers
 from engine.scheduler.elastic_choice import KEEP_LADDER
@@ -227,6 +227,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="elastic submodels: on builds the model's elastic checkpoint on first use (cached); "
                              "auto: on for the default model")
     parser.add_argument("--elastic-checkpoint", default=None, help="elastic checkpoint directory (default: the cache's)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=ParallelConfig.tensor_parallel_size,
+                        help="processes that each hold a shard of every weight and of the KV heads "
+                             "(torch.distributed: gloo on CPU, NCCL on CUDA); elastic submodels off")
     parser.add_argument("--elastic-level", type=int, default=ModelConfig.elastic_level,
                         help="elastic level of requests that name none (100: the full model)")
     parser.add_argument("--elastic-auto", action="store_true",
@@ -322,26 +325,50 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                                   **policy_configs_from_args(args)),
         runner=RunnerConfig(attention_backend=args.attention_backend),
         prompt_pruning=PromptPruningConfig(default_keep=args.prompt_keep, prune_layers=args.prune_layers,
-                                           min_prompt_tokens=args.prompt_pruning_min_tokens))
+                                           min_prompt_tokens=args.prompt_pruning_min_tokens),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
 
 
 def run_server(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     try:
-        config = engine_config_from_args(args)
-        limits = limits_from_args(args)
-        api_keys = api_keys_from_args(args)
-        for name in ("max_waiting_requests", "request_timeout", "shutdown_timeout", "timeout_keep_alive",
-                     "timeout_request_read"):
-            value = getattr(args, name)
-            if value is not None and not value >= 0:
-                raise ConfigError(f"{name} must be non-negative, got {value}")
-        if not args.timeout_request_read > 0:  # 0 would close every connection before its request
-            raise ConfigError(f"timeout_request_read must be positive, got {args.timeout_request_read}")
+        config = checked_server_config(args)
     except (ConfigError, ValueError, OSError) as e:
         raise SystemExit(f"engine serve: {e}") from None
     reexec_on_fast_allocator()  # before torch loads; returns at once in the re-executed process
     logger.info("Memory allocator: %s", allocator_in_use())
+    llm_engine, engine, app = build_server(config, args, engine_on_own_thread=False)
+    logger.info("Serving %s on http://%s:%d%s", llm_engine.model_name, args.host, args.port,
+                f" ({len(api_keys)} API keys)" if (api_keys := api_keys_from_args(args)) else "")
+    try:
+        serve_http_beside_engine(engine, uvicorn.Config(app, host=args.host, port=args.port,
+                                                        log_level=args.uvicorn_log_level,
+                                                        timeout_keep_alive=args.timeout_keep_alive,
+                                                        http=protocol_with_read_deadline(args.timeout_request_read),
+                                                        timeout_graceful_shutdown=GRACEFUL_HTTP_CLOSE_S),
+                                 args.shutdown_timeout)
+    finally:
+        _stop_ranks(llm_engine)
+
+
+def checked_server_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's config from `engine serve`'s flags; raises ConfigError / ValueError naming a bad one."""
+    config = engine_config_from_args(args)
+    limits_from_args(args)
+    api_keys_from_args(args)
+    for name in ("max_waiting_requests", "request_timeout", "shutdown_timeout", "timeout_keep_alive",
+                 "timeout_request_read"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{name} must be non-negative, got {value}")
+    if not args.timeout_request_read > 0:  # 0 would close every connection before its request
+        raise ConfigError(f"timeout_request_read must be positive, got {args.timeout_request_read}")
+    return config
+
+
+def build_server(config: EngineConfig, args: argparse.Namespace, engine_on_own_thread: bool):
+    """(LLMEngine, AsyncEngine, the FastAPI app) of one server: `engine serve`'s, or one Ray Serve
+    replica's (engine/replicas/)."""
     from engine.llm_engine import LLMEngine  # deferred: loading torch and the model is slow
 
     llm_engine = LLMEngine(config)
@@ -349,18 +376,20 @@ def run_server(args: argparse.Namespace) -> None:
     metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens,
                             llm_engine.elastic_levels or (FULL_LEVEL,), sorted({1.0, *KEEP_LADDER}, reverse=True))
     metrics.stat_logger.enabled = not args.disable_log_stats
-    engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests, args.request_timeout, limits,
+    engine = AsyncEngine(llm_engine, metrics, args.max_waiting_requests, args.request_timeout, limits_from_args(args),
                          check_invariants=args.check_invariants)
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
-    app = build_app(engine, metrics, api_keys, engine_on_own_thread=False, allowed_origins=origins)
-    logger.info("Serving %s on http://%s:%d%s", llm_engine.model_name, args.host, args.port,
-                f" ({len(api_keys)} API keys)" if api_keys else "")
-    serve_http_beside_engine(engine, uvicorn.Config(app, host=args.host, port=args.port,
-                                                    log_level=args.uvicorn_log_level,
-                                                    timeout_keep_alive=args.timeout_keep_alive,
-                                                    http=protocol_with_read_deadline(args.timeout_request_read),
-                                                    timeout_graceful_shutdown=GRACEFUL_HTTP_CLOSE_S),
-                             args.shutdown_timeout)
+    app = build_app(engine, metrics, api_keys_from_args(args), engine_on_own_thread=engine_on_own_thread,
+                    allowed_origins=origins)
+    return llm_engine, engine, app
+
+
+def _stop_ranks(llm_engine) -> None:
+    """Tensor-parallel ranks stop with the server (after a dead engine loop, as far as they can)."""
+    try:
+        llm_engine.shutdown()
+    except Exception:  # noqa: BLE001 - a rank already gone: exiting is all that is left
+        logger.warning("tensor-parallel ranks did not stop cleanly", exc_info=True)
 
 
 def api_keys_from_args(args: argparse.Namespace) -> list[str]:

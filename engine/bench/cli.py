@@ -37,9 +37,11 @@ def add_bench_commands(commands: Any) -> None:
         simulate_module = importlib.import_module("engine.bench.simulate")
     except ImportError:
         return
+    capacity_module = importlib.import_module("engine.bench.capacity")
     simulate = tools.add_parser("simulate", help="simulate serving a trace, without a model")
     simulate_module.add_arguments(simulate)
-    simulate.set_defaults(handler=simulate_module.main)
+    simulate.set_defaults(handler=lambda args: (capacity_module.main(args) if args.plan_gpus is not None
+                                                else simulate_module.main(args)))
 
 
 def _rate(text: str) -> float:

@@ -77,6 +77,7 @@ class CostProfile:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     max_model_len: int = 8192
+    tensor_parallel_size: int = 1  # accelerators one replica of this profile uses
 
     def cost_model(self) -> StepCostModel:
         return StepCostModel(self.coefficients, description=self.description)
@@ -437,6 +438,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
     load.add_argument("--slo-ttft-ms", type=float, default=None)
     load.add_argument("--slo-tpot-ms", type=float, default=None)
+    plan = parser.add_argument_group("capacity planning (engine/bench/capacity.py)")
+    plan.add_argument("--plan-gpus", type=int, default=None,
+                      help="find the fewest accelerators, up to this many, whose replicas meet the SLOs")
+    plan.add_argument("--plan-profiles", default=None,
+                      help="comma-separated cost profiles to plan with (default: Llama-3-70B on H100 at TP 2, 4, 8)")
+    plan.add_argument("--plan-target", type=float, default=0.9, help="SLO attainment the plan must reach")
     out = parser.add_argument_group("output")
     out.add_argument("--label", default=None, help="this run's name in tables and plots")
     out.add_argument("--save-result", type=Path, default=None, help="JSON; the .md table and .png plots go beside it")

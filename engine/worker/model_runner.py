@@ -11,6 +11,7 @@ import torch
 
 from engine.capabilities import log_capabilities
 from engine.config import CacheConfig, ConfigError, PromptPruningConfig, RunnerConfig
+from engine.distributed.group import TensorParallelGroup
 from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.runtime import elastic_model_parts
 from engine.model.attention_backends import make_attention_backend
@@ -21,7 +22,7 @@ from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
 from engine.prompt_pruning import default_prune_layers
-from engine.scheduler.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from engine.worker.forward_batch_builder import build_forward_batch
 from engine.worker.host_allocator import keep_freed_memory
 from engine.worker.kept_rows_builder import build_kept_rows
@@ -48,9 +49,14 @@ def num_kv_blocks_for(source: ModelSource, cache: CacheConfig, dtype: torch.dtyp
 class ModelRunner:
     def __init__(self, source: ModelSource, dtype: str, cache: CacheConfig, runner: RunnerConfig,
                  weight_format: str = "auto", elastic: ElasticCheckpoint | None = None,
-                 pruning: PromptPruningConfig | None = None) -> None:
+                 pruning: PromptPruningConfig | None = None, tp: TensorParallelGroup | None = None) -> None:
         """`elastic`: run the model as elastic submodels (its weights reordered by the checkpoint).
-        `pruning`: cut the model at its prune layers into KV groups (None or disabled: one group)."""
+        `pruning`: cut the model at its prune layers into KV groups (None or disabled: one group).
+        `tp`: this process is one rank of a tensor-parallel group: it holds its shard of the
+        weights and of the KV heads, and only the driver (rank 0) samples."""
+        if tp is not None and elastic is not None:
+            raise ConfigError("elastic submodels do not run under tensor parallelism yet: pass --elastic off")
+        self.tp = tp
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)
         self.device = torch.device(runner.device)
@@ -65,14 +71,15 @@ class ModelRunner:
         self.elastic_spec = None if elastic is None else elastic.spec
         # The model's level values, index 0 the full model (None: not elastic).
         self.elastic_levels = None if elastic is None else elastic.spec.level_values
-        self.pruner = _make_pruner(pruning, source.arch.num_layers)
+        self.pruner = _make_pruner(pruning, source.arch.num_layers, tp)
         if elastic is None:
-            self.model: LlamaForCausalLM = load_model(source, self.plan, backend, pruner=self.pruner)
+            self.model: LlamaForCausalLM = load_model(source, self.plan, backend, pruner=self.pruner, tp=tp)
         else:
             layers, reorder = elastic_model_parts(elastic, source.arch, self.plan)
             self.model = load_model(source, self.plan, backend, layers, reorder, self.pruner)
+        # From the whole model's KV size: every rank has as many blocks, each its own KV heads' part.
         self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype, with_hidden_cache=self.pruner is not None)
-        arch = source.arch
+        arch = self.model.config  # a tensor-parallel rank's own heads
         # [2, num_blocks, block_size, num_kv_heads, head_dim] per layer; zeros so masked-out
         # padding slots read finite values.
         self.kv_caches = [torch.zeros(2, self.num_kv_blocks, self.block_size, arch.num_kv_heads, arch.head_dim,
@@ -121,11 +128,24 @@ class ModelRunner:
         if not sampling:
             return ModelRunnerOutput(sampled={}, kept_prompt_positions=kept_positions)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # the LM head runs only for these rows
-        tokens = self.sampler(logits.cpu(), [self.requests.sampling_row(r) for r in sampling])
+        tokens = self._sample(logits, sampling)
         prompt_logprobs = self.requests.take_prompt_logprobs(sampling)
         self.requests.append_sampled(sampling, [t.token_id for t in tokens])
         return ModelRunnerOutput(sampled=dict(zip(sampling, tokens)), prompt_logprobs=prompt_logprobs,
                                  kept_prompt_positions=kept_positions)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[str]) -> list[SampledToken]:
+        """The driver samples; under tensor parallelism the other ranks take its token ids (what
+        their request states need for the next step) rather than drawing their own."""
+        if self.tp is None:
+            return self.sampler(logits.cpu(), [self.requests.sampling_row(r) for r in sampling])
+        token_ids = torch.empty(len(sampling), dtype=torch.int64)
+        tokens = []
+        if self.tp.is_driver:
+            tokens = self.sampler(logits.cpu(), [self.requests.sampling_row(r) for r in sampling])
+            token_ids.copy_(torch.tensor([t.token_id for t in tokens], dtype=torch.int64))
+        self.tp.broadcast_(token_ids)
+        return tokens or [SampledToken(token_id) for token_id in token_ids.tolist()]
 
     def _score_prompts(self, scheduled: list[ScheduledRequest], hidden: torch.Tensor, batch: ForwardBatch) -> None:
         """Prompt logprobs of this step's prompt rows, for the requests that want them.  Such a
@@ -153,10 +173,11 @@ class ModelRunner:
         return {request_id: tuple(stages) for request_id, stages in chosen.items()}
 
 
-def _make_pruner(config: PromptPruningConfig | None, num_layers: int) -> PromptPruner | None:
+def _make_pruner(config: PromptPruningConfig | None, num_layers: int,
+                 tp: TensorParallelGroup | None = None) -> PromptPruner | None:
     if config is None or not config.enabled or num_layers < 2:
         return None
     prune_layers = config.prune_layers if config.prune_layers is not None else default_prune_layers(num_layers)
     if not all(1 <= layer < num_layers for layer in prune_layers):
         raise ConfigError(f"prune_layers must be in [1, {num_layers}), got {list(prune_layers)}")
-    return PromptPruner(prune_layers, config.num_score_layers, config.num_sink_tokens, config.pool_size)
+    return PromptPruner(prune_layers, config.num_score_layers, config.num_sink_tokens, config.pool_size, tp)

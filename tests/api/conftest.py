@@ -27,13 +27,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *extra_args: str, env: dict[str, str] | None = None) -> None:
-        """`env`: variables added to this environment for the server (a fault to inject, say)."""
+    def __init__(self, *extra_args: str, env: dict[str, str] | None = None, module: str = "engine.api.server") -> None:
+        """`env`: variables added to this environment for the server (a fault to inject, say).
+        `module`: engine.cli for `engine serve` itself (its --replicas)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"engine-serve-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        args = [sys.executable, "-m", "engine.api.server", "--port", str(self.port),
+        command = ["engine.cli", "serve"] if module == "engine.cli" else [module]
+        args = [sys.executable, "-m", *command, "--port", str(self.port),
                 "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "0.25",
                 "--uvicorn-log-level", "warning", *extra_args]
         self.process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
@@ -65,10 +67,11 @@ class ServerProcess:
         self._log.close()
 
 
-def running_server(*extra_args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+def running_server(*extra_args: str, env: dict[str, str] | None = None,
+                   module: str = "engine.api.server") -> Iterator[ServerProcess]:
     """A fixture body: a server with these flags, healthy for the fixture's scope, then stopped;
     a server that died meanwhile fails the last test that used it."""
-    process = ServerProcess(*extra_args, env=env)
+    process = ServerProcess(*extra_args, env=env, module=module)
     try:
         process.wait_ready()
         yield process

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed.group import TensorParallelGroup
 from engine.kernels.cpu.quantized_linear import quantized_linear
 from engine.kernels.cpu.quantized_linear_q8 import quantized_linear_q8
 from engine.kernels.cpu.quantized_weights import (BLOCK_SIZE, InputPermutedBlocks, QuantFormat, QuantizedWeight,
@@ -270,10 +271,14 @@ class VocabEmbedding(nn.Module):
     """Token id -> embedding row.  Quantized tables stay quantized: only the rows looked up are
     dequantized (the tied LM head then reads the same blocks)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, plan: ComputePlan) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, plan: ComputePlan, vocab_start: int = 0,
+                 tp: TensorParallelGroup | None = None) -> None:
+        """`vocab_start`, `tp`: vocabulary-parallel: this rank holds ids [vocab_start, vocab_start +
+        vocab_size); others look up as zeros, and the all-reduce sums the one real row in."""
         super().__init__()
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.plan = plan
+        self.vocab_start, self.tp = vocab_start, tp
         self.table: LinearWeight | None = None
 
     def load(self, weight: LinearWeight) -> None:
@@ -283,6 +288,15 @@ class VocabEmbedding(nn.Module):
         self.table = in_plan_format(weight, self.plan)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self._lookup(input_ids)
+        local_ids = input_ids - self.vocab_start
+        elsewhere = (local_ids < 0) | (local_ids >= self.vocab_size)
+        rows = self._lookup(local_ids.masked_fill(elsewhere, 0))
+        rows.masked_fill_(elsewhere[:, None], 0)
+        return self.tp.all_reduce_(rows)
+
+    def _lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         table = self.table
         if isinstance(table, QuantizedWeight):
             return dequantize(QuantizedWeight(table.blocks[input_ids], table.format)).to(self.plan.dtype)

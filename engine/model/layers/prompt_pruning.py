@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.distributed.group import TensorParallelGroup
 from engine.model.forward_batch import ForwardBatch, KeptRows, PromptSelection
 
 
@@ -63,8 +64,11 @@ class PromptPruner:
     """The prune layers' choices and the batch's switch to each deep group's rows."""
 
     def __init__(self, prune_layers: tuple[int, ...], num_score_layers: int, num_sink_tokens: int,
-                 pool_size: int) -> None:
+                 pool_size: int, tp: TensorParallelGroup | None = None) -> None:
+        """`tp`: a tensor-parallel rank scores with its own heads; the ranks' sums are all-reduced
+        so that every rank keeps the same tokens."""
         self.prune_layers = prune_layers
+        self.tp = tp
         # Stage s scores in [l_s - n, l_s), never below the previous prune layer: its score
         # layers run the rows its candidates are.
         bounds = (0, *prune_layers)
@@ -127,6 +131,8 @@ class PromptPruner:
         if selection.scoring == "random":
             generator = torch.Generator().manual_seed(selection.seed)
             return torch.rand(selection.num_candidates, generator=generator).to(selection.context_slots.device)
+        if self.tp is not None:
+            self.tp.all_reduce_(selection.scores)
         pooled = F.max_pool1d(selection.scores[None, None], self.pool_size, stride=1, padding=self.pool_size // 2)
         return pooled[0, 0]
 

@@ -1,0 +1,89 @@
+"""One tensor-parallel group over torch.distributed, and the few collectives the engine uses.
+
+Rank 0 is the driver: it lives in the engine's process, broadcasts each step's SchedulerOutput
+and samples; ranks 1.. (engine/worker/tensor_parallel.py) run the same forward on their shards.
+Invariant: every rank makes the same collective calls in the same order, which holds because
+every rank runs the same code on the same SchedulerOutput (see ModelRunner.execute).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# gloo reduces these natively; a half-precision partial sum is reduced in fp32 and rounded once.
+_REDUCED_AS_IS = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class TensorParallelGroup:
+    rank: int
+    size: int
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place (the partial outputs of a row-parallel projection)."""
+        if x.dtype in _REDUCED_AS_IS:
+            dist.all_reduce(x)
+            return x
+        wide = x.float()
+        dist.all_reduce(wide)
+        return x.copy_(wide)
+
+    def gather_columns(self, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        """[T, sizes[rank]] on each rank -> [T, sum(sizes)] on every rank, rank order (the
+        vocabulary-parallel LM head's logits).  Ranks' parts may differ by a column; gloo gathers
+        equal shapes, so parts are padded to the widest and trimmed."""
+        widest = max(sizes)
+        padded = x if x.shape[1] == widest else torch.nn.functional.pad(x, (0, widest - x.shape[1]))
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:, :size] for part, size in zip(parts, sizes)], dim=1)
+
+    def broadcast_object(self, value: Any = None) -> Any:
+        """The driver's `value` on every rank (pickled: a SchedulerOutput, a stop signal)."""
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The driver's tensor into `tensor` on every rank, in place (sampled token ids)."""
+        dist.broadcast(tensor, src=0)
+        return tensor
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def join_group(rank: int, size: int, init_method: str, device: str = "cpu",
+               timeout_s: float = 300.0) -> TensorParallelGroup:
+    """Join (rendezvous at `init_method`) the process's one default group: gloo on CPU, NCCL on
+    CUDA.  `timeout_s` bounds every collective, the first (all ranks loaded) included."""
+    if dist.is_initialized():
+        raise RuntimeError("this process already belongs to a torch.distributed group: one "
+                           "tensor-parallel engine per process")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=timeout_s))
+    return TensorParallelGroup(rank, size)
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_loopback_address() -> str:
+    """A tcp:// rendezvous address on a port free now (the driver's, for one node)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"
