@@ -40,8 +40,9 @@ def add_bench_commands(commands: Any) -> None:
     capacity_module = importlib.import_module("engine.bench.capacity")
     simulate = tools.add_parser("simulate", help="simulate serving a trace, without a model")
     simulate_module.add_arguments(simulate)
-    simulate.set_defaults(handler=lambda args: (capacity_module.main(args) if args.plan_gpus is not None
-                                                else simulate_module.main(args)))
+    # --plan-gpus turns a simulation into a capacity plan (engine/bench/capacity.py).
+    simulate.set_defaults(handler=lambda args: (capacity_module.main if getattr(args, "plan_gpus", None) is not None
+                                                else simulate_module.main)(args))
 
 
 def _rate(text: str) -> float:
