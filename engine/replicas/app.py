@@ -18,17 +18,14 @@ from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouter
 from engine.allocator import find_allocator
 from engine.replicas.ingress import Router
 from engine.replicas.replica import EngineReplica
+from engine.replicas.routing import PrefixOrLeastLoadedRouter
 
-# Ray Serve's prefix-aware router.  Its public alias, ray.serve.llm.request_router, imports ray[llm]'s
-# pyarrow (55 MB) for cloud storage this engine never touches; the class itself needs only
-# ray[serve] (ray is pinned, see scripts/setup.sh).
-PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router.PrefixCacheAffinityRouter"
 # The load gap (requests queued at a replica) past which prefix affinity gives way to the
 # least loaded of two (power of two choices).
 IMBALANCE_THRESHOLD = 1
 # The share of a prompt (characters) that must match an earlier one's for affinity to count; below
-# it the request goes to the replica holding the least prompt text.  Ray's default, 0.1, let
-# distinct ShareGPT prompts that open alike ("Write a ...") pile onto one replica (49 of 64).
+# it, power of two choices (engine/replicas/routing.py).  Ray's default, 0.1, let distinct ShareGPT
+# prompts that open alike ("Write a ...") pile onto one replica (49 of 64).
 MIN_PREFIX_MATCH = 0.5
 MAX_ONGOING_REQUESTS = 1024  # per replica: its engine batches and queues them itself
 
@@ -45,7 +42,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         max_ongoing_requests=MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": _replica_env()}},
         request_router_config=RequestRouterConfig(
-            request_router_class=PREFIX_ROUTER,
+            request_router_class=PrefixOrLeastLoadedRouter,
             request_router_kwargs={"imbalanced_threshold": IMBALANCE_THRESHOLD,
                                    "match_rate_threshold": MIN_PREFIX_MATCH}),
         **scaling_options(replicas, max_replicas),
