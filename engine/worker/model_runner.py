@@ -54,9 +54,7 @@ class ModelRunner:
         `pruning`: cut the model at its prune layers into KV groups (None or disabled: one group).
         `tp`: this process is one rank of a tensor-parallel group: it holds its shard of the
         weights and of the KV heads, and only the driver (rank 0) samples."""
-        if tp is not None and elastic is not None:
-            raise ConfigError("elastic submodels do not run under tensor parallelism yet: pass --elastic off")
-        self.tp = tp
+        self.tp = tp  # elastic with tp: refused by EngineConfig (for users) and the model (its invariant)
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)
         self.device = torch.device(runner.device)
