@@ -247,15 +247,13 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, scored: torch.Tenso
 
 def iter_fp32_weights(model: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, fp32 tensor) of a GGUF file (dequantized, Q/K un-permuted) or an HF directory."""
-    from gguf import GGUFReader
-
-    from engine.model.gguf_loader import iter_gguf_weights
+    from engine.model.gguf_loader import iter_gguf_weights, open_gguf
     from engine.model.hf_loader import iter_safetensors_weights
     from engine.model.loader import resolve_model
 
     source = resolve_model(model)
     if source.is_gguf:
-        yield from iter_gguf_weights(GGUFReader(str(source.path)), source.arch, torch.float32,  # type: ignore[misc]
+        yield from iter_gguf_weights(open_gguf(source.path), source.arch, torch.float32,  # type: ignore[misc]
                                      keep_quantized=False)
     else:
         yield from iter_safetensors_weights(source.path, torch.float32)

@@ -8,11 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader
-
 from engine.distributed.group import TensorParallelGroup
 from engine.model.arch import LlamaArchConfig
-from engine.model.gguf_loader import iter_gguf_weights, read_arch_config
+from engine.model.gguf_loader import iter_gguf_weights, open_gguf, read_arch_config
 from engine.model.hf_loader import arch_config_from_hf, iter_safetensors_weights, read_hf_config
 from engine.model.attention_backends.metadata import AttentionBackend
 from engine.model.compute_plan import ComputePlan
@@ -57,7 +55,7 @@ def resolve_model(model: str | None) -> ModelSource:
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist (models load from local disk only)")
     if path.is_file():
-        arch = read_arch_config(GGUFReader(str(path)))
+        arch = read_arch_config(open_gguf(path))
         name = DEFAULT_MODEL_NAME if model is None else path.stem
         return ModelSource(path, True, arch, name)
     return ModelSource(path, False, arch_config_from_hf(read_hf_config(path)), path.name)
@@ -65,7 +63,7 @@ def resolve_model(model: str | None) -> ModelSource:
 
 def load_tokenizer(source: ModelSource) -> Tokenizer:
     if source.is_gguf:
-        return tokenizer_from_gguf(GGUFReader(str(source.path)))
+        return tokenizer_from_gguf(open_gguf(source.path))
     return tokenizer_from_hf_dir(source.path)
 
 
@@ -91,7 +89,7 @@ def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend
     with torch.device(plan.device):
         model.rotary = RotaryEmbedding.for_config(source.arch)  # fp32 tables, computed for real
     if source.is_gguf:
-        weights = iter_gguf_weights(GGUFReader(str(source.path)), source.arch, plan.dtype,
+        weights = iter_gguf_weights(open_gguf(source.path), source.arch, plan.dtype,
                                     keep_quantized=plan.quantized)
     else:
         weights = iter_safetensors_weights(source.path, plan.dtype)

@@ -217,9 +217,11 @@ def test_dequantize_is_gguf_dequantize(fmt: QuantFormat) -> None:
 
 @pytest.fixture(scope="module")
 def model_reader() -> GGUFReader:
+    from engine.model.gguf_loader import open_gguf
     from engine.model.loader import default_model_path
+
     try:
-        return GGUFReader(default_model_path())
+        return open_gguf(default_model_path())
     except FileNotFoundError as error:
         pytest.skip(str(error))
 

@@ -9,17 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from engine import SamplingParams
-from engine.model.gguf_loader import iter_gguf_weights
+from engine.model.gguf_loader import iter_gguf_weights, open_gguf
 from engine.model.loader import default_model_path, resolve_model
 from tests.conftest import assert_kv_empty, make_llm
 
 
 def _write_hf_directory(path) -> None:
-    from gguf import GGUFReader
-
     source = resolve_model(None)
     arch = source.arch
-    weights = dict(iter_gguf_weights(GGUFReader(str(default_model_path())), arch, torch.float32))
+    weights = dict(iter_gguf_weights(open_gguf(default_model_path()), arch, torch.float32))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
     config = {
         "architectures": ["LlamaForCausalLM"], "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
