@@ -92,11 +92,14 @@ def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
     assert f"{MASK_ENV}='avx3'" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_q8_activations_are_an_explicit_choice():
-    """native stays exact (the reference) and so does auto (Q8 activations miss its greedy-agreement
-    bar); native_q8 rounds activations in steps of more than 4 rows, where that is faster."""
+def test_q8_activations_where_asked_or_where_auto_runs_fp32():
+    """native stays exact (the reference), and so does an explicit fp32; native_q8, and auto where
+    the auto dtype is fp32 (no bf16 dot products), round activations in steps of more than 4 rows."""
     assert q8_rows_threshold("native") is None and q8_rows_threshold("int8") is None
-    assert q8_rows_threshold("auto") is None and q8_rows_threshold("native_q8") == 4
+    assert q8_rows_threshold("native_q8") == 4
+    assert q8_rows_threshold("auto", "auto", torch.float32) == 4
+    assert q8_rows_threshold("auto", "float32", torch.float32) is None
+    assert q8_rows_threshold("auto", "auto", torch.bfloat16) is None
     assert dense_rows_threshold("native_q8", torch.float32) is None
     plan = ComputePlan(device=torch.device("cpu"), dtype=torch.float32, weight_format="native", native_ops=True,
                        prepack_bf16=False, q8_above_rows=4)

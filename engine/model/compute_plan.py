@@ -109,19 +109,28 @@ def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | Non
     return 4 if dtype == torch.bfloat16 else 16
 
 
-def q8_rows_threshold(requested_format: str) -> int | None:
+def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
+                      dtype: torch.dtype = torch.float32) -> int | None:
     """Rows above which quantized weights run with Q8 activations (quantized_linear_q8), or None.
 
-    Only native_q8 asks for it, for steps of more than 4 rows: at 1 row the exact kernel is
-    faster (Q8 0.66-0.77x: its panel costs more than one row's dot products), at 4 about even,
-    from 16 rows Q8 is 1.7-3x faster (benchmarks/quantized_linear.py, both builds).  auto keeps
-    the exact kernel.  Q8 activations
-    are llama.cpp's arithmetic and 2-3x faster than MKL's fp32 from 16 rows on an AVX2 CPU, but
-    they fail the greedy-agreement bar that auto's formats are held to (benchmarks/README.md,
-    fp32: perplexity 1.0028x the dequantized model's, within 0.5%, but only 11 of 32 32-token
-    greedy continuations identical where 29 are required; 15 with the LM head exact).
+    native_q8 asks for it; so does auto where the dtype too was left to auto and came out fp32
+    (a CPU without bf16 dot products: AVX2, or AVX-512 without BF16).  Above 4 rows: at 1 row the
+    exact kernel is faster (Q8 0.66-0.77x: its panel costs more than one row's dot products), at 4
+    about even, from 16 rows Q8 is 1.7-3x faster (benchmarks/quantized_linear.py, both builds), and
+    it serves 1.5x the output tokens/s of the exact kernel with MKL's fp32 above 16 rows
+    (benchmarks/serve_throughput.py under the AVX2 mask: 385 against ~230-250).
+
+    Why auto may round activations there: it is what auto already does where bf16 is native (bf16
+    activations), and moves the numbers as much (fp32 against the dequantized model: perplexity
+    1.0028x; 11 of 32 32-token greedy continuations identical, bf16's 12).  An explicit
+    `--dtype float32` asks for fp32 arithmetic and keeps the exact kernel, as do native and int8
+    (the exact kernel is the native path's greedy-agreement reference).
     """
-    return 4 if requested_format == "native_q8" else None
+    if requested_format == "native_q8":
+        return 4
+    if requested_format == "auto" and requested_dtype == "auto" and dtype == torch.float32:
+        return 4
+    return None
 
 
 def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | None) -> None:
@@ -150,8 +159,13 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> Compu
         logger.warning("dtype bfloat16 on a CPU that oneDNN cannot prepack bf16 for (no AVX-512 BW/VL/DQ or "
                        "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
     file_blocks = format_name in FILE_BLOCK_FORMATS
-    q8_above_rows = q8_rows_threshold(weight_format) if file_blocks else None
-    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype) if file_blocks else None
+    q8_above_rows = q8_rows_threshold(weight_format, dtype, torch_dtype) if file_blocks else None
+    # Q8 beats MKL's fp32 at every size from 4 rows up, so a Q8 plan keeps no dense copy.
+    dense_above_rows = (dense_rows_threshold(weight_format, torch_dtype)
+                        if file_blocks and q8_above_rows is None else None)
+    if weight_format == "auto" and q8_above_rows is not None:
+        format_reason += ("; no bf16 dot products here, so larger steps round activations to Q8 blocks "
+                          "(integer dot products, 2-3x fp32's); --dtype float32 keeps fp32 arithmetic")
     plan = ComputePlan(device=device, dtype=torch_dtype, weight_format=format_name,
                        native_ops=has_native and torch_dtype in DTYPE_CODES, prepack_bf16=prepack,
                        dense_above_rows=dense_above_rows, q8_above_rows=q8_above_rows)

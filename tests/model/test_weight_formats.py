@@ -5,10 +5,14 @@ dequantized model only in summation order."""
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 
 from engine import SamplingParams
+from engine.bench.datasets import first_exchange, load_sharegpt
 from engine.kernels.cpu import native_library
 from tests.conftest import assert_kv_empty, make_llm
 
@@ -60,12 +64,34 @@ def test_native_weights_take_less_memory_than_bf16(llm_native, llm_bf16):
 
 def test_q8_activations_stay_close_to_the_dequantized_model(llm_fp32):
     """native_q8 rounds activations to 8-bit blocks in steps of more than 4 rows (llama.cpp's
-    arithmetic): greedy tokens mostly agree (benchmarks/README.md has the perplexity)."""
+    arithmetic).  Scored teacher-forced on a real ShareGPT answer (its 64-token chunks run Q8):
+    perplexity within 1% of the dequantized fp32 model's and the text's own token ranked first at
+    the same positions almost everywhere.  (Greedy continuations are no test here: they part at the
+    first near-tie, as bf16 activations' do; benchmarks/README.md has the 32-prompt figures.)"""
     llm = make_llm(dtype="float32", weight_format="native_q8", max_num_batched_tokens=64, kv_cache_memory=0.25)
     assert llm.engine.runner.plan.runs_q8(5) and not llm.engine.runner.plan.runs_q8(4)
-    q8, reference = greedy_tokens(llm), greedy_tokens(llm_fp32)
-    assert sum(a == b for a, b in zip(q8, reference)) >= len(PROMPTS) - 1, (q8, reference)
+    text = _sharegpt_answer(llm.get_tokenizer(), num_tokens=320)
+    q8, reference = _prompt_scores(llm, text), _prompt_scores(llm_fp32, text)
+    assert abs(math.exp(statistics.mean(q8[0]) - statistics.mean(reference[0])) - 1) < 0.01
+    same_top1 = sum(a == b for a, b in zip(q8[1], reference[1])) / len(q8[1])
+    assert same_top1 >= 0.95, same_top1
     assert_kv_empty(llm)
+
+
+def _sharegpt_answer(tokenizer, num_tokens: int) -> list[int]:
+    for record in load_sharegpt():
+        exchange = first_exchange(record)
+        if exchange is not None and len(ids := tokenizer.encode(exchange[1])) >= num_tokens:
+            return ids[:num_tokens]
+    raise AssertionError("no answer that long")
+
+
+def _prompt_scores(llm, prompt: list[int]) -> tuple[list[float], list[bool]]:
+    """Each prompt token's negative log-likelihood and whether the model ranked it first."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    scored = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].prompt_logprobs
+    entries = [entry[token] for entry, token in zip(scored[1:], prompt[1:])]
+    return [-e.logprob for e in entries], [e.rank == 1 for e in entries]
 
 
 def test_int8_blocks_quantize_the_weights_and_still_answer():
