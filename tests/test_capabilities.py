@@ -11,10 +11,22 @@ import sys
 import pytest
 import torch
 
-from engine.capabilities import (MASK_ENV, CapabilityError, CpuFeatures, apply_mask, cpu_features, library_env,
-                                 parse_mask)
-from engine.model.compute_plan import (ComputePlan, dense_rows_threshold, q8_rows_threshold, resolve_dtype,
-                                       resolve_weight_format)
+from engine.capabilities import (
+    MASK_ENV,
+    CapabilityError,
+    CpuFeatures,
+    apply_mask,
+    cpu_features,
+    library_env,
+    parse_mask,
+)
+from engine.model.compute_plan import (
+    ComputePlan,
+    dense_rows_threshold,
+    q8_rows_threshold,
+    resolve_dtype,
+    resolve_weight_format,
+)
 
 ZEN4 = frozenset("sse4_2 avx avx2 fma f16c avx_vnni avx512f avx512bw avx512vl avx512dq avx512cd avx512_vnni "
                  "avx512_bf16".split())

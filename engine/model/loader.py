@@ -8,16 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from engine.distributed.group import TensorParallelGroup
 from engine.model.arch import LlamaArchConfig
-from engine.model.gguf_loader import iter_gguf_weights, open_gguf, read_arch_config
-from engine.model.hf_loader import arch_config_from_hf, iter_safetensors_weights, read_hf_config
 from engine.model.attention_backends.metadata import AttentionBackend
 from engine.model.compute_plan import ComputePlan
+from engine.model.gguf_loader import iter_gguf_weights, open_gguf, read_arch_config
+from engine.model.hf_loader import arch_config_from_hf, iter_safetensors_weights, read_hf_config
 from engine.model.layers.elastic import LayerElasticity
 from engine.model.layers.linear import LinearWeight
-from engine.model.layers.rotary import RotaryEmbedding
 from engine.model.layers.prompt_pruning import PromptPruner
+from engine.model.layers.rotary import RotaryEmbedding
 from engine.model.llama import LlamaForCausalLM
 from engine.model.sharding import TensorParallelShard
 from engine.tokenizer.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_hf_dir
