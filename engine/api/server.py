@@ -370,8 +370,10 @@ def build_server(config: EngineConfig, args: argparse.Namespace, engine_on_own_t
     """(LLMEngine, AsyncEngine, the FastAPI app) of one server: `engine serve`'s, or one Ray Serve
     replica's (engine/replicas/)."""
     from engine.llm_engine import LLMEngine  # deferred: loading torch and the model is slow
+    from engine.model.gguf_loader import release_gguf_readers
 
     llm_engine = LLMEngine(config)
+    release_gguf_readers()  # a server loads its model once; the parsed file would stay resident
     disable_created_metrics()  # no `*_created` series: like vLLM, and half the /metrics size
     metrics = EngineMetrics(llm_engine.model_name, llm_engine.max_model_len, config.scheduler.max_num_batched_tokens,
                             llm_engine.elastic_levels or (FULL_LEVEL,), sorted({1.0, *KEEP_LADDER}, reverse=True))

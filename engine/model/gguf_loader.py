@@ -59,6 +59,12 @@ def _open_gguf(path: str, size: int, mtime_ns: int) -> GGUFReader:
     return GGUFReader(path)
 
 
+def release_gguf_readers() -> None:
+    """Drop the parsed files (~80 MB of numpy views for SmolLM2's): for a process that has loaded
+    the one model it will serve.  A later load parses again."""
+    _open_gguf.cache_clear()
+
+
 def read_arch_config(reader: GGUFReader) -> LlamaArchConfig:
     arch = field_value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
