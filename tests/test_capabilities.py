@@ -106,10 +106,10 @@ def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
 
 def test_q8_activations_where_asked_or_where_auto_runs_fp32():
     """native stays exact (the reference), and so does an explicit fp32; native_q8, and auto where
-    the auto dtype is fp32 (no bf16 dot products), round activations in steps of more than 4 rows."""
+    the auto dtype is fp32 (no bf16 dot products), round activations at every step."""
     assert q8_rows_threshold("native") is None and q8_rows_threshold("int8") is None
-    assert q8_rows_threshold("native_q8") == 4
-    assert q8_rows_threshold("auto", "auto", torch.float32) == 4
+    assert q8_rows_threshold("native_q8") == 0
+    assert q8_rows_threshold("auto", "auto", torch.float32) == 0
     assert q8_rows_threshold("auto", "float32", torch.float32) is None
     assert q8_rows_threshold("auto", "auto", torch.bfloat16) is None
     assert dense_rows_threshold("native_q8", torch.float32) is None

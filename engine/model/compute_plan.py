@@ -114,29 +114,31 @@ def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
     """Rows above which quantized weights run with Q8 activations (quantized_linear_q8), or None.
 
     native_q8 asks for it; so does auto where the dtype too was left to auto and came out fp32
-    (a CPU without bf16 dot products: AVX2, or AVX-512 without BF16).  Above 4 rows: at 1 row the
-    exact kernel is faster (Q8 0.66-0.77x: its panel costs more than one row's dot products), at 4
-    about even, from 16 rows Q8 is 1.7-3x faster (benchmarks/quantized_linear.py, both builds), and
-    it serves 1.5x the output tokens/s of the exact kernel with MKL's fp32 above 16 rows
-    (benchmarks/serve_throughput.py under the AVX2 mask: 385 against ~230-250).
+    (a CPU without bf16 dot products: AVX2, or AVX-512 without BF16).  At every row count (0): the
+    Q8 kernel runs 1-4 rows as a row-major GEMV and more through its panel, and beats the exact
+    fp32 kernel at every size (AVX2 build, 2 threads, the model's shapes: 1.1-1.6x at 1 row, the
+    LM head 1.5x; 1.0-1.35x at 2-4 rows; 1.8-2.6x at 8; benchmarks/quantized_linear.py), and MKL's
+    fp32 above 16 rows 1.7-3x.  Served under the AVX2 mask it gives 1.5x the output tokens/s of the
+    exact kernel with MKL's fp32 above 16 rows (benchmarks/serve_throughput.py: 385 against ~230-250).
 
-    Why auto may round activations there: it is what auto already does where bf16 is native (bf16
+    Why auto may round activations: it is what auto already does where bf16 is native (bf16
     activations), and moves the numbers as much (fp32 against the dequantized model: perplexity
-    1.0028x; 11 of 32 32-token greedy continuations identical, bf16's 12).  An explicit
-    `--dtype float32` asks for fp32 arithmetic and keeps the exact kernel, as do native and int8
-    (the exact kernel is the native path's greedy-agreement reference).
+    1.0028x; 11 of 32 32-token greedy continuations identical, bf16's 12), and it is llama.cpp's
+    own arithmetic.  An explicit `--dtype float32` asks for fp32 arithmetic and keeps the exact
+    kernel, as do native and int8 (the exact kernel is the native path's greedy-agreement reference).
     """
     if requested_format == "native_q8":
-        return 4
+        return 0
     if requested_format == "auto" and requested_dtype == "auto" and dtype == torch.float32:
-        return 4
+        return 0
     return None
 
 
 def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | None) -> None:
     weights = plan.weight_format
     if plan.q8_above_rows is not None:
-        weights += f", Q8 activations above {plan.q8_above_rows} rows a step"
+        weights += (", Q8 activations" if plan.q8_above_rows == 0 else
+                    f", Q8 activations above {plan.q8_above_rows} rows a step")
         weights += " (VNNI)" if cpu_features().has_vnni else ""
     if plan.dense_above_rows is not None:
         weights += f", up to {plan.dense_above_rows} rows a step, dense above"
@@ -164,8 +166,8 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> Compu
     dense_above_rows = (dense_rows_threshold(weight_format, torch_dtype)
                         if file_blocks and q8_above_rows is None else None)
     if weight_format == "auto" and q8_above_rows is not None:
-        format_reason += ("; no bf16 dot products here, so larger steps round activations to Q8 blocks "
-                          "(integer dot products, 2-3x fp32's); --dtype float32 keeps fp32 arithmetic")
+        format_reason += ("; no bf16 dot products here, so activations are rounded to Q8 blocks "
+                          "(integer dot products, 1.1-3x the fp32 kernels'); --dtype float32 keeps fp32 arithmetic")
     plan = ComputePlan(device=device, dtype=torch_dtype, weight_format=format_name,
                        native_ops=has_native and torch_dtype in DTYPE_CODES, prepack_bf16=prepack,
                        dense_above_rows=dense_above_rows, q8_above_rows=q8_above_rows)

@@ -7,8 +7,9 @@
 // instruction (vpdpbusd with VNNI: 32 products summed into int32 lanes), 4x the products of an
 // fp32 FMA; the per-block scaling adds back a quarter of that.  PERF (benchmarks/README.md, one
 // thread, AVX2 build, fp32 activations, the model's Q4_1 shapes at 32 rows): 2.8-2.9x MKL's fp32
-// GEMM (AVX2) and 3x quantized_linear.cpp; at 1 row 0.66x of the latter (the panel costs more
-// than one row's dot products), hence ComputePlan keeps that kernel for small steps.
+// GEMM (AVX2) and 3x quantized_linear.cpp.  At 1-4 rows a panel costs more than the dot
+// products it feeds (0.66x quantized_linear.cpp at 1 row), so those run a row-major GEMV (below):
+// 1.1-1.6x quantized_linear.cpp at 1 row, where decode is memory-bound and its fp32 FMAs are not.
 //
 // Numerics (quantized_linear_q8.py's reference computes the same, in torch):
 //   x, per row and block of 32 (as fp32):  d = max|x| / 127,  id = d ? 1 / d : 0,
@@ -37,6 +38,9 @@
 //
 // Work split: x is quantized once per call, rows shared among the threads; then the threads take
 // contiguous ranges of column groups, as quantized_linear.cpp does, so weights are read once.
+// 1-4 rows of x skip the panel: gemv() reads 8 weight rows' blocks where they lie and sums each
+// row's integer products across lanes, giving the panel's per-column sums (exact integers), then
+// the same fp32 steps: the same bits as the panel path.
 //
 // VNNI: the tiles (quantized_linear_q8_tiles.h) are compiled twice, once plain and once under
 // `#pragma GCC target` for AVX-VNNI / AVX512-VNNI; the caller says which to run (the wrapper asks
@@ -289,6 +293,113 @@ QuantizedRows quantized_rows_buffer(int64_t m, int64_t k_blocks) {
   static thread_local std::vector<int32_t> sums;
   float* f = grown(floats, 2 * m * k_blocks);
   return QuantizedRows{grown(q, m * k_blocks * kBlock), f, f + m * k_blocks, grown(sums, m * k_blocks), k_blocks};
+}
+
+// ---- few rows of x: row-major blocks, no panel ----
+//
+// At 1-4 rows of x the panel costs more than the dot products it feeds (a transpose of every
+// block for one use).  Here a group of 8 weight rows is read where it lies: each row's block is
+// expanded to 32 bytes and multiplied with x's block (maddubs, then madd: 8 int32 partial sums),
+// and a tree of hadds turns the 8 rows' partial sums into one vector of their 8 block sums.  From
+// there each lane is a column of the panel path, with the same fp32 operations in the same order
+// (the integer sums are exact in any order), so a row's result is the same bits whichever path
+// and batch size computes it.  8 columns in every build (the integer work is 256-bit wide either
+// way); the scales of the 8 rows' blocks come in with one gather.
+
+constexpr int kGemvCols = 8;
+
+#if defined(ENGINE_CPU_AVX512)
+inline Vec from8(__m256 v) { return _mm512_castps256_ps512(v); }  // lanes 8-15 never stored
+inline __m256 to8(Vec v) { return _mm512_castps512_ps256(v); }
+#else
+inline Vec from8(__m256 v) { return v; }
+inline __m256 to8(Vec v) { return v; }
+#endif
+
+// 8 int32 lanes, each the sum of 4 byte products of w (u8) and x (s8); nothing saturates.
+inline __m256i dot_bytes(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+}
+
+// Lane c: the sum of v[c]'s 8 lanes, for 8 vectors (hadds: pairs, then quads, then halves).
+inline __m256i sum_lanes8(const __m256i (&v)[8]) {
+  const __m256i a0 = _mm256_hadd_epi32(v[0], v[1]), a1 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i a2 = _mm256_hadd_epi32(v[4], v[5]), a3 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i low = _mm256_hadd_epi32(a0, a1), high = _mm256_hadd_epi32(a2, a3);  // rows 0-3, rows 4-7
+  return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31));
+}
+
+// The fp16 scale pair at the start of 8 rows' blocks (offsets from `base`) -> d in *d, and for
+// Q4_1 the min in *m.
+template <int F>
+inline void block_scales(const uint8_t* base, __m256i offsets, __m256* d, __m256* m) {
+  const __m256i pairs = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), offsets, 1);
+  // per 128-bit half: low 16 bits of each dword (d), then the high 16 (m)
+  const __m256i halves = _mm256_packus_epi32(_mm256_and_si256(pairs, _mm256_set1_epi32(0xffff)),
+                                             _mm256_srli_epi32(pairs, 16));
+  const __m256i ordered = _mm256_permute4x64_epi64(halves, 0xd8);  // d0-3 d4-7 | m0-3 m4-7
+  *d = _mm256_cvtph_ps(_mm256_castsi256_si128(ordered));
+  if (F == kQ4_1) *m = _mm256_cvtph_ps(_mm256_extracti128_si256(ordered, 1));
+}
+
+// out[m0 + i, c0 .. c0 + 7] for MR rows of x, 8 weight rows read in place.
+// `rows`: the group's 8 weight rows (past the matrix's last: the last again); `offsets`: theirs
+// from the first's, in bytes.
+template <int F, int MR, typename T>
+void gemv_group(const Problem& p, const QuantizedRows& x, int64_t c0, const uint8_t* const (&rows)[kGemvCols],
+                __m256i offsets) {
+  const int64_t prefetch_ahead = 2 * kGemvCols * p.weight_stride;  // the same block two groups on
+  __m256 acc[MR];
+  for (int i = 0; i < MR; i++) acc[i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.k_blocks; b++) {
+    const int64_t at_block = b * block_size_bytes<F>();
+    __m256i xq[MR];
+    for (int i = 0; i < MR; i++)
+      xq[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (i * p.k_blocks + b) * kBlock));
+    __m256i partial[MR][8];
+    for (int c = 0; c < kGemvCols; c++) {
+      const uint8_t* block = rows[c] + at_block;
+      // PERF: 8 rows side by side are 8 short streams, too short for the hardware prefetcher.
+      __builtin_prefetch(block + prefetch_ahead);
+      __m256i w = block_bytes<F>(block);
+      if (F == kQ8_0) {
+        for (int i = 0; i < MR; i++) partial[i][c] = dot_bytes(_mm256_abs_epi8(w), _mm256_sign_epi8(xq[i], w));
+      } else {
+        for (int i = 0; i < MR; i++) partial[i][c] = dot_bytes(w, xq[i]);
+      }
+    }
+    __m256 dw, mw;
+    block_scales<F>(rows[0] + at_block, offsets, &dw, &mw);
+    for (int i = 0; i < MR; i++) {
+      const int64_t at = i * p.k_blocks + b;
+      __m256i isum = sum_lanes8(partial[i]);
+      if (F == kQ4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * x.asum[at]));
+      acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x.scale[at])), _mm256_cvtepi32_ps(isum), acc[i]);
+      if (F == kQ4_1) acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(x.sum[at]), acc[i]);
+    }
+  }
+  const Mask live = lanes(std::min<int64_t>(kGemvCols, p.n - c0));
+  const Vec bias = p.bias ? load(static_cast<const T*>(p.bias) + c0, p.dtype, live) : splat(0.0f);
+  for (int i = 0; i < MR; i++)
+    store(static_cast<T*>(p.out) + i * p.out_stride + c0, from8(acc[i]) + bias, p.dtype, live);
+}
+
+// All of out for a few rows of x (1-4): the threads share the groups of 8 columns.
+template <int F, int MR, typename T>
+void gemv(const Problem& p, const QuantizedRows& x) {
+  int64_t begin, end;
+  thread_share((p.n + kGemvCols - 1) / kGemvCols, &begin, &end);
+  for (int64_t group = begin; group < end; group++) {
+    const int64_t c0 = group * kGemvCols;
+    const uint8_t* rows[kGemvCols];
+    alignas(32) int32_t offsets[kGemvCols];
+    for (int c = 0; c < kGemvCols; c++) {
+      const int64_t row = std::min<int64_t>(c0 + c, p.n - 1);  // a last partial group repeats its last row
+      rows[c] = p.weight + row * p.weight_stride;
+      offsets[c] = int32_t((row - c0) * p.weight_stride);
+    }
+    gemv_group<F, MR, T>(p, x, c0, rows, _mm256_load_si256(reinterpret_cast<const __m256i*>(offsets)));
+  }
 }
 
 namespace plain {

@@ -36,9 +36,11 @@ def is_available(library: ctypes.CDLL | None = None) -> bool:
     return _kernel(library) is not None
 
 
+@functools.cache
 def vnni_available(library: ctypes.CDLL | None = None) -> bool:
     """Whether the probe (under the mask) reports the VNNI variant of this build's ISA, and the
-    build's own CPU check agrees."""
+    build's own CPU check agrees.  Cached: the probe is read once a process, and a decode step
+    asks ~120 times."""
     kernel = _kernel(library)
     if kernel is None:
         return False

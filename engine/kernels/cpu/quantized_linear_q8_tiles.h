@@ -114,7 +114,13 @@ void linear(const Problem& p, int num_threads) {
     thread_share(p.m, &begin, &end);
     quantize_rows(static_cast<const T*>(p.x), p.x_stride, p.dtype, begin, end, x);
 #pragma omp barrier
-    column_groups<F, T>(p, x);
+    switch (p.m) {
+      case 1: gemv<F, 1, T>(p, x); break;
+      case 2: gemv<F, 2, T>(p, x); break;
+      case 3: gemv<F, 3, T>(p, x); break;
+      case 4: gemv<F, 4, T>(p, x); break;
+      default: column_groups<F, T>(p, x);
+    }
   }
 }
 
