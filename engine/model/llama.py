@@ -24,8 +24,8 @@ from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
-from engine.model.layers.elastic import (BlockElasticity, LayerElasticity, RowLevels, column_tiles,
-                                         zero_dropped_columns)
+from engine.model.layers.elastic import BlockElasticity, LayerElasticity, RowLevels, column_tiles, zero_dropped_columns
+from engine.model.layers.fused_decode import FusedDecode
 from engine.model.layers.linear import ElasticSlices, Linear, LinearWeight, VocabEmbedding
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.prompt_pruning import PromptPruner, WindowScorer
@@ -192,11 +192,15 @@ class DecoderLayer(nn.Module):
         self.attention = SelfAttention(config, backend, plan, None if elastic is None else elastic.attention, scorer)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
         self.feed_forward = FeedForward(config, plan, None if elastic is None else elastic.ffn)
+        # The same kernels in one C++ call, for the steps that would run exactly them (few-row decodes).
+        self.fused_decode = FusedDecode.for_layer(self, plan)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (this layer's FFN output, the residual stream before it); the stream
         is x + residual, and just x for the first layer."""
+        if self.fused_decode is not None and self.fused_decode.runs(x, residual, kv_cache, batch):
+            return self.fused_decode(x, residual, kv_cache, batch)
         if residual is None:
             residual, h = x, self.attention_norm(x)
         else:

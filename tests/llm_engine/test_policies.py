@@ -52,7 +52,7 @@ def test_tiny_kv_thirty_two_requests_all_finish(llm_fp32, sharegpt_prompts, poli
 
 
 def test_slo_engine_profiles_a_cost_model_and_refines_it(llm_fp32, sharegpt_prompts):
-    llm = make_llm(dtype="bfloat16", scheduling_policy="slo", slo=SLO, kv_cache_memory=0.25)
+    llm = make_llm(scheduling_policy="slo", slo=SLO, kv_cache_memory=0.25)
     model = llm.engine.cost_model
     assert model is not None and model.coefficients.overhead_s > 0
     before = model.coefficients

@@ -12,5 +12,9 @@ backend that uses the decode kernel is engine/model/attention_backends/native_cp
     silu_and_mul.cpp                    SwiGLU activation of the fused gate/up output
     layer_ops.py                        wrappers for the three element-wise kernels
     quantized_linear.cpp / .py          y = x W^T with W kept as GGUF quantization blocks
+    quantized_linear_q8.cpp / .py       the same with activations rounded to Q8 blocks (integer dots)
     quantized_weights.py                QuantizedWeight: the blocks that kernel reads
+    decode_layer.cpp / .py              one decoder layer of an all-decode step in one call: the
+                                        kernels above in a layer's order (engine/model/layers/
+                                        fused_decode.py decides when a layer takes it)
 """

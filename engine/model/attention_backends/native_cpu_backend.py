@@ -33,11 +33,15 @@ class NativeCpuAttentionBackend(TorchAttentionBackend):
             return super()._decode(query, kv_cache, meta, group_heads)
         return self._kernel_decode(query, kv_cache, meta, group_heads)
 
-    def _kernel_runs(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-        key = (tuple(kv_cache.shape), kv_cache.dtype, query.shape[1])
+    def decodes_in_kernel(self, kv_cache: torch.Tensor, num_q_heads: int) -> bool:
+        """Whether decode rows with this many query heads attend over this cache in the C++ kernel."""
+        key = (tuple(kv_cache.shape), kv_cache.dtype, num_q_heads)
         if key not in self._supported:
-            self._supported[key] = supports(kv_cache, query.shape[1])
+            self._supported[key] = supports(kv_cache, num_q_heads)
         return self._supported[key]
+
+    def _kernel_runs(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        return self.decodes_in_kernel(kv_cache, query.shape[1])
 
     @staticmethod
     def _kernel_decode(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,

@@ -6,6 +6,8 @@
     rotary.py      rotate-half RoPE (Llama 3 scaling, GGUF frequency factors)
     activation.py  SiluAndMul (SwiGLU)
     attention.py   Attention: RoPE on the fused QKV output, then the paged attention backend
+    fused_decode.py  a decoder layer's all-decode step as one C++ call, where the layer would
+                   run exactly those kernels (the same bits, a dozen fewer Python calls)
 
 Each layer takes the ComputePlan (engine/model/compute_plan.py) at construction and decides its
 kernel from it once; a layer's forward takes the step's ForwardBatch where it needs one.  The torch

@@ -39,10 +39,17 @@ class WindowScorer:
 
     def add_scores(self, query: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> None:
         """query [T, Hq, D] rotated, KV head h // (Hq / Hkv) serving head h; kv_cache one layer's."""
-        for selection in batch.kept[self.stage].selections:
-            if selection.kept_positions is None and selection.scoring == "attention":
-                scores = _window_attention(query, kv_cache, selection)
-                selection.scores = scores if selection.scores is None else selection.scores.add_(scores)
+        for selection in self._scoring(batch):
+            scores = _window_attention(query, kv_cache, selection)
+            selection.scores = scores if selection.scores is None else selection.scores.add_(scores)
+
+    def scores_in(self, batch: ForwardBatch) -> bool:
+        """Whether this step has prompts for this layer to score (a step of decodes has none)."""
+        return batch.kept is not None and any(True for _ in self._scoring(batch))
+
+    def _scoring(self, batch: ForwardBatch):
+        return (selection for selection in batch.kept[self.stage].selections
+                if selection.kept_positions is None and selection.scoring == "attention")
 
 
 def _window_attention(query: torch.Tensor, kv_cache: torch.Tensor, selection: PromptSelection) -> torch.Tensor:

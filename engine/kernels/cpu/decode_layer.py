@@ -1,0 +1,74 @@
+"""One decoder layer of an all-decode step in one call (decode_layer.cpp): the argument structures
+and the wrapper.
+
+The structures mirror the C++ ones field by field.  `LayerArguments` holds what stays from step to
+step (weight pointers, sizes, the layer's cache): built once per layer, and it keeps the tensors
+it points into alive.  `StepArguments` is one step's (rows, RoPE tables, slots, block tables).
+Checking the shapes is the caller's job (engine/model/layers/fused_decode.py builds both from the
+layers themselves): this is the hot path, one call a layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from engine.kernels.cpu import native_library
+from engine.kernels.cpu.quantized_weights import QuantizedWeight
+
+_pointer, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class LinearArguments(ctypes.Structure):
+    _fields_ = [("blocks", _pointer), ("row_stride", _i64), ("bias", _pointer), ("input_order", _pointer),
+                ("out_features", _i64), ("in_features", _i64), ("format", _i32)]
+
+
+class LayerArguments(ctypes.Structure):
+    _fields_ = [("qkv", LinearArguments), ("o", LinearArguments), ("gate_up", LinearArguments),
+                ("down", LinearArguments), ("attention_norm", _pointer), ("ffn_norm", _pointer), ("eps", _f32),
+                ("scale", _f32), ("hidden", _i32), ("num_q_heads", _i32), ("num_kv_heads", _i32),
+                ("head_dim", _i32), ("intermediate", _i32), ("block_size", _i32), ("rank_major", _i32)]
+
+
+class StepArguments(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("cos", _pointer), ("sin", _pointer), ("slot_mapping", _pointer),
+                ("block_tables", _pointer), ("block_table_stride", _i64), ("seq_lens", _pointer),
+                ("key_cache", _pointer), ("value_cache", _pointer), ("dtype", _i32), ("q8", _i32), ("vnni", _i32),
+                ("num_threads", _i32)]
+
+
+def linear_arguments(weight: QuantizedWeight, bias: torch.Tensor | None,
+                     input_order: torch.Tensor | None) -> LinearArguments:
+    """`input_order` int64 [in_features]: the blocks store input input_order[j] at j (or None)."""
+    return LinearArguments(weight.blocks.data_ptr(), weight.row_stride, None if bias is None else bias.data_ptr(),
+                           None if input_order is None else input_order.data_ptr(), weight.out_features,
+                           weight.in_features, weight.format.value)
+
+
+def is_available() -> bool:
+    return _entry() is not None
+
+
+def decode_layer(layer: LayerArguments, step: StepArguments, x: torch.Tensor, residual: torch.Tensor | None,
+                 attention_out: torch.Tensor, out: torch.Tensor) -> None:
+    """x, out, attention_out [rows, hidden] contiguous; residual likewise or None (the first layer:
+    x is then the residual stream, updated in place).  Writes out; raises if a kernel refused."""
+    status = _entry()(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(),
+                      None if residual is None else residual.data_ptr(), attention_out.data_ptr(), out.data_ptr())
+    if status != 0:
+        raise ValueError("decode_layer: a kernel refused its arguments (shapes, dtype or build)")
+
+
+@functools.cache
+def _entry():
+    library = native_library.load()
+    if library is None:
+        return None
+    function = library.decode_layer
+    function.argtypes = [ctypes.POINTER(LayerArguments), ctypes.POINTER(StepArguments), _pointer, _pointer,
+                         _pointer, _pointer]
+    function.restype = ctypes.c_int
+    return function
