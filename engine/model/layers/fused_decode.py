@@ -31,14 +31,19 @@ from engine.model.layers.rotary import RopeTables
 
 class FusedDecode:
     """The one-call path of a decoder layer (duck-typed: attention_norm, attention.{wqkv, attn, wo},
-    ffn_norm, feed_forward.{w13, w2}, tp), or None for a layer it can never take."""
+    ffn_norm, feed_forward.{w13, w2}, tp).
+
+    Invariant: the layer's weights stay where they were loaded.  The C++ call's arguments hold
+    their addresses, taken at the first fused step (the weights load after construction)."""
 
     def __init__(self, layer, plan: ComputePlan) -> None:
         self.layer, self.plan = layer, plan
-        self._arguments: kernel.LayerArguments | None = None  # built on first use: weights load later
+        self._arguments: kernel.LayerArguments | None = None
 
     @staticmethod
     def for_layer(layer, plan: ComputePlan) -> FusedDecode | None:
+        """The layer's fused path, or None where no step can take it (no native kernels, dense
+        weights, another attention backend, tensor parallelism)."""
         attention = layer.attention.attn
         if (not plan.native_ops or not plan.quantized or layer.tp is not None or not kernel.is_available()
                 or not isinstance(attention.backend, NativeCpuAttentionBackend)):
