@@ -110,27 +110,36 @@ def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | Non
 
 
 def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
-                      dtype: torch.dtype = torch.float32) -> int | None:
+                      dtype: torch.dtype = torch.float32, features: CpuFeatures | None = None) -> int | None:
     """Rows above which quantized weights run with Q8 activations (quantized_linear_q8), or None.
 
-    native_q8 asks for it; so does auto where the dtype too was left to auto and came out fp32
-    (a CPU without bf16 dot products: AVX2, or AVX-512 without BF16).  At every row count (0): the
-    Q8 kernel runs 1-4 rows as a row-major GEMV and more through its panel, and beats the exact
-    fp32 kernel at every size (AVX2 build, 2 threads, the model's shapes: 1.1-1.6x at 1 row, the
-    LM head 1.5x; 1.0-1.35x at 2-4 rows; 1.8-2.6x at 8; benchmarks/quantized_linear.py), and MKL's
-    fp32 above 16 rows 1.7-3x.  Served under the AVX2 mask it gives 1.5x the output tokens/s of the
-    exact kernel with MKL's fp32 above 16 rows (benchmarks/serve_throughput.py: 385 against ~230-250).
+    native_q8 asks for it at every row count (0).  auto, where the dtype too was left to auto:
+      - fp32 came out (a CPU without bf16 dot products: AVX2, or AVX-512 without BF16): every row
+        count.  The Q8 kernel runs 1-4 rows as a row-major GEMV and more through its panel, and
+        beats the exact fp32 kernel at every size (AVX2 build, 2 threads, the model's shapes:
+        1.1-1.6x at 1 row, the LM head 1.5x; 1.0-1.35x at 2-4 rows; 1.8-2.6x at 8), and MKL's
+        fp32 above 16 rows 1.7-3x (benchmarks/quantized_linear.py).
+      - bf16 came out on a CPU with VNNI but no AMX (AVX512-BF16 alone, as AMD's Zen 4): above 4
+        rows, in place of oneDNN's prepacked bf16, which Q8 with VNNI beats 1.1-1.5x at 8-64 rows
+        there (64 sequences x 512 of context: 1,075 against 963 output tok/s, same session); up to
+        4 rows the exact kernel stays (as fast, and exact).  With AMX, oneDNN's bf16 tiles win from
+        ~32 rows (Q8 0.6-0.7x at 64), so bf16 stays.
 
     Why auto may round activations: it is what auto already does where bf16 is native (bf16
     activations), and moves the numbers as much (fp32 against the dequantized model: perplexity
     1.0028x; 11 of 32 32-token greedy continuations identical, bf16's 12), and it is llama.cpp's
-    own arithmetic.  An explicit `--dtype float32` asks for fp32 arithmetic and keeps the exact
-    kernel, as do native and int8 (the exact kernel is the native path's greedy-agreement reference).
+    own arithmetic.  An explicit `--dtype` keeps the exact kernel and the dense path, as do native
+    and int8 (the exact kernel is the native path's greedy-agreement reference).
     """
     if requested_format == "native_q8":
         return 0
-    if requested_format == "auto" and requested_dtype == "auto" and dtype == torch.float32:
+    if requested_format != "auto" or requested_dtype != "auto":
+        return None
+    if dtype == torch.float32:
         return 0
+    features = features or cpu_features()
+    if dtype == torch.bfloat16 and features.has_vnni and not features.has("amx_bf16"):
+        return 4
     return None
 
 
@@ -165,9 +174,12 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> Compu
     # Q8 beats MKL's fp32 at every size from 4 rows up, so a Q8 plan keeps no dense copy.
     dense_above_rows = (dense_rows_threshold(weight_format, torch_dtype)
                         if file_blocks and q8_above_rows is None else None)
-    if weight_format == "auto" and q8_above_rows is not None:
+    if weight_format == "auto" and q8_above_rows == 0:
         format_reason += ("; no bf16 dot products here, so activations are rounded to Q8 blocks "
                           "(integer dot products, 1.1-3x the fp32 kernels'); --dtype float32 keeps fp32 arithmetic")
+    elif weight_format == "auto" and q8_above_rows is not None:
+        format_reason += ("; VNNI and no AMX here, so steps of more than 4 rows round activations to Q8 blocks "
+                          "(1.1-1.5x oneDNN's bf16); --dtype bfloat16 keeps bf16 arithmetic")
     plan = ComputePlan(device=device, dtype=torch_dtype, weight_format=format_name,
                        native_ops=has_native and torch_dtype in DTYPE_CODES, prepack_bf16=prepack,
                        dense_above_rows=dense_above_rows, q8_above_rows=q8_above_rows)
