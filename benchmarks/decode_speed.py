@@ -6,6 +6,7 @@ ELASTIC_ENGINE_CPU_ISA mask, if set) and the dtype and weight format the engine 
 
     .venv/bin/python benchmarks/decode_speed.py --num-seqs 64 --context 512
     .venv/bin/python benchmarks/decode_speed.py --num-seqs 64 --context 512 --weight-format dequantized
+    .venv/bin/python benchmarks/decode_speed.py --num-seqs 64 --context 448 --elastic off   # the plain model
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from engine import LLM, SamplingParams
 from engine.bench.datasets import first_exchange, load_sharegpt
-from engine.config import DTYPES, WEIGHT_FORMATS
+from engine.config import DTYPES, ELASTIC_MODES, WEIGHT_FORMATS
 from peers.machine import engine_setup, machine, machine_lines, setup_line
 
 
@@ -41,9 +42,12 @@ def main() -> None:
     parser.add_argument("--weight-format", default="auto", choices=WEIGHT_FORMATS,
                         help="auto: the engine's pick for this CPU")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--elastic", default="auto", choices=ELASTIC_MODES,
+                        help="auto: the elastic checkpoint where one is cached; off: the plain model")
     args = parser.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype, weight_format=args.weight_format, max_num_seqs=args.num_seqs)
+    llm = LLM(args.model, dtype=args.dtype, weight_format=args.weight_format, max_num_seqs=args.num_seqs,
+              elastic=args.elastic)
     setup = engine_setup(llm)
     engine = llm.engine
     text = text_tokens(engine.tokenizer, args.num_seqs * 7 + args.context)
