@@ -107,7 +107,7 @@ def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
 def test_q8_activations_where_asked_or_where_auto_runs_fp32():
     """native stays exact (the reference), and so does an explicit fp32; native_q8, and auto where
     the auto dtype is fp32 (no bf16 dot products), round activations at every step; auto with bf16
-    on a CPU with VNNI and no AMX, above 4 rows, for a plain model (an elastic one keeps bf16)."""
+    on a CPU with VNNI and no AMX, above 4 rows."""
     assert q8_rows_threshold("native") is None and q8_rows_threshold("int8") is None
     assert q8_rows_threshold("native_q8") == 0
     assert q8_rows_threshold("auto", "auto", torch.float32) == 0
@@ -122,7 +122,6 @@ def test_q8_activations_where_asked_or_where_auto_runs_fp32():
     assert q8_rows_threshold("auto", "auto", torch.bfloat16, amx) is None
     assert q8_rows_threshold("auto", "auto", torch.bfloat16, no_vnni) is None
     assert q8_rows_threshold("auto", "bfloat16", torch.bfloat16, no_amx) is None
-    assert q8_rows_threshold("auto", "auto", torch.bfloat16, no_amx, elastic=True) is None  # bf16 level slices
     assert dense_rows_threshold("native_q8", torch.float32) is None
     plan = ComputePlan(device=torch.device("cpu"), dtype=torch.float32, weight_format="native", native_ops=True,
                        prepack_bf16=False, q8_above_rows=4)

@@ -20,7 +20,10 @@ permutation beside them (InputPermutedBlocks): the layer gathers its input into 
 Every weight format of an elastic model is then the same model, value for value: native computes
 what dequantized does, as without elastification.  (Re-quantizing to Q8_0 instead changed greedy
 continuations against the dequantized model; keeping down_proj as bf16 cost 53 MB against 17 MB
-of Q4_1, read every decode step: single-stream decode 15.2 against 10.7 ms a token.)
+of Q4_1, read every decode step: single-stream decode 15.2 against 10.7 ms a token.)  A plan that
+rounds activations to Q8 has left exactness already, and there the layer re-blocks it as Q8_0 in
+this order after all (engine/model/layers/linear.py, in_plan_format), so that a level's neurons
+are a prefix of whole blocks.
 """
 
 from __future__ import annotations

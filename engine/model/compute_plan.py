@@ -110,8 +110,7 @@ def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | Non
 
 
 def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
-                      dtype: torch.dtype = torch.float32, features: CpuFeatures | None = None,
-                      elastic: bool = False) -> int | None:
+                      dtype: torch.dtype = torch.float32, features: CpuFeatures | None = None) -> int | None:
     """Rows above which quantized weights run with Q8 activations (quantized_linear_q8), or None.
 
     native_q8 asks for it at every row count (0).  auto, where the dtype too was left to auto:
@@ -124,10 +123,11 @@ def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
         rows, in place of oneDNN's prepacked bf16, which Q8 with VNNI beats 1.1-1.5x at 8-64 rows
         there (64 sequences x 512 of context: 1,075 against 963 output tok/s, same session); up to
         4 rows the exact kernel stays (as fast, and exact).  With AMX, oneDNN's bf16 tiles win from
-        ~32 rows (Q8 0.6-0.7x at 64), so bf16 stays.  So does an `elastic` model: its levels run
-        as prepacked bf16 slices, one GEMM a linear; over Q8 blocks they would run as column tiles,
-        measured 0.69-0.85x the full level's decode on that CPU (the full level 1.6x faster, the
-        levels no faster than before: benchmarks/README.md, "One call a decoder layer").
+        ~32 rows (Q8 0.6-0.7x at 64), so bf16 stays.  An elastic model's levels then run as
+        column tiles over the blocks, the down projection re-blocked as Q8_0 in importance order
+        (engine/model/layers/linear.py), decode steps as one C++ call a layer: 16 and 32 rows at
+        1.2x the tok/s of its bf16 level slices at level 40 and 1.5-1.6x at the full level
+        (benchmarks/README.md, "Elastic levels over Q8 blocks").
 
     Why auto may round activations: it is what auto already does where bf16 is native (bf16
     activations), and moves the numbers as much (fp32 against the dequantized model: perplexity
@@ -142,7 +142,7 @@ def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
     if dtype == torch.float32:
         return 0
     features = features or cpu_features()
-    if dtype == torch.bfloat16 and not elastic and features.has_vnni and not features.has("amx_bf16"):
+    if dtype == torch.bfloat16 and features.has_vnni and not features.has("amx_bf16"):
         return 4
     return None
 
@@ -160,7 +160,7 @@ def log_plan(plan: ComputePlan, reasons: dict[str, str], kernel_build: str | Non
                 reasons["weight_format"], kernel_build or "none (torch path)", plan.native_ops, plan.prepack_bf16)
 
 
-def make_compute_plan(dtype: str, weight_format: str, device_name: str, elastic: bool = False) -> ComputePlan:
+def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> ComputePlan:
     """Every kernel and format choice, from the capability probe, logged once with its reasons.
     An elastic model's levels run views of its weights; a prepacked weight has none, so its
     elastic layers keep the dense form too (engine/model/layers/linear.py)."""
@@ -174,7 +174,7 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str, elastic:
         logger.warning("dtype bfloat16 on a CPU that oneDNN cannot prepack bf16 for (no AVX-512 BW/VL/DQ or "
                        "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
     file_blocks = format_name in FILE_BLOCK_FORMATS
-    q8_above_rows = q8_rows_threshold(weight_format, dtype, torch_dtype, elastic=elastic) if file_blocks else None
+    q8_above_rows = q8_rows_threshold(weight_format, dtype, torch_dtype) if file_blocks else None
     # Q8 beats MKL's fp32 at every size from 4 rows up, so a Q8 plan keeps no dense copy.
     dense_above_rows = (dense_rows_threshold(weight_format, torch_dtype)
                         if file_blocks and q8_above_rows is None else None)

@@ -96,7 +96,7 @@ class SelfAttention(nn.Module):
         out = x.new_zeros(x.shape[0], self.wo.out_features)
         for num_rows, start, end in tiles:
             out[:num_rows] += self.wo.forward_columns(heads[:num_rows, start:end], start, end)
-        self.elastic.add_side_paths(out, x_levels, rows)
+        self.elastic.add_side_paths(out, x_levels, rows, native=self.wo.plan.native_ops)
         return rows.to_batch_order(out)
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
@@ -160,7 +160,7 @@ class FeedForward(nn.Module):
             out = x.new_zeros(x.shape[0], self.w2.out_features)
             for num_rows, start, end in tiles:
                 out[:num_rows] += self.w2.forward_columns(hidden[:num_rows, start:end], start, end)
-        self.elastic.add_side_paths(out, x_levels, rows)
+        self.elastic.add_side_paths(out, x_levels, rows, native=self.w2.plan.native_ops)
         return rows.to_batch_order(out)
 
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py

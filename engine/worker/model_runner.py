@@ -62,7 +62,7 @@ class ModelRunner:
             log_capabilities()
             keep_freed_memory()
         # A machine's first run builds the C++ kernels here, not in a request's step.
-        self.plan = make_compute_plan(dtype, weight_format, runner.device, elastic=elastic is not None)
+        self.plan = make_compute_plan(dtype, weight_format, runner.device)
         self.dtype = self.plan.dtype
         self.block_size = cache.block_size
         backend = make_attention_backend(runner.attention_backend, runner.device)

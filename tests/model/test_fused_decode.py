@@ -82,3 +82,34 @@ def test_pruned_prompts_score_layer_by_layer_and_decode_fused(fused_calls):
 def test_dense_weights_have_no_fused_path():
     llm = make_llm(dtype="float32", weight_format="dequantized", elastic="off", kv_cache_memory=0.25)
     assert all(layer.fused_decode is None for layer in llm.engine.runner.model.layers)
+
+
+@pytest.mark.parametrize("levels", [[100, 90, 80, 70, 55, 40], [40, 100, 70, 55, 90, 80], [40] * 6],
+                         ids=["level-order", "mixed-order", "one-level"])
+def test_elastic_levels_fused_match_the_tile_path(fused_calls, levels):
+    """Rows at several levels (in level order, out of it, all at one) take the fused call when the
+    weights have column views (Q8 activations re-block the permuted down projection), and give
+    the tile path's tokens and logprobs."""
+    llm = make_llm(elastic="on", dtype="float32", weight_format="native_q8", kv_cache_memory=0.25,
+                   enable_prefix_caching=False)
+    prompts = [*PROMPTS, "Tell me about the moon.", "List three colours.", "Why is the sky blue?"]
+    fused = _generate(llm, prompts, elastic_level=levels)
+    assert fused_calls[0] == 19 * len(llm.engine.runner.model.layers)
+    assert _layer_by_layer(llm, prompts, elastic_level=levels) == fused
+    assert_kv_empty(llm)
+
+
+def test_exact_elastic_plan_runs_levels_layer_by_layer(fused_calls):
+    """The exact kernel keeps the permuted down projection's file blocks (no column views): a
+    step with rows below the full level runs its elastic layers layer by layer (the anchors, whole
+    at every level, fused), a full-level step every layer fused."""
+    llm = make_llm(elastic="on", dtype="float32", weight_format="native", kv_cache_memory=0.25,
+                   enable_prefix_caching=False)
+    layers = llm.engine.runner.model.layers
+    anchors = sum(layer.attention.elastic is None and layer.feed_forward.elastic is None for layer in layers)
+    assert 0 < anchors < len(layers)
+    _generate(llm, PROMPTS, elastic_level=70)
+    assert fused_calls[0] == 19 * anchors
+    fused_calls[0] = 0
+    _generate(llm, PROMPTS, elastic_level=100)
+    assert fused_calls[0] == 19 * len(llm.engine.runner.model.layers)

@@ -13,6 +13,12 @@
 // paged decode kernel (grouped or rank-major heads).  engine/model/layers/fused_decode.py decides
 // when a layer qualifies; anything else runs layer by layer.
 //
+// Elastic levels (engine/model/layers/elastic.py has the picture): a step's rows carry level
+// indices; an elastic block then runs the column tiles of its weights in level order, each
+// weight segment once for every row that keeps it, exactly as the layer-by-layer tile path does
+// (same kernels, same order, same per-tile rounding), and adds each level's side path with the
+// kernel the tile path calls too (elastic_side_path): the same bits again.
+//
 //     h = norm(x [+ residual])            residual <- x + residual (or x itself, the first layer)
 //     qkv = h Wqkv^T;  RoPE on Q and K;   K, V -> their cache slots
 //     a = attention(Q, cache) Wo^T
@@ -61,9 +67,23 @@ struct LinearDesc {
   int32_t format;
 };
 
+// One elastic level of one block (attention or FFN): the columns it keeps (query-head slots x
+// head_dim, or FFN neurons: a prefix) and its recovery side path, out += bias + B (A h), h the
+// block's normed input.  Level index 0 is the full block (no side path).
+struct LevelDesc {
+  int64_t width;
+  const float* lora_a;       // [rank, hidden] fp32, or null
+  const float* lora_b_rows;  // [rank, hidden] fp32: B transposed, so its columns are rows
+  const void* bias;     // [hidden] in the activations' dtype, or null
+  int64_t rank;
+};
+
 // What stays the same from step to step (ctypes.Structure in fused_decode.py: keep in sync).
 struct LayerDesc {
   LinearDesc qkv, o, gate_up, down;
+  const LevelDesc* attention_levels;  // [num_levels] per level index, or null: the block is whole
+  const LevelDesc* ffn_levels;
+  int64_t num_levels;
   const void* attention_norm;  // [hidden] in the activations' dtype
   const void* ffn_norm;
   float eps, scale;  // RMSNorm epsilon, attention scale
@@ -81,16 +101,40 @@ struct StepDesc {
   const int32_t* seq_lens;      // [rows]
   void* key_cache;              // [slots, num_kv_heads, head_dim]
   void* value_cache;
-  int32_t dtype, q8, vnni, num_threads;
+  // Elastic rows, or null where every row runs the full model: rows_upto[k] rows are at level
+  // index <= k (the arrays above are then in level order), and level-order row i is the
+  // caller's row order[i] (null: the caller's rows are in level order already).
+  const int64_t* rows_upto;     // [num_levels of the layer]
+  const int64_t* order;         // [rows]
+  int64_t q8_above_rows;        // a kernel call of more rows runs Q8 activations (-1: never)
+  int32_t dtype, vnni, num_threads;
 };
 
 int64_t element_size(int dtype) { return dtype == 0 ? 4 : 2; }
 
 // A per-thread byte buffer of at least `bytes`; slot s of a few.
 char* scratch(int slot, int64_t bytes) {
-  static thread_local std::vector<char> buffers[4];
+  static thread_local std::vector<char> buffers[8];
   if (int64_t(buffers[slot].size()) < bytes) buffers[slot].resize(bytes);
   return buffers[slot].data();
+}
+
+int64_t block_bytes(int32_t format) { return format == 0 ? 18 : format == 1 ? 20 : 34; }
+
+// x [m, k_blocks * 32] (rows x_stride elements apart) @ the weight's rows [row0, row0 + n), from
+// input block `block0` on -> out [m, n] (rows out_stride apart), plus their bias (if any): a row
+// or column range of a quantized weight is a view, as QuantizedWeight.rows / .columns give.
+int run_kernel(const LinearDesc& w, const StepDesc& s, int64_t m, const char* x, int64_t x_stride, int64_t row0,
+               int64_t n, int64_t block0, int64_t k_blocks, char* out, int64_t out_stride, bool with_bias) {
+  const uint8_t* blocks = w.blocks + row0 * w.row_stride + block0 * block_bytes(w.format);
+  const void* bias = with_bias && w.bias != nullptr ? static_cast<const char*>(w.bias) + row0 * element_size(s.dtype)
+                                                    : nullptr;
+  // Per call, as Linear picks its kernel by the rows it is given (a tile's, for a level).
+  if (s.q8_above_rows >= 0 && m > s.q8_above_rows)
+    return quantized_linear_q8(x, x_stride, blocks, w.row_stride, bias, out, out_stride, m, n, k_blocks, w.format,
+                               s.dtype, s.vnni, s.num_threads);
+  return quantized_linear(x, x_stride, blocks, w.row_stride, bias, out, out_stride, m, n, k_blocks, w.format, s.dtype,
+                          s.num_threads);
 }
 
 // x [rows, in] (rows x_stride elements apart) -> out [rows, out_features] (contiguous).
@@ -104,11 +148,141 @@ int linear(const LinearDesc& w, const StepDesc& s, const char* x, int64_t x_stri
     x = gathered;
     x_stride = w.in_features;
   }
-  if (s.q8)
-    return quantized_linear_q8(x, x_stride, w.blocks, w.row_stride, w.bias, out, w.out_features, s.rows, w.out_features,
-                               w.in_features / kBlock, w.format, s.dtype, s.vnni, s.num_threads);
-  return quantized_linear(x, x_stride, w.blocks, w.row_stride, w.bias, out, w.out_features, s.rows, w.out_features,
-                          w.in_features / kBlock, w.format, s.dtype, s.num_threads);
+  return run_kernel(w, s, s.rows, x, x_stride, 0, w.out_features, 0, w.in_features / kBlock, out, w.out_features,
+                    true);
+}
+
+// --- elastic levels ----------------------------------------------------------------------------
+
+// A weight range every level-order row [0, rows) uses (engine/model/layers/elastic.py,
+// column_tiles): output rows [start, end) of gate/up and Q, input columns of o_proj and down.
+struct Tile {
+  int64_t rows, start, end;
+};
+
+std::vector<Tile> column_tiles(const LevelDesc* levels, const int64_t* rows_upto, int64_t num_levels) {
+  std::vector<Tile> tiles;
+
+  for (int64_t index = 0; index < num_levels; index++) {
+    const int64_t width = levels[index].width, rows = rows_upto[index];
+    const int64_t start = index + 1 < num_levels ? levels[index + 1].width : 0;
+    if (rows == 0 || start >= width) continue;
+    if (!tiles.empty() && tiles.back().rows == rows && tiles.back().start == width)
+      tiles.back().start = start;  // same rows, adjacent columns: one call
+    else
+      tiles.push_back({rows, start, width});
+  }
+  return tiles;
+}
+
+// out[i] += add[i] for `count` elements of the activations' dtype, each sum rounded once (torch's +=).
+void add_into(char* out, const char* add, int64_t count, int dtype) {
+  using namespace engine_cpu;
+  with_storage_type(dtype, [&](auto element, DType type) {
+    using T = decltype(element);
+    T* o = reinterpret_cast<T*>(out);
+    const T* a = reinterpret_cast<const T*>(add);
+    for (int64_t i = 0; i < count; i += kLanes) {
+      const auto live = lanes(count - i);
+      store(o + i, load(o + i, type, live) + load(a + i, type, live), type, live);
+    }
+  });
+}
+
+// Gate/up rows or Q rows by tiles: out[:tile.rows, row0 + start : row0 + end] for each tile.
+int row_tiles(const LinearDesc& w, const StepDesc& s, const std::vector<Tile>& tiles, const char* x, int64_t x_stride,
+              int64_t row0, char* out, int64_t out_stride) {
+  const int64_t size = element_size(s.dtype);
+  int status = 0;
+  for (const Tile& t : tiles)
+    status |= run_kernel(w, s, t.rows, x, x_stride, row0 + t.start, t.end - t.start, 0, w.in_features / kBlock,
+                         out + (row0 + t.start) * size, out_stride, true);
+  return status;
+}
+
+// o_proj or down by input-column tiles: out [rows, out_features] = the sum of each tile's product
+// over its rows, accumulated in tile order and rounded per tile as the tile path's `out[:n] +=`.
+int column_tile_sum(const LinearDesc& w, const StepDesc& s, const std::vector<Tile>& tiles, const char* x,
+                    int64_t x_stride, char* out) {
+  const int64_t size = element_size(s.dtype), n = w.out_features;
+  if (tiles.size() == 1 && tiles[0].start == 0 && tiles[0].rows == s.rows)  // one level: 0 + v is v
+    return run_kernel(w, s, s.rows, x, x_stride, 0, n, 0, tiles[0].end / kBlock, out, n, false);
+  std::memset(out, 0, s.rows * n * size);
+  char* part = scratch(6, s.rows * n * size);
+  int status = 0;
+  for (const Tile& t : tiles) {
+    status |= run_kernel(w, s, t.rows, x + t.start * size, x_stride, 0, n, t.start / kBlock, (t.end - t.start) / kBlock,
+                         part, n, false);
+    add_into(out, part, t.rows * n, s.dtype);
+  }
+  return status;
+}
+
+// One level's side path on rows [0, rows): out[r] += B (A x[r]) (fp32 products, summed in this
+// build's fixed order: kSumLanes partial sums along hidden, then B's columns in rank order), then
+// += bias, each add rounded once (SidePath.add_to's two in-place adds).  The layer-by-layer tile
+// path calls this too (elastic_side_path below), so both give the same bits.
+template <typename T>
+void side_path_rows(const LevelDesc& level, int64_t hidden, const T* x, int64_t x_stride, T* out, int64_t out_stride,
+                    int64_t rows, engine_cpu::DType dtype) {
+  using namespace engine_cpu;
+  std::vector<float> t(level.rank);
+  for (int64_t r = 0; r < rows; r++) {
+    const T* in = x + r * x_stride;
+    T* row = out + r * out_stride;
+    if (level.lora_a != nullptr) {
+      for (int64_t j = 0; j < level.rank; j++) {
+        const float* a = level.lora_a + j * hidden;
+        Vec partial[kSumVecs];
+        for (int v = 0; v < kSumVecs; v++) partial[v] = splat(0.0f);
+        for (int64_t i = 0; i < hidden; i += kSumLanes)
+          for (int v = 0; v < kSumVecs; v++) {
+            const int64_t at = i + v * kLanes;
+            const auto live = lanes(hidden - at);
+            if (hidden - at > 0) partial[v] = fmadd(load(a + at, kFloat32, live), load(in + at, dtype, live), partial[v]);
+          }
+        t[j] = reduce_add(partial);
+      }
+      for (int64_t i = 0; i < hidden; i += kLanes) {
+        const auto live = lanes(hidden - i);
+        Vec sum = splat(t[0]) * load(level.lora_b_rows + i, kFloat32, live);
+        for (int64_t j = 1; j < level.rank; j++)
+          sum = fmadd(splat(t[j]), load(level.lora_b_rows + j * hidden + i, kFloat32, live), sum);
+        store(row + i, load(row + i, dtype, live) + sum, dtype, live);
+      }
+    }
+    if (level.bias != nullptr)
+      add_into(reinterpret_cast<char*>(row), static_cast<const char*>(level.bias), hidden, dtype);
+  }
+}
+
+void side_path(const LevelDesc& level, int64_t hidden, const void* x, int64_t x_stride, void* out, int64_t out_stride,
+               int64_t rows, int dtype) {
+  engine_cpu::with_storage_type(dtype, [&](auto element, engine_cpu::DType type) {
+    using T = decltype(element);
+    side_path_rows(level, hidden, static_cast<const T*>(x), x_stride, static_cast<T*>(out), out_stride, rows, type);
+  });
+}
+
+// Each level's side path on its own level-order rows; h the block's normed input.
+void add_side_paths(const LevelDesc* levels, const StepDesc& s, int64_t num_levels, int64_t hidden, const char* h,
+                    char* out) {
+  const int64_t size = element_size(s.dtype);
+  for (int64_t index = 0; index < num_levels; index++) {
+    const int64_t first = index ? s.rows_upto[index - 1] : 0, last = s.rows_upto[index];
+    if (last > first && (levels[index].lora_a != nullptr || levels[index].bias != nullptr))
+      side_path(levels[index], hidden, h + first * hidden * size, hidden, out + first * hidden * size, hidden,
+                last - first, s.dtype);
+  }
+}
+
+// Per level-order row: the query heads of each KV group its level keeps.
+const int32_t* group_heads(const LevelDesc* levels, const StepDesc& s, int64_t num_levels, int64_t kv_width) {
+  static thread_local std::vector<int32_t> heads;
+  heads.resize(s.rows);
+  for (int64_t index = 0, r = 0; index < num_levels; index++)
+    for (; r < s.rows_upto[index]; r++) heads[r] = int32_t(levels[index].width / kv_width);
+  return heads.data();
 }
 
 // K and V of each row (after RoPE) into the row's cache slot.
@@ -125,39 +299,89 @@ void write_kv(const LayerDesc& l, const StepDesc& s, const char* qkv, int64_t qk
 // The attention half: h = norm(x [+ residual]) ... -> a [rows, hidden].
 int attention_block(const LayerDesc& l, const StepDesc& s, const void* x, void* residual, char* a) {
   const int64_t size = element_size(s.dtype), rows = s.rows;
-  const int64_t q_width = int64_t(l.num_q_heads) * l.head_dim;
-  const int64_t qkv_width = q_width + 2 * int64_t(l.num_kv_heads) * l.head_dim;
+  const int64_t q_width = int64_t(l.num_q_heads) * l.head_dim, kv_width = int64_t(l.num_kv_heads) * l.head_dim;
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  const bool levels = l.attention_levels != nullptr && s.rows_upto != nullptr;
   char* h = scratch(0, rows * l.hidden * size);
   char* qkv = scratch(1, rows * qkv_width * size);
   char* heads = scratch(2, rows * q_width * size);
   int status = rms_norm(x, l.hidden, residual, l.attention_norm, h, rows, l.hidden, l.eps, s.dtype, s.num_threads);
-  status |= linear(l.qkv, s, h, l.hidden, qkv);
+  std::vector<Tile> tiles;
+  if (levels) {  // Q by tiles (a dropped head's query zero, as the tile path's), K and V for every row
+    tiles = column_tiles(l.attention_levels, s.rows_upto, l.num_levels);
+    std::memset(qkv, 0, rows * qkv_width * size);
+    status |= row_tiles(l.qkv, s, tiles, h, l.hidden, 0, qkv, qkv_width);
+    status |= run_kernel(l.qkv, s, rows, h, l.hidden, q_width, 2 * kv_width, 0, l.hidden / kBlock,
+                         qkv + q_width * size, qkv_width, true);
+  } else {
+    status |= linear(l.qkv, s, h, l.hidden, qkv);
+  }
   status |= rotary_embedding(qkv, rows, l.num_q_heads + l.num_kv_heads, l.head_dim, qkv_width, s.cos, s.sin, s.dtype,
                              s.num_threads);
   if (status != 0) return status;
   write_kv(l, s, qkv, qkv_width);
+  const int32_t* live = levels ? group_heads(l.attention_levels, s, l.num_levels, kv_width) : nullptr;
   status |= paged_decode_attention(qkv, qkv_width, s.key_cache, s.value_cache, s.block_tables, s.block_table_stride,
-                                   s.seq_lens, nullptr, heads, int(rows), l.num_q_heads, l.num_kv_heads, l.head_dim,
+                                   s.seq_lens, live, heads, int(rows), l.num_q_heads, l.num_kv_heads, l.head_dim,
                                    l.block_size, l.scale, s.dtype, s.num_threads, l.rank_major);
-  return status | linear(l.o, s, heads, q_width, a);
+  if (!levels) return status | linear(l.o, s, heads, q_width, a);
+  status |= column_tile_sum(l.o, s, tiles, heads, q_width, a);
+  add_side_paths(l.attention_levels, s, l.num_levels, l.hidden, h, a);
+  return status;
 }
 
 // The FFN half: h = norm(a + residual) ... -> out [rows, hidden].
 int ffn_block(const LayerDesc& l, const StepDesc& s, const char* a, void* residual, void* out) {
-  const int64_t size = element_size(s.dtype), rows = s.rows;
+  const int64_t size = element_size(s.dtype), rows = s.rows, width = l.intermediate;
   char* h = scratch(0, rows * l.hidden * size);
-  char* gate_up = scratch(1, rows * 2 * int64_t(l.intermediate) * size);
-  char* act = scratch(2, rows * int64_t(l.intermediate) * size);
+  char* gate_up = scratch(1, rows * 2 * width * size);
+  char* act = scratch(2, rows * width * size);
   int status = rms_norm(a, l.hidden, residual, l.ffn_norm, h, rows, l.hidden, l.eps, s.dtype, s.num_threads);
-  status |= linear(l.gate_up, s, h, l.hidden, gate_up);
-  status |= silu_and_mul(gate_up, 2 * int64_t(l.intermediate), act, l.intermediate, rows, l.intermediate, s.dtype,
-                         s.num_threads);
-  return status | linear(l.down, s, act, l.intermediate, static_cast<char*>(out));
+  if (l.ffn_levels == nullptr || s.rows_upto == nullptr) {
+    status |= linear(l.gate_up, s, h, l.hidden, gate_up);
+    status |= silu_and_mul(gate_up, 2 * width, act, width, rows, width, s.dtype, s.num_threads);
+    return status | linear(l.down, s, act, width, static_cast<char*>(out));
+  }
+  // Gate rows [0, I) and up rows [I, 2I) by the same tiles; a neuron a row's level drops is
+  // never written for that row, and no down tile reads it (SiLU runs over it all the same).
+  const std::vector<Tile> tiles = column_tiles(l.ffn_levels, s.rows_upto, l.num_levels);
+  status |= row_tiles(l.gate_up, s, tiles, h, l.hidden, 0, gate_up, 2 * width);
+  status |= row_tiles(l.gate_up, s, tiles, h, l.hidden, width, gate_up, 2 * width);
+  status |= silu_and_mul(gate_up, 2 * width, act, width, rows, width, s.dtype, s.num_threads);
+  status |= column_tile_sum(l.down, s, tiles, act, width, static_cast<char*>(out));
+  add_side_paths(l.ffn_levels, s, l.num_levels, l.hidden, h, static_cast<char*>(out));
+  return status;
+}
+
+// Rows `order` of src (each `bytes` long) into dst: dst row i <- src row order[i]; or back.
+void gather_rows(const char* src, char* dst, const int64_t* order, int64_t rows, int64_t bytes) {
+  for (int64_t i = 0; i < rows; i++) std::memcpy(dst + i * bytes, src + order[i] * bytes, bytes);
+}
+void scatter_rows(const char* src, char* dst, const int64_t* order, int64_t rows, int64_t bytes) {
+  for (int64_t i = 0; i < rows; i++) std::memcpy(dst + order[i] * bytes, src + i * bytes, bytes);
+}
+
+int layer_in_order(const LayerDesc& l, const StepDesc& s, void* x, void* residual, char* a, void* out) {
+  // First layer: norm(x) alone, and the stream that the FFN half adds into is x itself.
+  int status = attention_block(l, s, x, residual, a);
+  if (status != 0) return status;
+  return ffn_block(l, s, a, residual != nullptr ? residual : x, out);
 }
 
 }  // namespace
 
 extern "C" {
+
+// A level's side path (see side_path_rows) on x [rows, hidden] into out [rows, hidden] (rows
+// x_stride / out_stride elements apart), for the layer-by-layer tile path.
+int elastic_side_path(const float* lora_a, const float* lora_b_rows, const void* bias, int64_t rank, int64_t hidden,
+                      const void* x, int64_t x_stride, void* out, int64_t out_stride, int64_t rows, int dtype) {
+  if (rows < 0 || hidden <= 0 || dtype < 0 || dtype > 2 || (lora_a != nullptr && (lora_b_rows == nullptr || rank < 1)))
+    return -1;
+  const LevelDesc level{0, lora_a, lora_b_rows, bias, rank};
+  side_path(level, hidden, x, x_stride, out, out_stride, rows, dtype);
+  return 0;
+}
 
 // x, out [rows, hidden] contiguous; residual [rows, hidden] contiguous, or null for the first
 // layer (the residual stream is then x, updated in place as the layer-by-layer path does).
@@ -165,10 +389,20 @@ extern "C" {
 // kernel refuses its arguments (nothing is then guaranteed about out).
 int decode_layer(const LayerDesc* layer, const StepDesc* step, void* x, void* residual, void* a, void* out) {
   if (layer == nullptr || step == nullptr || step->rows <= 0 || step->dtype < 0 || step->dtype > 2) return -1;
-  // First layer: norm(x) alone, and the stream that the FFN half adds into is x itself.
-  int status = attention_block(*layer, *step, x, residual, static_cast<char*>(a));
-  if (status != 0) return status;
-  return ffn_block(*layer, *step, static_cast<char*>(a), residual != nullptr ? residual : x, out);
+  if (step->order == nullptr) return layer_in_order(*layer, *step, x, residual, static_cast<char*>(a), out);
+  // Rows of mixed levels, not in level order: the layer runs on level-order copies (the step's
+  // arrays are in level order already), and the results go back to the caller's rows.
+  const int64_t bytes = layer->hidden * element_size(step->dtype), rows = step->rows;
+  char* xs = scratch(4, rows * bytes);
+  char* rs = residual != nullptr ? scratch(5, rows * bytes) : nullptr;
+  char* outs = scratch(7, rows * bytes);
+  gather_rows(static_cast<const char*>(x), xs, step->order, rows, bytes);
+  if (rs != nullptr) gather_rows(static_cast<const char*>(residual), rs, step->order, rows, bytes);
+  const int status = layer_in_order(*layer, *step, xs, rs, static_cast<char*>(a), outs);
+  scatter_rows(outs, static_cast<char*>(out), step->order, rows, bytes);
+  // The residual stream (x itself in the first layer) was updated in place.
+  scatter_rows(rs != nullptr ? rs : xs, static_cast<char*>(rs != nullptr ? residual : x), step->order, rows, bytes);
+  return status;
 }
 
 }  // extern "C"
@@ -176,5 +410,9 @@ int decode_layer(const LayerDesc* layer, const StepDesc* step, void* x, void* re
 #else  // no AVX2 build flags: the engine keeps its layer-by-layer path
 
 extern "C" int decode_layer(const void*, const void*, void*, void*, void*, void*) { return -1; }
+extern "C" int elastic_side_path(const float*, const float*, const void*, int64_t, int64_t, const void*, int64_t, void*,
+                                 int64_t, int64_t, int) {
+  return -1;
+}
 
 #endif

@@ -26,9 +26,20 @@ class LinearArguments(ctypes.Structure):
                 ("out_features", _i64), ("in_features", _i64), ("format", _i32)]
 
 
+class LevelArguments(ctypes.Structure):
+    """One elastic level of one block: the columns it keeps and its side path (lora_a and
+    lora_b_rows = lora_b^T, both [rank, hidden] fp32; bias [hidden] in the activations' dtype; null
+    pointers where it has none)."""
+
+    _fields_ = [("width", _i64), ("lora_a", _pointer), ("lora_b_rows", _pointer), ("bias", _pointer),
+                ("rank", _i64)]
+
+
 class LayerArguments(ctypes.Structure):
     _fields_ = [("qkv", LinearArguments), ("o", LinearArguments), ("gate_up", LinearArguments),
-                ("down", LinearArguments), ("attention_norm", _pointer), ("ffn_norm", _pointer), ("eps", _f32),
+                ("down", LinearArguments), ("attention_levels", ctypes.POINTER(LevelArguments)),
+                ("ffn_levels", ctypes.POINTER(LevelArguments)), ("num_levels", _i64), ("attention_norm", _pointer),
+                ("ffn_norm", _pointer), ("eps", _f32),
                 ("scale", _f32), ("hidden", _i32), ("num_q_heads", _i32), ("num_kv_heads", _i32),
                 ("head_dim", _i32), ("intermediate", _i32), ("block_size", _i32), ("rank_major", _i32)]
 
@@ -36,8 +47,8 @@ class LayerArguments(ctypes.Structure):
 class StepArguments(ctypes.Structure):
     _fields_ = [("rows", _i64), ("cos", _pointer), ("sin", _pointer), ("slot_mapping", _pointer),
                 ("block_tables", _pointer), ("block_table_stride", _i64), ("seq_lens", _pointer),
-                ("key_cache", _pointer), ("value_cache", _pointer), ("dtype", _i32), ("q8", _i32), ("vnni", _i32),
-                ("num_threads", _i32)]
+                ("key_cache", _pointer), ("value_cache", _pointer), ("rows_upto", _pointer), ("order", _pointer),
+                ("q8_above_rows", _i64), ("dtype", _i32), ("vnni", _i32), ("num_threads", _i32)]
 
 
 def linear_arguments(weight: QuantizedWeight, bias: torch.Tensor | None,
@@ -46,6 +57,27 @@ def linear_arguments(weight: QuantizedWeight, bias: torch.Tensor | None,
     return LinearArguments(weight.blocks.data_ptr(), weight.row_stride, None if bias is None else bias.data_ptr(),
                            None if input_order is None else input_order.data_ptr(), weight.out_features,
                            weight.in_features, weight.format.value)
+
+
+def elastic_side_path(lora_a: torch.Tensor | None, lora_b_rows: torch.Tensor | None, bias: torch.Tensor | None,
+                      x: torch.Tensor, out: torch.Tensor) -> bool:
+    """out [rows, hidden] += lora_b (lora_a x) + bias, in place, summed as the fused layer sums it
+    (decode_layer.cpp, side_path_rows).  lora_a and lora_b_rows (= lora_b^T) [rank, hidden] fp32
+    contiguous, bias [hidden] in out's dtype; x and out rows with unit column stride.  False where
+    this cannot run (no library, other layouts): the caller's torch path then does it."""
+    function = _side_path_entry()
+    tensors = [t for t in (lora_a, lora_b_rows, bias) if t is not None]
+    if (function is None or out.dtype not in native_library.DTYPE_CODES or x.dtype != out.dtype
+            or x.stride(1) != 1 or out.stride(1) != 1 or not all(t.is_contiguous() for t in tensors)
+            or any(t.dtype != torch.float32 for t in (lora_a, lora_b_rows) if t is not None)
+            or (bias is not None and bias.dtype != out.dtype)):
+        return False
+    status = function(None if lora_a is None else lora_a.data_ptr(),
+                      None if lora_b_rows is None else lora_b_rows.data_ptr(),
+                      None if bias is None else bias.data_ptr(), 0 if lora_a is None else lora_a.shape[0],
+                      out.shape[1], x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), out.shape[0],
+                      native_library.DTYPE_CODES[out.dtype])
+    return status == 0
 
 
 def is_available() -> bool:
@@ -70,5 +102,16 @@ def _entry():
     function = library.decode_layer
     function.argtypes = [ctypes.POINTER(LayerArguments), ctypes.POINTER(StepArguments), _pointer, _pointer,
                          _pointer, _pointer]
+    function.restype = ctypes.c_int
+    return function
+
+
+@functools.cache
+def _side_path_entry():
+    library = native_library.load()
+    if library is None:
+        return None
+    function = library.elastic_side_path
+    function.argtypes = [_pointer, _pointer, _pointer, _i64, _i64, _pointer, _i64, _pointer, _i64, _i64, ctypes.c_int]
     function.restype = ctypes.c_int
     return function

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kernels.cpu import decode_layer
 from engine.model.forward_batch import ElasticRows
 from engine.model.layers.linear import SliceExtension
 
@@ -67,8 +68,17 @@ class SidePath:
     lora_a: torch.Tensor | None  # [rank, hidden], fp32
     lora_b: torch.Tensor | None  # [hidden, rank], fp32
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        """out += this path's contribution for the rows x (both [rows, hidden], in place)."""
+    @functools.cached_property
+    def lora_b_rows(self) -> torch.Tensor | None:
+        """lora_b^T [rank, hidden] fp32, contiguous: the C++ kernel's layout."""
+        return None if self.lora_b is None else self.lora_b.float().T.contiguous()
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, native: bool = False) -> None:
+        """out += this path's contribution for the rows x (both [rows, hidden], in place).
+        `native`: the C++ kernel the fused decode layer uses, so that both give the same bits
+        (a one-ulp difference here flips Q8 activation roundings downstream)."""
+        if native and decode_layer.elastic_side_path(self.lora_a, self.lora_b_rows, self.bias, x, out):
+            return
         # PERF: fp32, whatever the model's dtype: on CPU a bf16 [32, 576] x [576, 8] product took
         # ~600 us (oneDNN lays out its operands each call), the fp32 one a few; it is exact-er too.
         if self.lora_a is not None:
@@ -156,12 +166,12 @@ class BlockElasticity:
     def folded(self) -> FoldedSidePaths:
         return FoldedSidePaths.stack(self.side_paths)
 
-    def add_side_paths(self, out: torch.Tensor, x: torch.Tensor, rows: ElasticRows) -> None:
-        """Each level's side path on its own rows (level order, in place)."""
+    def add_side_paths(self, out: torch.Tensor, x: torch.Tensor, rows: ElasticRows, native: bool = False) -> None:
+        """Each level's side path on its own rows (level order, in place); `native` as SidePath.add_to."""
         for index, path in enumerate(self.side_paths):
             start, end = rows.level_rows(index)
             if path is not None and end > start:
-                path.add_to(out[start:end], x[start:end])
+                path.add_to(out[start:end], x[start:end], native)
 
 
 @dataclass(frozen=True)

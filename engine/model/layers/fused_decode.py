@@ -7,7 +7,10 @@ C++ call runs the same kernels in the same order, so the layer's output is the s
 (tests/model/test_fused_decode.py).
 
 When a step qualifies (`FusedDecode.runs`), otherwise the layer runs layer by layer:
-  - every row is a decode (one token), and the batch has no per-row elastic levels;
+  - every row is a decode (one token);
+  - rows at elastic levels below the full one only where every elastic linear of the layer has
+    column views (no permuted inputs: a plan with Q8 activations re-blocks them, linear.py);
+    the C++ call then runs the tile path of engine/model/layers/elastic.py, side paths included;
   - the native layer ops run (plan.native_ops), and every linear of the layer runs its quantized
     blocks at this row count (Linear.runs_blocks: a dense or prepacked step does not qualify);
   - attention is the native CPU backend's decode kernel for this cache;
@@ -16,17 +19,18 @@ When a step qualifies (`FusedDecode.runs`), otherwise the layer runs layer by la
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.kernels.cpu import decode_layer as kernel
 from engine.kernels.cpu.native_library import DTYPE_CODES
 from engine.kernels.cpu.quantized_linear_q8 import vnni_available
-from engine.model.attention_backends.metadata import AttentionMetadata
 from engine.model.attention_backends.native_cpu_backend import NativeCpuAttentionBackend
 from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ForwardBatch
+from engine.model.layers.elastic import BlockElasticity
 from engine.model.layers.linear import Linear
-from engine.model.layers.rotary import RopeTables
 
 
 class FusedDecode:
@@ -39,6 +43,16 @@ class FusedDecode:
     def __init__(self, layer, plan: ComputePlan) -> None:
         self.layer, self.plan = layer, plan
         self._arguments: kernel.LayerArguments | None = None
+        self._level_tables: list = []  # what the level arguments point into, kept alive
+
+    @functools.cached_property
+    def runs_levels(self) -> bool:
+        """Whether rows below the full level may take this path (asked after the weights loaded):
+        tiles need column views, and a linear whose inputs are gathered into stored order has none."""
+        attention, ffn = self.layer.attention, self.layer.feed_forward
+        blocks = ((attention.elastic, (attention.wqkv, attention.wo)), (ffn.elastic, (ffn.w13, ffn.w2)))
+        return all(block is None or all(linear.quantized_input_order is None for linear in linears)
+                   for block, linears in blocks)
 
     @staticmethod
     def for_layer(layer, plan: ComputePlan) -> FusedDecode | None:
@@ -57,7 +71,7 @@ class FusedDecode:
     def runs(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
              batch: ForwardBatch) -> bool:
         meta, rows = batch.attention, x.shape[0]
-        if meta.num_decodes != rows or meta.num_seqs != rows or batch.elastic is not None:
+        if meta.num_decodes != rows or meta.num_seqs != rows or (batch.elastic is not None and not self.runs_levels):
             return False
         scorer = self.layer.attention.attn.scorer
         if scorer is not None and scorer.scores_in(batch):
@@ -73,7 +87,7 @@ class FusedDecode:
         """(out, residual) as DecoderLayer.forward returns them."""
         if self._arguments is None:
             self._arguments = self._layer_arguments(block_size=kv_cache.shape[2])
-        step = _step_arguments(batch.attention, batch.rope, x.dtype, self.plan.runs_q8(x.shape[0]))
+        step = _step_arguments(batch, x.dtype, self.plan.q8_above_rows)
         step.key_cache, step.value_cache = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
         out, attention_out = torch.empty_like(x), torch.empty_like(x)
         kernel.decode_layer(self._arguments, step, x, residual, attention_out, out)
@@ -84,26 +98,61 @@ class FusedDecode:
         attention = layer.attention.attn
         linears = [kernel.linear_arguments(linear.quantized, linear.bias, linear.quantized_input_order)
                    for linear in self._linears()]
+        attention_levels = self._level_arguments(layer.attention.elastic)
+        ffn_levels = self._level_arguments(layer.feed_forward.elastic)
+        num_levels = max(len(levels) if levels is not None else 0 for levels in (attention_levels, ffn_levels))
         return kernel.LayerArguments(
-            *linears, layer.attention_norm.weight.data_ptr(), layer.ffn_norm.weight.data_ptr(),
+            *linears, attention_levels, ffn_levels, num_levels, layer.attention_norm.weight.data_ptr(),
+            layer.ffn_norm.weight.data_ptr(),
             layer.attention_norm.eps, attention.head_dim ** -0.5, layer.attention_norm.weight.shape[0],
             attention.num_heads, attention.num_kv_heads, attention.head_dim, layer.feed_forward.intermediate_size,
             block_size, int(attention.rank_major))
 
 
+    def _level_arguments(self, block: BlockElasticity | None):
+        """The block's levels as a C array (None for a block every level runs whole)."""
+        if block is None:
+            return None
+        levels = (kernel.LevelArguments * len(block.widths))()
+        for index, (width, path) in enumerate(zip(block.widths, block.side_paths)):
+            lora_a = lora_b_rows = bias = None
+            if path is not None and path.lora_a is not None:
+                lora_a, lora_b_rows = path.lora_a.float().contiguous(), path.lora_b_rows
+            if path is not None and path.bias is not None:
+                bias = path.bias.to(self.plan.dtype).contiguous()
+            self._level_tables += [t for t in (lora_a, lora_b_rows, bias) if t is not None]
+            levels[index] = kernel.LevelArguments(width, _address(lora_a), _address(lora_b_rows), _address(bias),
+                                                  0 if lora_a is None else lora_a.shape[0])
+        self._level_tables.append(levels)
+        return levels
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
 # One step's arguments, shared by every layer of the step (and rebuilt where prompt pruning moves
 # the rows to another KV group or position table): keyed by the metadata and tables themselves.
-_last_step: list = [None, None, None, None]  # [meta, rope, key, StepArguments]
+_last_step: list = [None, None, None, None, None, None]  # [batch, meta, rope, key, StepArguments, what it points into]
 
 
-def _step_arguments(meta: AttentionMetadata, rope: RopeTables, dtype: torch.dtype, runs_q8: bool
-                    ) -> kernel.StepArguments:
-    key = (dtype, runs_q8, torch.get_num_threads())
-    if _last_step[0] is meta and _last_step[1] is rope and _last_step[2] == key:
-        return _last_step[3]
+def _step_arguments(batch: ForwardBatch, dtype: torch.dtype, q8_above_rows: int | None) -> kernel.StepArguments:
+    """Elastic rows out of level order: the step's per-row arrays are handed over in level order
+    (copies, made once a step), and the C++ call permutes each layer's rows to match."""
+    key = (dtype, q8_above_rows, torch.get_num_threads())
+    meta, rope, rows = batch.attention, batch.rope, batch.elastic
+    if _last_step[0] is batch and _last_step[1] is meta and _last_step[2] is rope and _last_step[3] == key:
+        return _last_step[4]
+    order = None if rows is None else rows.order
+    slots, tables, lengths, cos, sin = (meta.slot_mapping, meta.block_tables, meta.seq_lens, rope.cos, rope.sin)
+    if order is not None:
+        slots, tables, lengths, cos, sin = (t.index_select(0, order).contiguous()
+                                            for t in (slots, tables, lengths, cos, sin))
+    rows_upto = None if rows is None else torch.tensor(rows.rows_upto, dtype=torch.int64)
     step = kernel.StepArguments(
-        len(meta.seq_lens_cpu), rope.cos.data_ptr(), rope.sin.data_ptr(), meta.slot_mapping.data_ptr(),
-        meta.block_tables.data_ptr(), meta.block_tables.stride(0), meta.seq_lens.data_ptr(), None, None,
-        DTYPE_CODES[dtype], int(runs_q8), int(runs_q8 and vnni_available()), key[2])
-    _last_step[:] = [meta, rope, key, step]
+        len(meta.seq_lens_cpu), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.stride(0),
+        lengths.data_ptr(), None, None, _address(rows_upto), _address(order),
+        -1 if q8_above_rows is None else q8_above_rows, DTYPE_CODES[dtype],
+        int(q8_above_rows is not None and vnni_available()), key[2])
+    _last_step[:] = [batch, meta, rope, key, step, (slots, tables, lengths, cos, sin, rows_upto, order)]
     return step

@@ -337,6 +337,12 @@ def in_plan_format(weight: LinearWeight, plan: ComputePlan) -> LinearWeight:
     """native keeps a file's blocks (floats stay dense); int8 keeps Q8_0 blocks and quantizes the
     rest; dequantized turns blocks into floats.  Dense weights end up in the plan's dtype."""
     if isinstance(weight, InputPermutedBlocks):
+        if plan.q8_above_rows is not None:
+            # A plan that rounds activations to Q8 has left the file's exact arithmetic already:
+            # its permuted inputs become Q8_0 blocks in their permuted order, so that a level's
+            # columns are a prefix of whole blocks (a view) instead of a gather and the whole
+            # weight.  Q8_0 holds a Q4_1 value to within 1/254 of its block's largest.
+            return quantize(weight.dequantize(), QuantFormat.Q8_0)
         if plan.keeps_file_blocks or (plan.weight_format == "int8" and weight.blocks.format == QuantFormat.Q8_0):
             return weight
         weight = weight.dequantize()
