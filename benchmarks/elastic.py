@@ -109,7 +109,7 @@ def measure_variant(directory: Path, conversations: list[Conversation], prompts:
         rows[level] = {"perplexity": math.exp(nll / count), "top1_agreement": agree / count, "scored_tokens": count,
                        "greedy_identical": sum(p == GREEDY_TOKENS for p in prefixes),
                        "greedy_mean_prefix": sum(prefixes) / len(prefixes)}
-    setup = {"dtype": llm.engine.runner.dtype_name, "weight_format": llm.engine.runner.plan.weight_format}
+    setup = {"dtype": llm.engine.runner.dtype_name, "weight_format": llm.engine.runner.plan.weights_label}
     flops = {level: llm.engine.runner.elastic_spec.flop_fraction(level) for level in levels}
     del llm
     gc.collect()

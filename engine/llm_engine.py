@@ -100,7 +100,8 @@ class LLMEngine:
         self.stats = EngineStats()
         self.faults = FaultInjector.from_env()  # a test hook, None unless set (engine/fault_injection.py)
         logger.info("engine ready: model=%s dtype=%s weights=%s max_model_len=%d kv_blocks=%d x %d tokens (%.2f GiB)",
-                    self.model_name, self.runner.dtype_name, self.runner.plan.weight_format, self.max_model_len, self.runner.num_kv_blocks,
+                    self.model_name, self.runner.dtype_name, self.runner.plan.weights_label, self.max_model_len,
+                    self.runner.num_kv_blocks,
                     config.cache.block_size, self.runner.kv_cache_bytes / (1 << 30))
 
     def _elastic_checkpoint(self, source) -> ElasticCheckpoint | None:

@@ -126,4 +126,5 @@ def test_q8_activations_where_asked_or_where_auto_runs_fp32():
     plan = ComputePlan(device=torch.device("cpu"), dtype=torch.float32, weight_format="native", native_ops=True,
                        prepack_bf16=False, q8_above_rows=4)
     assert not plan.runs_q8(4) and plan.runs_q8(5) and plan.keeps_file_blocks
+    assert plan.weights_label == "native+q8>4" and ComputePlan.reference().weights_label == "dequantized"
     assert not ComputePlan.reference().runs_q8(64)

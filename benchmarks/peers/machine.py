@@ -22,7 +22,7 @@ def machine() -> dict[str, Any]:
 def engine_setup(llm: Any) -> dict[str, str]:
     """The dtype and weight format a loaded `LLM` computes with."""
     runner = llm.engine.runner
-    return {"dtype": runner.dtype_name, "weight_format": runner.plan.weight_format}
+    return {"dtype": runner.dtype_name, "weight_format": runner.plan.weights_label}
 
 
 def machine_lines(info: dict[str, Any]) -> list[str]:

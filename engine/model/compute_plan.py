@@ -61,6 +61,14 @@ class ComputePlan:
     def keeps_file_blocks(self) -> bool:
         return self.weight_format in FILE_BLOCK_FORMATS
 
+    @property
+    def weights_label(self) -> str:
+        """The weight format and, where activations are rounded to Q8, from how many rows: one token
+        for log lines and reports ("native", "native+q8", "native+q8>4")."""
+        if self.q8_above_rows is None:
+            return self.weight_format
+        return f"{self.weight_format}+q8" + (f">{self.q8_above_rows}" if self.q8_above_rows else "")
+
     def runs_q8(self, num_rows: int) -> bool:
         """Whether a step of num_rows rows runs quantized weights with Q8 activations."""
         return self.q8_above_rows is not None and num_rows > self.q8_above_rows

@@ -44,7 +44,8 @@ def test_benchmark_measures_offline_engine_and_server(tmp_path: Path) -> None:
     assert report["machine"]["cpu"]
     offline_setup = report["setups"]["offline engine"]
     assert offline_setup["dtype"] in ("bfloat16", "float32")
-    assert offline_setup["weight_format"] in ("dequantized", "native", "int8")
+    # the format, and where activations are rounded to Q8 from how many rows ("native+q8>4")
+    assert offline_setup["weight_format"].split("+")[0] in ("dequantized", "native", "int8")
     assert report["setups"]["our server"] == offline_setup  # read back from the server's start-up line
     ratio = report["ratios"]["server_over_offline_output_tokens"]
     assert ratio > 0
