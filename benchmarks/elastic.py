@@ -39,9 +39,15 @@ from tqdm import tqdm
 from engine import LLM, SamplingParams
 from engine.bench.conversations import Conversation
 from engine.elastic import calibration
-from engine.elastic.checkpoint import (ADAPTERS_FILE, ElasticCheckpoint, elastic_cache_dir, load_checkpoint,
-                                       save_checkpoint)
+from engine.elastic.checkpoint import (
+    ADAPTERS_FILE,
+    ElasticCheckpoint,
+    elastic_cache_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
 from engine.elastic.importance import ffn_orders, head_orders, random_importance
+from engine.elastic.quality_table import DEFAULT_QUALITY, QualityTable
 from engine.model.loader import resolve_model
 from peers.machine import machine, machine_lines
 
@@ -143,11 +149,27 @@ def main() -> None:
             continue
         results[variant] = measure_variant(directory, conversations, prompts)
     report(results, args)
+    save_quality_table(base, results)
     if not args.skip_speed:
         sys.argv = [sys.argv[0], "--save-result", str(args.save_result.with_name("elastic_speed.json"))]
         import elastic_speed
 
         elastic_speed.main()
+
+
+def save_quality_table(base: Path, results: dict) -> None:
+    """The served checkpoint's measured quality table (engine/elastic/quality_table.py), which the
+    SLO policy ranks levels by: the variant `base` serves, distilled where its adapters are there,
+    else its closed-form terms."""
+    served = "distilled" if (base / ADAPTERS_FILE).is_file() else "closed-form"
+    if served not in results:
+        return
+    levels = results[served]["levels"]
+    full = levels[max(levels)]["perplexity"]
+    ratios = {int(level): max(1.0, row["perplexity"] / full) for level, row in levels.items()}
+    table = QualityTable(ratios, DEFAULT_QUALITY.retrieval_ratio,
+                         source=f"benchmarks/elastic.py, {served} recovery, {machine()['cpu']}")
+    print(f"quality table of the served checkpoint ({served}) -> {table.save(base)}")
 
 
 def report(results: dict, args: argparse.Namespace) -> None:

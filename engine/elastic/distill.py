@@ -43,6 +43,7 @@ from engine.elastic.adapters import (
     save_adapters,
 )
 from engine.elastic.calibration import TokenBatch
+from engine.elastic.quality_table import QUALITY_FILE
 from engine.elastic.teacher_targets import TeacherTargets, bucketed_kl, full_kl
 from engine.elastic.torch_model import BlockCorrection, LayerCorrection, LayerSelection, TorchLlama, prefix_submodel
 
@@ -305,7 +306,10 @@ def distill_checkpoint(model: str | None, directory: Path, config: DistillConfig
     tokenizer = calibration.default_tokenizer(model)
     conversations = calibration.calibration_sequences(tokenizer, config.num_conversations, config.seq_len)
     batches = calibration_batches(conversations, config.batch_size, config.seed)
-    return distill_levels(torch_model, tasks, batches, config, directory, digest)
+    reports = distill_levels(torch_model, tasks, batches, config, directory, digest)
+    # A quality table measured before described the closed-form terms, no longer what is served.
+    (directory / QUALITY_FILE).unlink(missing_ok=True)
+    return reports
 
 
 def checkpoint_digest(directory: Path) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 QUALITY_FILE = "quality.json"
+ADAPTERS_FILE = "adapters.safetensors"  # = engine.elastic.checkpoint.ADAPTERS_FILE (that module imports torch)
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,13 @@ class QualityTable:
 
 
 def load_quality_table(checkpoint_dir: Path | None) -> QualityTable:
-    """The checkpoint's measured table, else DEFAULT_QUALITY."""
-    path = None if checkpoint_dir is None else Path(checkpoint_dir) / QUALITY_FILE
-    if path is not None and path.is_file():
+    """The checkpoint's measured table, else the default for the recovery it serves."""
+    if checkpoint_dir is None:
+        return DEFAULT_QUALITY
+    path = Path(checkpoint_dir) / QUALITY_FILE
+    if path.is_file():
         return QualityTable.from_json(path.read_text())
-    return DEFAULT_QUALITY
+    return DEFAULT_QUALITY_DISTILLED if (Path(checkpoint_dir) / ADAPTERS_FILE).is_file() else DEFAULT_QUALITY
 
 
 def _interpolate(table: Mapping[float, float], x: float) -> float:
@@ -89,12 +92,23 @@ def _interpolate(table: Mapping[float, float], x: float) -> float:
     return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
 
 
-# SmolLM2-135M-Instruct (Q4_1 GGUF), measured in this repository on a 2-vCPU Sapphire Rapids VM:
-# levels from benchmarks/results/elastic.md (served path, distilled recovery, 32 held-out ShareGPT
-# conversations: full 5.38; 90 7.08, 80 9.29, 70 12.15, 55 32.5, 40 51.0), prompt_keep from
-# benchmarks/results/prompt_pruning.md (prune layers 15 and 19: NIAH over 4k tokens of ShareGPT
-# 0.75 at keep 0.3 and 0.5 against 0.75 whole; passkey over ShareGPT 100% at both).
+# SmolLM2-135M-Instruct (Q4_1 GGUF), measured in this repository on a 2-vCPU AMD EPYC (AVX512-BF16,
+# no AMX), 2026-12-04: levels from benchmarks/results/elastic_epyc_q8.md (served path, 32 held-out
+# ShareGPT conversations; full 5.41; closed-form 90 7.51, 80 10.64, 70 15.12, 55 106.45, 40 201.89;
+# distilled 6.95, 8.86, 11.35, 26.26, 40.58), prompt_keep from benchmarks/results/prompt_pruning.md
+# (prune layers 15 and 19: NIAH over 4k tokens of ShareGPT 0.75 at keep 0.3 and 0.5 against 0.75
+# whole; passkey over ShareGPT 100% at both).
+_FULL = 5.41
+_RETRIEVAL = {0.3: 1.0, 0.5: 1.0, 1.0: 1.0}
 DEFAULT_QUALITY = QualityTable(
-    perplexity_ratio={100: 1.0, 90: 7.08 / 5.38, 80: 9.29 / 5.38, 70: 12.15 / 5.38, 55: 32.5 / 5.38, 40: 51.0 / 5.38},
-    retrieval_ratio={0.3: 1.0, 0.5: 1.0, 1.0: 1.0},
-    source="engine/elastic/quality_table.py DEFAULT_QUALITY (benchmarks/results/elastic.md, prompt_pruning.md)")
+    perplexity_ratio={100: 1.0, 90: 7.51 / _FULL, 80: 10.64 / _FULL, 70: 15.12 / _FULL, 55: 106.45 / _FULL,
+                      40: 201.89 / _FULL},
+    retrieval_ratio=_RETRIEVAL,
+    source="engine/elastic/quality_table.py DEFAULT_QUALITY, closed-form recovery "
+           "(benchmarks/results/elastic_epyc_q8.md, prompt_pruning.md)")
+DEFAULT_QUALITY_DISTILLED = QualityTable(
+    perplexity_ratio={100: 1.0, 90: 6.95 / _FULL, 80: 8.86 / _FULL, 70: 11.35 / _FULL, 55: 26.26 / _FULL,
+                      40: 40.58 / _FULL},
+    retrieval_ratio=_RETRIEVAL,
+    source="engine/elastic/quality_table.py DEFAULT_QUALITY_DISTILLED, distilled recovery "
+           "(benchmarks/results/elastic_epyc_q8.md, prompt_pruning.md)")

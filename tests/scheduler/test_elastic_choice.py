@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.elastic.quality_table import DEFAULT_QUALITY, QualityTable, load_quality_table
+from engine.elastic.checkpoint import ADAPTERS_FILE
+from engine.elastic.quality_table import DEFAULT_QUALITY, DEFAULT_QUALITY_DISTILLED, QualityTable, load_quality_table
 from engine.scheduler.elastic_choice import CLIMB_MARGIN, ElasticChoice
 from engine.scheduler.knob_costs import KnobCosts
 
@@ -90,7 +91,11 @@ def test_quality_table_orders_settings_and_round_trips(tmp_path) -> None:
     qualities = [table.level_quality(level) for level in (100, 90, 80, 70, 55, 40)]
     assert qualities == sorted(qualities, reverse=True) and qualities[0] == 1.0
     assert table.level_quality(85) == pytest.approx(1 / ((table.perplexity_ratio[80] + table.perplexity_ratio[90]) / 2))
-    assert load_quality_table(tmp_path) is DEFAULT_QUALITY
+    assert load_quality_table(tmp_path) is DEFAULT_QUALITY and load_quality_table(None) is DEFAULT_QUALITY
+    (tmp_path / ADAPTERS_FILE).write_bytes(b"")  # distilled adapters beside the checkpoint: their figures
+    assert load_quality_table(tmp_path) is DEFAULT_QUALITY_DISTILLED
+    assert all(DEFAULT_QUALITY_DISTILLED.level_quality(level) > DEFAULT_QUALITY.level_quality(level)
+               for level in (90, 80, 70, 55, 40))
     measured = QualityTable({100: 1.0, 50: 2.0}, {1.0: 1.0, 0.5: 0.8}, "test")
     measured.save(tmp_path)
     loaded = load_quality_table(tmp_path)
