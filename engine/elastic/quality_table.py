@@ -99,16 +99,16 @@ def _interpolate(table: Mapping[float, float], x: float) -> float:
 # (prune layers 15 and 19: NIAH over 4k tokens of ShareGPT 0.75 at keep 0.3 and 0.5 against 0.75
 # whole; passkey over ShareGPT 100% at both).
 _FULL = 5.41
-_RETRIEVAL = {0.3: 1.0, 0.5: 1.0, 1.0: 1.0}
-DEFAULT_QUALITY = QualityTable(
-    perplexity_ratio={100: 1.0, 90: 7.51 / _FULL, 80: 10.64 / _FULL, 70: 15.12 / _FULL, 55: 106.45 / _FULL,
-                      40: 201.89 / _FULL},
-    retrieval_ratio=_RETRIEVAL,
-    source="engine/elastic/quality_table.py DEFAULT_QUALITY, closed-form recovery "
-           "(benchmarks/results/elastic_epyc_q8.md, prompt_pruning.md)")
-DEFAULT_QUALITY_DISTILLED = QualityTable(
-    perplexity_ratio={100: 1.0, 90: 6.95 / _FULL, 80: 8.86 / _FULL, 70: 11.35 / _FULL, 55: 26.26 / _FULL,
-                      40: 40.58 / _FULL},
-    retrieval_ratio=_RETRIEVAL,
-    source="engine/elastic/quality_table.py DEFAULT_QUALITY_DISTILLED, distilled recovery "
-           "(benchmarks/results/elastic_epyc_q8.md, prompt_pruning.md)")
+
+
+def _measured(perplexities: Mapping[int, float], name: str, recovery: str) -> QualityTable:
+    return QualityTable({100: 1.0, **{level: ppl / _FULL for level, ppl in perplexities.items()}},
+                        {0.3: 1.0, 0.5: 1.0, 1.0: 1.0},
+                        f"engine/elastic/quality_table.py {name}, {recovery} recovery "
+                        "(benchmarks/results/elastic_epyc_q8.md, prompt_pruning.md)")
+
+
+DEFAULT_QUALITY = _measured({90: 7.51, 80: 10.64, 70: 15.12, 55: 106.45, 40: 201.89}, "DEFAULT_QUALITY",
+                            "closed-form")
+DEFAULT_QUALITY_DISTILLED = _measured({90: 6.95, 80: 8.86, 70: 11.35, 55: 26.26, 40: 40.58},
+                                      "DEFAULT_QUALITY_DISTILLED", "distilled")
