@@ -47,7 +47,7 @@ from engine.bench.metrics import RequestRecord, meets_slos
 from engine.bench.replay import TraceRequest, replay_trace
 from engine.bench.simulate import SimConfig, SimRequest, simulate
 from engine.config import SLOConfig
-from engine.elastic.quality_table import DEFAULT_QUALITY
+from engine.elastic.quality_table import QualityTable
 from engine.request import SLOTarget
 from engine.scheduler.elastic_choice import AUTO
 
@@ -132,13 +132,14 @@ def meets_floor(spec: ClassSpec, record: RequestRecord) -> bool:
 
 
 def summarize_run(names: list[str], records: list[RequestRecord], duration_s: float,
-                  specs: dict[str, ClassSpec]) -> dict[str, Any]:
+                  specs: dict[str, ClassSpec], quality: QualityTable) -> dict[str, Any]:
+    """`quality`: the table the engine's SLO policy ranks settings by (its checkpoint's)."""
     met = [meets_slos(r, 1000 * specs[n].slo.ttft_s, None if specs[n].slo.tpot_s is None else 1000 * specs[n].slo.tpot_s)
            for n, r in zip(names, records)]
     quality_met = [m and meets_floor(specs[n], r) for m, n, r in zip(met, names, records)]
     levels = [level for r in records for level in r.token_levels]
     keeps = [r.prompt_keep or 1.0 for n, r in zip(names, records) if n == "document" and r.success]
-    qualities = [DEFAULT_QUALITY.quality(int(np.mean(r.token_levels)) if r.token_levels else 100, r.prompt_keep or 1.0)
+    qualities = [quality.quality(int(np.mean(r.token_levels)) if r.token_levels else 100, r.prompt_keep or 1.0)
                  for r in records if r.success]
     return {"slo_attainment": float(np.mean(met)), "goodput": sum(met) / duration_s,
             "quality_goodput": sum(quality_met) / duration_s, "mean_level": float(np.mean(levels)) if levels else None,
@@ -158,6 +159,7 @@ def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> d
     levels = [int(v) for v in args.levels.split(",")]
     results: dict[str, dict[str, Any]] = {}
     names = [name for name, _ in trace]
+    quality = llms["slo"].engine.scheduler.policy.choice.quality
     for load in [float(v) for v in args.loads.split(",")]:
         times = arrival_times(len(trace), load * capacity, seed=args.seed)
         variants = [("fcfs", "fcfs", 100), *((f"slo@{lv}", "slo", lv) for lv in levels), ("slo auto", "slo", AUTO)]
@@ -169,9 +171,9 @@ def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> d
                 llm.engine.scheduler.policy.choice.level = 100  # every run starts from the full model
             records, duration = replay_trace(llm.engine, with_variant(trace, specs, level, times),
                                              desc=f"{load:.1f}x {label}")
-            results[f"{load}|{label}"] = summarize_run(names, records, duration, specs)
+            results[f"{load}|{label}"] = summarize_run(names, records, duration, specs, quality)
             sim_records, sim_duration = simulated(llms["slo"], llm, trace, specs, level, times, policy, args)
-            results[f"{load}|{label}"]["sim"] = summarize_run(names, sim_records, sim_duration, specs)
+            results[f"{load}|{label}"]["sim"] = summarize_run(names, sim_records, sim_duration, specs, quality)
             print(f"{load:.1f}x {label}: {results[f'{load}|{label}']}", flush=True)
     return results
 
@@ -182,7 +184,7 @@ def simulated(slo_llm: LLM, llm: LLM, trace, specs, level, times, policy: str, a
     config = SimConfig(policy=policy, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
                        max_num_seqs=args.max_num_seqs, num_kv_blocks=llm.engine.kv.pool.num_blocks,
                        max_model_len=engine.max_model_len, enable_prefix_caching=False,
-                       knob_costs=engine.knob_costs)
+                       knob_costs=engine.knob_costs, quality=engine.scheduler.policy.choice.quality)
     requests = [SimRequest(len(r.prompt_token_ids), r.output_len, r.arrival_time_s, slo=r.slo, **r.elastic)
                 for r in with_variant(trace, specs, level, times)]
     if policy == "fcfs":

@@ -47,7 +47,7 @@ from engine.config import SchedulerConfig, SLOConfig
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
-from engine.elastic.quality_table import DEFAULT_QUALITY
+from engine.elastic.quality_table import DEFAULT_QUALITY, QualityTable
 from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of, features_of_chunks
 from engine.scheduler.elastic_choice import AUTO, ElasticChoice, allowed_keeps
 from engine.scheduler.knob_costs import KnobCosts
@@ -160,6 +160,8 @@ class SimConfig:
     # What elastic levels and pruned prompts save (engine/scheduler/knob_costs.py, as the engine
     # profiled them); None: every setting costs the full model's step.
     knob_costs: KnobCosts | None = None
+    # How good each setting is, as the engine's SLO policy ranks them (its checkpoint's table).
+    quality: QualityTable = DEFAULT_QUALITY
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -222,7 +224,7 @@ class Replica:
         kv = KVCacheManager(config.num_kv_blocks, config.block_size,
                             enable_prefix_caching=config.enable_prefix_caching)
         self.knob_costs = None if config.knob_costs is None else copy.deepcopy(config.knob_costs)
-        choice = None if self.knob_costs is None else ElasticChoice(self.knob_costs, DEFAULT_QUALITY)
+        choice = None if self.knob_costs is None else ElasticChoice(self.knob_costs, config.quality)
         self.scheduler = Scheduler(kv, make_policy(config.scheduler_config(), cost_model, choice),
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_num_seqs=config.max_num_seqs, max_model_len=config.max_model_len,
