@@ -94,24 +94,23 @@ def decode_layer(layer: LayerArguments, step: StepArguments, x: torch.Tensor, re
         raise ValueError("decode_layer: a kernel refused its arguments (shapes, dtype or build)")
 
 
-@functools.cache
 def _entry():
-    library = native_library.load()
-    if library is None:
-        return None
-    function = library.decode_layer
-    function.argtypes = [ctypes.POINTER(LayerArguments), ctypes.POINTER(StepArguments), _pointer, _pointer,
-                         _pointer, _pointer]
-    function.restype = ctypes.c_int
-    return function
+    return _bound("decode_layer", (ctypes.POINTER(LayerArguments), ctypes.POINTER(StepArguments), _pointer, _pointer,
+                                   _pointer, _pointer))
+
+
+def _side_path_entry():
+    return _bound("elastic_side_path", (_pointer, _pointer, _pointer, _i64, _i64, _pointer, _i64, _pointer, _i64,
+                                        _i64, ctypes.c_int))
 
 
 @functools.cache
-def _side_path_entry():
+def _bound(name: str, argtypes: tuple):
+    """The library's function `name` with its argument types (returning int), or None without one."""
     library = native_library.load()
     if library is None:
         return None
-    function = library.elastic_side_path
-    function.argtypes = [_pointer, _pointer, _pointer, _i64, _i64, _pointer, _i64, _pointer, _i64, _i64, ctypes.c_int]
+    function = getattr(library, name)
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function

@@ -69,15 +69,18 @@ class SidePath:
     lora_b: torch.Tensor | None  # [hidden, rank], fp32
 
     @functools.cached_property
-    def lora_b_rows(self) -> torch.Tensor | None:
-        """lora_b^T [rank, hidden] fp32, contiguous: the C++ kernel's layout."""
-        return None if self.lora_b is None else self.lora_b.float().T.contiguous()
+    def kernel_operands(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(lora_a, lora_b^T), both [rank, hidden] fp32 contiguous: the C++ kernel's layout, made
+        once and shared by the tile path and the fused decode layer (the same operands, the same bits)."""
+        if self.lora_a is None:
+            return None, None
+        return self.lora_a.float().contiguous(), self.lora_b.float().T.contiguous()
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, native: bool = False) -> None:
         """out += this path's contribution for the rows x (both [rows, hidden], in place).
         `native`: the C++ kernel the fused decode layer uses, so that both give the same bits
         (a one-ulp difference here flips Q8 activation roundings downstream)."""
-        if native and decode_layer.elastic_side_path(self.lora_a, self.lora_b_rows, self.bias, x, out):
+        if native and decode_layer.elastic_side_path(*self.kernel_operands, self.bias, x, out):
             return
         # PERF: fp32, whatever the model's dtype: on CPU a bf16 [32, 576] x [576, 8] product took
         # ~600 us (oneDNN lays out its operands each call), the fp32 one a few; it is exact-er too.

@@ -115,9 +115,8 @@ class FusedDecode:
             return None
         levels = (kernel.LevelArguments * len(block.widths))()
         for index, (width, path) in enumerate(zip(block.widths, block.side_paths)):
-            lora_a = lora_b_rows = bias = None
-            if path is not None and path.lora_a is not None:
-                lora_a, lora_b_rows = path.lora_a.float().contiguous(), path.lora_b_rows
+            lora_a, lora_b_rows = (None, None) if path is None else path.kernel_operands
+            bias = None
             if path is not None and path.bias is not None:
                 bias = path.bias.to(self.plan.dtype).contiguous()
             self._level_tables += [t for t in (lora_a, lora_b_rows, bias) if t is not None]
