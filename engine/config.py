@@ -197,7 +197,3 @@ class EngineConfig:
     prompt_pruning: PromptPruningConfig = field(default_factory=PromptPruningConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
-    def __post_init__(self) -> None:
-        _require(self.parallel.tensor_parallel_size == 1 or self.model.elastic != "on",
-                 "elastic submodels do not run under tensor parallelism yet: with tensor_parallel_size "
-                 f"{self.parallel.tensor_parallel_size}, pass --elastic off (auto turns them off)")

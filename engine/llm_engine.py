@@ -76,7 +76,7 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or source.arch.max_position_embeddings,
                                  source.arch.max_position_embeddings)
         self.tokenizer = load_tokenizer(source)
-        elastic = self._elastic_checkpoint(source)
+        elastic = load_elastic_checkpoint(config.model, source)
         self.runner = self._make_runner(source, elastic)
         self.default_elastic_level = self._default_elastic_level(config.model.elastic_level)
         self.kv = KVCacheGroups.create(self.runner.num_kv_blocks, config.cache.block_size,
@@ -104,21 +104,13 @@ class LLMEngine:
                     self.runner.num_kv_blocks,
                     config.cache.block_size, self.runner.kv_cache_bytes / (1 << 30))
 
-    def _elastic_checkpoint(self, source) -> ElasticCheckpoint | None:
-        tensor_parallel_size = self.config.parallel.tensor_parallel_size
-        if tensor_parallel_size > 1:  # EngineConfig refuses elastic "on" here
-            logger.info("elastic submodels off: they do not run under tensor parallelism (size %d) yet",
-                        tensor_parallel_size)
-            return None
-        return load_elastic_checkpoint(self.config.model, source)
-
     def _make_runner(self, source, elastic: ElasticCheckpoint | None) -> ModelRunner | TensorParallelRunner:
         """The model runner: in this process, or the driver of a tensor-parallel group."""
         config = self.config
         if config.parallel.tensor_parallel_size > 1:
             return TensorParallelRunner(source, config.model.dtype, config.cache, config.runner,
                                         config.parallel.tensor_parallel_size, config.model.weight_format,
-                                        config.prompt_pruning)
+                                        config.prompt_pruning, elastic)
         return ModelRunner(source, config.model.dtype, config.cache, config.runner,
                            weight_format=config.model.weight_format, elastic=elastic, pruning=config.prompt_pruning)
 

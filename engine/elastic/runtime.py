@@ -11,11 +11,13 @@ import torch
 from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.permutation import permute_weights
 from engine.elastic.spec import ElasticSpec
+from engine.elastic.tensor_parallel import check_splits, local_spec, sharded_orders
 from engine.elastic.torch_model import BlockCorrection, LayerCorrection
 from engine.model.arch import LlamaArchConfig
 from engine.model.compute_plan import ComputePlan
 from engine.model.layers.elastic import BlockElasticity, LayerElasticity, SidePath
 from engine.model.loader import WeightStream
+from engine.model.sharding import TensorParallelShard
 
 # level value -> per layer its corrections (None: none), as ElasticCheckpoint.corrections holds them
 Corrections = Mapping[int, list[LayerCorrection | None]]
@@ -55,13 +57,22 @@ def _on(tensor: torch.Tensor | None, device: torch.device | str, dtype: torch.dt
     return None if tensor is None else tensor.detach().to(device=device, dtype=dtype).contiguous()
 
 
-def elastic_model_parts(checkpoint: ElasticCheckpoint, arch: LlamaArchConfig, plan: ComputePlan
+def elastic_model_parts(checkpoint: ElasticCheckpoint, arch: LlamaArchConfig, plan: ComputePlan,
+                        shard: TensorParallelShard | None = None,
                         ) -> tuple[list[LayerElasticity], Callable[[WeightStream], WeightStream]]:
     """What load_model takes to build the elastic model: its layers' levels, and the function
-    that turns the file's weight stream into the importance-ordered one."""
-    layers = layer_elasticities(checkpoint.spec, checkpoint.corrections, plan.dtype, plan.device)
+    that turns the file's weight stream into the importance-ordered one.  `shard`: this rank of a
+    tensor-parallel group, which runs its share of every level (engine/elastic/tensor_parallel.py)."""
+    spec, ffn_orders, head_orders, corrections = (checkpoint.spec, checkpoint.ffn_orders, checkpoint.head_orders,
+                                                  checkpoint.corrections)
+    if shard is not None:
+        check_splits(spec, shard.size)
+        ffn_orders, head_orders = sharded_orders(ffn_orders, head_orders, arch, shard.size)
+        # Side paths add to the block's output once: rank 0's partial sum carries them.
+        spec, corrections = local_spec(spec, shard), corrections if shard.rank == 0 else {}
+    layers = layer_elasticities(spec, corrections, plan.dtype, plan.device)
 
     def reorder(weights: WeightStream) -> WeightStream:
-        return permute_weights(weights, arch, checkpoint.ffn_orders, checkpoint.head_orders)
+        return permute_weights(weights, arch, ffn_orders, head_orders)
 
     return layers, reorder

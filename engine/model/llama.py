@@ -227,8 +227,6 @@ class LlamaForCausalLM(nn.Module):
         `tp`, `shard`: this rank of a tensor-parallel group and what it holds; `config` is then
         the shard's (engine/model/sharding.py)."""
         super().__init__()
-        if tp is not None and elastic is not None:
-            raise ValueError("elastic submodels do not run under tensor parallelism")
         self.config = config
         self.tp, self.shard = tp, shard
         self.plan = plan

@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.config import ConfigError
-from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantizedWeight, dequantize
+from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, InputPermutedBlocks, QuantizedWeight, dequantize
 from engine.model.arch import LlamaArchConfig
 
-LinearWeight = torch.Tensor | QuantizedWeight
+LinearWeight = torch.Tensor | QuantizedWeight | InputPermutedBlocks
 Span = tuple[int, int]  # [start, end)
 
 
@@ -121,6 +121,10 @@ def _rows(weight: LinearWeight, start: int, end: int) -> LinearWeight:
 
 
 def _columns(weight: LinearWeight, start: int, end: int) -> LinearWeight:
+    if isinstance(weight, InputPermutedBlocks):
+        # An elastic model's down projection: its columns (neurons) were moved inside blocks, so
+        # a rank's share of them is no set of whole blocks; the rank holds its part dense.
+        weight = weight.dequantize()
     if isinstance(weight, QuantizedWeight):
         if start % BLOCK_SIZE == 0 and end % BLOCK_SIZE == 0:
             return QuantizedWeight(weight.columns(start, end).blocks.contiguous(), weight.format)

@@ -21,6 +21,7 @@ from engine.model.layers.linear import weight_bytes
 from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
+from engine.model.sharding import TensorParallelShard
 from engine.prompt_pruning import default_prune_layers
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from engine.worker.forward_batch_builder import build_forward_batch
@@ -54,7 +55,7 @@ class ModelRunner:
         `pruning`: cut the model at its prune layers into KV groups (None or disabled: one group).
         `tp`: this process is one rank of a tensor-parallel group: it holds its shard of the
         weights and of the KV heads, and only the driver (rank 0) samples."""
-        self.tp = tp  # elastic with tp: refused by EngineConfig (for users) and the model (its invariant)
+        self.tp = tp
         if runner.num_threads:
             torch.set_num_threads(runner.num_threads)
         self.device = torch.device(runner.device)
@@ -73,8 +74,9 @@ class ModelRunner:
         if elastic is None:
             self.model: LlamaForCausalLM = load_model(source, self.plan, backend, pruner=self.pruner, tp=tp)
         else:
-            layers, reorder = elastic_model_parts(elastic, source.arch, self.plan)
-            self.model = load_model(source, self.plan, backend, layers, reorder, self.pruner)
+            shard = None if tp is None else TensorParallelShard.for_rank(source.arch, tp.rank, tp.size)
+            layers, reorder = elastic_model_parts(elastic, source.arch, self.plan, shard)
+            self.model = load_model(source, self.plan, backend, layers, reorder, self.pruner, tp)
         # From the whole model's KV size: every rank has as many blocks, each its own KV heads' part.
         self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype, with_hidden_cache=self.pruner is not None)
         arch = self.model.config  # a tensor-parallel rank's own heads

@@ -33,6 +33,8 @@ import torch
 
 from engine.config import CacheConfig, PromptPruningConfig, RunnerConfig
 from engine.distributed.group import free_loopback_address, join_group, leave_group
+from engine.elastic.checkpoint import ElasticCheckpoint
+from engine.elastic.tensor_parallel import check_splits
 from engine.model.compute_plan import make_compute_plan
 from engine.model.loader import ModelSource
 from engine.model.sharding import TensorParallelShard
@@ -55,19 +57,24 @@ class RankArgs:
     runner: RunnerConfig
     weight_format: str
     pruning: PromptPruningConfig | None
+    elastic: ElasticCheckpoint | None
     size: int
     init_method: str
 
 
 class TensorParallelRunner:
     def __init__(self, source: ModelSource, dtype: str, cache: CacheConfig, runner: RunnerConfig, size: int,
-                 weight_format: str = "auto", pruning: PromptPruningConfig | None = None) -> None:
+                 weight_format: str = "auto", pruning: PromptPruningConfig | None = None,
+                 elastic: ElasticCheckpoint | None = None) -> None:
+        """`elastic`: every rank runs its share of the checkpoint's levels (engine/elastic/tensor_parallel.py)."""
         for rank in range(size):  # a size that does not split the model fails here, before any process
             TensorParallelShard.for_rank(source.arch, rank, size)
+        if elastic is not None:
+            check_splits(elastic.spec, size)
         runner = replace(runner, num_threads=runner.num_threads or _threads_per_rank(size))
         # The C++ kernels build (once per machine) here, before the ranks would race to.
         make_compute_plan(dtype, weight_format, runner.device)
-        args = RankArgs(source, dtype, cache, runner, weight_format, pruning, size, free_loopback_address())
+        args = RankArgs(source, dtype, cache, runner, weight_format, pruning, elastic, size, free_loopback_address())
         context = multiprocessing.get_context("spawn")
         self._ready = context.Queue()
         self._processes = [context.Process(target=_run_rank, args=(rank, args, self._ready), daemon=True,
@@ -81,7 +88,7 @@ class TensorParallelRunner:
         atexit.register(self.shutdown)
         try:
             self.group = join_group(0, size, args.init_method, runner.device, LOAD_TIMEOUT_S)
-            self.local = ModelRunner(source, dtype, cache, runner, weight_format, pruning=pruning, tp=self.group)
+            self.local = ModelRunner(source, dtype, cache, runner, weight_format, elastic, pruning, tp=self.group)
             self._wait_for_ranks()
         except BaseException:
             self._stopped, self._mid_step = True, True  # no STOP: the ranks may be anywhere
@@ -162,8 +169,8 @@ def _run_rank(rank: int, args: RankArgs, ready: Any) -> None:
     name = multiprocessing.current_process().name
     try:
         group = join_group(rank, args.size, args.init_method, args.runner.device, LOAD_TIMEOUT_S)
-        runner = ModelRunner(args.source, args.dtype, args.cache, args.runner, args.weight_format,
-                             pruning=args.pruning, tp=group)
+        runner = ModelRunner(args.source, args.dtype, args.cache, args.runner, args.weight_format, args.elastic,
+                             args.pruning, tp=group)
     except Exception as error:  # noqa: BLE001 - reported to the driver, which raises it
         ready.put((name, f"{type(error).__name__}: {error}"))
         raise

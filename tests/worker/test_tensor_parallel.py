@@ -1,6 +1,7 @@
 """Tensor parallelism over torch.distributed (gloo): two rank processes, each holding half of every
 weight and of the KV heads, give the tokens one process gives (fp32, the real model), on
-ShareGPT prompts chunked and batched, and on a long prompt pruned by the ranks' summed scores."""
+ShareGPT prompts chunked and batched, and on a long prompt pruned by the ranks' summed scores
+(elastic levels under TP: test_tensor_parallel_elastic.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.bench.datasets import first_exchange, load_sharegpt
-from engine.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig
+from engine.config import ConfigError, ParallelConfig
 from engine.kernels.cpu.quantized_weights import QuantFormat, dequantize, quantize
 from engine.model.arch import LlamaArchConfig
 from engine.model.loader import default_model_path, resolve_model
@@ -129,9 +130,7 @@ def test_rank_cuts_reassemble_the_weight_quantized_and_dense():
     assert torch.equal(torch.cat([d[q_name] for d in dense]), down[:, :576].T)
 
 
-def test_elastic_on_with_tensor_parallelism_is_a_clear_error():
-    with pytest.raises(ConfigError, match="--elastic off"):
-        EngineConfig(model=ModelConfig(elastic="on"), parallel=ParallelConfig(tensor_parallel_size=2))
+def test_tensor_parallel_size_must_be_positive():
     with pytest.raises(ConfigError, match="tensor_parallel_size must be at least 1"):
         ParallelConfig(tensor_parallel_size=0)
 
