@@ -151,8 +151,8 @@ def distilled_corrections(args: argparse.Namespace, artifacts: Any) -> dict[Any,
     """Distil the checkpoint (written to --work-dir, as `engine elastify` writes it) the way
     `engine elastify --distill` does; level -> its distilled corrections, and "reports"."""
     from engine.elastic.adapters import level_corrections, load_adapters
-    from engine.elastic.checkpoint import ElasticCheckpoint, save_checkpoint
-    from engine.elastic.distill import DistillConfig, checkpoint_digest, distill_checkpoint
+    from engine.elastic.checkpoint import ElasticCheckpoint, checkpoint_digest, save_checkpoint
+    from engine.elastic.distill import DistillConfig, distill_checkpoint
 
     save_checkpoint(args.work_dir, ElasticCheckpoint(artifacts.spec, artifacts.ffn_orders, artifacts.head_orders,
                                                      artifacts.corrections))

@@ -42,9 +42,11 @@ def _generate(args: argparse.Namespace) -> None:
 def _elastify(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from engine.elastic.elastify import ElastifyConfig, elastify
+    from engine.elastic.elastify import THOROUGH, ElastifyConfig, elastify
 
-    config = ElastifyConfig()
+    config = ElastifyConfig() if args.quick else THOROUGH
+    print(f"calibration: {config.num_importance_sequences} sequences for importance, {config.num_recovery_sequences} "
+          f"for recovery, at most {config.max_seq_len} tokens each ({'quick' if args.quick else 'thorough'})")
     if args.levels is not None:
         try:
             config = replace(config, level_values=tuple(int(v) for v in args.levels.split(",")))
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     elastify.add_argument("--levels", default=None, help="comma-separated, descending from 100 (default "
                           "100,90,80,70,55,40)")
     elastify.add_argument("--force", action="store_true", help="recompute every stage, cached or not")
+    elastify.add_argument("--quick", action="store_true", help="the first `engine serve`'s calibration sizes "
+                          "(~1 minute) instead of the thorough ones (~6 minutes; better levels)")
     elastify.add_argument("--distill", action="store_true", help="then distil each level's recovery terms from the "
                           "full model (logit KL, resumable: finished levels are kept)")
     elastify.add_argument("--distill-budget-s", type=float, default=None, help="wall-clock seconds per level, at "

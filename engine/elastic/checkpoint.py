@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.cache_paths import cache_root
+from engine.elastic.quality_table import QUALITY_FILE
 from engine.elastic.spec import ElasticSpec
 from engine.elastic.torch_model import BlockCorrection, LayerCorrection
 
@@ -85,8 +86,12 @@ def source_digest(path: Path) -> str:
 
 def save_checkpoint(directory: Path, checkpoint: ElasticCheckpoint) -> None:
     """Write spec.json and elastic.safetensors (each to a temporary name, then renamed: a reader
-    never sees half a checkpoint, and spec.json, the marker of a finished one, goes last)."""
+    never sees half a checkpoint, and spec.json, the marker of a finished one, goes last).  When
+    this replaces another checkpoint (other settings, `engine elastify` after the first serve's
+    quick build), what was derived from that one goes: its distilled adapters (never applicable
+    to this one) and its measured quality table."""
     directory.mkdir(parents=True, exist_ok=True)
+    previous = checkpoint_digest(directory) if (directory / SPEC_FILE).is_file() else None
     tensors = {}
     for layer in range(checkpoint.spec.num_layers):
         tensors[f"layers.{layer}.ffn_order"] = checkpoint.ffn_orders[layer].to(torch.int64).contiguous()
@@ -99,6 +104,18 @@ def save_checkpoint(directory: Path, checkpoint: ElasticCheckpoint) -> None:
     partial = directory / (SPEC_FILE + ".partial")
     partial.write_text(checkpoint.spec.to_json())
     partial.replace(directory / SPEC_FILE)
+    if previous is not None and checkpoint_digest(directory) != previous:
+        for derived in (ADAPTERS_FILE, QUALITY_FILE):
+            (directory / derived).unlink(missing_ok=True)
+
+
+def checkpoint_digest(directory: Path) -> str:
+    """Of the checkpoint's spec and closed-form terms: adapters distilled from another build of the
+    checkpoint (elastify --force, other settings) are not resumed."""
+    digest = hashlib.sha256()
+    for name in (SPEC_FILE, TENSORS_FILE):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def correction_tensors(level: int, layers: list[LayerCorrection | None]) -> dict[str, torch.Tensor]:

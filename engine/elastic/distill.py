@@ -19,7 +19,6 @@ probe's KL before and after) goes into the file's metadata beside the tensors.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from engine.elastic.adapters import (
     save_adapters,
 )
 from engine.elastic.calibration import TokenBatch
+from engine.elastic.checkpoint import checkpoint_digest
 from engine.elastic.quality_table import QUALITY_FILE
 from engine.elastic.teacher_targets import TeacherTargets, bucketed_kl, full_kl
 from engine.elastic.torch_model import BlockCorrection, LayerCorrection, LayerSelection, TorchLlama, prefix_submodel
@@ -310,15 +310,4 @@ def distill_checkpoint(model: str | None, directory: Path, config: DistillConfig
     # A quality table measured before described the closed-form terms, no longer what is served.
     (directory / QUALITY_FILE).unlink(missing_ok=True)
     return reports
-
-
-def checkpoint_digest(directory: Path) -> str:
-    """Of the checkpoint's spec and closed-form terms: adapters distilled from another build of the
-    checkpoint (elastify --force, other settings) are not resumed."""
-    from engine.elastic.checkpoint import SPEC_FILE, TENSORS_FILE
-
-    digest = hashlib.sha256()
-    for name in (SPEC_FILE, TENSORS_FILE):
-        digest.update((directory / name).read_bytes())
-    return digest.hexdigest()[:16]
 

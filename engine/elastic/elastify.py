@@ -19,7 +19,8 @@ answers; the full model 4.81), each noted where its default lives:
 - allocation: per-layer by normalised importance; uniform measured the same within noise at
   level 80 (51.1 vs 51.7) and 40 (198 vs 194) with heads pruned everywhere; query-head ranks
   only at levels <= 55 (allocation.py: 7.97 vs 51.7 at level 80);
-- recovery: bias + rank-8 ridge on the pruned model's own inputs (recovery.py: 60 vs 332 at 40).
+- recovery: bias + rank-8 ridge on the pruned model's own inputs (recovery.py: 60 vs 332 at 40);
+- calibration size: the first serve's quick one, or `engine elastify`'s THOROUGH (below).
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ class ElastifyConfig:
     @property
     def floor(self) -> int:
         return self.level_values[-1]
+
+
+# `engine elastify`'s sizes.  The first `engine serve` builds with ElastifyConfig()'s, which keep it
+# ready within 3 minutes; an explicit elastify spends ~5 minutes more on calibration, and the
+# levels measure better for it (benchmarks/elastic_quality.py --num-conversations 16, closed-form
+# recovery, perplexity at 90 / 80 / 70, the full model 5.29; AMD EPYC, 2026-12-04):
+#     8 importance + 6 recovery sequences    7.15 / 10.32 / 14.27   (top-1 76 / 65 / 59%)
+#    64 + 32                                 6.72 /  8.83 / 12.41   (79 / 70 / 62%)
+#   256 + 64                                 6.61 /  8.65 / 11.85   (79 / 70 / 62%)
+# Taylor scores summed over 8 conversations are noisy: the order, not only the recovery, gains.
+THOROUGH = ElastifyConfig(num_importance_sequences=256, num_recovery_sequences=64)
 
 
 @dataclass(frozen=True)

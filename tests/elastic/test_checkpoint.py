@@ -17,6 +17,7 @@ from engine.elastic.checkpoint import (
     save_checkpoint,
     source_digest,
 )
+from engine.elastic.quality_table import QUALITY_FILE
 from engine.elastic.spec import ElasticLevel, ElasticSpec
 from engine.elastic.torch_model import BlockCorrection, LayerCorrection
 
@@ -49,6 +50,21 @@ def test_adapters_override_lora(tmp_path: Path) -> None:
                "levels.50.layers.1.attn.lora_b": torch.zeros(8, 2)}, str(tmp_path / ADAPTERS_FILE))
     attn = load_checkpoint(tmp_path).corrections[50][1].attn
     assert torch.equal(attn.lora_a, torch.full((2, 8), 3.0)) and torch.equal(attn.bias, torch.ones(8))
+
+
+def test_a_replaced_checkpoint_drops_what_was_derived_from_the_old_one(tmp_path: Path) -> None:
+    """Adapters distilled from a checkpoint and its measured quality table describe that build
+    only: saving the same checkpoint again keeps them, saving another (refitted) one drops them."""
+    save_checkpoint(tmp_path, checkpoint())
+    (tmp_path / ADAPTERS_FILE).write_bytes(b"distilled")
+    (tmp_path / QUALITY_FILE).write_text("{}")
+    save_checkpoint(tmp_path, checkpoint())
+    assert (tmp_path / ADAPTERS_FILE).is_file() and (tmp_path / QUALITY_FILE).is_file()
+    refitted = checkpoint()
+    refitted.corrections[50][1].attn.bias.fill_(2.0)
+    save_checkpoint(tmp_path, refitted)
+    assert not (tmp_path / ADAPTERS_FILE).exists() and not (tmp_path / QUALITY_FILE).exists()
+    assert torch.equal(load_checkpoint(tmp_path).corrections[50][1].attn.bias, torch.full((8,), 2.0))
 
 
 def test_cache_dir_follows_xdg_and_the_file_digest(tmp_path: Path, monkeypatch) -> None:

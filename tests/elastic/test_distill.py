@@ -130,7 +130,7 @@ def test_levels_are_saved_and_a_rerun_skips_them(model: TorchLlama, tmp_path: Pa
 
 
 def test_adapters_are_keyed_by_the_checkpoint_they_were_distilled_from(tmp_path: Path) -> None:
-    from engine.elastic.distill import checkpoint_digest
+    from engine.elastic.checkpoint import checkpoint_digest
 
     (tmp_path / "spec.json").write_text("{}")
     (tmp_path / "elastic.safetensors").write_bytes(b"closed-form terms")
@@ -144,7 +144,8 @@ def test_adapters_are_keyed_by_the_checkpoint_they_were_distilled_from(tmp_path:
 def test_a_finished_checkpoint_is_not_distilled_again(tmp_path: Path) -> None:
     from engine.elastic.adapters import StoredAdapters, level_tensors, save_adapters
     from engine.elastic.checkpoint import ElasticCheckpoint, save_checkpoint
-    from engine.elastic.distill import checkpoint_digest, distill_checkpoint
+    from engine.elastic.checkpoint import checkpoint_digest
+    from engine.elastic.distill import distill_checkpoint
     from engine.elastic.spec import ElasticLevel, ElasticSpec
 
     layers = CONFIG.num_layers
