@@ -110,5 +110,7 @@ def _measured(perplexities: Mapping[int, float], name: str, recovery: str) -> Qu
 
 DEFAULT_QUALITY = _measured({90: 7.51, 80: 10.64, 70: 15.12, 55: 106.45, 40: 201.89}, "DEFAULT_QUALITY",
                             "closed-form")
-DEFAULT_QUALITY_DISTILLED = _measured({90: 6.95, 80: 8.86, 70: 11.35, 55: 26.26, 40: 40.58},
+# What `engine elastify --distill` serves (thorough calibration, then distilled):
+# benchmarks/results/elastic_epyc_thorough.md, 2026-12-04.
+DEFAULT_QUALITY_DISTILLED = _measured({90: 6.60, 80: 8.01, 70: 10.24, 55: 28.15, 40: 36.80},
                                       "DEFAULT_QUALITY_DISTILLED", "distilled")
