@@ -71,12 +71,10 @@ def sharded_orders(ffn_orders: torch.Tensor, head_orders: torch.Tensor, arch: Ll
 def local_spec(spec: ElasticSpec, shard: TensorParallelShard) -> ElasticSpec:
     """The levels as this rank runs them: its share of each FFN prefix (whole blocks), every
     level's head ranks over its own KV groups."""
-    num_blocks = spec.intermediate_size // BLOCK_SIZE
     rank, size = shard.rank, shard.size
 
-    def local_width(width: int) -> int:
-        prefix_blocks = width // BLOCK_SIZE if width != spec.intermediate_size else num_blocks
-        return len(range(rank, prefix_blocks, size)) * BLOCK_SIZE
+    def local_width(width: int) -> int:  # widths are whole blocks (check_splits)
+        return len(range(rank, width // BLOCK_SIZE, size)) * BLOCK_SIZE
 
     local = shard.local_arch
     levels = tuple(ElasticLevel(level.level, tuple(local_width(w) for w in level.ffn_widths), level.head_ranks)
@@ -84,4 +82,3 @@ def local_spec(spec: ElasticSpec, shard: TensorParallelShard) -> ElasticSpec:
     return replace(spec, intermediate_size=local.intermediate_size, num_heads=local.num_heads,
                    num_kv_heads=local.num_kv_heads, vocab_size=local.vocab_size, levels=levels,
                    width_multiple=BLOCK_SIZE)
-
