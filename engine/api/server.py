@@ -229,7 +229,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--elastic-checkpoint", default=None, help="elastic checkpoint directory (default: the cache's)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=ParallelConfig.tensor_parallel_size,
                         help="processes that each hold a shard of every weight and of the KV heads "
-                             "(torch.distributed: gloo on CPU, NCCL on CUDA); elastic submodels off")
+                             "(torch.distributed: gloo on CPU, NCCL on CUDA); spawned on this node, or "
+                             "started on several nodes by torchrun (README)")
     parser.add_argument("--elastic-level", type=int, default=ModelConfig.elastic_level,
                         help="elastic level of requests that name none (100: the full model)")
     parser.add_argument("--elastic-auto", action="store_true",

@@ -8,6 +8,7 @@ every rank runs the same code on the same SchedulerOutput (see ModelRunner.execu
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,18 +60,48 @@ class TensorParallelGroup:
         dist.broadcast(tensor, src=0)
         return tensor
 
+    def all_gather_object(self, value: Any) -> list[Any]:
+        """Every rank's `value`, in rank order, on every rank (pickled: a load error or None)."""
+        values = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
     def barrier(self) -> None:
         dist.barrier()
 
 
+@dataclass(frozen=True)
+class LaunchedRank:
+    """This process's place in a job that torchrun (or another launcher setting torch.distributed's
+    env:// variables) started: one process per rank, on one node or several."""
+
+    rank: int
+    size: int
+    local_rank: int  # on this node
+    local_size: int  # ranks on this node
+
+    @classmethod
+    def from_env(cls) -> LaunchedRank | None:
+        """None in a process no launcher started (then the engine spawns its ranks itself)."""
+        if not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+            return None
+        size = int(os.environ["WORLD_SIZE"])
+        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+
+
 def join_group(rank: int, size: int, init_method: str, device: str = "cpu",
-               timeout_s: float = 300.0) -> TensorParallelGroup:
-    """Join (rendezvous at `init_method`) the process's one default group: gloo on CPU, NCCL on
-    CUDA.  `timeout_s` bounds every collective, the first (all ranks loaded) included."""
+               timeout_s: float = 300.0, local_rank: int | None = None) -> TensorParallelGroup:
+    """Join (rendezvous at `init_method`: tcp://..., or env:// under torchrun) the process's one
+    default group: gloo on CPU, NCCL on CUDA, where each rank takes its node's GPU number
+    `local_rank` (default: `rank`, one node).  `timeout_s` bounds every collective, the first
+    (all ranks loaded) included."""
     if dist.is_initialized():
         raise RuntimeError("this process already belongs to a torch.distributed group: one "
                            "tensor-parallel engine per process")
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":  # "cuda" in this process then means its own GPU
+        torch.cuda.set_device((rank if local_rank is None else local_rank) % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             timeout=timedelta(seconds=timeout_s))
     return TensorParallelGroup(rank, size)

@@ -13,9 +13,13 @@
 
 The driver has ModelRunner's surface (the engine cannot tell it apart); the scheduler, the KV
 block accounting and sampling stay in the engine process, as in vLLM.  Ranks rendezvous over
-torch.distributed (gloo on CPU, NCCL on CUDA) at a loopback address; several nodes would start
-the ranks with torchrun instead.  A rank that dies breaks the next collective: the driver's step
-raises and the engine fails loudly rather than hanging.
+torch.distributed (gloo on CPU, NCCL on CUDA).  On one node the driver spawns them and they meet
+at a loopback address.  On several, torchrun starts every rank's process with the same command
+(`torchrun ... -m engine.cli serve --tensor-parallel-size N`): rank 0 becomes the engine and the
+server, the others `run_launched_rank` (the CLI sends them there); they meet at torchrun's env://
+address and take their model, levels and settings from rank 0's broadcast `RankArgs`, so no node
+rebuilds or re-reads anything rank 0 decided.  A rank that dies breaks the next collective: the
+driver's step raises and the engine fails loudly rather than hanging.
 """
 
 from __future__ import annotations
@@ -26,13 +30,15 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
 
-from engine.config import CacheConfig, PromptPruningConfig, RunnerConfig
-from engine.distributed.group import free_loopback_address, join_group, leave_group
+from engine.config import CacheConfig, ConfigError, PromptPruningConfig, RunnerConfig
+from engine.distributed.group import LaunchedRank, TensorParallelGroup, free_loopback_address, join_group, leave_group
 from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.tensor_parallel import check_splits
 from engine.model.compute_plan import make_compute_plan
@@ -71,31 +77,46 @@ class TensorParallelRunner:
             TensorParallelShard.for_rank(source.arch, rank, size)
         if elastic is not None:
             check_splits(elastic.spec, size)
-        runner = replace(runner, num_threads=runner.num_threads or _threads_per_rank(size))
+        launched = LaunchedRank.from_env()
+        if launched is not None and (launched.rank, launched.size) != (0, size):
+            raise ConfigError(f"torchrun started rank {launched.rank} of {launched.size}: the engine runs on rank 0 "
+                              f"of a job of tensor_parallel_size {size} ranks")
+        runner = replace(runner, num_threads=runner.num_threads or _threads_per_rank(launched, size))
         # The C++ kernels build (once per machine) here, before the ranks would race to.
         make_compute_plan(dtype, weight_format, runner.device)
-        args = RankArgs(source, dtype, cache, runner, weight_format, pruning, elastic, size, free_loopback_address())
-        context = multiprocessing.get_context("spawn")
-        self._ready = context.Queue()
-        self._processes = [context.Process(target=_run_rank, args=(rank, args, self._ready), daemon=True,
-                                           name=f"tensor-parallel-rank-{rank}") for rank in range(1, size)]
-        for process in self._processes:
-            process.start()
+        args = RankArgs(source, dtype, cache, runner, weight_format, pruning, elastic, size,
+                        "env://" if launched else free_loopback_address())
+        self._processes = [] if launched else self._spawn_ranks(args)
         self._stopped, self._mid_step = False, False
         self.group = None  # set once this process has joined: only then is there a group to leave
         # Before multiprocessing's own exit hook (hooks run last registered first), which would
         # SIGTERM the ranks and wait for them.
         atexit.register(self.shutdown)
         try:
-            self.group = join_group(0, size, args.init_method, runner.device, LOAD_TIMEOUT_S)
-            self.local = ModelRunner(source, dtype, cache, runner, weight_format, elastic, pruning, tp=self.group)
-            self._wait_for_ranks()
+            self.group = join_group(0, size, args.init_method, runner.device, LOAD_TIMEOUT_S,
+                                    launched.local_rank if launched else None)
+            load = partial(ModelRunner, source, dtype, cache, runner, weight_format, elastic, pruning, tp=self.group)
+            if launched:
+                self.group.broadcast_object(args)
+                self.local = _load_together(self.group, load)
+            else:
+                self.local = load()
+                self._wait_for_ranks()
         except BaseException:
             self._stopped, self._mid_step = True, True  # no STOP: the ranks may be anywhere
             self._stop_processes()
             raise
         logger.info("tensor parallel: %d ranks over %s, %d threads each", size,
                     "gloo" if runner.device == "cpu" else "nccl", runner.num_threads)
+
+    def _spawn_ranks(self, args: RankArgs) -> list[multiprocessing.Process]:
+        context = multiprocessing.get_context("spawn")
+        self._ready = context.Queue()
+        processes = [context.Process(target=_run_rank, args=(rank, args, self._ready), daemon=True,
+                                     name=f"tensor-parallel-rank-{rank}") for rank in range(1, args.size)]
+        for process in processes:
+            process.start()
+        return processes
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._mid_step = True  # stays set if the step raises: the ranks may be inside a collective
@@ -153,9 +174,45 @@ class TensorParallelRunner:
             pending.discard(name)
 
 
-def _threads_per_rank(size: int) -> int:
-    """The cores split between the ranks: more threads than cores would make them fight."""
-    return max(1, (os.cpu_count() or 1) // size)
+def _threads_per_rank(launched: LaunchedRank | None, size: int) -> int:
+    """This node's cores split between its ranks: more threads than cores would make them fight."""
+    return max(1, (os.cpu_count() or 1) // (launched.local_size if launched else size))
+
+
+def _load_together(group: TensorParallelGroup, load: Callable[[], ModelRunner]) -> ModelRunner:
+    """Load this rank's runner, then learn whether every rank did (an all-gather of the errors):
+    each rank raises the first failure, so no rank waits in a collective for one that is gone."""
+    try:
+        runner, error = load(), None
+    except Exception as failure:  # noqa: BLE001 - shared with the other ranks, then raised
+        runner, error = None, f"{type(failure).__name__}: {failure}"
+    for rank, rank_error in enumerate(group.all_gather_object(error)):
+        if rank_error is not None:
+            raise RuntimeError(f"tensor-parallel rank {rank} failed to load: {rank_error}")
+    return runner
+
+
+def _run_steps(group: TensorParallelGroup, runner: ModelRunner) -> None:
+    """A rank's life after loading: every step the driver broadcasts, until it broadcasts STOP."""
+    with torch.inference_mode():
+        while not isinstance(step := group.broadcast_object(), str):  # STOP
+            runner.execute(step)
+    leave_group()
+
+
+def run_launched_rank(launched: LaunchedRank, device: str) -> None:
+    """Rank `launched.rank` (> 0) of a torchrun job: join, take rank 0's RankArgs, load this rank's
+    shard of them and run the driver's steps until it stops (or dies, which fails a collective)."""
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(levelname)s %(asctime)s rank {launched.rank} %(name)s: %(message)s")
+    group = join_group(launched.rank, launched.size, "env://", device, LOAD_TIMEOUT_S, launched.local_rank)
+    args: RankArgs = group.broadcast_object()
+    runner_config = replace(args.runner, num_threads=_threads_per_rank(launched, args.size))
+    runner = _load_together(group, partial(ModelRunner, args.source, args.dtype, args.cache, runner_config,
+                                           args.weight_format, args.elastic, args.pruning, tp=group))
+    logger.info("tensor parallel: rank %d of %d loaded, %d threads", launched.rank, launched.size,
+                runner_config.num_threads)
+    _run_steps(group, runner)
 
 
 def _run_rank(rank: int, args: RankArgs, ready: Any) -> None:
@@ -175,7 +232,4 @@ def _run_rank(rank: int, args: RankArgs, ready: Any) -> None:
         ready.put((name, f"{type(error).__name__}: {error}"))
         raise
     ready.put((name, None))
-    with torch.inference_mode():
-        while not isinstance(step := group.broadcast_object(), str):  # STOP
-            runner.execute(step)
-    leave_group()
+    _run_steps(group, runner)
