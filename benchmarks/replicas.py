@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from serve_throughput import SystemResult, drive_server  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 MIN_TWO_OVER_ONE = 1.0  # the issue's point: two replicas are not slower than one server
+SYSTEMS = {"one server": 0, "one replica": 1, "two replicas": 2}  # name -> replicas (0: no Ray)
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,7 +49,49 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="replicas")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"which of {', '.join(SYSTEMS)} to run (comma-separated; the ratios need their pair)")
     return parser.parse_args()
+
+
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds so far (user + system) and what it is: Ray names its workers
+    `ray::<actor class>`, the rest go by their program."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seen = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        seen[int(entry)] = (_process_kind(command), (int(fields[11]) + int(fields[12])) / ticks)
+    return seen
+
+
+def _process_kind(command: list[bytes]) -> str:
+    first = command[0].decode(errors="replace") if command and command[0] else "?"
+    if first.startswith("ray::"):
+        return first.split(":")[-1].split()[0] if "ServeReplica" in first else first.split()[0]
+    words = [word.decode(errors="replace") for word in command if word]
+    if "engine.cli" in words:
+        return "engine serve"
+    if Path(first).name.startswith("python") and len(words) > 1:  # the script or -m module it runs
+        return Path(words[2] if words[1] == "-m" and len(words) > 2 else words[1]).name
+    return Path(first).name
+
+
+def cpu_used_between(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds each kind of process used between two readings (processes new since count whole)."""
+    used: dict[str, float] = {}
+    for pid, (kind, seconds) in after.items():
+        delta = seconds - before.get(pid, (kind, 0.0))[1]
+        if delta > 0.05:
+            used[kind] = used.get(kind, 0.0) + delta
+    return dict(sorted(used.items(), key=lambda item: -item[1]))
 
 
 def server(replicas: int, log_file: Path) -> ServerProcess:
@@ -68,14 +112,17 @@ def requests_per_replica(base_url: str) -> dict[str, float]:
     return counts
 
 
-def run(name: str, replicas: int, args: argparse.Namespace, requests, warmup) -> tuple[SystemResult, dict]:
+def run(name: str, replicas: int, args: argparse.Namespace, requests, warmup) -> tuple[SystemResult, dict, dict]:
+    """The system's result, its requests per replica and the CPU seconds by process kind while driven."""
     log_file = RESULTS / f"{args.output}.{name.replace(' ', '_')}.log"
     with server(replicas, log_file) as running:
+        before = cpu_seconds_by_process()
         result = asyncio.run(drive_server(name, running.url, warmup, requests, args.output_len, args.concurrency,
                                           fresh_connections=False))
+        cpu = cpu_used_between(before, cpu_seconds_by_process())
         time.sleep(3)  # replicas post their metrics every second
         shares = requests_per_replica(running.url) if replicas else {}
-    return result, shares
+    return result, shares, cpu
 
 
 def main() -> None:
@@ -84,12 +131,15 @@ def main() -> None:
     tokenizer = load_tokenizer(resolve_model(str(default_model_path())))
     samples = sample_sharegpt(tokenizer, args.num_prompts + 1, seed=args.seed, fixed_output_len=args.output_len)
     warmup, requests = samples[0], samples[1:]
-    results, shares = {}, {}
-    for name, replicas in (("one server", 0), ("one replica", 1), ("two replicas", 2)):
-        results[name], shares[name] = run(name, replicas, args, requests, warmup)
+    results, shares, cpu = {}, {}, {}
+    for name in args.systems.split(","):
+        results[name], shares[name], cpu[name] = run(name, SYSTEMS[name], args, requests, warmup)
     summaries = {name: result.summary() for name, result in results.items()}
-    ratio = summaries["two replicas"]["output_tokens_per_s"] / summaries["one replica"]["output_tokens_per_s"]
-    over_server = summaries["two replicas"]["output_tokens_per_s"] / summaries["one server"]["output_tokens_per_s"]
+    tokens_per_s = {name: figures["output_tokens_per_s"] for name, figures in summaries.items()}
+    ratio = tokens_per_s["two replicas"] / tokens_per_s["one replica"] if {"two replicas", "one replica"} <= \
+        tokens_per_s.keys() else float("nan")
+    over_server = tokens_per_s["two replicas"] / tokens_per_s["one server"] if {"two replicas", "one server"} <= \
+        tokens_per_s.keys() else float("nan")
     lines = [f"# Two replicas on Ray Serve against one server ({args.num_prompts} ShareGPT prompts, "
              f"{args.output_len} output tokens, {args.concurrency} streams)", "", *machine_lines(machine()), "",
              "| system | output tok/s | mean TTFT ms | mean TPOT ms | failed |", "|---|---|---|---|---|"]
@@ -99,13 +149,17 @@ def main() -> None:
     lines += ["", f"two replicas / one replica: **{ratio:.2f}x** output tokens/s "
               f"({'holds' if ratio >= MIN_TWO_OVER_ONE else 'misses'}: at least {MIN_TWO_OVER_ONE:.1f}x); "
               f"two replicas / one server without Ray: {over_server:.2f}x",
-              f"requests per replica (router /metrics): {shares['two replicas']}"]
+              f"requests per replica (router /metrics): {shares.get('two replicas')}", "",
+              "CPU seconds while driven, by process (this machine's every process):", ""]
+    lines += [f"- {name} ({results[name].elapsed_s:.1f} s): " +
+              ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in used.items()) for name, used in cpu.items()]
     text = "\n".join(lines) + "\n"
     print(text)
     (RESULTS / f"{args.output}.md").write_text(text)
     (RESULTS / f"{args.output}.json").write_text(json.dumps({"summaries": summaries, "ratio": ratio,
                                                              "over_server": over_server,
-                                                             "requests_per_replica": shares}, indent=2))
+                                                             "requests_per_replica": shares, "cpu_seconds": cpu},
+                                                            indent=2))
     plot(summaries, RESULTS / f"{args.output}.png")
 
 

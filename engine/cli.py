@@ -64,9 +64,8 @@ def _elastify(args: argparse.Namespace) -> None:
     if args.distill:
         from engine.elastic.distill import DistillConfig, distill_checkpoint
 
-        options = {"compute": args.distill_compute}
-        if args.distill_budget_s is not None:
-            options["budget_s"] = args.distill_budget_s
+        given = {"compute": args.distill_compute, "budget_s": args.distill_budget_s}
+        options = {name: value for name, value in given.items() if value is not None}
         distill_checkpoint(args.model, result.directory, DistillConfig(**options))
 
 
@@ -115,9 +114,9 @@ def main(argv: list[str] | None = None) -> None:
                           "full model (logit KL, resumable: finished levels are kept)")
     elastify.add_argument("--distill-budget-s", type=float, default=None, help="wall-clock seconds per level, at "
                           "most (default 300)")
-    elastify.add_argument("--distill-compute", choices=("fp32", "bf16", "auto"), default="fp32",
-                          help="the submodel's forward and backward in fp32, under bf16 autocast, or bf16 where "
-                               "the CPU has bf16 dot products (auto); ~1.7x the steps on AVX512-BF16")
+    elastify.add_argument("--distill-compute", choices=("fp32", "bf16", "auto"), default=None,
+                          help="the submodel's forward and backward in fp32, under bf16 autocast, or (auto, the "
+                               "default) bf16 where the CPU has bf16 dot products, else fp32")
     elastify.set_defaults(handler=_elastify)
 
     try:
@@ -147,16 +146,18 @@ def main(argv: list[str] | None = None) -> None:
 def _handler_under_launcher(handler: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
     """Under torchrun every rank runs this command: rank 0 runs it (the engine and the server, whose
     TensorParallelRunner takes the others as its ranks); the other ranks become those ranks."""
-    from engine.distributed.group import LaunchedRank
+    from engine.distributed.launch import LaunchedRank
 
     launched = LaunchedRank.from_env()
-    if launched is None or launched.rank == 0:
+    if launched is None:
         return handler
 
     def run_rank(args: argparse.Namespace) -> None:
         if args.tensor_parallel_size != launched.size:
             raise SystemExit(f"engine {args.command}: torchrun started {launched.size} ranks for "
                              f"--tensor-parallel-size {args.tensor_parallel_size}: they must be equal")
+        if launched.rank == 0:
+            return handler(args)
         from engine.allocator import reexec_on_fast_allocator
         from engine.worker.tensor_parallel import run_launched_rank
 

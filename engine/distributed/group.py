@@ -8,7 +8,6 @@ every rank runs the same code on the same SchedulerOutput (see ModelRunner.execu
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,26 +67,6 @@ class TensorParallelGroup:
 
     def barrier(self) -> None:
         dist.barrier()
-
-
-@dataclass(frozen=True)
-class LaunchedRank:
-    """This process's place in a job that torchrun (or another launcher setting torch.distributed's
-    env:// variables) started: one process per rank, on one node or several."""
-
-    rank: int
-    size: int
-    local_rank: int  # on this node
-    local_size: int  # ranks on this node
-
-    @classmethod
-    def from_env(cls) -> LaunchedRank | None:
-        """None in a process no launcher started (then the engine spawns its ranks itself)."""
-        if not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
-            return None
-        size = int(os.environ["WORLD_SIZE"])
-        return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
-                   int(os.environ.get("LOCAL_WORLD_SIZE", size)))
 
 
 def join_group(rank: int, size: int, init_method: str, device: str = "cpu",

@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from engine.config import CacheConfig, ConfigError, PromptPruningConfig, RunnerConfig
-from engine.distributed.group import LaunchedRank, TensorParallelGroup, free_loopback_address, join_group, leave_group
+from engine.distributed.group import TensorParallelGroup, free_loopback_address, join_group, leave_group
+from engine.distributed.launch import LaunchedRank
 from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.tensor_parallel import check_splits
 from engine.model.compute_plan import make_compute_plan

@@ -113,6 +113,18 @@ def test_the_wall_clock_budget_stops_training(model: TorchLlama) -> None:
     assert report.seconds <= 0.5 + 0.05  # no step started that was expected to end past the budget
 
 
+def test_teacher_targets_are_shared_by_the_levels_and_kept_off_their_budgets(model: TorchLlama) -> None:
+    made, teacher = batches(), Teacher(model, 16)
+    config = DistillConfig(budget_s=60, max_steps=4)
+    _, first = distill_level(model, task(80, 48, 2), made[:-1], made[-1], teacher, config)
+    _, second = distill_level(model, task(60, 24, 1), made[:-1], made[-1], teacher, config)
+    assert first.teacher_seconds > 0 and second.teacher_seconds == 0.0  # the same 4 batches: kept
+    # The first level's budget clock stopped while the teacher ran.
+    budgeted = DistillConfig(budget_s=0.3, max_steps=10**6)
+    _, report = distill_level(model, task(60, 24, 1), made[:-1], made[-1], Teacher(model, 16), budgeted)
+    assert report.teacher_seconds > 0 and report.seconds <= 0.3 + 0.05
+
+
 def test_levels_are_saved_and_a_rerun_skips_them(model: TorchLlama, tmp_path: Path, capsys) -> None:
     made = batches()
     tasks = [task(80, 48, 2), task(60, 24, 1)]

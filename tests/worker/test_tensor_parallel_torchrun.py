@@ -84,3 +84,13 @@ def test_two_torchrun_nodes_serve_one_process_greedy_tokens(tmp_path):
             if node.poll() is None:
                 node.kill()
                 node.wait()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_world_size_other_than_the_tensor_parallel_size_is_refused_on_every_rank(rank):
+    env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "Hi", "--tensor-parallel-size", "1"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "torchrun started 2 ranks for --tensor-parallel-size 1" in done.stderr
+    assert "Traceback" not in done.stderr
