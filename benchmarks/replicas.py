@@ -1,7 +1,7 @@
 """Two engine replicas on Ray Serve against one server, same machine, same ShareGPT requests.
 
-    .venv/bin/python benchmarks/replicas.py                      # 64 prompts, 128 tokens, 32 streams
-    .venv/bin/python benchmarks/replicas.py --num-prompts 16     # quick
+    .venv/bin/python benchmarks/replicas.py                      # 64 prompts, 128 tokens, 32 streams, 3 rounds
+    .venv/bin/python benchmarks/replicas.py --num-prompts 16 --repeats 1   # quick
 
 1. one `engine serve` (every core to its one engine, no Ray);
 2. `engine serve --replicas 1`: Ray Serve's proxy, our router (engine/replicas/), one engine;
@@ -10,7 +10,10 @@
 Both are driven exactly like benchmarks/serve_throughput.py (streaming /v1/completions, raw
 ShareGPT prompts, EOS ignored, at most --concurrency in flight).  The acceptance point of the
 scale-out issue: two replicas' output tokens/s at least one replica's.  After the run, each
-replica's share of the requests is read from the router's /metrics (per-replica labels).
+replica's share of the requests is read from the router's /metrics (per-replica labels), and the
+CPU seconds every process on the machine used while a system was driven are grouped by kind.
+The systems run in turn, `--repeats` rounds (one system's figure moved 20-40% between runs here),
+and the ratio is taken within each round and its median reported.
 Writes benchmarks/results/<output>.json, .md and .png.
 """
 
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="replicas")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every system in turn")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"which of {', '.join(SYSTEMS)} to run (comma-separated; the ratios need their pair)")
     return parser.parse_args()
@@ -131,46 +136,73 @@ def main() -> None:
     tokenizer = load_tokenizer(resolve_model(str(default_model_path())))
     samples = sample_sharegpt(tokenizer, args.num_prompts + 1, seed=args.seed, fixed_output_len=args.output_len)
     warmup, requests = samples[0], samples[1:]
-    results, shares, cpu = {}, {}, {}
-    for name in args.systems.split(","):
-        results[name], shares[name], cpu[name] = run(name, SYSTEMS[name], args, requests, warmup)
-    summaries = {name: result.summary() for name, result in results.items()}
-    tokens_per_s = {name: figures["output_tokens_per_s"] for name, figures in summaries.items()}
-    ratio = tokens_per_s["two replicas"] / tokens_per_s["one replica"] if {"two replicas", "one replica"} <= \
-        tokens_per_s.keys() else float("nan")
-    over_server = tokens_per_s["two replicas"] / tokens_per_s["one server"] if {"two replicas", "one server"} <= \
-        tokens_per_s.keys() else float("nan")
-    lines = [f"# Two replicas on Ray Serve against one server ({args.num_prompts} ShareGPT prompts, "
-             f"{args.output_len} output tokens, {args.concurrency} streams)", "", *machine_lines(machine()), "",
-             "| system | output tok/s | mean TTFT ms | mean TPOT ms | failed |", "|---|---|---|---|---|"]
-    for name, figures in summaries.items():
-        lines.append(f"| {name} | {figures['output_tokens_per_s']:.1f} | {figures['mean_ttft_ms']:.0f} | "
-                     f"{figures['mean_tpot_ms']:.1f} | {figures['num_failed']} |")
-    lines += ["", f"two replicas / one replica: **{ratio:.2f}x** output tokens/s "
-              f"({'holds' if ratio >= MIN_TWO_OVER_ONE else 'misses'}: at least {MIN_TWO_OVER_ONE:.1f}x); "
-              f"two replicas / one server without Ray: {over_server:.2f}x",
-              f"requests per replica (router /metrics): {shares.get('two replicas')}", "",
-              "CPU seconds while driven, by process (this machine's every process):", ""]
-    lines += [f"- {name} ({results[name].elapsed_s:.1f} s): " +
-              ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in used.items()) for name, used in cpu.items()]
-    text = "\n".join(lines) + "\n"
+    systems = args.systems.split(",")
+    runs = []  # rounds of every system in turn: run-to-run drift hits each system alike
+    for round_number in range(1, args.repeats + 1):
+        for name in systems:
+            result, shares, cpu = run(name, SYSTEMS[name], args, requests, warmup)
+            runs.append({"round": round_number, "system": name, **result.summary(), "requests_per_replica": shares,
+                         "cpu_seconds": cpu})
+    report = summarize(runs, systems)
+    text = "\n".join(report_lines(args, runs, report)) + "\n"
     print(text)
     (RESULTS / f"{args.output}.md").write_text(text)
-    (RESULTS / f"{args.output}.json").write_text(json.dumps({"summaries": summaries, "ratio": ratio,
-                                                             "over_server": over_server,
-                                                             "requests_per_replica": shares, "cpu_seconds": cpu},
-                                                            indent=2))
-    plot(summaries, RESULTS / f"{args.output}.png")
+    (RESULTS / f"{args.output}.json").write_text(json.dumps({"runs": runs, **report}, indent=2))
+    plot(runs, report["median_tokens_per_s"], RESULTS / f"{args.output}.png")
 
 
-def plot(summaries: dict[str, dict], path: Path) -> None:
+def summarize(runs: list[dict], systems: list[str]) -> dict:
+    """Median output tokens/s per system, and two replicas over one replica (and over one server)
+    round by round (each round's pair ran back to back) with their medians."""
+    def tokens_per_s(name: str, round_number: int | None = None) -> list[float]:
+        return [r["output_tokens_per_s"] for r in runs
+                if r["system"] == name and round_number in (None, r["round"])]
+
+    rounds = sorted({r["round"] for r in runs})
+    report: dict = {"median_tokens_per_s": {name: statistics.median(tokens_per_s(name)) for name in systems}}
+    for key, other in (("two_over_one_replica", "one replica"), ("two_over_one_server", "one server")):
+        if {"two replicas", other} <= set(systems):
+            ratios = [tokens_per_s("two replicas", n)[0] / tokens_per_s(other, n)[0] for n in rounds]
+            report[key] = {"rounds": ratios, "median": statistics.median(ratios)}
+    return report
+
+
+def report_lines(args: argparse.Namespace, runs: list[dict], report: dict) -> list[str]:
+    lines = [f"# Two replicas on Ray Serve against one server ({args.num_prompts} ShareGPT prompts, "
+             f"{args.output_len} output tokens, {args.concurrency} streams, {args.repeats} rounds)", "",
+             *machine_lines(machine()), "",
+             "| round | system | output tok/s | mean TTFT ms | mean TPOT ms | failed | requests per replica |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        shares = " / ".join(f"{count:.0f}" for count in r["requests_per_replica"].values()) or "-"
+        lines.append(f"| {r['round']} | {r['system']} | {r['output_tokens_per_s']:.1f} | {r['mean_ttft_ms']:.0f} | "
+                     f"{r['mean_tpot_ms']:.1f} | {r['num_failed']} | {shares} |")
+    lines += ["", "median output tok/s: " + ", ".join(f"{name} {value:.1f}"
+                                                        for name, value in report["median_tokens_per_s"].items())]
+    if "two_over_one_replica" in report:
+        pair = report["two_over_one_replica"]
+        lines.append(f"two replicas / one replica, round by round: {', '.join(f'{x:.2f}x' for x in pair['rounds'])}; "
+                     f"median **{pair['median']:.2f}x** ({'holds' if pair['median'] >= MIN_TWO_OVER_ONE else 'misses'}"
+                     f": at least {MIN_TWO_OVER_ONE:.1f}x)")
+    if "two_over_one_server" in report:
+        lines.append(f"two replicas / one server without Ray: median {report['two_over_one_server']['median']:.2f}x")
+    lines += ["", "CPU seconds while driven, by process (this machine's every process):", ""]
+    lines += [f"- round {r['round']}, {r['system']} ({r['elapsed_s']:.1f} s): " +
+              ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in r["cpu_seconds"].items()) for r in runs]
+    return lines
+
+
+def plot(runs: list[dict], medians: dict[str, float], path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = list(summaries)
-    colors = ["tab:gray", "tab:cyan", "tab:blue"][:len(names)]
-    axes[0].bar(names, [summaries[n]["output_tokens_per_s"] for n in names], color=colors)
-    axes[0].set_ylabel("output tokens/s")
-    axes[1].bar(names, [summaries[n]["mean_tpot_ms"] for n in names], color=colors)
-    axes[1].set_ylabel("mean TPOT ms")
+    names = list(medians)
+    colors = {"one server": "tab:gray", "one replica": "tab:cyan", "two replicas": "tab:blue"}
+    for axis, metric, label in ((axes[0], "output_tokens_per_s", "output tokens/s"),
+                                (axes[1], "mean_tpot_ms", "mean TPOT ms")):
+        values = {name: [r[metric] for r in runs if r["system"] == name] for name in names}
+        axis.bar(names, [statistics.median(values[name]) for name in names], color=[colors[n] for n in names])
+        for i, name in enumerate(names):  # every round's figure over its median's bar
+            axis.scatter([i] * len(values[name]), values[name], color="black", s=12, zorder=3)
+        axis.set_ylabel(label + " (bar: median)")
     figure.suptitle("one server vs one and two Ray Serve replicas (same machine)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

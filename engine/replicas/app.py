@@ -49,7 +49,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     ).bind(serve_argv, threads)
     router = serve.deployment(Router, name="Router").options(max_ongoing_requests=4 * MAX_ONGOING_REQUESTS,
                                                              ray_actor_options={"num_cpus": 0})
-    return router.bind(engines)
+    return router.bind(engines, replicas)
 
 
 def scaling_options(replicas: int, max_replicas: Any) -> dict[str, Any]:

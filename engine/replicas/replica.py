@@ -87,6 +87,10 @@ class EngineReplica:
             await board.post.remote(self.name, body.decode())
             await asyncio.sleep(POST_INTERVAL_S)
 
+    async def replica_name(self) -> str:
+        """This replica's Serve id (the `replica` label of its metrics at the router)."""
+        return self.name
+
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising makes it replace the replica."""
         if not self.engine.is_running:

@@ -5,6 +5,7 @@ its client gets an error event, not a hang, and Ray brings the replica back."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -42,6 +43,26 @@ def per_replica(base_url: str, name: str) -> dict[str, float]:
 def settled(base_url: str, name: str, wait_s: float = 3.0) -> dict[str, float]:
     time.sleep(wait_s)  # replicas post their metrics every second
     return per_replica(base_url, name)
+
+
+DISTINCT_PROMPTS = ["Name a colour of the sky.", "What is seven times six?", "Translate 'cat' into French.",
+                    "Give me a rhyme for moon.", "Which planet is largest?", "Spell the word necessary.",
+                    "How many legs has a spider?", "Who wrote Hamlet?", "What melts ice quickly?",
+                    "Describe rain briefly.", "List two prime numbers.", "Why do leaves fall?"]
+
+
+def test_a_burst_at_start_is_spread_over_both_replicas(replicas):
+    """The first test on the fresh app: the router reached every replica before it was ready, so a
+    burst of unrelated requests does not all go to the first one it learnt of."""
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=replicas.base_url, timeout=120) as http:
+            replies = await asyncio.gather(*(http.post("/v1/completions", json={
+                "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 4}) for prompt in DISTINCT_PROMPTS))
+        return [reply.status_code for reply in replies]
+
+    assert asyncio.run(burst()) == [200] * len(DISTINCT_PROMPTS)
+    served = settled(replicas.base_url, "engine:request_success_total")
+    assert len(served) == 2 and min(served.values()) >= 3, served
 
 
 def test_openai_endpoints_and_streams_work_through_the_router(replicas):
