@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from engine.capabilities import CapabilityError, cpu_features
-from engine.config import ATTENTION_BACKENDS, DTYPES, WEIGHT_FORMATS
+from engine.config import ATTENTION_BACKENDS, DTYPES, WEIGHT_FORMATS, ConfigError
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,9 +153,10 @@ def _handler_under_launcher(handler: Callable[[argparse.Namespace], None]) -> Ca
         return handler
 
     def run_rank(args: argparse.Namespace) -> None:
-        if args.tensor_parallel_size != launched.size:
-            raise SystemExit(f"engine {args.command}: torchrun started {launched.size} ranks for "
-                             f"--tensor-parallel-size {args.tensor_parallel_size}: they must be equal")
+        try:
+            launched.check_size(args.tensor_parallel_size)
+        except ConfigError as error:
+            raise SystemExit(f"engine {args.command}: {error}") from None
         if launched.rank == 0:
             return handler(args)
         from engine.allocator import reexec_on_fast_allocator

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from engine.config import ConfigError
+
 
 @dataclass(frozen=True)
 class LaunchedRank:
@@ -25,3 +27,9 @@ class LaunchedRank:
         size = int(os.environ["WORLD_SIZE"])
         return cls(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
                    int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+
+    def check_size(self, tensor_parallel_size: int) -> None:
+        """Raise ConfigError unless the job has exactly one process per tensor-parallel rank."""
+        if self.size != tensor_parallel_size:
+            raise ConfigError(f"torchrun started {self.size} ranks for --tensor-parallel-size "
+                              f"{tensor_parallel_size}: they must be equal")

@@ -68,6 +68,12 @@ class RankArgs:
     size: int
     init_method: str
 
+    def load(self, group: TensorParallelGroup, num_threads: int | None = None) -> ModelRunner:
+        """This rank's ModelRunner (its shard, per `group`), on `num_threads` if given."""
+        runner = self.runner if num_threads is None else replace(self.runner, num_threads=num_threads)
+        return ModelRunner(self.source, self.dtype, self.cache, runner, self.weight_format, self.elastic,
+                           self.pruning, tp=group)
+
 
 class TensorParallelRunner:
     def __init__(self, source: ModelSource, dtype: str, cache: CacheConfig, runner: RunnerConfig, size: int,
@@ -79,9 +85,10 @@ class TensorParallelRunner:
         if elastic is not None:
             check_splits(elastic.spec, size)
         launched = LaunchedRank.from_env()
-        if launched is not None and (launched.rank, launched.size) != (0, size):
-            raise ConfigError(f"torchrun started rank {launched.rank} of {launched.size}: the engine runs on rank 0 "
-                              f"of a job of tensor_parallel_size {size} ranks")
+        if launched is not None:
+            launched.check_size(size)
+            if launched.rank != 0:
+                raise ConfigError(f"the engine runs on rank 0 of a torchrun job, not on rank {launched.rank}")
         runner = replace(runner, num_threads=runner.num_threads or _threads_per_rank(launched, size))
         # The C++ kernels build (once per machine) here, before the ranks would race to.
         make_compute_plan(dtype, weight_format, runner.device)
@@ -96,12 +103,11 @@ class TensorParallelRunner:
         try:
             self.group = join_group(0, size, args.init_method, runner.device, LOAD_TIMEOUT_S,
                                     launched.local_rank if launched else None)
-            load = partial(ModelRunner, source, dtype, cache, runner, weight_format, elastic, pruning, tp=self.group)
             if launched:
                 self.group.broadcast_object(args)
-                self.local = _load_together(self.group, load)
+                self.local = _load_together(self.group, partial(args.load, self.group))
             else:
-                self.local = load()
+                self.local = args.load(self.group)
                 self._wait_for_ranks()
         except BaseException:
             self._stopped, self._mid_step = True, True  # no STOP: the ranks may be anywhere
@@ -144,6 +150,7 @@ class TensorParallelRunner:
         try:
             if not self._mid_step:  # else a rank waits in some collective, not for this broadcast
                 self.group.broadcast_object(STOP)
+                self.group.barrier()  # see _run_steps
         finally:
             self._stop_processes()
 
@@ -198,6 +205,10 @@ def _run_steps(group: TensorParallelGroup, runner: ModelRunner) -> None:
     with torch.inference_mode():
         while not isinstance(step := group.broadcast_object(), str):  # STOP
             runner.execute(step)
+    # Every rank has the STOP before any tears the group down: rank 0 returns from the broadcast
+    # once it has sent, and destroying the group then cut a rank off mid-receive (gloo aborted it:
+    # "terminate called without an active exception", seen under torchrun).
+    group.barrier()
     leave_group()
 
 
@@ -208,11 +219,9 @@ def run_launched_rank(launched: LaunchedRank, device: str) -> None:
                         format=f"%(levelname)s %(asctime)s rank {launched.rank} %(name)s: %(message)s")
     group = join_group(launched.rank, launched.size, "env://", device, LOAD_TIMEOUT_S, launched.local_rank)
     args: RankArgs = group.broadcast_object()
-    runner_config = replace(args.runner, num_threads=_threads_per_rank(launched, args.size))
-    runner = _load_together(group, partial(ModelRunner, args.source, args.dtype, args.cache, runner_config,
-                                           args.weight_format, args.elastic, args.pruning, tp=group))
-    logger.info("tensor parallel: rank %d of %d loaded, %d threads", launched.rank, launched.size,
-                runner_config.num_threads)
+    num_threads = _threads_per_rank(launched, args.size)  # this node's cores, not rank 0's
+    runner = _load_together(group, partial(args.load, group, num_threads))
+    logger.info("tensor parallel: rank %d of %d loaded, %d threads", launched.rank, launched.size, num_threads)
     _run_steps(group, runner)
 
 
@@ -227,8 +236,7 @@ def _run_rank(rank: int, args: RankArgs, ready: Any) -> None:
     name = multiprocessing.current_process().name
     try:
         group = join_group(rank, args.size, args.init_method, args.runner.device, LOAD_TIMEOUT_S)
-        runner = ModelRunner(args.source, args.dtype, args.cache, args.runner, args.weight_format, args.elastic,
-                             args.pruning, tp=group)
+        runner = args.load(group)
     except Exception as error:  # noqa: BLE001 - reported to the driver, which raises it
         ready.put((name, f"{type(error).__name__}: {error}"))
         raise

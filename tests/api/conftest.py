@@ -42,20 +42,11 @@ class ServerProcess:
                                         env=None if env is None else {**os.environ, **env})
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log()}")
+        wait_healthy(self.base_url, {self.process: self.log_path})
+
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        return _tail(self.log_path)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -65,6 +56,28 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+def wait_healthy(base_url: str, processes: dict[subprocess.Popen, Path],
+                 timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Until `base_url`/health answers 200; a process that exits first (its log's tail in the
+    error) or a timeout raises."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for process, log in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{_tail(log)}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not healthy after {timeout_s} s:\n{_tail(next(iter(processes.values())))}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-5000:]
 
 
 def running_server(*extra_args: str, env: dict[str, str] | None = None,

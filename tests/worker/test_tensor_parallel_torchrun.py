@@ -10,18 +10,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from engine import SamplingParams
-from tests.api.conftest import REPO_ROOT, free_port
+from tests.api.conftest import REPO_ROOT, free_port, wait_healthy
 from tests.conftest import make_llm
 from tests.worker.test_tensor_parallel import PLAIN_FP32, sharegpt_prompts
 
-STARTUP_TIMEOUT_S = 240.0
 SERVE_FP32 = ["--dtype", "float32", "--weight-format", "dequantized", "--elastic", "off", "--kv-cache-memory", "0.5",
               "--max-num-batched-tokens", "64", "--max-model-len", "1024", "--uvicorn-log-level", "warning"]
 
@@ -38,21 +36,6 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def wait_healthy(base_url: str, nodes: list[subprocess.Popen], logs: list[Path]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for node, log in zip(nodes, logs):
-            if node.poll() is not None:
-                raise AssertionError(f"a node exited with {node.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"not healthy after {STARTUP_TIMEOUT_S} s:\n{logs[0].read_text()[-4000:]}")
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the server process through /proc")
 def test_two_torchrun_nodes_serve_one_process_greedy_tokens(tmp_path):
     one_process = make_llm(**PLAIN_FP32)
@@ -65,7 +48,7 @@ def test_two_torchrun_nodes_serve_one_process_greedy_tokens(tmp_path):
     nodes = [launch_node(rank, master_port, http_port, logs[rank]) for rank in range(2)]
     try:
         base_url = f"http://127.0.0.1:{http_port}"
-        wait_healthy(base_url, nodes, logs)
+        wait_healthy(base_url, dict(zip(nodes, logs)))
         response = httpx.post(f"{base_url}/v1/completions", timeout=120,
                               json={"model": "SmolLM2-135M-Instruct", "prompt": prompts, "max_tokens": 24,
                                     "temperature": 0.0, "ignore_eos": True})
