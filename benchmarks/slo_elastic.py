@@ -10,8 +10,12 @@ Request classes (ShareGPT text; targets set from this machine's measured step ti
               to the whole prompt's, prompt_pruning.md)
     batch     a ShareGPT question, --batch-output tokens, loose targets, no floor
 
-Variants, each the same trace at each load (Poisson arrivals at --loads x capacity; capacity is
-this mix's requests/s under FCFS with every request arriving at once, full model):
+Variants, each the same trace at each load (Poisson arrivals at --loads x capacity).  Capacity is
+the full model's SLO capacity (--capacity slo, the default; DistServe's goodput): the highest
+Poisson rate at which the slo policy at the full model meets 90% of the targets, found by a short
+search down from the throughput capacity (this mix's requests/s under FCFS, every request at
+once; --capacity throughput, the definition before 2026-12-04).  So 1.0x is where the full model
+just keeps up with the targets, and 1.5x is load it cannot serve within them:
 
     fcfs          FCFS, full model, whole prompts
     slo@L         the slo policy, every request at fixed level L (L = 100 is "slo at the full model")
@@ -20,7 +24,7 @@ this mix's requests/s under FCFS with every request arriving at once, full model
 Reported per load and variant: SLO attainment (the request's own targets), goodput (req/s that met
 them), quality-weighted goodput (req/s that met them at a setting meeting the request's floor:
 level and keep at or above them), mean level (over generated tokens) and prompt_keep (document
-requests), and each run's mean quality (engine/elastic/quality_table.py) for the Pareto plot.
+requests), the share of requests served wholly at level 100 on their whole prompt, and each run's mean quality (engine/elastic/quality_table.py) for the Pareto plot.
 A load step (rate x2 for --step-seconds, then back) shows auto's level over time.  The simulator
 (engine bench simulate, with the profiled knob costs) replays the same traces: does it rank the
 variants as the real runs do?
@@ -52,6 +56,8 @@ from engine.request import SLOTarget
 from engine.scheduler.elastic_choice import AUTO
 
 RESULTS = Path(__file__).parent / "results"
+SLO_CAPACITY_ATTAINMENT = 0.9  # the full model's SLO capacity: the rate at which it meets this share
+STEP_DOWN = 0.7  # the SLO capacity search's step down from the throughput capacity
 CLASSES = ("chat", "document", "batch")
 
 
@@ -75,6 +81,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--step-seconds", type=float, default=30.0)
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity", choices=("slo", "throughput"), default="slo",
+                        help="what the loads are multiples of: the full model's SLO capacity (the highest rate at "
+                             "which slo@100 meets 90%% of the targets) or its throughput (FCFS, all at once)")
     parser.add_argument("--out", default=str(RESULTS / "slo_elastic"))
     parser.add_argument("--variants", default=None,
                         help="run only these variants (comma-separated labels, e.g. 'slo auto'), keeping the capacity "
@@ -83,15 +92,26 @@ def parse_args() -> argparse.Namespace:
 
 
 def class_specs(llm: LLM, args: argparse.Namespace) -> dict[str, ClassSpec]:
-    """Targets from this machine: the full model's decode step at max_num_seqs rows and a
-    document's whole prefill, as the slo policy's cost model predicts them."""
-    from engine.scheduler.cost_model import features_of_chunks
-
-    cost = llm.engine.cost_model
-    decode_s = cost.predict_s(features_of_chunks([(300, 1, True)] * args.max_num_seqs))
-    doc_prefill_s = llm.engine.scheduler.policy.prefill_time_s(args.doc_len)
-    print(f"full-model decode step at {args.max_num_seqs} rows: {1000 * decode_s:.1f} ms; "
-          f"{args.doc_len}-token prefill: {1000 * doc_prefill_s:.0f} ms")
+    """Targets from this machine's measured times (not the start-up cost model's predictions,
+    which move run to run): the full model's decode step at max_num_seqs rows (the median time
+    between tokens of that many requests decoding together) and a document's whole prefill alone
+    (the median first-token time of a few, one at a time)."""
+    tokenizer = llm.get_tokenizer()
+    rows = sample_sharegpt(tokenizer, args.max_num_seqs, seed=args.seed + 7, max_prompt_len=64, fixed_output_len=32)
+    decode_trace = [TraceRequest(s.prompt_token_ids or tokenizer.encode(s.prompt), 32, 0.0, elastic={"elastic_level": 100})
+                    for s in rows]
+    replay_trace(llm.engine, decode_trace, desc="targets: warm-up", show_progress=False)  # first calls pay set-up
+    records, _ = replay_trace(llm.engine, decode_trace, desc="targets: decode step", show_progress=False)
+    decode_s = float(np.median([itl for r in records for itl in r.itl_s[len(r.itl_s) // 2:]]))  # all decoding
+    prefills = []
+    for doc in sample_long(tokenizer, 3, args.doc_len, 1, seed=args.seed + 7):
+        records, _ = replay_trace(llm.engine, [TraceRequest(doc.prompt_token_ids or tokenizer.encode(doc.prompt), 1, 0.0,
+                                                            elastic={"elastic_level": 100})],
+                                  desc="targets: prefill", show_progress=False)
+        prefills.append(records[0].ttft_s)
+    doc_prefill_s = float(np.median(prefills))
+    print(f"measured: full-model decode step at {args.max_num_seqs} rows {1000 * decode_s:.1f} ms; "
+          f"{args.doc_len}-token prefill alone {1000 * doc_prefill_s:.0f} ms")
     return {"chat": ClassSpec("chat", SLOTarget(ttft_s=3.0, tpot_s=1.5 * decode_s), min_level=70),
             "document": ClassSpec("document", SLOTarget(ttft_s=3.0 * doc_prefill_s), min_prompt_keep=0.3),
             "batch": ClassSpec("batch", SLOTarget(ttft_s=60.0, tpot_s=1.0))}
@@ -141,7 +161,9 @@ def summarize_run(names: list[str], records: list[RequestRecord], duration_s: fl
     keeps = [r.prompt_keep or 1.0 for n, r in zip(names, records) if n == "document" and r.success]
     qualities = [quality.quality(int(np.mean(r.token_levels)) if r.token_levels else 100, r.prompt_keep or 1.0)
                  for r in records if r.success]
+    at_full = [all(level == 100 for level in r.token_levels) and (r.prompt_keep or 1.0) >= 1.0 for r in records]
     return {"slo_attainment": float(np.mean(met)), "goodput": sum(met) / duration_s,
+            "full_share": float(np.mean(at_full)),
             "quality_goodput": sum(quality_met) / duration_s, "mean_level": float(np.mean(levels)) if levels else None,
             "mean_doc_keep": float(np.mean(keeps)) if keeps else None,
             "mean_quality": float(np.mean(qualities)) if qualities else None,
@@ -150,9 +172,45 @@ def summarize_run(names: list[str], records: list[RequestRecord], duration_s: fl
 
 
 def measure_capacity(llm: LLM, trace: list[tuple[str, TraceRequest]], specs) -> float:
+    """Throughput capacity: this mix's requests/s under FCFS, every request arriving at once."""
     records, duration = replay_trace(llm.engine, with_variant(trace, specs, 100, [0.0] * len(trace)),
                                      desc="capacity (fcfs, all at once)")
     return sum(r.success for r in records) / duration
+
+
+def measure_slo_capacity(llm: LLM, trace, specs, throughput: float, args) -> tuple[float, list[list[float]]]:
+    """SLO capacity (DistServe's goodput definition): the highest Poisson rate at which the slo
+    policy at the full model meets SLO_CAPACITY_ATTAINMENT of the requests' targets.  Steps down
+    from the throughput capacity by STEP_DOWN until met, then bisects (geometric) twice.  Returns
+    the rate and every probe (rate, attainment)."""
+    names = [name for name, _ in trace]
+    probes: list[list[float]] = []
+
+    def attainment(rate: float) -> float:
+        times = arrival_times(len(trace), rate, seed=args.seed)
+        records, duration = replay_trace(llm.engine, with_variant(trace, specs, 100, times),
+                                         desc=f"slo capacity probe {rate:.3f} req/s")
+        met = summarize_run(names, records, duration, specs, llm.engine.scheduler.policy.choice.quality)["slo_attainment"]
+        probes.append([rate, met])
+        print(f"slo@100 at {rate:.3f} req/s: attainment {met:.2f}", flush=True)
+        return met
+
+    low, high = None, throughput
+    rate = throughput * STEP_DOWN
+    while low is None and rate > throughput / 64:
+        if attainment(rate) >= SLO_CAPACITY_ATTAINMENT:
+            low = rate
+        else:
+            high, rate = rate, rate * STEP_DOWN
+    if low is None:
+        raise SystemExit("the full model meets the targets at no rate tried: relax the targets")
+    for _ in range(2):
+        middle = (low * high) ** 0.5
+        if attainment(middle) >= SLO_CAPACITY_ATTAINMENT:
+            low = middle
+        else:
+            high = middle
+    return low, probes
 
 
 def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> dict[str, dict[str, Any]]:
@@ -227,29 +285,40 @@ def load_step(llm: LLM, trace, specs, capacity: float, args) -> dict[str, list[f
             "phases": [list(p) for p in phases]}
 
 
-def write(results: dict, step: dict | None, capacity: float, specs, args) -> None:
+def write(results: dict, step: dict | None, capacity: float, specs, args, throughput: float,
+          probes: list[list[float]]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"capacity": capacity, "results": results, "step": step,
+    out.with_suffix(".json").write_text(json.dumps({"capacity": capacity, "capacity_kind": args.capacity,
+                                                    "throughput_capacity": throughput,
+                                                    "slo_capacity_probes": probes, "results": results, "step": step,
                                                     "targets": {n: [s.slo.ttft_s, s.slo.tpot_s] for n, s in specs.items()}},
                                                    indent=1))
-    lines = [f"# SLO-driven elastic settings: {args.num_requests} requests a run, capacity {capacity:.3f} req/s", "",
+    kind = "SLO capacity (slo@100 meets 90%)" if args.capacity == "slo" else "throughput capacity"
+    lines = [f"# SLO-driven elastic settings: {args.num_requests} requests a run, loads x {kind} {capacity:.3f} req/s", "",
+             f"Throughput capacity (FCFS, all at once): {throughput:.3f} req/s; SLO capacity probes (req/s, slo@100 "
+             "attainment): " + ", ".join(f"{r:.3f} {a:.2f}" for r, a in probes), "",
              "Targets (s): " + ", ".join(f"{n} TTFT {s.slo.ttft_s:.2f} / TPOT {s.slo.tpot_s}" for n, s in specs.items()), ""]
     for load in sorted({key.split("|")[0] for key in results}, key=float):
         lines += [f"## Load {float(load):.1f}x", "",
-                  "| variant | SLO attainment | goodput req/s | quality-weighted goodput | mean level | doc keep | mean quality | chat / doc / batch attainment |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| variant | SLO attainment | goodput req/s | quality-weighted goodput | mean level | doc keep | at level 100, whole prompt | mean quality | chat / doc / batch attainment |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for key, r in results.items():
             if key.split("|")[0] != load:
                 continue
             by_class = " / ".join(f"{r['by_class'][c]:.2f}" for c in CLASSES)
             lines.append(f"| {key.split('|')[1]} | {r['slo_attainment']:.2f} | {r['goodput']:.3f} | {r['quality_goodput']:.3f} | "
-                         f"{r['mean_level'] or 0:.0f} | {r['mean_doc_keep'] or 1:.2f} | {r['mean_quality'] or 0:.3f} | {by_class} |")
+                         f"{r['mean_level'] or 0:.0f} | {r['mean_doc_keep'] or 1:.2f} | {_share(r.get('full_share'))} | "
+                         f"{r['mean_quality'] or 0:.3f} | {by_class} |")
         lines.append("")
     lines += ranking_lines(results)
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     plot(results, step, out.with_suffix(".png"))
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def ranking_lines(results: dict) -> list[str]:
@@ -301,11 +370,17 @@ def main() -> None:
     trace = base_trace(llms["slo"], args, specs)
     llms["fcfs"] = LLM(max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
     earlier = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.variants else None
-    capacity = earlier["capacity"] if earlier else measure_capacity(llms["fcfs"], trace, specs)
-    print(f"capacity: {capacity:.3f} req/s", flush=True)
+    throughput = earlier.get("throughput_capacity", earlier["capacity"]) if earlier else measure_capacity(llms["fcfs"], trace, specs)
+    probes = earlier.get("slo_capacity_probes", []) if earlier else []
+    capacity = throughput
+    if earlier:
+        capacity = earlier["capacity"]
+    elif args.capacity == "slo":
+        capacity, probes = measure_slo_capacity(llms["slo"], trace, specs, throughput, args)
+    print(f"throughput capacity {throughput:.3f} req/s; loads are multiples of {capacity:.3f} req/s", flush=True)
     results = {**(earlier["results"] if earlier else {}), **run_variants(llms, trace, specs, capacity, args)}
-    step = None if args.skip_step else load_step(llms["slo"], trace, specs, capacity, args)
-    write(results, step, capacity, specs, args)
+    step = (earlier or {}).get("step") if args.skip_step else load_step(llms["slo"], trace, specs, capacity, args)
+    write(results, step, capacity, specs, args, throughput, probes)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from engine.scheduler.output import SchedulerOutput
 
 FORMAT_VERSION = 1
+# mixed_step_ratio: each observed mixed step's weight (about the last 20 count), and its bounds
+# (one burst of contention must not halve every step's budget).
+MIXED_RATIO_WEIGHT = 0.05
+MIXED_RATIO_BOUNDS = (0.7, 1.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +159,11 @@ class StepCostModel:
         self._weights = coefficients.as_tuple()
         self._window: deque[tuple[tuple[int, ...], float]] = deque(maxlen=online.window_size)
         self._num_since_refit = 0
+        # Measured over predicted time of recent steps that ran decodes and prefill chunks together
+        # (an EWMA, kept within MIXED_RATIO_BOUNDS).  A linear fit over every kind of step is
+        # biased for these (measured here: 10% short at the median), and they are the steps whose
+        # time a TPOT bound caps, so the SLO policy divides its bound by this.
+        self.mixed_step_ratio = 1.0
 
     # ---- fitting -----------------------------------------------------------------------------
 
@@ -212,6 +221,10 @@ class StepCostModel:
         """Record a measured step; every refit_interval observations, refit over the window."""
         if features.is_empty or not elapsed_s > 0:
             return
+        if features.num_prefill_seqs and features.num_decode_context_tokens:
+            ratio = elapsed_s / max(self.predict_s(features), 1e-9)
+            self.mixed_step_ratio += MIXED_RATIO_WEIGHT * (ratio - self.mixed_step_ratio)
+            self.mixed_step_ratio = min(max(self.mixed_step_ratio, MIXED_RATIO_BOUNDS[0]), MIXED_RATIO_BOUNDS[1])
         self._window.append((features.as_tuple(), elapsed_s))
         self._num_since_refit += 1
         if self._num_since_refit >= self.online.refit_interval:

@@ -8,6 +8,7 @@ policy answers:
     what may a waiting request do to running work  -> displacement
     which running request is preempted             -> pick_victim
     how many tokens may this step run              -> token_budget
+    how many of them may one prefill chunk take    -> limit_chunk
     is a new request admitted at all               -> on_arrival (raise AdmissionRejected)
 and hears what happened (`prepare_step`, `on_scheduled`, `on_finished`) to keep its own per-request state.
 
@@ -68,6 +69,11 @@ class SchedulingPolicy(ABC):
     def token_budget(self, running: Sequence[Request], max_budget: int, now: float) -> int:
         """Tokens this step may run; policies that guard latency shrink it."""
         return max_budget
+
+    def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest]) -> int:
+        """The tokens (<= num_new) `request` may run in the step that already holds `scheduled`;
+        0: none this step.  Policies that bound a step's time price the chunk where it lies."""
+        return num_new
 
     def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
         """Called once at the start of every step, before ranking (MLFQ promotes starved work)."""

@@ -139,7 +139,7 @@ class Scheduler:
         return output
 
     def _schedule_running(self, request: Request, step: _StepBuilder, now: float) -> None:
-        num_new = self._num_new_tokens(request, step.budget)
+        num_new = self._num_new_tokens(request, step)
         if num_new == 0:
             return  # a pruned prompt whose window does not fit what is left of the budget
         total = request.num_computed_tokens + num_new
@@ -161,7 +161,7 @@ class Scheduler:
         if not request.needs_prompt_logprobs:
             request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids,
                                                               request.kv_cache_salt, request.prune_plan)
-        num_new = self._num_new_tokens(request, step.budget)
+        num_new = self._num_new_tokens(request, step)
         total = request.num_computed_tokens + num_new
         while num_new == 0 or not self._allocate(request, total):
             if num_new == 0 or displacement == Displacement.NONE or not self._preempt_below(request, step, now):
@@ -175,12 +175,20 @@ class Scheduler:
         step.add(self._scheduled(request, num_new, starts=True))
         return True
 
-    @staticmethod
-    def _num_new_tokens(request: Request, budget: int) -> int:
+    def _num_new_tokens(self, request: Request, step: _StepBuilder) -> int:
+        """What is left of the token budget, then what the policy lets the chunk cost where it
+        lies (a pruned prompt's chunk still ends outside its window)."""
         plan = request.prune_plan
         if plan is None:
-            return min(request.num_tokens_to_compute, budget)
-        return plan.chunk_size(request.num_computed_tokens, request.num_tokens_to_compute, budget)
+            num_new = min(request.num_tokens_to_compute, step.budget)
+        else:
+            num_new = plan.chunk_size(request.num_computed_tokens, request.num_tokens_to_compute, step.budget)
+        if num_new <= 1:
+            return num_new
+        limited = self.policy.limit_chunk(request, num_new, step.scheduled)
+        if limited >= num_new or plan is None:
+            return limited
+        return plan.chunk_size(request.num_computed_tokens, limited, limited)
 
     def _allocate(self, request: Request, num_total_tokens: int) -> bool:
         return self.kv.allocate_slots(request.request_id, num_total_tokens, request.all_token_ids,

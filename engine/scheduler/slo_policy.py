@@ -6,14 +6,19 @@ go to the work whose target is closest to being missed, and everything else paus
 
     budget      each step's token budget is the largest whose predicted step time keeps the
                 tightest TPOT target among running decodes (Sarathi-Serve's rule), never fewer
-                than the decodes plus MIN_PREFILL_TOKENS, so prefills still make progress;
+                than the decodes plus MIN_PREFILL_TOKENS, so prefills still make progress; and
+                each prefill chunk is priced where it lies (limit_chunk): a chunk late in a long
+                prompt attends to every key before it, so the same tokens there cost several
+                times what they cost at the prompt's start.  A chunk the bound cannot fit there
+                waits for decode-only steps to bank the slack it needs (a TPOT target is a mean);
     order       decodes about to miss their TPOT (their next token is due within URGENT_STEPS
                 steps), then prefills whose TTFT is still reachable in least-slack order (slack =
                 TTFT deadline - now - predicted prefill time), then decodes ahead of schedule, then
                 work whose target is already lost;
     admission   a new request is refused (AdmissionRejected -> HTTP 429) or, with best_effort,
                 served last when its TTFT target is out of reach (the prefills due before it, at
-                the prefill rate the budget leaves) or when the decodes already admitted leave no
+                the steps the budget gives, scaled by how late first tokens have come against such
+                predictions; an auto level counts at the lowest it may fall to) or when the decodes already admitted leave no
                 seat time for one more at its TPOT target.
 
 Step times come from a StepCostModel that the engine profiles at start-up and refines online.
@@ -35,6 +40,7 @@ from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingP
 if TYPE_CHECKING:
     from engine.scheduler.cost_model import StepCostModel
     from engine.scheduler.elastic_choice import ElasticChoice
+    from engine.scheduler.output import ScheduledRequest
 
 # Keep the predicted step time this far under the tightest TPOT target: the model is a fit.
 TPOT_SAFETY = 0.9
@@ -42,6 +48,13 @@ TPOT_SAFETY = 0.9
 MIN_PREFILL_TOKENS = 16
 # A decode is urgent when its next token is due within this many (predicted) steps.
 URGENT_STEPS = 2.0
+# Decode-only steps bank slack for a chunk the TPOT bound cannot fit (limit_chunk) only while they
+# take less than this share of the bound: else slack would never build and prefills would starve.
+BANKING_DECODE_SHARE = 0.6
+# first_token_ratio: each first token's weight in the EWMA, and its bounds.
+FIRST_TOKEN_RATIO_WEIGHT = 0.2
+FIRST_TOKEN_RATIO_BOUNDS = (0.5, 3.0)
+
 # Decode seat time admitted TPOT targets may claim, as a fraction of what steps of nothing but
 # decodes would give (the rest is for prefills and for the step-to-step spread).
 MAX_DECODE_SEAT_SHARE = 0.6
@@ -63,7 +76,14 @@ class SLOPolicy(SchedulingPolicy):
         self.max_budget = max_budget
         self.max_num_seqs = max_num_seqs
         self.choice = choice
-        self._last_budget = max_budget
+        self._step_limit_s: float | None = None  # each step's bound from the tightest TPOT target; None: none
+        self._slack_limit_s: float | None = None  # this step's bound from the decodes' banked slack
+        # Measured over predicted first-token time of recent requests (an EWMA within
+        # FIRST_TOKEN_RATIO_BOUNDS): first_token_eta_s is a rate model of steps it cannot see, so
+        # the predictions that admission and the prompt_keep choice act on are scaled by it.
+        self.first_token_ratio = 1.0
+        self._first_token_predicted: dict[str, tuple[Request, float]] = {}  # request id -> (request, eta)
+        self._decode_features = StepFeatures()  # the running decodes' share of this step
         self._last_step_s = cost_model.predict_s(StepFeatures.of_chunk(0, max_budget, False))
 
     @staticmethod
@@ -88,23 +108,69 @@ class SLOPolicy(SchedulingPolicy):
         lost = request.best_effort or latest_start < now
         return (3 if lost else 1, latest_start, request.arrival_time, request.request_id)
 
-    def next_token_due(self, request: Request) -> float:
-        """When the next token must come for the request's mean TPOT to stay on target."""
+    def next_token_due(self, request: Request, pace: float = 1.0) -> float:
+        """When the next token must come for the request's mean TPOT to stay on target (at
+        `pace` times the target)."""
         tpot_s = self.target(request).tpot_s
         first = request.metrics.first_token_time
         if tpot_s is None or first is None:
             return math.inf if tpot_s is None else -math.inf
-        return first + tpot_s * request.num_output_tokens
+        return first + pace * tpot_s * request.num_output_tokens
 
     def prefill_time_s(self, num_tokens: int) -> float:
-        """Predicted time to prefill num_tokens alone, in chunks of the current budget."""
-        chunk = max(1, min(num_tokens, self._last_budget))
-        return math.ceil(num_tokens / chunk) * self.cost_model.predict_s(StepFeatures.of_chunk(0, chunk, False))
+        """Predicted time to prefill a whole prompt of num_tokens alone, at the steps this policy
+        gives now."""
+        return self.prefill_span_s(*self._prefill_work(0, num_tokens))
+
+    def prefill_span_s(self, work_s: float, num_tokens: int) -> float:
+        """Wall time of `work_s` seconds of prefill compute over num_tokens tokens
+        (_prefill_work), at the steps this policy gives now.  Every step also pays fixed costs
+        (overhead, the running decodes, a chunk's own): under a TPOT bound a step lasts the bound
+        and prefill work fills what the fixed costs leave of it (never fewer than
+        MIN_PREFILL_TOKENS); without one, chunks run the whole budget."""
+        if num_tokens <= 0:
+            return 0.0
+        fixed_s = self._fixed_step_s()
+        room = max(1, self.max_budget - self._decode_features.num_sampled_seqs)
+        fastest_s = work_s + math.ceil(num_tokens / room) * fixed_s
+        limit_s = self._step_limit_s
+        if limit_s is None:
+            return fastest_s
+        floor_s = work_s + math.ceil(num_tokens / MIN_PREFILL_TOKENS) * fixed_s
+        if limit_s <= fixed_s:
+            return floor_s
+        return min(max(fastest_s, work_s * limit_s / (limit_s - fixed_s)), floor_s)
+
+    def _prefill_work(self, num_computed_tokens: int, num_tokens: int) -> tuple[float, int]:
+        """(seconds of compute, tokens) of prefilling tokens [c, c + n) of a prompt in small
+        chunks: each token's layers, and its attention to every key before it (a token late in a
+        long prompt costs several times one at its start)."""
+        w = self.cost_model.coefficients
+        c, n = num_computed_tokens, num_tokens
+        return w.per_scheduled_token_s * n + w.per_prefill_attention_pair_s * n * (2 * c + n) / 2, n
+
+    def _fixed_step_s(self) -> float:
+        """A step's time that does not grow with its prefill tokens: overhead, the running decodes
+        and one prefill chunk's own cost."""
+        w = self.cost_model.coefficients
+        d = self._decode_features
+        return (w.overhead_s + w.per_prefill_seq_s + w.per_scheduled_token_s * d.num_scheduled_tokens
+                + w.per_sampled_seq_s * d.num_sampled_seqs + w.per_decode_context_token_s * d.num_decode_context_tokens)
+
+    def request_prefill_work(self, request: Request) -> tuple[float, int]:
+        """What the request's prefill still needs (_prefill_work), at the full model: a pruned
+        prompt's deep layers run only the kept share (KnobCosts.keep_fraction)."""
+        work_s, tokens = self._prefill_work(request.num_computed_tokens, request.num_tokens_to_compute)
+        if self.choice is None or request.prompt_keep >= 1.0:
+            return work_s, tokens
+        return work_s * self.choice.costs.keep_fraction(request.prompt_keep), tokens
 
     # ---- elastic settings (engine/scheduler/elastic_choice.py) ---------------------------------
 
     def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
-        """Choose this step's level for the requests that leave it to the server."""
+        """Learn from first tokens that came; choose this step's level for the requests that
+        leave it to the server."""
+        self._observe_first_tokens()
         auto = [r for r in (*running, *waiting) if r.elastic_auto]
         if self.choice is None or not auto:
             return
@@ -123,53 +189,124 @@ class SLOPolicy(SchedulingPolicy):
 
     def ttft_pressure(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> float:
         """Max over prompts still to prefill, in deadline order, of the full-model prefill time
-        due up to and including each over the time left to its deadline.  Prompts whose target is
+        due up to and including each (calibrated: first_token_ratio) over the time left to its
+        deadline.  Prompts whose target is
         already lost do not count: they are served as such, and would pin the level down."""
         due = sorted((r for r in (*running, *waiting) if phase(r) != 0 and not r.best_effort
                       and math.isfinite(self.deadline(r))), key=self.deadline)
-        pressure, tokens = 0.0, 0
+        pressure, work_s, tokens = 0.0, 0.0, 0
         for request in due:
             left_s = self.deadline(request) - now
             if left_s <= 0:
                 continue
-            tokens += self.prefill_tokens(request)
-            pressure = max(pressure, self.prefill_time_s(tokens) / left_s)
+            request_work_s, request_tokens = self.request_prefill_work(request)
+            work_s, tokens = work_s + request_work_s, tokens + request_tokens
+            pressure = max(pressure, self.first_token_ratio * self.prefill_span_s(work_s, tokens) / left_s)
         return pressure
-
-    def prefill_tokens(self, request: Request) -> float:
-        """Full-model-equivalent prefill tokens the request still needs: its pruned prompt's
-        deep layers run only the kept share (KnobCosts.keep_fraction)."""
-        if self.choice is None or request.prompt_keep >= 1.0:
-            return request.num_tokens_to_compute
-        return request.num_tokens_to_compute * self.choice.costs.keep_fraction(request.prompt_keep)
 
     def _choose_prompt_keep(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
                             now: float) -> None:
-        """An auto prompt_keep: the largest whose predicted first token meets the TTFT target."""
+        """An auto prompt_keep: the largest whose predicted first token, at the level auto
+        requests run at now, meets the TTFT target."""
         deadline = self.deadline(request)
+        scale = self._prefill_fraction(request, lowest=False) * self.first_token_ratio
 
         def fits(keep: float) -> bool:
             request.choose_prompt_keep(keep)
-            return now + self.first_token_eta_s(request, waiting, running) <= deadline
+            return now + scale * self.first_token_eta_s(request, waiting, running) <= deadline
 
         keep, _ = self.choice.choose_keep(fits, request.min_prompt_keep, tuple(request.keep_options))
         request.choose_prompt_keep(keep)
 
+    def _prefill_fraction(self, request: Request, lowest: bool) -> float:
+        """A prefill's time at the request's level over the full model's: at the level the choice
+        gives it now, or (lowest) at the narrowest it may fall to; 1 for a fixed level."""
+        if self.choice is None or not request.elastic_auto:
+            return 1.0
+        level = self.choice.lowest_level(request.min_level) if lowest else self.choice.level_for(request.min_level)
+        return self.choice.costs.fraction(level, False)
+
+    # ---- first-token predictions, calibrated -------------------------------------------------
+
+    def _predict_first_token(self, request: Request, eta_s: float) -> None:
+        """Remember an admitted request's predicted first-token time, to learn from when it comes."""
+        if not request.best_effort:
+            self._first_token_predicted[request.request_id] = (request, eta_s)
+
+    def _observe_first_tokens(self) -> None:
+        for request_id, (request, eta_s) in list(self._first_token_predicted.items()):
+            first = request.metrics.first_token_time
+            if first is None:
+                continue
+            del self._first_token_predicted[request_id]
+            if request.best_effort or eta_s <= 0:
+                continue  # served last on purpose: says nothing of the predictions
+            ratio = (first - request.arrival_time) / eta_s
+            self.first_token_ratio += FIRST_TOKEN_RATIO_WEIGHT * (ratio - self.first_token_ratio)
+            self.first_token_ratio = min(max(self.first_token_ratio, FIRST_TOKEN_RATIO_BOUNDS[0]),
+                                         FIRST_TOKEN_RATIO_BOUNDS[1])
+
+    def on_finished(self, request: Request) -> None:
+        self._first_token_predicted.pop(request.request_id, None)
+
     # ---- budget ------------------------------------------------------------------------------
 
     def token_budget(self, running: Sequence[Request], max_budget: int, now: float) -> int:
-        decodes = [r for r in running if phase(r) == 0][:self.max_num_seqs]  # at most a step's worth
-        tpot_targets = [t for t in (self.target(r).tpot_s for r in decodes) if t is not None]
-        room = max_budget - len(decodes)
-        prefill_tokens = room
-        if tpot_targets:
-            prefill_tokens = self.cost_model.max_chunk_tokens(
-                _decode_features(decodes), num_computed_tokens=0, max_tokens=room,
-                budget_s=min(tpot_targets) * TPOT_SAFETY)
-        self._last_budget = len(decodes) + min(room, max(prefill_tokens, MIN_PREFILL_TOKENS))
+        budget = self._token_budget(running, max_budget, now)
+        num_decodes = self._decode_features.num_sampled_seqs
         self._last_step_s = self.cost_model.predict_s(
-            _decode_features(decodes) + StepFeatures.of_chunk(0, self._last_budget - len(decodes), False))
-        return self._last_budget
+            self._decode_features + StepFeatures.of_chunk(0, budget - num_decodes, False))
+        return budget
+
+    def _token_budget(self, running: Sequence[Request], max_budget: int, now: float) -> int:
+        decodes = [r for r in running if phase(r) == 0][:self.max_num_seqs]  # at most a step's worth
+        paced = [r for r in decodes if self.target(r).tpot_s is not None]
+        room = max_budget - len(decodes)
+        self._decode_features = _decode_features(decodes)
+        self._step_limit_s = self._slack_limit_s = None
+        if not paced:
+            return max_budget
+        # Mixed steps run longer than the fit predicts, by mixed_step_ratio.
+        correction = TPOT_SAFETY / self.cost_model.mixed_step_ratio
+        self._step_limit_s = min(self.target(r).tpot_s for r in paced) * correction
+        limits = [self._step_limit_s]
+        if self.cost_model.predict_s(self._decode_features) < BANKING_DECODE_SHARE * self._step_limit_s:
+            # Slack against TPOT_SAFETY times each target's pace: a margin over the whole request.
+            slack_s = min(self.next_token_due(r, TPOT_SAFETY) for r in paced) - now
+            self._slack_limit_s = slack_s / self.cost_model.mixed_step_ratio
+            limits.append(self._slack_limit_s)
+        prefill_tokens = max(self.cost_model.max_chunk_tokens(self._decode_features, num_computed_tokens=0,
+                                                              max_tokens=room, budget_s=limit_s) for limit_s in limits)
+        return len(decodes) + min(room, max(prefill_tokens, MIN_PREFILL_TOKENS))
+
+    def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest]) -> int:
+        """The most of num_new tokens whose chunk, at its position and beside the running decodes
+        and the chunks already in the step, keeps the step within its TPOT bound.
+
+        Where the bound does not fit even MIN_PREFILL_TOKENS there (a chunk late in a long
+        prompt attends to every key before it), the step's first chunk spends the slack the
+        decodes have banked instead: it runs, as large as that slack allows, once decode-only steps
+        (far shorter than the bound) have banked enough for MIN_PREFILL_TOKENS, and not before.
+        The decodes' mean TPOT holds either way.  Where decode-only steps cannot bank slack the
+        first chunk keeps MIN_PREFILL_TOKENS whatever it costs, so waiting work cannot starve."""
+        if self._step_limit_s is None:
+            return num_new
+        chunks = [s for s in scheduled if s.num_scheduled_tokens > 1]
+        base = self._decode_features + features_of_chunks(
+            (s.num_computed_tokens, s.num_scheduled_tokens, s.samples) for s in chunks)
+        minimum = min(num_new, MIN_PREFILL_TOKENS)
+
+        def fitted(limit_s: float) -> int:
+            return self.cost_model.max_chunk_tokens(base, request.num_computed_tokens, num_new, limit_s,
+                                                    samples_at=request.num_tokens_to_compute)
+
+        tokens = fitted(self._step_limit_s)
+        if tokens >= minimum or chunks:
+            return tokens
+        if self._slack_limit_s is None:
+            return minimum
+        tokens = fitted(self._slack_limit_s)
+        return tokens if tokens >= minimum else 0
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -178,8 +315,10 @@ class SLOPolicy(SchedulingPolicy):
         target = self.target(request)
         if request.keep_options is not None and self.choice is not None:
             self._choose_prompt_keep(request, waiting, running, now)
-        if target.ttft_s is not None:
-            eta_s = self.first_token_eta_s(request, waiting, running)
+        if target.ttft_s is not None:  # an auto level may fall to its floor to meet it
+            modelled_s = self.first_token_eta_s(request, waiting, running)
+            self._predict_first_token(request, self._prefill_fraction(request, lowest=False) * modelled_s)
+            eta_s = self._prefill_fraction(request, lowest=True) * self.first_token_ratio * modelled_s
             if now + eta_s > self.deadline(request):
                 self._refuse(request, TTFT_REJECT_REASON,
                              f"The TTFT target ({1000 * target.ttft_s:.0f} ms) cannot be met: about "
@@ -203,18 +342,14 @@ class SLOPolicy(SchedulingPolicy):
         raise AdmissionRejected(message + " Retry later or relax the target.", reason)
 
     def first_token_eta_s(self, request: Request, waiting: Sequence[Request], running: Sequence[Request]) -> float:
-        """Predicted time until the request's first token: every prefill token due before it, and
-        its own, at the prefill rate the current budget leaves.  Seats are not the limit: decodes
-        ahead of their TPOT schedule pause for prefills."""
+        """Predicted time until the request's first token: every prefill due before it, and its
+        own, at the steps this policy gives now (prefill_span_s).  Seats are not the limit:
+        decodes ahead of their TPOT schedule pause for prefills."""
         deadline = self.deadline(request)
-        ahead = sum(self.prefill_tokens(r) for r in (*waiting, *running)
-                    if phase(r) != 0 and not r.best_effort and self.deadline(r) <= deadline)
-        num_tokens = math.ceil(ahead + self.prefill_tokens(request))
-        decodes = [r for r in running if phase(r) == 0][:self.max_num_seqs]
-        prefill_per_step = max(self._last_budget - len(decodes), MIN_PREFILL_TOKENS)
-        step_s = self.cost_model.predict_s(_decode_features(decodes)
-                                           + StepFeatures.of_chunk(0, prefill_per_step, False))
-        return math.ceil(num_tokens / prefill_per_step) * step_s
+        due = [self.request_prefill_work(r) for r in (*waiting, *running)
+               if phase(r) != 0 and not r.best_effort and self.deadline(r) <= deadline and r is not request]
+        own_work_s, own_tokens = self.request_prefill_work(request)
+        return self.prefill_span_s(own_work_s + sum(w for w, _ in due), own_tokens + sum(n for _, n in due))
 
     def decode_seat_demand(self, requests: Sequence[Request]) -> float:
         """Seats a second the requests' TPOT targets need: one seat a token each."""

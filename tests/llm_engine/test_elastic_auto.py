@@ -63,7 +63,7 @@ def test_tight_ttft_prunes_a_long_prompt(slo_llm: LLM) -> None:
     engine = slo_llm.engine
     tokens = slo_llm.get_tokenizer().encode(PROMPT * 12)[:1500]
     policy = engine.scheduler.policy
-    whole_s = policy.prefill_time_s(len(tokens))
+    whole_s = policy.first_token_ratio * policy.prefill_time_s(len(tokens))  # as admission predicts it
     params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     engine.add_request("loose", tokens, params, slo=SLOTarget(ttft_s=50 * whole_s), prompt_keep="auto")
     engine.add_request("tight", tokens, params, slo=SLOTarget(ttft_s=0.9 * whole_s), prompt_keep="auto")

@@ -199,3 +199,13 @@ def test_json_round_trip() -> None:
         StepCostModel.from_dict({"coefficients": {}})
     with pytest.raises(ValueError, match="unknown"):
         StepCostModel.from_dict({"format_version": 1, "coefficients": {"per_layer_s": 1.0}})
+
+
+def test_mixed_step_ratio_follows_how_far_mixed_steps_overrun_the_fit():
+    model = StepCostModel(CostCoefficients(overhead_s=0.010, per_scheduled_token_s=0.001))
+    mixed = features_of_chunks([(100, 1, True), (0, 64, False)])
+    decode = features_of_chunks([(100, 1, True)])
+    for _ in range(200):
+        model.observe(mixed, 1.2 * model.predict_s(mixed))
+        model.observe(decode, 0.5 * model.predict_s(decode))  # decode-only steps do not move it
+    assert model.mixed_step_ratio == pytest.approx(1.2, rel=0.05)

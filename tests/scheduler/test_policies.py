@@ -237,6 +237,46 @@ def test_slo_budget_keeps_the_tightest_tpot_target():
     assert output.num_batched_tokens == 25
 
 
+def slo_run(policy: SLOPolicy, clock: VirtualClock, scheduler: Scheduler, cost: StepCostModel,
+            num_steps: int) -> list[SchedulerOutput]:
+    """Steps whose virtual time is exactly what `cost` predicts for them."""
+    outputs = []
+    for _ in range(num_steps):
+        output = scheduler.schedule()
+        sampled = {s.request.request_id: SampledToken(7) for s in output.scheduled if s.samples}
+        clock.now += cost.predict_s(features_of(output))
+        scheduler.update_from_output(output, ModelRunnerOutput(sampled=sampled))
+        outputs.append(output)
+    return outputs
+
+
+def attention_priced_slo(pair_s: float) -> tuple[Scheduler, SLOPolicy, VirtualClock, StepCostModel]:
+    """An slo scheduler whose steps cost 20 ms, 1 ms a token and pair_s a query-key pair of prefill
+    attention; the cost model it returns is what slo_run advances the clock by."""
+    cost = StepCostModel(CostCoefficients(overhead_s=0.020, per_scheduled_token_s=0.001,
+                                          per_prefill_attention_pair_s=pair_s))
+    clock = VirtualClock()
+    policy = SLOPolicy(SLOConfig(), StepCostModel(cost.coefficients), max_budget=256, max_num_seqs=8)
+    return make_scheduler(policy, clock=clock, budget=256, num_blocks=1024), policy, clock, cost
+
+
+def test_slo_prices_each_chunk_where_it_lies_in_its_prompt():
+    # Attention makes a token late in a long prompt dear: at 1 us a query-key pair, a token at
+    # position 1500 costs 2.5 ms against 1 ms at the start.  Every step stays within the bound.
+    scheduler, policy, clock, cost = attention_priced_slo(1e-6)
+    scheduler.add_request(make_request("d", 4, max_tokens=200, slo=SLOTarget(tpot_s=0.200)))
+    slo_run(policy, clock, scheduler, cost, 1)
+    scheduler.add_request(make_request("long", 2000, max_tokens=2, arrival=clock.now))
+    chunks = []
+    for output in slo_run(policy, clock, scheduler, cost, 40):
+        assert cost.predict_s(features_of(output)) <= 0.9 * 0.200 + 1e-9
+        chunks += [(s.num_computed_tokens, s.num_scheduled_tokens) for s in output.scheduled
+                   if s.request.request_id == "long" and s.num_scheduled_tokens > 1]
+    first, late = chunks[0][1], next(n for c, n in chunks if c >= 1500)
+    assert first > 2 * late > 0  # priced at position 0, a late chunk would overrun the bound
+
+
+
 def test_slo_budget_keeps_a_minimum_of_prefill_progress():
     scheduler, _, _ = slo_scheduler(best_effort=True)
     scheduler.add_request(make_request("d", 4, max_tokens=50, slo=SLOTarget(tpot_s=0.001)))  # impossible
@@ -338,3 +378,52 @@ def test_tiny_kv_many_requests_every_request_finishes(policy):
     finished = run_to_completion(scheduler, clock, max_steps=20_000)
     assert set(finished) == expected and len(finished) == 32
     assert scheduler.kv.pool.num_used_blocks == 0
+
+
+def test_slo_prefill_time_counts_attention_and_every_steps_fixed_costs():
+    # A prompt twice as long takes more than twice as long (each token attends to every key before
+    # it); under a TPOT bound each step's fixed costs stretch the prefill further.
+    scheduler, policy, clock, cost = attention_priced_slo(1e-6)
+    alone_1k, alone_2k = policy.prefill_time_s(1000), policy.prefill_time_s(2000)
+    assert alone_2k > 2.2 * alone_1k
+    assert alone_1k == pytest.approx(1.0 + 0.5 + 4 * 0.020)  # tokens, pairs (1000^2 / 2), 4 chunks of 256
+    scheduler.add_request(make_request("d", 4, max_tokens=50, slo=SLOTarget(tpot_s=0.100)))
+    slo_run(policy, clock, scheduler, cost, 2)  # d decodes: every step is bound to 90 ms
+    bound_1k = policy.prefill_time_s(1000)
+    # 1.5 s of prefill work fills what each 90 ms step's fixed costs (overhead, d's token) leave.
+    assert bound_1k == pytest.approx(1.5 * 0.090 / (0.090 - 0.020 - 0.001)) and bound_1k > alone_1k
+
+
+def test_slo_runs_a_chunk_the_bound_cannot_fit_on_slack_the_decodes_banked():
+    # At 10 us a query-key pair, 16 tokens at position 1000 cost ~180 ms: more than the 54 ms
+    # bound of a 60 ms TPOT target.  Decode-only steps (21 ms) bank slack, and a chunk runs once
+    # there is enough: the prompt finishes and the decode still meets its mean TPOT.
+    scheduler, policy, clock, cost = attention_priced_slo(1e-5)
+    scheduler.add_request(make_request("d", 4, max_tokens=1000, slo=SLOTarget(tpot_s=0.060)))
+    slo_run(policy, clock, scheduler, cost, 1)
+    decode = scheduler.requests["d"]
+    scheduler.add_request(make_request("long", 1500, max_tokens=1, arrival=clock.now))
+    late_chunks, decode_only, last_token_time = [], 0, clock.now
+    while "long" in scheduler.requests:
+        tokens_before = decode.num_output_tokens
+        output = slo_run(policy, clock, scheduler, cost, 1)[0]
+        if decode.num_output_tokens > tokens_before:
+            last_token_time = clock.now
+        decode_only += output.num_batched_tokens == 1
+        late_chunks += [s.num_scheduled_tokens for s in output.scheduled
+                        if s.request.request_id == "long" and s.num_computed_tokens >= 1000]
+        assert decode.num_output_tokens < 1000, "the prompt starved"
+    assert decode_only > 0 and min(late_chunks[:-1]) >= 16
+    tpot_s = (last_token_time - decode.metrics.first_token_time) / (decode.num_output_tokens - 1)
+    assert tpot_s <= 0.060
+
+
+def test_slo_first_token_predictions_learn_from_first_tokens():
+    scheduler, policy, clock = slo_scheduler(best_effort=True)
+    for i in range(6):
+        scheduler.add_request(make_request(f"r{i}", 200, max_tokens=2, arrival=clock.now, slo=SLOTarget(ttft_s=30.0)))
+        predicted = policy._first_token_predicted[f"r{i}"][1]
+        clock.now += 2 * predicted  # its one prefill step ends twice as late as predicted
+        while f"r{i}" in scheduler.requests:
+            step(scheduler, clock, step_s=0.0)
+    assert policy.first_token_ratio > 1.5
