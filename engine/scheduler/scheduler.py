@@ -8,7 +8,8 @@ cache hit starts with num_computed_tokens > 0; recompute after preemption starts
 One step (split-and-fuse, as in Sarathi-Serve / Dynamic SplitFuse):
     the policy sets the token budget, then running and waiting requests are ranked together by
     the policy and walked in that order; each gets the tokens it still needs, cut to what budget
-    is left, while fewer than max_num_seqs requests are in the step.  Every policy ranks running
+    is left and to what the policy lets its chunk cost where it lies (limit_chunk), while fewer
+    than max_num_seqs requests are in the step.  Every policy ranks running
     decodes before running prefills before waiting requests within its own order, so decodes do
     not stall behind a long prompt; a long prompt is split over several steps, several short ones
     share one step.
