@@ -188,8 +188,11 @@ class StepCostModel:
 
     def predict_s(self, features: StepFeatures) -> float:
         """Predicted wall time of a step with these features; 0 for an empty step."""
-        if features.is_empty:
-            return 0.0
+        return 0.0 if features.is_empty else self.linear_s(features)
+
+    def linear_s(self, features: StepFeatures) -> float:
+        """The fitted model's value at these features, the fixed overhead included even where they
+        are empty (a step's fixed share: its overhead and what it runs besides a prefill's tokens)."""
         # PERF: a plain-Python dot product; numpy's call overhead is larger for six numbers.
         w = self._weights
         return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_prefill_seqs
@@ -222,9 +225,8 @@ class StepCostModel:
         if features.is_empty or not elapsed_s > 0:
             return
         if features.num_prefill_seqs and features.num_decode_context_tokens:
-            ratio = elapsed_s / max(self.predict_s(features), 1e-9)
-            self.mixed_step_ratio += MIXED_RATIO_WEIGHT * (ratio - self.mixed_step_ratio)
-            self.mixed_step_ratio = min(max(self.mixed_step_ratio, MIXED_RATIO_BOUNDS[0]), MIXED_RATIO_BOUNDS[1])
+            self.mixed_step_ratio = bounded_ewma(self.mixed_step_ratio, elapsed_s / max(self.predict_s(features), 1e-9),
+                                                 MIXED_RATIO_WEIGHT, MIXED_RATIO_BOUNDS)
         self._window.append((features.as_tuple(), elapsed_s))
         self._num_since_refit += 1
         if self._num_since_refit >= self.online.refit_interval:
@@ -282,6 +284,11 @@ class StepCostModel:
 
     def __repr__(self) -> str:
         return f"StepCostModel({self.coefficients})"
+
+
+def bounded_ewma(average: float, sample: float, weight: float, bounds: tuple[float, float]) -> float:
+    """An exponentially weighted average moved toward `sample` by `weight`, kept within `bounds`."""
+    return min(max(average + weight * (sample - average), bounds[0]), bounds[1])
 
 
 def _design_row(features: tuple[int, ...]) -> tuple[float, ...]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import SLOConfig
 from engine.request import Request, SLOTarget
-from engine.scheduler.cost_model import StepFeatures, features_of_chunks
+from engine.scheduler.cost_model import StepFeatures, bounded_ewma, features_of_chunks
 from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingPolicy, phase
 
 if TYPE_CHECKING:
@@ -152,10 +152,7 @@ class SLOPolicy(SchedulingPolicy):
     def _fixed_step_s(self) -> float:
         """A step's time that does not grow with its prefill tokens: overhead, the running decodes
         and one prefill chunk's own cost."""
-        w = self.cost_model.coefficients
-        d = self._decode_features
-        return (w.overhead_s + w.per_prefill_seq_s + w.per_scheduled_token_s * d.num_scheduled_tokens
-                + w.per_sampled_seq_s * d.num_sampled_seqs + w.per_decode_context_token_s * d.num_decode_context_tokens)
+        return self.cost_model.linear_s(self._decode_features + StepFeatures(num_prefill_seqs=1))
 
     def request_prefill_work(self, request: Request) -> tuple[float, int]:
         """What the request's prefill still needs (_prefill_work), at the full model: a pruned
@@ -241,10 +238,8 @@ class SLOPolicy(SchedulingPolicy):
             del self._first_token_predicted[request_id]
             if request.best_effort or eta_s <= 0:
                 continue  # served last on purpose: says nothing of the predictions
-            ratio = (first - request.arrival_time) / eta_s
-            self.first_token_ratio += FIRST_TOKEN_RATIO_WEIGHT * (ratio - self.first_token_ratio)
-            self.first_token_ratio = min(max(self.first_token_ratio, FIRST_TOKEN_RATIO_BOUNDS[0]),
-                                         FIRST_TOKEN_RATIO_BOUNDS[1])
+            self.first_token_ratio = bounded_ewma(self.first_token_ratio, (first - request.arrival_time) / eta_s,
+                                                  FIRST_TOKEN_RATIO_WEIGHT, FIRST_TOKEN_RATIO_BOUNDS)
 
     def on_finished(self, request: Request) -> None:
         self._first_token_predicted.pop(request.request_id, None)
