@@ -26,8 +26,10 @@ them), quality-weighted goodput (req/s that met them at a setting meeting the re
 level and keep at or above them), mean level (over generated tokens) and prompt_keep (document
 requests), the share of requests served wholly at level 100 on their whole prompt, and each run's mean quality (engine/elastic/quality_table.py) for the Pareto plot.
 A load step (rate x2 for --step-seconds, then back) shows auto's level over time.  The simulator
-(engine bench simulate, with the profiled knob costs) replays the same traces: does it rank the
-variants as the real runs do?
+(engine bench simulate, with the profiled knob costs and the measured mixed-step ratio) replays
+the same traces: does it rank the variants as the real runs do?  Reported as the full order and,
+since a run's counts are noisy, as the pairs of variants the measured run tells apart (by more
+than the standard error of the difference) that the simulator orders the other way.
 
     .venv/bin/python benchmarks/slo_elastic.py                  # about 30 minutes here
     .venv/bin/python benchmarks/slo_elastic.py --num-requests 16 --loads 1.5 --levels 100,40 --skip-step
@@ -311,7 +313,7 @@ def write(results: dict, step: dict | None, capacity: float, specs, args, throug
                          f"{r['mean_level'] or 0:.0f} | {r['mean_doc_keep'] or 1:.2f} | {_share(r.get('full_share'))} | "
                          f"{r['mean_quality'] or 0:.3f} | {by_class} |")
         lines.append("")
-    lines += ranking_lines(results)
+    lines += ranking_lines(results, args.num_requests)
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     plot(results, step, out.with_suffix(".png"))
@@ -321,17 +323,40 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
-def ranking_lines(results: dict) -> list[str]:
-    """Per load, the variants ranked by quality-weighted goodput, measured and simulated."""
+def ranking_lines(results: dict, num_requests: int) -> list[str]:
+    """Per load, the variants ranked by quality-weighted goodput, measured and simulated; and of
+    the pairs of variants the measured run tells apart (separated_pairs), those the simulator
+    orders the other way."""
     lines = ["## Simulator against the real runs (ranked by quality-weighted goodput)", "",
-             "| load | measured order | simulated order | same order |", "|---|---|---|---|"]
+             "Pairs told apart: the measured difference exceeds its standard error (each run's count of "
+             f"requests served on target at quality taken as binomial over its {num_requests} requests).", "",
+             "| load | measured order | simulated order | same order | pairs told apart | of those, ordered the other way |",
+             "|---|---|---|---|---|---|"]
     for load in sorted({key.split("|")[0] for key in results}, key=float):
         keys = [k for k in results if k.split("|")[0] == load]
         real = sorted(keys, key=lambda k: -results[k]["quality_goodput"])
         sim = sorted(keys, key=lambda k: -results[k]["sim"]["quality_goodput"])
         names = lambda order: " > ".join(k.split("|")[1] for k in order)  # noqa: E731
-        lines.append(f"| {float(load):.1f}x | {names(real)} | {names(sim)} | {real == sim} |")
+        separated = separated_pairs([results[k] for k in real], num_requests)
+        discordant = [(a, b) for a, b in separated
+                      if results[real[a]]["sim"]["quality_goodput"] < results[real[b]]["sim"]["quality_goodput"]]
+        lines.append(f"| {float(load):.1f}x | {names(real)} | {names(sim)} | {real == sim} | {len(separated)} | "
+                     + (", ".join(f"{real[a].split('|')[1]} / {real[b].split('|')[1]}" for a, b in discordant) or "none")
+                     + " |")
     return lines + [""]
+
+
+def separated_pairs(ranked: list[dict], num_requests: int) -> list[tuple[int, int]]:
+    """(better, worse) index pairs of runs, best first, whose quality-weighted goodput differs by
+    more than the standard error of the difference: each run's count of requests that met their
+    targets at quality is binomial over num_requests (variance n p (1 - p)), over its duration."""
+    def variance(r: dict) -> float:
+        p = min(1.0, r["quality_goodput"] * r["duration_s"] / num_requests)
+        return num_requests * p * (1 - p) / r["duration_s"] ** 2
+
+    return [(a, b) for a in range(len(ranked)) for b in range(a + 1, len(ranked))
+            if ranked[a]["quality_goodput"] - ranked[b]["quality_goodput"]
+            > (variance(ranked[a]) + variance(ranked[b])) ** 0.5]
 
 
 def plot(results: dict, step: dict | None, path: Path) -> None:

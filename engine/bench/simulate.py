@@ -254,16 +254,19 @@ class Replica:
         self.num_steps += 1
 
     def step_s(self, output: SchedulerOutput) -> float:
-        """The cost model's step time, scaled by the knobs: a pruned prompt's prefill chunks count
-        their full-model-equivalent tokens, and the step runs at its widest row's level."""
+        """The cost model's step time, as the engine has measured steps like it: a step running
+        decodes and prefill chunks together takes mixed_step_ratio times the linear prediction.
+        Scaled by the knobs: a pruned prompt's prefill chunks count their full-model-equivalent
+        tokens, and the step runs at its widest row's level (knob_costs.py)."""
+        features = features_of(output)
+        mixed = self.cost_model.mixed_step_ratio if features.num_prefill_seqs and features.num_decode_context_tokens else 1.0
         costs = self.knob_costs
         if costs is None:
-            return self.cost_model.predict_s(features_of(output))
+            return mixed * self.cost_model.predict_s(features)
         chunks = [(s.num_computed_tokens, _pruned_tokens(s, costs), s.samples) for s in output.scheduled]
-        features = features_of_chunks(chunks)
         level = max(s.elastic_level for s in output.scheduled)
         fraction = costs.fraction(level, features.num_prefill_seqs == 0) if level in costs.decode_fraction else 1.0
-        return self.cost_model.predict_s(features) * fraction
+        return mixed * self.cost_model.predict_s(features_of_chunks(chunks)) * fraction
 
     def end_step(self) -> list[Request]:
         output, self.now = self.in_flight

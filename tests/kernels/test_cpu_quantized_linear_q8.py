@@ -131,3 +131,48 @@ def test_bad_inputs_raise() -> None:
         quantized_linear_q8(torch.randn(2, 64).double(), weight)
     with pytest.raises(ValueError):
         quantized_linear_q8(torch.randn(2, 64), weight, out=torch.empty(2, 15))
+
+
+class Q8Tile(ctypes.Structure):
+    """quantized_linear_q8.h's Q8Tile (only the C++ decode layer builds these; this test mirrors it)."""
+
+    _fields_ = [("weight", ctypes.c_void_p), ("weight_stride", ctypes.c_int64), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("m", ctypes.c_int64),
+                ("n", ctypes.c_int64), ("block0", ctypes.c_int64), ("k_blocks", ctypes.c_int64)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_tiles_of_one_x_in_one_call_give_each_tiles_own_bits(library: ctypes.CDLL, vnni: bool,
+                                                             fmt: QuantFormat) -> None:
+    """quantized_linear_q8_tiles: several products of one x (row prefixes, input-block ranges,
+    weight row ranges: an elastic step's column tiles), x quantized once, each the bits of its
+    own quantized_linear_q8 call."""
+    weight = make_weight(200, 576, fmt)
+    x = activations(13, 576, torch.bfloat16)
+    bias = torch.randn(200).bfloat16()
+    # (rows of x, weight rows [start, end), input columns [start, end), with bias)
+    tiles = [(13, (0, 64), (0, 576), True), (9, (64, 136), (0, 576), True), (2, (136, 200), (0, 576), False),
+             (11, (0, 200), (64, 320), False), (5, (0, 200), (320, 576), False), (1, (100, 101), (544, 576), True)]
+    outs = [torch.full((m, r1 - r0), 7.0, dtype=torch.bfloat16) for m, (r0, r1), _, _ in tiles]
+    structs = (Q8Tile * len(tiles))()
+    for struct, out, (m, (r0, r1), (c0, c1), with_bias) in zip(structs, outs, tiles):
+        view = weight.rows(r0, r1).columns(c0, c1)
+        struct.weight, struct.weight_stride = view.blocks.data_ptr(), view.row_stride
+        struct.bias = bias[r0:r1].data_ptr() if with_bias else None
+        struct.out, struct.out_stride, struct.m, struct.n = out.data_ptr(), out.stride()[0], m, r1 - r0
+        struct.block0, struct.k_blocks = c0 // 32, (c1 - c0) // 32
+    run = library.quantized_linear_q8_tiles
+    run.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    run.restype = ctypes.c_int
+    assert run(x.data_ptr(), x.stride()[0], 13, 18, structs, len(tiles), fmt.value, 1, int(vnni),
+               torch.get_num_threads()) == 0
+    for out, (m, (r0, r1), (c0, c1), with_bias) in zip(outs, tiles):
+        alone = quantized_linear_q8(x[:m, c0:c1], weight.rows(r0, r1).columns(c0, c1),
+                                    bias[r0:r1] if with_bias else None, library=library, vnni=vnni)
+        assert torch.equal(out, alone), (m, r0, c0)
+    # A tile reading blocks past x's, or more rows than x has, is refused.
+    structs[0].k_blocks = 19
+    assert run(x.data_ptr(), x.stride()[0], 13, 18, structs, 1, fmt.value, 1, int(vnni), 1) == -1
+    structs[0].k_blocks, structs[0].m = 18, 14
+    assert run(x.data_ptr(), x.stride()[0], 13, 18, structs, 1, fmt.value, 1, int(vnni), 1) == -1

@@ -427,3 +427,28 @@ def test_slo_first_token_predictions_learn_from_first_tokens():
         while f"r{i}" in scheduler.requests:
             step(scheduler, clock, step_s=0.0)
     assert policy.first_token_ratio > 1.5
+
+
+def first_token_ratio_after(prompts: list[tuple[str, int, float]]) -> float:
+    """The slo policy's first_token_ratio after serving (id, prompt tokens, TTFT target) prompts that
+    arrive together, in that order, on steps that take exactly what the cost model predicts."""
+    scheduler, policy, clock = slo_scheduler(best_effort=True)
+    for request_id, prompt_len, ttft_s in prompts:
+        scheduler.add_request(make_request(request_id, prompt_len, max_tokens=2, arrival=clock.now,
+                                           slo=SLOTarget(ttft_s=ttft_s)))
+        clock.now += 1e-6
+    slo_run(policy, clock, scheduler, COST, 40)
+    assert not scheduler.requests
+    scheduler.schedule()  # the policy learns from first tokens when it prepares a step
+    return policy.first_token_ratio
+
+
+def test_slo_first_token_ratio_counts_the_work_that_came_first_in_hindsight():
+    # A request with a loose target arrives first, then tighter ones that are served before it:
+    # its first token comes after theirs, which its arrival-time prediction could not know of.
+    tight = [(f"t{i}", 200, 2.0) for i in range(4)]
+    alone = first_token_ratio_after(tight)
+    with_loose = first_token_ratio_after([("loose", 200, 60.0), *tight])
+    assert with_loose == pytest.approx(alone, rel=0.15)
+    # A short prompt weighs by its predicted time: it barely moves what long prefills expect.
+    assert first_token_ratio_after([*tight, ("short", 4, 1.0)]) == pytest.approx(alone, rel=0.15)

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <vector>
 
+#include "quantized_linear_q8.h"
 #include "simd.h"
 
 #if defined(ENGINE_CPU_ISA)
@@ -48,9 +49,6 @@ int paged_decode_attention(const void* query, int64_t query_stride, const void* 
 int quantized_linear(const void* x, int64_t x_stride, const uint8_t* weight, int64_t weight_stride, const void* bias,
                      void* out, int64_t out_stride, int64_t m, int64_t n, int64_t k_blocks, int format, int dtype,
                      int num_threads);
-int quantized_linear_q8(const void* x, int64_t x_stride, const uint8_t* weight, int64_t weight_stride,
-                        const void* bias, void* out, int64_t out_stride, int64_t m, int64_t n, int64_t k_blocks,
-                        int format, int dtype, int vnni, int num_threads);
 }
 
 namespace {
@@ -189,15 +187,51 @@ void add_into(char* out, const char* add, int64_t count, int dtype) {
   });
 }
 
-// Gate/up rows or Q rows by tiles: out[:tile.rows, row0 + start : row0 + end] for each tile.
-int row_tiles(const LinearDesc& w, const StepDesc& s, const std::vector<Tile>& tiles, const char* x, int64_t x_stride,
-              int64_t row0, char* out, int64_t out_stride) {
+// One product of a linear's weight: rows [0, m) of x from input block block0 on (k_blocks of
+// them) times weight rows [row0, row0 + n) -> out (+ their bias).
+struct Product {
+  int64_t m, row0, n, block0, k_blocks;
+  char* out;
+  int64_t out_stride;
+  bool with_bias;
+};
+
+// Products of one x in as few kernel calls as run_kernel's choice allows: those it would give Q8
+// activations in one quantized_linear_q8_tiles call (x quantized once, one parallel region), the
+// rest one by one.  Each product is the same kernel on the same data as its own run_kernel call,
+// so the same bits.  Outputs must not overlap.
+int run_products(const LinearDesc& w, const StepDesc& s, const char* x, int64_t x_stride,
+                 const std::vector<Product>& products) {
   const int64_t size = element_size(s.dtype);
+  std::vector<Q8Tile> bundle;
+  int64_t rows = 0, blocks = 0;
   int status = 0;
-  for (const Tile& t : tiles)
-    status |= run_kernel(w, s, t.rows, x, x_stride, row0 + t.start, t.end - t.start, 0, w.in_features / kBlock,
-                         out + (row0 + t.start) * size, out_stride, true);
+  for (const Product& p : products) {
+    if (p.m == 0 || p.n == 0) continue;
+    if (s.q8_above_rows < 0 || p.m <= s.q8_above_rows) {
+      status |= run_kernel(w, s, p.m, x + p.block0 * kBlock * size, x_stride, p.row0, p.n, p.block0, p.k_blocks,
+                           p.out, p.out_stride, p.with_bias);
+      continue;
+    }
+    const void* bias = p.with_bias && w.bias != nullptr ? static_cast<const char*>(w.bias) + p.row0 * size : nullptr;
+    bundle.push_back(Q8Tile{w.blocks + p.row0 * w.row_stride + p.block0 * block_bytes(w.format), w.row_stride, bias,
+                            p.out, p.out_stride, p.m, p.n, p.block0, p.k_blocks});
+    rows = std::max(rows, p.m);
+    blocks = std::max(blocks, p.block0 + p.k_blocks);
+  }
+  if (!bundle.empty())
+    status |= quantized_linear_q8_tiles(x, x_stride, rows, blocks, bundle.data(), int64_t(bundle.size()), w.format,
+                                        s.dtype, s.vnni, s.num_threads);
   return status;
+}
+
+// Gate/up rows or Q rows by tiles: products for out[:tile.rows, row0 + start : row0 + end].
+void add_row_tiles(const LinearDesc& w, const StepDesc& s, const std::vector<Tile>& tiles, int64_t row0, char* out,
+                   int64_t out_stride, std::vector<Product>* products) {
+  const int64_t size = element_size(s.dtype);
+  for (const Tile& t : tiles)
+    products->push_back(Product{t.rows, row0 + t.start, t.end - t.start, 0, w.in_features / kBlock,
+                                out + (row0 + t.start) * size, out_stride, true});
 }
 
 // o_proj or down by input-column tiles: out [rows, out_features] = the sum of each tile's product
@@ -207,14 +241,17 @@ int column_tile_sum(const LinearDesc& w, const StepDesc& s, const std::vector<Ti
   const int64_t size = element_size(s.dtype), n = w.out_features;
   if (tiles.size() == 1 && tiles[0].start == 0 && tiles[0].rows == s.rows)  // one level: 0 + v is v
     return run_kernel(w, s, s.rows, x, x_stride, 0, n, 0, tiles[0].end / kBlock, out, n, false);
-  std::memset(out, 0, s.rows * n * size);
-  char* part = scratch(6, s.rows * n * size);
-  int status = 0;
-  for (const Tile& t : tiles) {
-    status |= run_kernel(w, s, t.rows, x + t.start * size, x_stride, 0, n, t.start / kBlock, (t.end - t.start) / kBlock,
-                         part, n, false);
-    add_into(out, part, t.rows * n, s.dtype);
+  const int64_t part_bytes = s.rows * n * size;
+  char* parts = scratch(6, int64_t(tiles.size()) * part_bytes);
+  std::vector<Product> products;
+  for (size_t i = 0; i < tiles.size(); i++) {
+    const Tile& t = tiles[i];
+    products.push_back(Product{t.rows, 0, n, t.start / kBlock, (t.end - t.start) / kBlock, parts + i * part_bytes, n,
+                               false});
   }
+  const int status = run_products(w, s, x, x_stride, products);
+  std::memset(out, 0, s.rows * n * size);
+  for (size_t i = 0; i < tiles.size(); i++) add_into(out, parts + i * part_bytes, tiles[i].rows * n, s.dtype);
   return status;
 }
 
@@ -310,9 +347,10 @@ int attention_block(const LayerDesc& l, const StepDesc& s, const void* x, void* 
   if (levels) {  // Q by tiles (a dropped head's query zero, as the tile path's), K and V for every row
     tiles = column_tiles(l.attention_levels, s.rows_upto, l.num_levels);
     std::memset(qkv, 0, rows * qkv_width * size);
-    status |= row_tiles(l.qkv, s, tiles, h, l.hidden, 0, qkv, qkv_width);
-    status |= run_kernel(l.qkv, s, rows, h, l.hidden, q_width, 2 * kv_width, 0, l.hidden / kBlock,
-                         qkv + q_width * size, qkv_width, true);
+    std::vector<Product> products;
+    add_row_tiles(l.qkv, s, tiles, 0, qkv, qkv_width, &products);
+    products.push_back(Product{rows, q_width, 2 * kv_width, 0, l.hidden / kBlock, qkv + q_width * size, qkv_width, true});
+    status |= run_products(l.qkv, s, h, l.hidden, products);
   } else {
     status |= linear(l.qkv, s, h, l.hidden, qkv);
   }
@@ -345,8 +383,10 @@ int ffn_block(const LayerDesc& l, const StepDesc& s, const char* a, void* residu
   // Gate rows [0, I) and up rows [I, 2I) by the same tiles; a neuron a row's level drops is
   // never written for that row, and no down tile reads it (SiLU runs over it all the same).
   const std::vector<Tile> tiles = column_tiles(l.ffn_levels, s.rows_upto, l.num_levels);
-  status |= row_tiles(l.gate_up, s, tiles, h, l.hidden, 0, gate_up, 2 * width);
-  status |= row_tiles(l.gate_up, s, tiles, h, l.hidden, width, gate_up, 2 * width);
+  std::vector<Product> products;
+  add_row_tiles(l.gate_up, s, tiles, 0, gate_up, 2 * width, &products);
+  add_row_tiles(l.gate_up, s, tiles, width, gate_up, 2 * width, &products);
+  status |= run_products(l.gate_up, s, h, l.hidden, products);
   status |= silu_and_mul(gate_up, 2 * width, act, width, rows, width, s.dtype, s.num_threads);
   status |= column_tile_sum(l.down, s, tiles, act, width, static_cast<char*>(out));
   add_side_paths(l.ffn_levels, s, l.num_levels, l.hidden, h, static_cast<char*>(out));

@@ -54,6 +54,7 @@
 #include <cstring>
 #include <vector>
 
+#include "quantized_linear_q8.h"
 #include "thread_share.h"
 
 #if defined(ENGINE_CPU_ISA)
@@ -139,6 +140,8 @@ inline float fp16_to_float(const uint8_t* p) {
 
 // ---- x as Q8 blocks ----
 
+// x's rows as Q8 blocks.  A product may read a range of each row's blocks (blocks_from): k_blocks
+// is the rows' stride in blocks, and the problem says how many of them it reads.
 struct QuantizedRows {
   int8_t* q;      // [m, k] row-major
   float* scale;   // [m, k_blocks]: d
@@ -146,6 +149,12 @@ struct QuantizedRows {
   int32_t* asum;  // [m, k_blocks]
   int64_t k_blocks;
 };
+
+// Blocks block0 on of every row (a quantized block depends on its own 32 values alone, so this is
+// what quantizing x's columns from 32 block0 on would give).
+QuantizedRows blocks_from(const QuantizedRows& x, int64_t block0) {
+  return QuantizedRows{x.q + block0 * kBlock, x.scale + block0, x.sum + block0, x.asum + block0, x.k_blocks};
+}
 
 inline float max_lane(Vec v) {
 #if defined(ENGINE_CPU_AVX512)
@@ -355,7 +364,7 @@ void gemv_group(const Problem& p, const QuantizedRows& x, int64_t c0, const uint
     const int64_t at_block = b * block_size_bytes<F>();
     __m256i xq[MR];
     for (int i = 0; i < MR; i++)
-      xq[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (i * p.k_blocks + b) * kBlock));
+      xq[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + (i * x.k_blocks + b) * kBlock));
     __m256i partial[MR][8];
     for (int c = 0; c < kGemvCols; c++) {
       const uint8_t* block = rows[c] + at_block;
@@ -371,7 +380,7 @@ void gemv_group(const Problem& p, const QuantizedRows& x, int64_t c0, const uint
     __m256 dw, mw;
     block_scales<F>(rows[0] + at_block, offsets, &dw, &mw);
     for (int i = 0; i < MR; i++) {
-      const int64_t at = i * p.k_blocks + b;
+      const int64_t at = i * x.k_blocks + b;
       __m256i isum = sum_lanes8(partial[i]);
       if (F == kQ4_0) isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * x.asum[at]));
       acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x.scale[at])), _mm256_cvtepi32_ps(isum), acc[i]);
@@ -459,6 +468,36 @@ int quantized_linear_q8(const void* x, int64_t x_stride, const uint8_t* weight, 
       vnni::run<T>(typed, format, num_threads);
     } else {
       plain::run<T>(typed, format, num_threads);
+    }
+  });
+#else
+  return -1;
+#endif
+}
+
+// Several products of one x in one parallel region (quantized_linear_q8.h, Q8Tile): x [m, >= 32
+// k_blocks] is quantized once, then the threads share each tile's columns in turn, with no
+// barrier between tiles (their outputs must not overlap).  Each tile gives the bits
+// quantized_linear_q8 gives for it alone.  Why: a step whose rows run at several elastic levels
+// multiplies up to six segments of a weight (decode_layer.cpp's column tiles); one call each
+// paid the threads' wake-up and x's quantization six times.
+int quantized_linear_q8_tiles(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks, const Q8Tile* tiles,
+                              int64_t count, int format, int dtype, int vnni, int num_threads) {
+#if defined(ENGINE_CPU_ISA)
+  using namespace engine_cpu;
+  if (m < 0 || k_blocks < 0 || count < 0 || format < kQ4_0 || format > kQ8_0) return -1;
+  if (vnni && !cpu_has_vnni()) return -1;
+  for (int64_t i = 0; i < count; i++) {
+    const Q8Tile& t = tiles[i];
+    if (t.m < 0 || t.m > m || t.n < 0 || t.block0 < 0 || t.k_blocks < 0 || t.block0 + t.k_blocks > k_blocks) return -1;
+  }
+  if (m == 0 || count == 0) return dtype >= kFloat32 && dtype <= kFloat16 ? 0 : -1;
+  return with_storage_type(dtype, [&](auto element, DType type) {
+    using T = decltype(element);
+    if (vnni) {
+      vnni::run_tiles<T>(x, x_stride, m, k_blocks, tiles, count, format, type, num_threads);
+    } else {
+      plain::run_tiles<T>(x, x_stride, m, k_blocks, tiles, count, format, type, num_threads);
     }
   });
 #else

@@ -61,12 +61,12 @@ void tile(const Problem& p, const QuantizedRows& x, const Panel& panel, int64_t 
   for (int i = 0; i < MR; i++) acc[i] = splat(0.0f);
   for (int64_t b = 0; b < p.k_blocks; b++) {
     const int8_t* xq[MR];
-    for (int i = 0; i < MR; i++) xq[i] = x.q + ((m0 + i) * p.k_blocks + b) * kBlock;
+    for (int i = 0; i < MR; i++) xq[i] = x.q + ((m0 + i) * x.k_blocks + b) * kBlock;
     Ints isum[MR];
     block_dots<F, MR>(panel.bytes + b * kPanelBlockBytes, xq, isum);
     const Vec dw = load_floats(panel.scale + b * kCols);
     for (int i = 0; i < MR; i++) {
-      const int64_t at = (m0 + i) * p.k_blocks + b;
+      const int64_t at = (m0 + i) * x.k_blocks + b;
       if (F == kQ4_0) isum[i] = sub32(isum[i], broadcast_ints(8 * x.asum[at]));
       acc[i] = fmadd(dw * splat(x.scale[at]), to_float(isum[i]), acc[i]);
       if (F == kQ4_1) acc[i] = fmadd(load_floats(panel.min + b * kCols), splat(x.sum[at]), acc[i]);
@@ -105,6 +105,19 @@ void column_groups(const Problem& p, const QuantizedRows& x) {
   }
 }
 
+// This thread's share of out, x quantized already.
+template <int F, typename T>
+void product(const Problem& p, const QuantizedRows& x) {
+  switch (p.m) {
+    case 0: break;
+    case 1: gemv<F, 1, T>(p, x); break;
+    case 2: gemv<F, 2, T>(p, x); break;
+    case 3: gemv<F, 3, T>(p, x); break;
+    case 4: gemv<F, 4, T>(p, x); break;
+    default: column_groups<F, T>(p, x);
+  }
+}
+
 template <int F, typename T>
 void linear(const Problem& p, int num_threads) {
   const QuantizedRows x = quantized_rows_buffer(p.m, p.k_blocks);  // the calling thread's, shared
@@ -114,12 +127,26 @@ void linear(const Problem& p, int num_threads) {
     thread_share(p.m, &begin, &end);
     quantize_rows(static_cast<const T*>(p.x), p.x_stride, p.dtype, begin, end, x);
 #pragma omp barrier
-    switch (p.m) {
-      case 1: gemv<F, 1, T>(p, x); break;
-      case 2: gemv<F, 2, T>(p, x); break;
-      case 3: gemv<F, 3, T>(p, x); break;
-      case 4: gemv<F, 4, T>(p, x); break;
-      default: column_groups<F, T>(p, x);
+    product<F, T>(p, x);
+  }
+}
+
+template <int F, typename T>
+void tiled_products(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks, const Q8Tile* tiles, int64_t count,
+                    DType dtype, int num_threads) {
+  const QuantizedRows q = quantized_rows_buffer(m, k_blocks);  // the calling thread's, shared
+  int64_t work = 0;
+  for (int64_t i = 0; i < count; i++) work += tiles[i].m * tiles[i].n * tiles[i].k_blocks;
+#pragma omp parallel num_threads(num_threads) if (work >= kParallelWork)
+  {
+    int64_t begin, end;
+    thread_share(m, &begin, &end);
+    quantize_rows(static_cast<const T*>(x), x_stride, dtype, begin, end, q);
+#pragma omp barrier
+    for (int64_t i = 0; i < count; i++) {
+      const Q8Tile& t = tiles[i];
+      const Problem p{x, x_stride, t.weight, t.weight_stride, t.bias, t.out, t.out_stride, t.m, t.n, t.k_blocks, dtype};
+      product<F, T>(p, blocks_from(q, t.block0));
     }
   }
 }
@@ -131,5 +158,15 @@ int run(const Problem& p, int format, int num_threads) {
     case kQ4_1: linear<kQ4_1, T>(p, num_threads); return 0;
     case kQ8_0: linear<kQ8_0, T>(p, num_threads); return 0;
     default: return -1;
+  }
+}
+
+template <typename T>
+void run_tiles(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks, const Q8Tile* t, int64_t count, int format,
+               DType dtype, int num_threads) {
+  switch (format) {
+    case kQ4_0: tiled_products<kQ4_0, T>(x, x_stride, m, k_blocks, t, count, dtype, num_threads); break;
+    case kQ4_1: tiled_products<kQ4_1, T>(x, x_stride, m, k_blocks, t, count, dtype, num_threads); break;
+    case kQ8_0: tiled_products<kQ8_0, T>(x, x_stride, m, k_blocks, t, count, dtype, num_threads); break;
   }
 }

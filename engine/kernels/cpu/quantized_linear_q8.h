@@ -1,0 +1,27 @@
+// quantized_linear_q8.cpp's entry points, for the kernels that call it (decode_layer.cpp).
+#pragma once
+
+#include <cstdint>
+
+extern "C" {
+
+// One product of quantized_linear_q8_tiles: x[:m, 32 block0 : 32 (block0 + k_blocks)] times n
+// weight rows of k_blocks blocks each (rows weight_stride bytes apart) -> out [m, n] (rows
+// out_stride elements apart), plus bias [n] if not null.  ctypes mirrors none of this: only C++
+// callers build these.
+struct Q8Tile {
+  const uint8_t* weight;
+  int64_t weight_stride;
+  const void* bias;
+  void* out;
+  int64_t out_stride;
+  int64_t m, n, block0, k_blocks;
+};
+
+int quantized_linear_q8(const void* x, int64_t x_stride, const uint8_t* weight, int64_t weight_stride,
+                        const void* bias, void* out, int64_t out_stride, int64_t m, int64_t n, int64_t k_blocks,
+                        int format, int dtype, int vnni, int num_threads);
+
+int quantized_linear_q8_tiles(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks, const Q8Tile* tiles,
+                              int64_t count, int format, int dtype, int vnni, int num_threads);
+}
