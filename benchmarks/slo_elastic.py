@@ -330,7 +330,8 @@ def ranking_lines(results: dict, num_requests: int) -> list[str]:
     lines = ["## Simulator against the real runs (ranked by quality-weighted goodput)", "",
              "Pairs told apart: the measured difference exceeds its standard error (each run's count of "
              f"requests served on target at quality taken as binomial over its {num_requests} requests).", "",
-             "| load | measured order | simulated order | same order | pairs told apart | of those, ordered the other way |",
+             "| load | measured order | simulated order | same order | pairs told apart "
+             "| of those, ordered the other way |",
              "|---|---|---|---|---|---|"]
     for load in sorted({key.split("|")[0] for key in results}, key=float):
         keys = [k for k in results if k.split("|")[0] == load]
@@ -340,9 +341,9 @@ def ranking_lines(results: dict, num_requests: int) -> list[str]:
         separated = separated_pairs([results[k] for k in real], num_requests)
         discordant = [(a, b) for a, b in separated
                       if results[real[a]]["sim"]["quality_goodput"] < results[real[b]]["sim"]["quality_goodput"]]
+        other_way = ", ".join(f"{real[a].split('|')[1]} / {real[b].split('|')[1]}" for a, b in discordant)
         lines.append(f"| {float(load):.1f}x | {names(real)} | {names(sim)} | {real == sim} | {len(separated)} | "
-                     + (", ".join(f"{real[a].split('|')[1]} / {real[b].split('|')[1]}" for a, b in discordant) or "none")
-                     + " |")
+                     f"{other_way or 'none'} |")
     return lines + [""]
 
 

@@ -259,7 +259,8 @@ class Replica:
         Scaled by the knobs: a pruned prompt's prefill chunks count their full-model-equivalent
         tokens, and the step runs at its widest row's level (knob_costs.py)."""
         features = features_of(output)
-        mixed = self.cost_model.mixed_step_ratio if features.num_prefill_seqs and features.num_decode_context_tokens else 1.0
+        is_mixed = features.num_prefill_seqs and features.num_decode_context_tokens
+        mixed = self.cost_model.mixed_step_ratio if is_mixed else 1.0
         costs = self.knob_costs
         if costs is None:
             return mixed * self.cost_model.predict_s(features)

@@ -246,17 +246,23 @@ class SLOPolicy(SchedulingPolicy):
             self._first_token_predicted[request.request_id] = (request, eta_s, own_s)
 
     def _observe_first_tokens(self) -> None:
-        came = sorted((r.metrics.first_token_time, request_id) for request_id, (r, _, _) in self._first_token_predicted.items()
+        came = sorted((r.metrics.first_token_time, request_id)
+                      for request_id, (r, _, _) in self._first_token_predicted.items()
                       if r.metrics.first_token_time is not None)
-        for first, request_id in came:
+        for first, request_id in came:  # in the order they came: each sees those before it
             request, eta_s, own_s = self._first_token_predicted.pop(request_id)
-            overtaken_s = sum(s for arrival, t, s in self._first_tokens_served if arrival > request.arrival_time and t < first)
+            hindsight_s = eta_s + self._served_before_s(request.arrival_time, first)
             self._first_tokens_served.append((request.arrival_time, first, own_s))
             if request.best_effort or eta_s <= 0:
                 continue  # served last on purpose: says nothing of the predictions
             w = FIRST_TOKEN_RATIO_WEIGHT
             self._first_token_measured_s += w * (first - request.arrival_time - self._first_token_measured_s)
-            self._first_token_eta_s += w * (eta_s + overtaken_s - self._first_token_eta_s)
+            self._first_token_eta_s += w * (hindsight_s - self._first_token_eta_s)
+
+    def _served_before_s(self, arrival: float, first_token: float) -> float:
+        """The predicted own prefill time of requests that arrived after `arrival` and got their
+        first token before `first_token`."""
+        return sum(own_s for came, first, own_s in self._first_tokens_served if came > arrival and first < first_token)
 
     @property
     def first_token_ratio(self) -> float:

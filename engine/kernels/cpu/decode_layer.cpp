@@ -349,7 +349,8 @@ int attention_block(const LayerDesc& l, const StepDesc& s, const void* x, void* 
     std::memset(qkv, 0, rows * qkv_width * size);
     std::vector<Product> products;
     add_row_tiles(l.qkv, s, tiles, 0, qkv, qkv_width, &products);
-    products.push_back(Product{rows, q_width, 2 * kv_width, 0, l.hidden / kBlock, qkv + q_width * size, qkv_width, true});
+    products.push_back(
+        Product{rows, q_width, 2 * kv_width, 0, l.hidden / kBlock, qkv + q_width * size, qkv_width, true});
     status |= run_products(l.qkv, s, h, l.hidden, products);
   } else {
     status |= linear(l.qkv, s, h, l.hidden, qkv);
