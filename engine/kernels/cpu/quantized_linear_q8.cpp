@@ -459,17 +459,9 @@ int quantized_linear_q8(const void* x, int64_t x_stride, const uint8_t* weight, 
   if (m < 0 || n < 0 || k_blocks < 0 || format < kQ4_0 || format > kQ8_0) return -1;
   if (vnni && !cpu_has_vnni()) return -1;
   if (m == 0 || n == 0) return dtype >= kFloat32 && dtype <= kFloat16 ? 0 : -1;
-  const Problem p{x, x_stride, weight, weight_stride, bias, out, out_stride, m, n, k_blocks, kFloat32};
-  return with_storage_type(dtype, [&](auto element, DType type) {
-    using T = decltype(element);
-    Problem typed = p;
-    typed.dtype = type;
-    if (vnni) {
-      vnni::run<T>(typed, format, num_threads);
-    } else {
-      plain::run<T>(typed, format, num_threads);
-    }
-  });
+  // One product: the tiles entry with a single tile (x quantized, then this thread's share).
+  const Q8Tile tile{weight, weight_stride, bias, out, out_stride, m, n, 0, k_blocks};
+  return quantized_linear_q8_tiles(x, x_stride, m, k_blocks, &tile, 1, format, dtype, vnni, num_threads);
 #else
   return -1;
 #endif

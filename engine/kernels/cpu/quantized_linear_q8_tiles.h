@@ -119,19 +119,6 @@ void product(const Problem& p, const QuantizedRows& x) {
 }
 
 template <int F, typename T>
-void linear(const Problem& p, int num_threads) {
-  const QuantizedRows x = quantized_rows_buffer(p.m, p.k_blocks);  // the calling thread's, shared
-#pragma omp parallel num_threads(num_threads) if (p.m * p.n * p.k_blocks >= kParallelWork)
-  {
-    int64_t begin, end;
-    thread_share(p.m, &begin, &end);
-    quantize_rows(static_cast<const T*>(p.x), p.x_stride, p.dtype, begin, end, x);
-#pragma omp barrier
-    product<F, T>(p, x);
-  }
-}
-
-template <int F, typename T>
 void tiled_products(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks, const Q8Tile* tiles, int64_t count,
                     DType dtype, int num_threads) {
   const QuantizedRows q = quantized_rows_buffer(m, k_blocks);  // the calling thread's, shared
@@ -148,16 +135,6 @@ void tiled_products(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks
       const Problem p{x, x_stride, t.weight, t.weight_stride, t.bias, t.out, t.out_stride, t.m, t.n, t.k_blocks, dtype};
       product<F, T>(p, blocks_from(q, t.block0));
     }
-  }
-}
-
-template <typename T>
-int run(const Problem& p, int format, int num_threads) {
-  switch (format) {
-    case kQ4_0: linear<kQ4_0, T>(p, num_threads); return 0;
-    case kQ4_1: linear<kQ4_1, T>(p, num_threads); return 0;
-    case kQ8_0: linear<kQ8_0, T>(p, num_threads); return 0;
-    default: return -1;
   }
 }
 
