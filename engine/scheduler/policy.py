@@ -8,7 +8,7 @@ policy answers:
     what may a waiting request do to running work  -> displacement
     which running request is preempted             -> pick_victim
     how many tokens may this step run              -> token_budget
-    how many of them may one prefill chunk take    -> limit_chunk
+    how many of them may one request take          -> limit_chunk (a chunk, or a decode)
     is a new request admitted at all               -> on_arrival (raise AdmissionRejected)
 and hears what happened (`prepare_step`, `on_scheduled`, `on_finished`) to keep its own per-request state.
 
@@ -71,8 +71,9 @@ class SchedulingPolicy(ABC):
         return max_budget
 
     def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest]) -> int:
-        """The tokens (<= num_new) `request` may run in the step that already holds `scheduled`;
-        0: none this step.  Policies that bound a step's time price the chunk where it lies."""
+        """The tokens (<= num_new) `request` may run in the step that already holds `scheduled`
+        (a prefill chunk, or a decode's one token); 0: it sits this step out, keeping its KV.
+        Policies that bound a step's time price the chunk where it lies."""
         return num_new
 
     def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:

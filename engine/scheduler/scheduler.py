@@ -8,7 +8,8 @@ cache hit starts with num_computed_tokens > 0; recompute after preemption starts
 One step (split-and-fuse, as in Sarathi-Serve / Dynamic SplitFuse):
     the policy sets the token budget, then running and waiting requests are ranked together by
     the policy and walked in that order; each gets the tokens it still needs, cut to what budget
-    is left and to what the policy lets its chunk cost where it lies (limit_chunk), while fewer
+    is left and to what the policy lets its chunk (or decode) cost beside the step so far
+    (limit_chunk; a request it gives 0 sits the step out, keeping its KV), while fewer
     than max_num_seqs requests are in the step.  Every policy ranks running
     decodes before running prefills before waiting requests within its own order, so decodes do
     not stall behind a long prompt; a long prompt is split over several steps, several short ones
@@ -184,10 +185,10 @@ class Scheduler:
             num_new = min(request.num_tokens_to_compute, step.budget)
         else:
             num_new = plan.chunk_size(request.num_computed_tokens, request.num_tokens_to_compute, step.budget)
-        if num_new <= 1:
-            return num_new
+        if num_new == 0:
+            return 0
         limited = self.policy.limit_chunk(request, num_new, step.scheduled)
-        if limited >= num_new or plan is None:
+        if limited >= num_new or limited == 0 or plan is None:
             return limited
         return plan.chunk_size(request.num_computed_tokens, limited, limited)
 

@@ -10,7 +10,10 @@ go to the work whose target is closest to being missed, and everything else paus
                 each prefill chunk is priced where it lies (limit_chunk): a chunk late in a long
                 prompt attends to every key before it, so the same tokens there cost several
                 times what they cost at the prompt's start.  A chunk the bound cannot fit there
-                waits for decode-only steps to bank the slack it needs (a TPOT target is a mean);
+                waits for decode-only steps to bank the slack it needs (a TPOT target is a mean).
+                Chunks are fitted beside the decodes that are due; a decode ahead of its schedule
+                sits out a step whose bound the chunk has filled, and a prompt whose TTFT target
+                is lost never breaks the bound;
     order       decodes about to miss their TPOT (their next token is due within URGENT_STEPS
                 steps), then prefills whose TTFT is still reachable in least-slack order (slack =
                 TTFT deadline - now - predicted prefill time), then decodes ahead of schedule, then
@@ -98,6 +101,7 @@ class SLOPolicy(SchedulingPolicy):
         # (arrival, first token, own prefill's predicted time) of recent first tokens
         self._first_tokens_served: deque[tuple[float, float, float]] = deque(maxlen=FIRST_TOKEN_HISTORY)
         self._decode_features = StepFeatures()  # the running decodes' share of this step
+        self._now = 0.0  # this step's time (prepare_step), for limit_chunk
         self._last_step_s = cost_model.predict_s(StepFeatures.of_chunk(0, max_budget, False))
 
     @staticmethod
@@ -114,13 +118,22 @@ class SLOPolicy(SchedulingPolicy):
     def rank_key(self, request: Request, now: float) -> tuple:
         if phase(request) == 0:
             slack = self.next_token_due(request) - now
-            urgent = slack < URGENT_STEPS * self._last_step_s
-            return (0 if urgent else 2, slack, request.arrival_time, request.request_id)
+            return (0 if self._is_urgent(request, now) else 2, slack, request.arrival_time, request.request_id)
+        return (3 if self._is_lost(request, now) else 1, self._latest_start(request), request.arrival_time,
+                request.request_id)
+
+    def _latest_start(self, request: Request) -> float:
         # Slack is taken on the whole prefill, not on what is left of it: on the remainder, equal
         # deadlines would take turns chunk by chunk and every one of them would finish late.
-        latest_start = self.deadline(request) - self.prefill_time_s(request.num_tokens)
-        lost = request.best_effort or latest_start < now
-        return (3 if lost else 1, latest_start, request.arrival_time, request.request_id)
+        return self.deadline(request) - self.prefill_time_s(request.num_tokens)
+
+    def _is_lost(self, request: Request, now: float) -> bool:
+        """A prompt served best effort, or one whose TTFT target no prefill can meet any more."""
+        return request.best_effort or self._latest_start(request) < now
+
+    def _is_urgent(self, request: Request, now: float) -> bool:
+        """A decode whose next token is due within URGENT_STEPS (predicted) steps."""
+        return self.next_token_due(request) - now < URGENT_STEPS * self._last_step_s
 
     def next_token_due(self, request: Request, pace: float = 1.0) -> float:
         """When the next token must come for the request's mean TPOT to stay on target (at
@@ -181,6 +194,7 @@ class SLOPolicy(SchedulingPolicy):
     def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
         """Learn from first tokens that came; choose this step's level for the requests that
         leave it to the server."""
+        self._now = now
         self._observe_first_tokens()
         auto = [r for r in (*running, *waiting) if r.elastic_auto]
         if self.choice is None or not auto:
@@ -289,6 +303,9 @@ class SLOPolicy(SchedulingPolicy):
         paced = [r for r in decodes if self.target(r).tpot_s is not None]
         room = max_budget - len(decodes)
         self._decode_features = _decode_features(decodes)
+        # Prefill tokens are fitted beside the decodes that must run this step; the others sit
+        # the step out where the chunk leaves them no room (limit_chunk).
+        due = _decode_features([r for r in paced if self._is_urgent(r, now)])
         self._step_limit_s = self._slack_limit_s = None
         if not paced:
             return max_budget
@@ -301,25 +318,40 @@ class SLOPolicy(SchedulingPolicy):
             slack_s = min(self.next_token_due(r, TPOT_SAFETY) for r in paced) - now
             self._slack_limit_s = slack_s / self.cost_model.mixed_step_ratio
             limits.append(self._slack_limit_s)
-        prefill_tokens = max(self.cost_model.max_chunk_tokens(self._decode_features, num_computed_tokens=0,
+        prefill_tokens = max(self.cost_model.max_chunk_tokens(due, num_computed_tokens=0,
                                                               max_tokens=room, budget_s=limit_s) for limit_s in limits)
         return len(decodes) + min(room, max(prefill_tokens, MIN_PREFILL_TOKENS))
 
     def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest]) -> int:
-        """The most of num_new tokens whose chunk, at its position and beside the running decodes
-        and the chunks already in the step, keeps the step within its TPOT bound.
+        """The most of num_new tokens whose chunk, at its position and beside what the step
+        already holds, keeps the step within its TPOT bound.
+
+        A decode ahead of its schedule sits the step out when its token would break the bound
+        (it ranks after prefills, so a prefill chunk comes first: that is the point of a TPOT
+        target being a rate); an urgent one always runs.  Before, every running decode ran every
+        step and chunks were priced beside them all: with batch requests' decodes (a 1 s TPOT
+        target) filling the step, a chat's 40 ms bound left a chunk late in a document no room,
+        and the MIN_PREFILL_TOKENS fallback below then broke the bound every step (measured at
+        1.5x load: chats' mean TPOT 46-49 ms against 42).
 
         Where the bound does not fit even MIN_PREFILL_TOKENS there (a chunk late in a long
         prompt attends to every key before it), the step's first chunk spends the slack the
         decodes have banked instead: it runs, as large as that slack allows, once decode-only steps
         (far shorter than the bound) have banked enough for MIN_PREFILL_TOKENS, and not before.
         The decodes' mean TPOT holds either way.  Where decode-only steps cannot bank slack the
-        first chunk keeps MIN_PREFILL_TOKENS whatever it costs, so waiting work cannot starve."""
+        first chunk keeps MIN_PREFILL_TOKENS whatever it costs, so waiting work cannot starve,
+        unless its own TTFT target is lost already: breaking decodes' targets for it would lose
+        theirs too (measured at 1.5x load, such chunks were a third of the steps over the bound), so
+        it takes what the bound leaves and moves on whenever no tight target is decoding."""
         if self._step_limit_s is None:
             return num_new
+        base = features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples) for s in scheduled)
+        if phase(request) == 0:
+            if self._is_urgent(request, self._now):
+                return num_new
+            alongside = base + StepFeatures.of_chunk(request.num_computed_tokens, 1, True)
+            return num_new if self.cost_model.predict_s(alongside) <= self._step_limit_s else 0
         chunks = [s for s in scheduled if s.num_scheduled_tokens > 1]
-        base = self._decode_features + features_of_chunks(
-            (s.num_computed_tokens, s.num_scheduled_tokens, s.samples) for s in chunks)
         minimum = min(num_new, MIN_PREFILL_TOKENS)
 
         def fitted(limit_s: float) -> int:
@@ -330,7 +362,7 @@ class SLOPolicy(SchedulingPolicy):
         if tokens >= minimum or chunks:
             return tokens
         if self._slack_limit_s is None:
-            return minimum
+            return tokens if self._is_lost(request, self._now) else minimum
         tokens = fitted(self._slack_limit_s)
         return tokens if tokens >= minimum else 0
 

@@ -418,6 +418,59 @@ def test_slo_runs_a_chunk_the_bound_cannot_fit_on_slack_the_decodes_banked():
     assert tpot_s <= 0.060
 
 
+def test_slo_decodes_ahead_of_schedule_sit_out_a_step_a_chunk_needs():
+    # A chat (60 ms TPOT: a 54 ms bound) and six batch requests (1 s) decode while a prompt
+    # prefills.  Beside all seven decodes a chunk would get 27 tokens a step; the batch decodes,
+    # far ahead of their schedule, sit out the steps the chunk fills (32-34 tokens) and run when
+    # due (so may the chat, when decode-only steps have put it ahead).
+    scheduler, policy, clock, cost = attention_priced_slo(0.0)
+    scheduler.add_request(make_request("chat", 4, max_tokens=400, slo=SLOTarget(tpot_s=0.060)))
+    for i in range(6):
+        scheduler.add_request(make_request(f"batch{i}", 4, max_tokens=400, slo=SLOTarget(tpot_s=1.0)))
+    slo_run(policy, clock, scheduler, cost, 2)
+    requests = dict(scheduler.requests)
+    scheduler.add_request(make_request("long", 2000, max_tokens=1, arrival=clock.now, slo=SLOTarget(ttft_s=60.0)))
+    chunks_alone = 0
+    while "long" in scheduler.requests:
+        output = slo_run(policy, clock, scheduler, cost, 1)[0]
+        assert cost.predict_s(features_of(output)) <= 0.9 * 0.060 + 1e-9
+        in_step = {s.request.request_id: s.num_scheduled_tokens for s in output.scheduled}
+        chunks_alone += in_step.get("long", 0) >= 32 and not any(r.startswith("batch") for r in in_step)
+    assert chunks_alone > 20
+    for request in requests.values():  # every decode kept its mean TPOT
+        tpot_s = (clock.now - request.metrics.first_token_time) / (request.num_output_tokens - 1)
+        assert tpot_s <= request.slo.tpot_s
+
+
+def lost_or_due_chunk(lost: bool) -> tuple[int, float]:
+    """Tokens the first chunk of a prompt gets beside 13 decodes whose 60 ms TPOT bound (54 ms)
+    leaves it no room for MIN_PREFILL_TOKENS and whose decode-only steps (33 ms) bank no slack;
+    the prompt's TTFT target is lost already, or still due.  Also the step's predicted time."""
+    cost = StepCostModel(CostCoefficients(overhead_s=0.020, per_scheduled_token_s=0.001,
+                                          per_prefill_attention_pair_s=1e-4))
+    clock = VirtualClock()
+    policy = SLOPolicy(SLOConfig(best_effort=True), StepCostModel(cost.coefficients), max_budget=256, max_num_seqs=16)
+    scheduler = make_scheduler(policy, clock=clock, budget=256, num_blocks=1024, max_num_seqs=16)
+    for i in range(13):
+        scheduler.add_request(make_request(f"d{i}", 1, max_tokens=400, slo=SLOTarget(tpot_s=0.060)))
+    slo_run(policy, clock, scheduler, cost, 2)
+    ttft = SLOTarget(ttft_s=0.001 if lost else 60.0)
+    scheduler.add_request(make_request("prompt", 64, max_tokens=1, arrival=clock.now, slo=ttft))
+    output = slo_run(policy, clock, scheduler, cost, 1)[0]
+    assert len(output.scheduled) == 14  # every decode ran
+    return (sum(s.num_scheduled_tokens for s in output.scheduled if s.request.request_id == "prompt"),
+            cost.predict_s(features_of(output)))
+
+
+def test_slo_a_lost_prompt_never_breaks_the_decodes_bound():
+    # A prompt that can still meet its target keeps MIN_PREFILL_TOKENS whatever they cost; one
+    # whose target is lost takes only what the bound leaves.
+    tokens, step_s = lost_or_due_chunk(lost=False)
+    assert tokens == 16 and step_s > 0.054
+    tokens, step_s = lost_or_due_chunk(lost=True)
+    assert 0 < tokens < 16 and step_s <= 0.054 + 1e-9
+
+
 def test_slo_first_token_predictions_learn_from_first_tokens():
     scheduler, policy, clock = slo_scheduler(best_effort=True)
     for i in range(6):
