@@ -148,6 +148,21 @@ class PrunePlan:
         # A decode costs exactly 1: the epsilon keeps float rounding (0.3 + 0.7) from making it 2.
         return math.ceil(num_scheduled_tokens * (1 - self.deep_fraction) + deep - 1e-9)
 
+    def layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[float, float, float]:
+        """What the chunk [c, c + n) computes, in tokens of the whole model's layers: (token rows,
+        keys its last row reads, query-key pairs as n * (c + n) counts them for a plain chunk).
+        Group 0 runs every token through its share of the layers; group s runs its new kept rows
+        (the stage-B step: all K_s of them) against its K_s-long keys through its share f_s."""
+        c, end = num_computed_tokens, num_computed_tokens + num_scheduled_tokens
+        shallow = 1 - self.deep_fraction
+        rows, keys, pairs = num_scheduled_tokens * shallow, end * shallow, num_scheduled_tokens * end * shallow
+        for stage, share in enumerate(self.fractions):
+            before, after = self.num_kept(c, stage), self.num_kept(end, stage)
+            rows += (after - before) * share
+            keys += after * share
+            pairs += (after - before) * after * share
+        return rows, keys, pairs
+
     def chunk_size(self, num_computed_tokens: int, num_tokens_to_compute: int, budget: int) -> int:
         """Tokens to schedule from c under `budget` (0: none this step).  Stage-A chunks run only
         the shallow layers, so the budget buys more of them; a chunk stops at the window's start

@@ -15,6 +15,10 @@ of attention get separate coefficients.  Every decode samples, so a decode's own
 per_sampled_seq_s; a prefill chunk pays per_prefill_seq_s (the CPU attention runs each prefill
 chunk on its own, decodes together) and per_sampled_seq_s only when it completes its prompt.
 
+A pruned prompt's chunk (engine/prompt_pruning.py) counts what it computes, in tokens of the whole
+model (PrunePlan.layer_counts): a chunk before the prompt's end runs only the layers below the first
+prune layer; the one that ends it also runs every kept token through the deep layers.
+
 Coefficients are fitted by non-negative least squares on relative errors, and refined online from
 the engine's own steps.  Relative errors because a 20 ms decode step matters as much as a 1 s
 prefill step, and because a step that another process slowed down tenfold then weighs no more
@@ -29,12 +33,18 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from engine.scheduler.output import SchedulerOutput
+    from engine.scheduler.output import ScheduledRequest, SchedulerOutput
+
+
+class ChunkPlan(Protocol):
+    """What pricing needs of a prompt-pruning plan (engine/prompt_pruning.py, PrunePlan)."""
+
+    def layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[float, float, float]: ...
 
 FORMAT_VERSION = 1
 # mixed_step_ratio: each observed mixed step's weight (about the last 20 count), and its bounds
@@ -55,9 +65,16 @@ class StepFeatures:
     num_prefill_attention_pairs: int = 0
 
     @classmethod
-    def of_chunk(cls, num_computed_tokens: int, num_scheduled_tokens: int, samples: bool) -> StepFeatures:
-        """One request running tokens [num_computed_tokens, num_computed_tokens + num_scheduled_tokens)."""
-        return cls(*_chunk_counts(num_computed_tokens, num_scheduled_tokens, samples))
+    def of_chunk(cls, num_computed_tokens: int, num_scheduled_tokens: int, samples: bool,
+                 plan: ChunkPlan | None = None) -> StepFeatures:
+        """One request running tokens [num_computed_tokens, num_computed_tokens + num_scheduled_tokens);
+        `plan`: its prompt-pruning plan, whose chunks compute fewer rows than they hold."""
+        if plan is None:
+            return cls(*_chunk_counts(num_computed_tokens, num_scheduled_tokens, samples))
+        rows, keys, pairs = plan.layer_counts(num_computed_tokens, num_scheduled_tokens)
+        is_decode = num_scheduled_tokens == 1
+        return cls(max(1, round(rows)), int(not is_decode), int(samples), round(keys) if is_decode else 0,
+                   0 if is_decode else round(pairs))
 
     def __add__(self, other: StepFeatures) -> StepFeatures:
         return StepFeatures(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
@@ -94,8 +111,19 @@ def features_of_chunks(chunks: Iterable[tuple[int, int, bool]]) -> StepFeatures:
 
 def features_of(scheduler_output: SchedulerOutput) -> StepFeatures:
     """Features of the step a SchedulerOutput describes."""
-    return features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples)
-                              for s in scheduler_output.scheduled)
+    return features_of_scheduled(scheduler_output.scheduled)
+
+
+def features_of_scheduled(scheduled: Iterable[ScheduledRequest]) -> StepFeatures:
+    """Features of a step holding these requests' chunks, pruned prompts' chunks at what they compute."""
+    scheduled = list(scheduled)
+    features = features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples)
+                                  for s in scheduled if s.request.prune_plan is None)
+    for s in scheduled:
+        if s.request.prune_plan is not None:
+            features += StepFeatures.of_chunk(s.num_computed_tokens, s.num_scheduled_tokens, s.samples,
+                                              s.request.prune_plan)
+    return features
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,14 +228,15 @@ class StepCostModel:
                 + w[5] * features.num_prefill_attention_pairs)
 
     def max_chunk_tokens(self, base: StepFeatures, num_computed_tokens: int, max_tokens: int,
-                         budget_s: float, samples_at: int | None = None) -> int:
+                         budget_s: float, samples_at: int | None = None, plan: ChunkPlan | None = None) -> int:
         """The most tokens (<= max_tokens) a prefill chunk starting at num_computed_tokens can add
         to a step that already holds `base` and still be predicted to finish within budget_s; 0 if
         not even one fits.  The chunk samples when it reaches `samples_at` tokens (its request's
-        tokens still to compute), if given.  Binary search: the prediction grows with the chunk."""
+        tokens still to compute), if given; `plan`: a pruned prompt's (StepFeatures.of_chunk).
+        Binary search: the prediction grows with the chunk."""
         def fits(n: int) -> bool:
             samples = samples_at is not None and n >= samples_at
-            return self.predict_s(base + StepFeatures.of_chunk(num_computed_tokens, n, samples)) <= budget_s
+            return self.predict_s(base + StepFeatures.of_chunk(num_computed_tokens, n, samples, plan)) <= budget_s
 
         low, high = 0, max_tokens  # invariant: fits(low) or low == 0; high is the largest candidate
         while low < high:

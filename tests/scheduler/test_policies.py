@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 
 from engine.config import MLFQConfig, SLOConfig
+from engine.kv.kv_cache_groups import KVCacheGroups
 from engine.kv.kv_cache_manager import KVCacheManager
+from engine.prompt_pruning import PrunePlan
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of
@@ -469,6 +471,35 @@ def test_slo_a_lost_prompt_never_breaks_the_decodes_bound():
     assert tokens == 16 and step_s > 0.054
     tokens, step_s = lost_or_due_chunk(lost=True)
     assert 0 < tokens < 16 and step_s <= 0.054 + 1e-9
+
+
+def test_slo_prices_a_pruned_prompts_chunks_at_what_they_compute():
+    # A prompt pruned to a quarter past the middle layer: its chunks before the window run half
+    # the layers, so under a decode's 54 ms bound they get twice a whole prompt's ~32 tokens, and
+    # the prompt takes half the steps.  (The step that ends it, which also runs the 250 kept rows
+    # through the deep half, is priced as a plain chunk: _PricedBeforeTheWindow.)
+    def first_chunk_and_steps(plan: PrunePlan | None) -> tuple[int, int]:
+        clock = VirtualClock()
+        policy = SLOPolicy(SLOConfig(), StepCostModel(COST.coefficients), max_budget=256, max_num_seqs=8)
+        scheduler = Scheduler(KVCacheGroups.create(2048, 4, enable_prefix_caching=False, num_stages=1), policy,
+                              max_num_batched_tokens=256, max_num_seqs=8, max_model_len=4096, clock=clock)
+        scheduler.add_request(make_request("d", 4, max_tokens=2000, slo=SLOTarget(tpot_s=0.060)))
+        slo_run(policy, clock, scheduler, COST, 1)
+        prompt = make_request("long", 1000, max_tokens=1, arrival=clock.now, slo=SLOTarget(ttft_s=60.0))
+        prompt.prune_plan = plan
+        scheduler.add_request(prompt)
+        chunks = []
+        while "long" in scheduler.requests:
+            output = slo_run(policy, clock, scheduler, COST, 1)[0]
+            chunks += [s.num_scheduled_tokens for s in output.scheduled if s.request.request_id == "long"]
+            assert len(chunks) < 200, "the prompt starved"
+        return chunks[0], len(chunks)
+
+    whole_chunk, whole_steps = first_chunk_and_steps(None)
+    pruned_chunk, pruned_steps = first_chunk_and_steps(
+        PrunePlan(num_prompt_tokens=1000, kept_per_stage=(250,), window=8, fractions=(0.5,)))
+    assert whole_chunk >= 30 and pruned_chunk >= 2 * whole_chunk - 2
+    assert pruned_steps <= whole_steps / 2 + 2
 
 
 def test_slo_first_token_predictions_learn_from_first_tokens():

@@ -12,6 +12,7 @@ from engine.kv.kv_cache_groups import KVCacheGroups
 from engine.prompt_pruning import PrunePlan
 from engine.request import Request
 from engine.sampling_params import SamplingParams
+from engine.scheduler.cost_model import StepFeatures
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, SchedulerOutput
 from engine.scheduler.policy import FCFSPolicy
 from engine.scheduler.scheduler import Scheduler
@@ -77,6 +78,22 @@ def test_two_stage_plan_keeps_nested_geometric_counts_and_costs_each_group():
     assert plan.cost(0, 40) == 12 and plan.cost(92, 8) == math.ceil(8 * 0.3 + 50 * 0.2 + 25 * 0.5)
     assert plan.cost(100, 1) == 1
     assert PrunePlan.make(100, 0.01, **make).kept_per_stage == (12, 12)  # sinks and window at least
+
+
+def test_a_pruned_chunk_is_priced_at_what_it_computes():
+    """Stage-A chunks run the shallow 30% of the layers; the stage-B step adds each group's kept
+    rows against its kept keys; a decode reads the shorter deep groups' keys."""
+    make = dict(min_prompt_tokens=64, num_sink_tokens=4, window=8, fractions=(0.2, 0.5))
+    plan = PrunePlan.make(100, 0.25, **make)  # kept (50, 25)
+    assert plan.layer_counts(0, 40) == pytest.approx((40 * 0.3, 40 * 0.3, 40 * 40 * 0.3))
+    rows, keys, pairs = plan.layer_counts(92, 8)
+    assert rows == pytest.approx(8 * 0.3 + 50 * 0.2 + 25 * 0.5)
+    assert pairs == pytest.approx(8 * 100 * 0.3 + 50 * 50 * 0.2 + 25 * 25 * 0.5)
+    assert plan.layer_counts(100, 1)[:2] == pytest.approx((1.0, 101 * 0.3 + 51 * 0.2 + 26 * 0.5))
+    whole = StepFeatures.of_chunk(0, 40, False)
+    pruned = StepFeatures.of_chunk(0, 40, False, plan)
+    assert pruned.num_scheduled_tokens == 12 and pruned.num_prefill_attention_pairs == 480
+    assert whole.num_scheduled_tokens == 40 and pruned.num_prefill_seqs == whole.num_prefill_seqs == 1
 
 
 def test_two_stage_request_schedules_both_deep_groups_and_replays_both_sets():
