@@ -21,8 +21,8 @@ go to the work whose target is closest to being missed, and everything else paus
     admission   a new request is refused (AdmissionRejected -> HTTP 429) or, with best_effort,
                 served last when its TTFT target is out of reach (the prefills due before it, at
                 the steps the budget gives, scaled by how late first tokens have come against such
-                predictions; an auto level counts at the lowest it may fall to) or when the decodes already admitted leave no
-                seat time for one more at its TPOT target.
+                predictions; an auto level counts at the lowest it may fall to) or when the decodes
+                already admitted leave no seat time for one more at its TPOT target.
 
 Step times come from a StepCostModel that the engine profiles at start-up and refines online.
 The engine fills a request's missing targets from the server defaults (SLOConfig); requests with
