@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -114,15 +114,18 @@ def features_of(scheduler_output: SchedulerOutput) -> StepFeatures:
     return features_of_scheduled(scheduler_output.scheduled)
 
 
-def features_of_scheduled(scheduled: Iterable[ScheduledRequest]) -> StepFeatures:
-    """Features of a step holding these requests' chunks, pruned prompts' chunks at what they compute."""
+def features_of_scheduled(scheduled: Iterable[ScheduledRequest],
+                          pricing: Callable[[Any], ChunkPlan] | None = None) -> StepFeatures:
+    """Features of a step holding these requests' chunks, pruned prompts' chunks at what they
+    compute; `pricing`: how to price a prune plan instead (None: the plan itself)."""
     scheduled = list(scheduled)
     features = features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples)
                                   for s in scheduled if s.request.prune_plan is None)
     for s in scheduled:
-        if s.request.prune_plan is not None:
+        plan = s.request.prune_plan
+        if plan is not None:
             features += StepFeatures.of_chunk(s.num_computed_tokens, s.num_scheduled_tokens, s.samples,
-                                              s.request.prune_plan)
+                                              plan if pricing is None else pricing(plan))
     return features
 
 

@@ -70,7 +70,7 @@ class SchedulingPolicy(ABC):
         """Tokens this step may run; policies that guard latency shrink it."""
         return max_budget
 
-    def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest]) -> int:
+    def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest], now: float) -> int:
         """The tokens (<= num_new) `request` may run in the step that already holds `scheduled`
         (a prefill chunk, or a decode's one token); 0: it sits this step out, keeping its KV.
         Policies that bound a step's time price the chunk where it lies."""

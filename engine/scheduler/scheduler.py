@@ -141,7 +141,7 @@ class Scheduler:
         return output
 
     def _schedule_running(self, request: Request, step: _StepBuilder, now: float) -> None:
-        num_new = self._num_new_tokens(request, step)
+        num_new = self._num_new_tokens(request, step, now)
         if num_new == 0:
             return  # a pruned prompt whose window does not fit what is left of the budget
         total = request.num_computed_tokens + num_new
@@ -163,7 +163,7 @@ class Scheduler:
         if not request.needs_prompt_logprobs:
             request.num_computed_tokens = self.kv.match_prefix(request.request_id, request.all_token_ids,
                                                               request.kv_cache_salt, request.prune_plan)
-        num_new = self._num_new_tokens(request, step)
+        num_new = self._num_new_tokens(request, step, now)
         total = request.num_computed_tokens + num_new
         while num_new == 0 or not self._allocate(request, total):
             if num_new == 0 or displacement == Displacement.NONE or not self._preempt_below(request, step, now):
@@ -177,7 +177,7 @@ class Scheduler:
         step.add(self._scheduled(request, num_new, starts=True))
         return True
 
-    def _num_new_tokens(self, request: Request, step: _StepBuilder) -> int:
+    def _num_new_tokens(self, request: Request, step: _StepBuilder, now: float) -> int:
         """What is left of the token budget, then what the policy lets the chunk cost where it
         lies (a pruned prompt's chunk still ends outside its window)."""
         plan = request.prune_plan
@@ -187,7 +187,7 @@ class Scheduler:
             num_new = plan.chunk_size(request.num_computed_tokens, request.num_tokens_to_compute, step.budget)
         if num_new == 0:
             return 0
-        limited = self.policy.limit_chunk(request, num_new, step.scheduled)
+        limited = self.policy.limit_chunk(request, num_new, step.scheduled, now)
         if limited >= num_new or limited == 0 or plan is None:
             return limited
         return plan.chunk_size(request.num_computed_tokens, limited, limited)

@@ -39,13 +39,13 @@ from typing import TYPE_CHECKING
 
 from engine.config import SLOConfig
 from engine.request import Request, SLOTarget
-from engine.scheduler.cost_model import StepFeatures, features_of_chunks
+from engine.scheduler.cost_model import StepFeatures, features_of_chunks, features_of_scheduled
 from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingPolicy, phase
 
 if TYPE_CHECKING:
+    from engine.prompt_pruning import PrunePlan
     from engine.scheduler.cost_model import StepCostModel
     from engine.scheduler.elastic_choice import ElasticChoice
-    from engine.prompt_pruning import PrunePlan
     from engine.scheduler.output import ScheduledRequest
 
 # Keep the predicted step time this far under the tightest TPOT target: the model is a fit.
@@ -103,7 +103,6 @@ class SLOPolicy(SchedulingPolicy):
         # (arrival, first token, own prefill's predicted time) of recent first tokens
         self._first_tokens_served: deque[tuple[float, float, float]] = deque(maxlen=FIRST_TOKEN_HISTORY)
         self._decode_features = StepFeatures()  # the running decodes' share of this step
-        self._now = 0.0  # this step's time (prepare_step), for limit_chunk
         self._last_step_s = cost_model.predict_s(StepFeatures.of_chunk(0, max_budget, False))
 
     @staticmethod
@@ -196,7 +195,6 @@ class SLOPolicy(SchedulingPolicy):
     def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
         """Learn from first tokens that came; choose this step's level for the requests that
         leave it to the server."""
-        self._now = now
         self._observe_first_tokens()
         auto = [r for r in (*running, *waiting) if r.elastic_auto]
         if self.choice is None or not auto:
@@ -305,12 +303,12 @@ class SLOPolicy(SchedulingPolicy):
         paced = [r for r in decodes if self.target(r).tpot_s is not None]
         room = max_budget - len(decodes)
         self._decode_features = _decode_features(decodes)
-        # Prefill tokens are fitted beside the decodes that must run this step; the others sit
-        # the step out where the chunk leaves them no room (limit_chunk).
-        due = _decode_features([r for r in paced if self._is_urgent(r, now)])
         self._step_limit_s = self._slack_limit_s = None
         if not paced:
             return max_budget
+        # Prefill tokens are fitted beside the decodes that must run this step; the others sit
+        # the step out where the chunk leaves them no room (limit_chunk).
+        due = _decode_features([r for r in paced if self._is_urgent(r, now)])
         # Mixed steps run longer than the fit predicts, by mixed_step_ratio.
         correction = TPOT_SAFETY / self.cost_model.mixed_step_ratio
         self._step_limit_s = min(self.target(r).tpot_s for r in paced) * correction
@@ -324,7 +322,7 @@ class SLOPolicy(SchedulingPolicy):
                                                               max_tokens=room, budget_s=limit_s) for limit_s in limits)
         return len(decodes) + min(room, max(prefill_tokens, MIN_PREFILL_TOKENS))
 
-    def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest]) -> int:
+    def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest], now: float) -> int:
         """The most of num_new tokens whose chunk, at its position and beside what the step
         already holds, keeps the step within its TPOT bound.
 
@@ -350,10 +348,10 @@ class SLOPolicy(SchedulingPolicy):
         layers below the first prune layer (_PricedBeforeTheWindow), so it gets more tokens."""
         if self._step_limit_s is None:
             return num_new
-        base = _priced_features(scheduled)
+        if phase(request) == 0 and self._is_urgent(request, now):
+            return num_new  # (before pricing the step: every urgent decode asks, first)
+        base = features_of_scheduled(scheduled, _PricedBeforeTheWindow)
         if phase(request) == 0:
-            if self._is_urgent(request, self._now):
-                return num_new
             alongside = base + StepFeatures.of_chunk(request.num_computed_tokens, 1, True)
             return num_new if self.cost_model.predict_s(alongside) <= self._step_limit_s else 0
         chunks = [s for s in scheduled if s.num_scheduled_tokens > 1]
@@ -377,7 +375,7 @@ class SLOPolicy(SchedulingPolicy):
         if tokens >= minimum or chunks:
             return tokens
         if self._slack_limit_s is None:
-            return tokens if self._is_lost(request, self._now) else minimum
+            return tokens if self._is_lost(request, now) else minimum
         tokens = fitted(self._slack_limit_s)
         return tokens if tokens >= minimum else 0
 
@@ -453,15 +451,6 @@ class _PricedBeforeTheWindow:
         if end >= self.plan.num_prompt_tokens:
             return float(num_scheduled_tokens), float(end), float(num_scheduled_tokens * end)
         return self.plan.layer_counts(num_computed_tokens, num_scheduled_tokens)
-
-
-def _priced_features(scheduled: Sequence[ScheduledRequest]) -> StepFeatures:
-    """A step's features as the TPOT bound prices them (_PricedBeforeTheWindow)."""
-    return features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples)
-                              for s in scheduled if s.request.prune_plan is None) + sum(
-        (StepFeatures.of_chunk(s.num_computed_tokens, s.num_scheduled_tokens, s.samples,
-                               _PricedBeforeTheWindow(s.request.prune_plan))
-         for s in scheduled if s.request.prune_plan is not None), StepFeatures())
 
 
 def _decode_features(decodes: Sequence[Request]) -> StepFeatures:
