@@ -20,6 +20,9 @@ just keeps up with the targets, and 1.5x is load it cannot serve within them:
     fcfs          FCFS, full model, whole prompts
     slo@L         the slo policy, every request at fixed level L (L = 100 is "slo at the full model")
     slo auto      the slo policy choosing level and prompt_keep per request and step, within the floors
+    slo floor     the slo policy, every request at the cheapest setting its class's floor allows (chat
+                  level 70, documents level 40 on 30% of the prompt, batch level 40 on 30%): the most
+                  load any choice within the floors can serve, at the lowest quality
 
 Reported per load and variant: SLO attainment (the request's own targets), goodput (req/s that met
 them), quality-weighted goodput (req/s that met them at a setting meeting the request's floor:
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,12 +59,15 @@ from engine.bench.simulate import SimConfig, SimRequest, simulate
 from engine.config import SLOConfig
 from engine.elastic.quality_table import QualityTable
 from engine.request import SLOTarget
-from engine.scheduler.elastic_choice import AUTO
+from engine.scheduler.elastic_choice import AUTO, KEEP_LADDER
+from engine.scheduler.slo_policy import LOAD_WINDOW_S
 
 RESULTS = Path(__file__).parent / "results"
 SLO_CAPACITY_ATTAINMENT = 0.9  # the full model's SLO capacity: the rate at which it meets this share
 STEP_DOWN = 0.7  # the SLO capacity search's step down from the throughput capacity
 CLASSES = ("chat", "document", "batch")
+FLOOR = "floor"  # the "slo floor" variant's level: each request at the cheapest setting its class's floor allows
+LOWEST_LEVEL = 40  # the default model's narrowest level
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,8 @@ def parse_args() -> argparse.Namespace:
                              "which slo@100 meets 90%% of the targets) or its throughput (FCFS, all at once)")
     parser.add_argument("--out", default=str(RESULTS / "slo_elastic"))
     parser.add_argument("--variants", default=None,
-                        help="run only these variants (comma-separated labels, e.g. 'slo auto'), keeping the capacity "
-                             "and the other variants' results of the --out JSON already there")
+                        help="run only these variants (comma-separated labels, e.g. 'slo auto'), keeping the capacity, "
+                             "the targets and the other variants' results of the --out JSON already there")
     return parser.parse_args()
 
 
@@ -119,6 +126,12 @@ def class_specs(llm: LLM, args: argparse.Namespace) -> dict[str, ClassSpec]:
             "batch": ClassSpec("batch", SLOTarget(ttft_s=60.0, tpot_s=1.0))}
 
 
+def with_targets(specs: dict[str, ClassSpec], targets: dict[str, list[float | None]]) -> dict[str, ClassSpec]:
+    """The classes with the (ttft_s, tpot_s) targets an earlier run measured and wrote."""
+    return {name: replace(spec, slo=SLOTarget(ttft_s=targets[name][0], tpot_s=targets[name][1]))
+            for name, spec in specs.items()}
+
+
 def base_trace(llm: LLM, args: argparse.Namespace, specs: dict[str, ClassSpec]) -> list[tuple[str, TraceRequest]]:
     """The requests, in a seeded mixed order, arrival times still 0."""
     tokenizer = llm.get_tokenizer()
@@ -143,6 +156,9 @@ def with_variant(trace: list[tuple[str, TraceRequest]], specs: dict[str, ClassSp
         elastic: dict[str, Any] = {"elastic_level": level}
         if level == AUTO:
             elastic.update(prompt_keep=AUTO, min_level=spec.min_level, min_prompt_keep=spec.min_prompt_keep)
+        elif level == FLOOR:  # the cheapest setting the floors allow: the most any choice within them can serve
+            elastic = {"elastic_level": spec.min_level or LOWEST_LEVEL,
+                       "prompt_keep": spec.min_prompt_keep or KEEP_LADDER[-1]}
         out.append(replace(request, arrival_time_s=t, elastic=elastic))
     return out
 
@@ -222,13 +238,14 @@ def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> d
     quality = llms["slo"].engine.scheduler.policy.choice.quality
     for load in [float(v) for v in args.loads.split(",")]:
         times = arrival_times(len(trace), load * capacity, seed=args.seed)
-        variants = [("fcfs", "fcfs", 100), *((f"slo@{lv}", "slo", lv) for lv in levels), ("slo auto", "slo", AUTO)]
+        variants = [("fcfs", "fcfs", 100), *((f"slo@{lv}", "slo", lv) for lv in levels), ("slo auto", "slo", AUTO),
+                    ("slo floor", "slo", FLOOR)]
         if args.variants:
             variants = [v for v in variants if v[0] in args.variants.split(",")]
         for label, policy, level in variants:
             llm = llms[policy]
             if level == AUTO:
-                llm.engine.scheduler.policy.choice.level = 100  # every run starts from the full model
+                start_fresh(llm.engine)
             records, duration = replay_trace(llm.engine, with_variant(trace, specs, level, times),
                                              desc=f"{load:.1f}x {label}")
             results[f"{load}|{label}"] = summarize_run(names, records, duration, specs, quality)
@@ -236,6 +253,14 @@ def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> d
             results[f"{load}|{label}"]["sim"] = summarize_run(names, sim_records, sim_duration, specs, quality)
             print(f"{load:.1f}x {label}: {results[f'{load}|{label}']}", flush=True)
     return results
+
+
+def start_fresh(engine) -> None:
+    """An auto run starts from the full model and inherits no load: the engine idles the slo
+    policy's load window first (load_pressure counts the steps run over its last LOAD_WINDOW_S,
+    which would otherwise be the run before's)."""
+    time.sleep(LOAD_WINDOW_S)
+    engine.scheduler.policy.choice.level = 100
 
 
 def simulated(slo_llm: LLM, llm: LLM, trace, specs, level, times, policy: str, args) -> tuple[list, float]:
@@ -267,7 +292,7 @@ def load_step(llm: LLM, trace, specs, capacity: float, args) -> dict[str, list[f
                 times.append(t)
         start += length
     requests = [trace[i % len(trace)] for i in range(len(times))]
-    engine.scheduler.policy.choice.level = 100
+    start_fresh(engine)
     levels_over_time: list[tuple[float, int]] = []
     policy = engine.scheduler.policy
     original = policy.prepare_step
@@ -392,10 +417,13 @@ def main() -> None:
     args = parse_args()
     slo = SLOConfig(best_effort=True)  # refusals would hide what each variant does with the load
     llms = {"slo": LLM(scheduling_policy="slo", max_num_seqs=args.max_num_seqs, slo=slo, enable_prefix_caching=False)}
+    earlier = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.variants else None
     specs = class_specs(llms["slo"], args)
+    if earlier and "targets" in earlier:  # the kept variants were judged by these: so are the new ones
+        specs = with_targets(specs, earlier["targets"])
+        print("targets of the earlier run:", {n: s.slo for n, s in specs.items()})
     trace = base_trace(llms["slo"], args, specs)
     llms["fcfs"] = LLM(max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
-    earlier = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.variants else None
     throughput = earlier.get("throughput_capacity", earlier["capacity"]) if earlier else measure_capacity(llms["fcfs"], trace, specs)
     probes = earlier.get("slo_capacity_probes", []) if earlier else []
     capacity = throughput

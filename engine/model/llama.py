@@ -102,6 +102,11 @@ class SelfAttention(nn.Module):
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
 
+# A step mixing levels runs each level's rows through that level's FFN slices from this many rows
+# (FeedForward._forward_level_groups); below it, every row runs at the widest level present.
+GROUPED_LEVELS_MIN_ROWS = 64
+
+
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaArchConfig, plan: ComputePlan, elastic: BlockElasticity | None = None) -> None:
         super().__init__()
@@ -119,16 +124,31 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         path = "plain" if self.elastic is None else elastic_path(x.shape[0], batch.elastic, self.w13, self.w2)
         if path == "slices":
-            return self._forward_level_slice(x, batch.elastic)
+            levels = RowLevels.of(batch.elastic)
+            if levels.single is None and x.shape[0] >= GROUPED_LEVELS_MIN_ROWS:
+                return self._forward_level_groups(x, batch.elastic)
+            return self._forward_level_slice(x, levels)
         if path == "tiles":
             return self._forward_tiles(x, batch.elastic)
         return self.w2(self.act(self.w13(x, batch)), batch)
 
-    def _forward_level_slice(self, x: torch.Tensor, rows: ElasticRows | None) -> torch.Tensor:
+    def _forward_level_groups(self, x: torch.Tensor, rows: ElasticRows) -> torch.Tensor:
+        """Prepacked weights, rows of several levels in a large step: each level's rows through
+        its own slices (_forward_level_slice at one level).  Each group reads its own slice, where
+        the widest-level path reads one; but a large step is bound by multiply-adds, not weight
+        reads, and a prefill chunk at a narrow level beside a few wider decodes would otherwise run
+        every one of its rows at their width."""
+        x_levels = rows.to_level_order(x)
+        out = torch.empty_like(x_levels)
+        for index, start, end in rows.level_groups():
+            out[start:end] = self._forward_level_slice(x_levels[start:end], RowLevels(None, index, index))
+        return rows.to_batch_order(out)
+
+    def _forward_level_slice(self, x: torch.Tensor, levels: RowLevels) -> torch.Tensor:
         """Prepacked weights: every row through the widest present level's neurons (gate rows
         [0, w), up rows [I, I + w), down columns [0, w)), one GEMM per linear; a narrower row's
         extra neurons are zeroed before the down projection.  Side paths ride in the slices."""
-        levels, folded = RowLevels.of(rows), self.elastic.folded
+        folded = self.elastic.folded
         width = self.elastic.widths[levels.widest]
         projected = self.w13.forward_level(x, width)  # [T, 2 width + side ranks]: gate, up, side paths
         hidden = projected.new_empty(x.shape[0], width + folded.size)

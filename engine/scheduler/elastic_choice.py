@@ -14,9 +14,14 @@ settings fall to the best quality whose predicted latency still meets the target
                  CLIMB_MARGIN to spare, so a level does not flap at a boundary.  A request's floor
                  (min_level) caps how far its own level falls.  KV heads are never pruned, so a
                  running request may change level between any two steps.
-    prompt_keep  chosen once, when the request arrives (its KV layout depends on it): the largest
-                 keep of KEEP_LADDER, at or above the request's floor, whose predicted first-token
-                 time (the prefills due before it and its own at that keep) meets its TTFT target.
+    prompt_keep  chosen when the request arrives and again each step until its prefill starts
+                 (its KV layout depends on it, so it is fixed from then): the largest keep of
+                 KEEP_LADDER, at or above the request's floor, whose predicted first-token time
+                 (the prefills due before it and its own at that keep) meets its TTFT target and
+                 which the load allows (SLOPolicy.load_pressure: past what the full model could
+                 serve, prompts are pruned first, since the quality table prices a keep far below
+                 a level).  A prompt whose target is lost takes its smallest keep and its lowest
+                 level.
 
 Levels and keeps are ranked by the measured quality table (engine/elastic/quality_table.py); the
 ladders below are its measured points, best first.  Torch-free.
@@ -56,14 +61,15 @@ class ElasticChoice:
         if not self.level:
             self.level = self.levels[0]
 
-    def choose_level(self, decode_pressure: float, ttft_pressure: float) -> int:
-        """The widest level whose decode and prefill fractions bring both pressures (full-level
-        time over the time the targets allow) to at most 1; the narrowest when none does."""
+    def choose_level(self, decode_pressure: float, ttft_pressure: float, load_pressure: float = 0.0) -> int:
+        """The widest level whose decode and prefill fractions bring every pressure (full-level
+        time over the time the targets allow; the load over what the full model can serve, with
+        prompts already at their smallest keeps) to at most 1; the narrowest when none does."""
         current = self.levels.index(self.level)
         chosen = len(self.levels) - 1
         for index, level in enumerate(self.levels):
             margin = CLIMB_MARGIN if index < current else 1.0  # climbing needs room to spare
-            if self._load(level, decode_pressure, ttft_pressure) <= margin:
+            if self._load(level, decode_pressure, max(ttft_pressure, load_pressure)) <= margin:
                 chosen = index
                 break
         if chosen < current - 1:

@@ -3,11 +3,13 @@ as fractions of the full model's (issue #15).  The SLO policy prices candidate s
 these on top of the step cost model (cost_model.py), which predicts steps at the full level.
 
     level        a step costs the full model's prediction x fraction[level], where level is the
-                 widest among the step's rows: mixing levels saves nothing over the widest.  Where
+                 widest among the step's rows (a bound: what mixing saves is not priced).  Where
                  bf16 slices are prepacked, a step runs every row through its widest level's
-                 slices (engine/model/llama.py, elastic_path); over Q8 blocks each row runs its
-                 own level's column tiles, and a step mixing six levels measured 1.17-1.37x a step
-                 of 16 rows at the widest (benchmarks/README.md, "Elastic levels over Q8 blocks").
+                 slices, but from 64 rows the FFN runs each level's rows through its own
+                 (engine/model/llama.py, elastic_path, GROUPED_LEVELS_MIN_ROWS); over Q8 blocks
+                 each row runs its own level's column tiles, and a step mixing six levels measured
+                 1.17-1.37x a step of 16 rows at the widest (benchmarks/README.md, "Elastic levels
+                 over Q8 blocks").
                  Decode and prefill steps have their own fractions (a decode step is mostly
                  weights and KV reads, a prefill chunk mostly multiply-adds).
     prompt_keep  a pruned prompt runs every token through the layers below the first prune layer

@@ -14,6 +14,10 @@ go to the work whose target is closest to being missed, and everything else paus
                 Chunks are fitted beside the decodes that are due; a decode ahead of its schedule
                 sits out a step whose bound the chunk has filled, and a prompt whose TTFT target
                 is lost never breaks the bound;
+    settings    (auto requests, elastic_choice.py) each step: the level from the pressures the
+                targets put on the full model; an open prompt_keep from the queue and the load;
+                a prompt whose TTFT target is lost (not even its fastest prefill meets it) runs at
+                its floors, after every prompt that can still meet its own;
     order       decodes about to miss their TPOT (their next token is due within URGENT_STEPS
                 steps), then prefills whose TTFT is still reachable in least-slack order (slack =
                 TTFT deadline - now - predicted prefill time), then decodes ahead of schedule, then
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING
 from engine.config import SLOConfig
 from engine.request import Request, SLOTarget
 from engine.scheduler.cost_model import StepFeatures, features_of_chunks, features_of_scheduled
+from engine.scheduler.elastic_choice import KEEP_LADDER
 from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingPolicy, phase
 
 if TYPE_CHECKING:
@@ -63,12 +68,25 @@ FIRST_TOKEN_RATIO_BOUNDS = (0.5, 3.0)
 # First tokens remembered to find, in hindsight, the requests served before one that arrived earlier.
 FIRST_TOKEN_HISTORY = 256
 
+# Load: the full model's predicted time of the steps run over the last LOAD_WINDOW_S, whole prompts
+# (what the full model would have needed), over the window (load_pressure).  Past KEEP_UTILIZATION
+# of it, auto prompt_keeps fall: the full model could not serve such a load for long, and the
+# quality table prices a keep far below a level.  The level falls for the load too once, with
+# every auto prompt at its smallest keep, it is still past LEVEL_UTILIZATION.  Measured at 1.5x
+# load (72 requests, fixed targets, auto alone): with the level falling past 0.8, attainment
+# 0.96 / 0.90 / 0.82 at a mean level of 57-59; with only the keeps falling, 0.75 / 0.94 / 0.86 /
+# 0.75 at a mean level of 93-99 (before either, 0.60-0.78).
+LOAD_WINDOW_S = 10.0
+KEEP_UTILIZATION = 0.8
+LEVEL_UTILIZATION = 0.8
+
 # Decode seat time admitted TPOT targets may claim, as a fraction of what steps of nothing but
 # decodes would give (the rest is for prefills and for the step-to-step spread).
 MAX_DECODE_SEAT_SHARE = 0.6
 TTFT_REJECT_REASON = "slo_ttft_unattainable"
 TPOT_REJECT_REASON = "slo_tpot_unattainable"
 NO_TARGET = SLOTarget()
+_ONE_CHUNK = StepFeatures(num_prefill_seqs=1)  # a prefill chunk's own cost (with the step's overhead)
 
 
 class SLOPolicy(SchedulingPolicy):
@@ -103,6 +121,13 @@ class SLOPolicy(SchedulingPolicy):
         # (arrival, first token, own prefill's predicted time) of recent first tokens
         self._first_tokens_served: deque[tuple[float, float, float]] = deque(maxlen=FIRST_TOKEN_HISTORY)
         self._decode_features = StepFeatures()  # the running decodes' share of this step
+        # Steps run within LOAD_WINDOW_S: (start, the full model's predicted time, whole prompts,
+        # and of it the prefill of prompts with an auto keep), and the sums of each
+        self._steps_run: deque[tuple[float, float, float]] = deque()
+        self._steps_run_s = self._steps_run_prunable_s = 0.0
+        self._lost_at, self._lost = -math.inf, {}  # _is_lost's answers at the time _lost_at
+        self._fixed_for: StepFeatures | None = None  # the decode features _fixed_s was priced with
+        self._fixed_s = 0.0
         self._last_step_s = cost_model.predict_s(StepFeatures.of_chunk(0, max_budget, False))
 
     @staticmethod
@@ -129,8 +154,25 @@ class SLOPolicy(SchedulingPolicy):
         return self.deadline(request) - self.prefill_time_s(request.num_tokens)
 
     def _is_lost(self, request: Request, now: float) -> bool:
-        """A prompt served best effort, or one whose TTFT target no prefill can meet any more."""
-        return request.best_effort or self._latest_start(request) < now
+        """A prompt served best effort, or one whose TTFT target not even its fastest prefill can
+        meet any more (_fastest_prefill_s).  Lost prompts rank after every other prompt, so this
+        must not be pessimistic: taken on the whole prompt at the full model under the decodes'
+        TPOT bound, a document that had waited a second behind another counted as lost, ranked
+        after every later arrival and waited 15-23 s against a 5.5 s target (1.5x load)."""
+        if now != self._lost_at:  # PERF: ranking, the choice and the budget each ask, every step
+            self._lost_at, self._lost = now, {}
+        lost = self._lost.get(request.request_id)
+        if lost is None:
+            lost = request.best_effort or now + self._fastest_prefill_s(request) > self.deadline(request)
+            self._lost[request.request_id] = lost
+        return lost
+
+    def _fastest_prefill_s(self, request: Request) -> float:
+        """The soonest what is left of a prompt's prefill can end: at the lowest level and keep it
+        may still run at, in whole-budget chunks with nothing beside them."""
+        work_s, tokens = self._prefill_work(request.num_computed_tokens, request.num_tokens_to_compute)
+        work_s *= self._keep_fraction(request, lowest=True) * self._prefill_fraction(request, lowest=True)
+        return work_s + math.ceil(tokens / self.max_budget) * self.cost_model.linear_s(_ONE_CHUNK)
 
     def _is_urgent(self, request: Request, now: float) -> bool:
         """A decode whose next token is due within URGENT_STEPS (predicted) steps."""
@@ -180,15 +222,26 @@ class SLOPolicy(SchedulingPolicy):
     def _fixed_step_s(self) -> float:
         """A step's time that does not grow with its prefill tokens: overhead, the running decodes
         and one prefill chunk's own cost."""
-        return self.cost_model.linear_s(self._decode_features + StepFeatures(num_prefill_seqs=1))
+        if self._fixed_for is not self._decode_features:  # PERF: once a step, not once a prompt
+            self._fixed_for = self._decode_features
+            self._fixed_s = self.cost_model.linear_s(self._decode_features + _ONE_CHUNK)
+        return self._fixed_s
 
     def request_prefill_work(self, request: Request) -> tuple[float, int]:
         """What the request's prefill still needs (_prefill_work), at the full model: a pruned
         prompt's deep layers run only the kept share (KnobCosts.keep_fraction)."""
         work_s, tokens = self._prefill_work(request.num_computed_tokens, request.num_tokens_to_compute)
-        if self.choice is None or request.prompt_keep >= 1.0:
-            return work_s, tokens
-        return work_s * self.choice.costs.keep_fraction(request.prompt_keep), tokens
+        return work_s * self._keep_fraction(request, lowest=False), tokens
+
+    def _keep_fraction(self, request: Request, lowest: bool) -> float:
+        """A prefill's time at the request's prompt_keep over the whole prompt's, or (lowest) at
+        the smallest keep it may still take (an auto keep whose prefill has not started)."""
+        if self.choice is None:
+            return 1.0
+        keep = request.prompt_keep
+        if lowest and _keep_open(request):
+            keep = min(request.keep_options)
+        return self.choice.costs.keep_fraction(keep)
 
     # ---- elastic settings (engine/scheduler/elastic_choice.py) ---------------------------------
 
@@ -196,12 +249,25 @@ class SLOPolicy(SchedulingPolicy):
         """Learn from first tokens that came; choose this step's level for the requests that
         leave it to the server."""
         self._observe_first_tokens()
-        auto = [r for r in (*running, *waiting) if r.elastic_auto]
-        if self.choice is None or not auto:
+        self._lost_at = -math.inf  # requests changed since the last step, even at the same time
+        if self.choice is None:
             return
-        self.choice.choose_level(self.decode_pressure(running), self.ttft_pressure(running, waiting, now))
+        self._choose_open_keeps(running, waiting, now)
+        auto = [r for r in (*running, *waiting) if r.elastic_auto]
+        if not auto:
+            return
+        self.choice.choose_level(self.decode_pressure(running), self.ttft_pressure(running, waiting, now),
+                                 self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION))
         for request in auto:
-            request.elastic_level = self.choice.level_for(request.min_level)
+            request.elastic_level = self._level_of(request, now)
+
+    def _level_of(self, request: Request, now: float) -> int:
+        """An auto request's level this step: the chosen one within its floor; a prompt whose
+        TTFT target is lost runs at its floor (its quality no longer buys it a met target, and the
+        time it frees goes to prompts that can still meet theirs)."""
+        if phase(request) != 0 and self._is_lost(request, now):
+            return self.choice.lowest_level(request.min_level)
+        return self.choice.level_for(request.min_level)
 
     def decode_pressure(self, running: Sequence[Request]) -> float:
         """The predicted full-model step of the running decodes over the tightest of their TPOT
@@ -215,30 +281,59 @@ class SLOPolicy(SchedulingPolicy):
     def ttft_pressure(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> float:
         """Max over prompts still to prefill, in deadline order, of the full-model prefill time
         due up to and including each (calibrated: first_token_ratio) over the time left to its
-        deadline.  Prompts whose target is
-        already lost do not count: they are served as such, and would pin the level down."""
-        due = sorted((r for r in (*running, *waiting) if phase(r) != 0 and not r.best_effort
-                      and math.isfinite(self.deadline(r))), key=self.deadline)
+        deadline (_prompts_due: lost prompts do not count)."""
         pressure, work_s, tokens = 0.0, 0.0, 0
-        for request in due:
+        for request in self._prompts_due(running, waiting, now):
             left_s = self.deadline(request) - now
-            if left_s <= 0:
-                continue
             request_work_s, request_tokens = self.request_prefill_work(request)
             work_s, tokens = work_s + request_work_s, tokens + request_tokens
             pressure = max(pressure, self.first_token_ratio * self.prefill_span_s(work_s, tokens) / left_s)
         return pressure
 
+    def _prompts_due(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> list[Request]:
+        """Prompts still to prefill whose TTFT target can still be met, in deadline order.  Lost
+        ones do not count: they are served after these, and would pin the level down."""
+        return sorted((r for r in (*running, *waiting) if phase(r) != 0 and math.isfinite(self.deadline(r))
+                       and not self._is_lost(r, now)), key=self.deadline)
+
+    def _choose_open_keeps(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
+        """Each step, every auto prompt_keep still open (its prefill not started) is chosen again
+        against the queue as it is now: the one chosen on arrival assumed the queue of then, and
+        a document that waits behind prompts that came later with tighter deadlines, or behind
+        more work than predicted, would otherwise start its whole prompt too late.  A lost prompt
+        takes its smallest keep.  One pass in deadline order (the work due before each), so
+        the choice costs O(n log n) a step, not a first-token prediction per request."""
+        if not any(_keep_open(r) for r in waiting):
+            return
+        work_s, tokens = 0.0, 0
+        for request in self._prompts_due(running, waiting, now):
+            if _keep_open(request):
+                self._choose_keep_after(request, work_s, tokens, now)
+            request_work_s, request_tokens = self.request_prefill_work(request)
+            work_s, tokens = work_s + request_work_s, tokens + request_tokens
+        for request in waiting:
+            if _keep_open(request) and self._is_lost(request, now):
+                request.choose_prompt_keep(min(request.keep_options))
+
     def _choose_prompt_keep(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
                             now: float) -> None:
-        """An auto prompt_keep: the largest whose predicted first token, at the level auto
-        requests run at now, meets the TTFT target."""
+        """An auto prompt_keep on arrival: the largest whose predicted first token, at the level
+        auto requests run at now, meets the TTFT target."""
+        self._choose_keep_after(request, *self._prefill_due_before(request, waiting, running), now)
+
+    def _choose_keep_after(self, request: Request, due_work_s: float, due_tokens: int, now: float) -> None:
+        """The largest keep whose predicted first token, after `due_work_s` seconds of prefill
+        compute over due_tokens tokens are served first, meets the request's TTFT target, and
+        which the load allows (load_pressure: past KEEP_UTILIZATION of the full model, prompts are
+        pruned to what would bring it back under; the quality table ranks keeps far above levels)."""
         deadline = self.deadline(request)
         scale = self._prefill_fraction(request, lowest=False) * self.first_token_ratio
-
         def fits(keep: float) -> bool:
             request.choose_prompt_keep(keep)
-            return now + scale * self.first_token_eta_s(request, waiting, running) <= deadline
+            if self.load_pressure(now, keep, KEEP_UTILIZATION) > 1.0:
+                return False
+            own_work_s, own_tokens = self.request_prefill_work(request)
+            return now + scale * self.prefill_span_s(due_work_s + own_work_s, due_tokens + own_tokens) <= deadline
 
         keep, _ = self.choice.choose_keep(fits, request.min_prompt_keep, tuple(request.keep_options))
         request.choose_prompt_keep(keep)
@@ -250,6 +345,33 @@ class SLOPolicy(SchedulingPolicy):
             return 1.0
         level = self.choice.lowest_level(request.min_level) if lowest else self.choice.level_for(request.min_level)
         return self.choice.costs.fraction(level, False)
+
+    def on_scheduled(self, scheduled: Sequence[ScheduledRequest], now: float) -> None:
+        """Remember the step's full-model time, whole prompts, and the part of it that is the
+        prefill of prompts whose keep is the server's to choose (load_pressure)."""
+        if self.choice is None:
+            return
+        whole_s = self.cost_model.predict_s(features_of_scheduled(scheduled, _Unpruned))
+        fixed = [s for s in scheduled if s.num_scheduled_tokens == 1 or s.request.keep_options is None]
+        prunable_s = 0.0
+        if len(fixed) < len(scheduled):
+            prunable_s = whole_s - self.cost_model.linear_s(features_of_scheduled(fixed, _Unpruned))
+        self._steps_run.append((now, whole_s, prunable_s))
+        self._steps_run_s += whole_s
+        self._steps_run_prunable_s += prunable_s
+
+    def load_pressure(self, now: float, keep: float = 1.0, utilization: float = 1.0) -> float:
+        """The full model's predicted time of the steps run over the last LOAD_WINDOW_S, whole
+        prompts, with the prefills of prompts whose keep is auto at `keep` instead, over the
+        window and `utilization`: above 1, the full model could not serve the load the engine
+        served at that share of its time (measured on the steps, not on arrivals: it prices what
+        decodes share a step with, and it follows the load whatever settings served it)."""
+        while self._steps_run and self._steps_run[0][0] < now - LOAD_WINDOW_S:
+            _, whole_s, prunable_s = self._steps_run.popleft()
+            self._steps_run_s -= whole_s
+            self._steps_run_prunable_s -= prunable_s
+        saved_s = self._steps_run_prunable_s * (1.0 - self.choice.costs.keep_fraction(keep))
+        return max(0.0, self._steps_run_s - saved_s) / (LOAD_WINDOW_S * utilization)
 
     # ---- first-token predictions, calibrated -------------------------------------------------
 
@@ -418,11 +540,17 @@ class SLOPolicy(SchedulingPolicy):
         """Predicted time until the request's first token: every prefill due before it, and its
         own, at the steps this policy gives now (prefill_span_s).  Seats are not the limit:
         decodes ahead of their TPOT schedule pause for prefills."""
+        due_work_s, due_tokens = self._prefill_due_before(request, waiting, running)
+        own_work_s, own_tokens = self.request_prefill_work(request)
+        return self.prefill_span_s(own_work_s + due_work_s, own_tokens + due_tokens)
+
+    def _prefill_due_before(self, request: Request, waiting: Sequence[Request],
+                            running: Sequence[Request]) -> tuple[float, int]:
+        """(seconds of compute, tokens) of the prefills due before the request's (deadline order)."""
         deadline = self.deadline(request)
         due = [self.request_prefill_work(r) for r in (*waiting, *running)
                if phase(r) != 0 and not r.best_effort and self.deadline(r) <= deadline and r is not request]
-        own_work_s, own_tokens = self.request_prefill_work(request)
-        return self.prefill_span_s(own_work_s + sum(w for w, _ in due), own_tokens + sum(n for _, n in due))
+        return sum(w for w, _ in due), sum(n for _, n in due)
 
     def decode_seat_demand(self, requests: Sequence[Request]) -> float:
         """Seats a second the requests' TPOT targets need: one seat a token each."""
@@ -447,10 +575,26 @@ class _PricedBeforeTheWindow:
     plan: PrunePlan
 
     def layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[float, float, float]:
-        end = num_computed_tokens + num_scheduled_tokens
-        if end >= self.plan.num_prompt_tokens:
-            return float(num_scheduled_tokens), float(end), float(num_scheduled_tokens * end)
+        if num_computed_tokens + num_scheduled_tokens >= self.plan.num_prompt_tokens:
+            return _Unpruned(self.plan).layer_counts(num_computed_tokens, num_scheduled_tokens)
         return self.plan.layer_counts(num_computed_tokens, num_scheduled_tokens)
+
+
+@dataclass(frozen=True)
+class _Unpruned:
+    """Prices a pruned prompt's chunk as the whole prompt's (what the full model would compute)."""
+
+    plan: PrunePlan
+
+    def layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[float, float, float]:
+        end = num_computed_tokens + num_scheduled_tokens
+        return float(num_scheduled_tokens), float(end), float(num_scheduled_tokens * end)
+
+
+def _keep_open(request: Request) -> bool:
+    """Whether an auto prompt_keep may still change: its prefill has not started (nor, after a
+    preemption, has it tokens out: a recomputed prompt keeps the plan it was served with)."""
+    return request.keep_options is not None and request.num_computed_tokens == 0 and not request.output_token_ids
 
 
 def _decode_features(decodes: Sequence[Request]) -> StepFeatures:

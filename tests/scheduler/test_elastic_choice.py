@@ -41,6 +41,11 @@ def test_level_falls_to_the_widest_that_fits(decode: float, ttft: float, expecte
     assert all(max(decode * DECODE[w], ttft * PREFILL[w]) > 1.0 for w in wider)
 
 
+def test_a_load_the_full_model_cannot_serve_lowers_the_level_as_prefill_pressure_does() -> None:
+    assert choice().choose_level(0.0, 0.0, load_pressure=1.2) == 70  # 0.75 x 1.2 <= 1 < 0.9 x 1.2
+    assert choice().choose_level(0.0, 0.0, load_pressure=0.95) == 100
+
+
 def test_level_climbs_back_one_level_a_step_with_margin() -> None:
     c = choice()
     assert c.choose_level(1.5, 0.0) == 40

@@ -7,6 +7,8 @@ invariants are checked after every step (see `step`).
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from engine.config import MLFQConfig, SLOConfig
@@ -298,6 +300,102 @@ def test_slo_serves_least_slack_first_and_lost_causes_last():
     scheduler.add_request(make_request("no-target", 32, arrival=9.0))
     order = [ids(step(scheduler, clock, step_s=0.0))[-1] for _ in range(4)]
     assert order == ["tight", "relaxed", "no-target", "lost"]
+
+
+def test_slo_a_prompt_counts_as_lost_only_when_its_fastest_prefill_misses():
+    # 4 decodes under a 54 ms bound leave a chunk ~30 ms of a step, so the 1000-token prompt's
+    # prefill beside them would take ~1.8 s; alone in whole-budget chunks it takes 1.08 s.  At
+    # t = 1.4 its 3 s target is still reachable: it ranks before a later prompt with a later
+    # deadline and gets the step's chunk (taken as lost there, it waited behind every later arrival).
+    scheduler, policy, clock = slo_scheduler()
+    for i in range(4):
+        scheduler.add_request(make_request(f"d{i}", 4, max_tokens=400, slo=SLOTarget(tpot_s=0.060)))
+    step(scheduler, clock, step_s=0.0)
+    doc = make_request("doc", 1000, max_tokens=1, slo=SLOTarget(ttft_s=3.0))
+    scheduler.add_request(doc)
+    assert not doc.best_effort
+    clock.now = 1.4
+    scheduler.add_request(make_request("later", 64, max_tokens=1, arrival=1.4, slo=SLOTarget(ttft_s=10.0)))
+    assert policy.rank_key(doc, clock.now)[0] == 1
+    chunks = [s.request.request_id for s in step(scheduler, clock, step_s=0.0).scheduled if s.num_scheduled_tokens > 1]
+    assert chunks[0] == "doc"
+    assert policy.rank_key(doc, 2.0)[0] == 3  # 2.0 + 1.08 s of prefill left ends past 3.0
+
+
+def keep_choice_scheduler() -> tuple[Scheduler, SLOPolicy, VirtualClock]:
+    """An slo scheduler whose policy chooses auto prompt_keeps (half the layers past the first
+    prune layer: keep 0.5 costs 0.75 of the whole prompt, 0.3 costs 0.65)."""
+    from engine.elastic.quality_table import DEFAULT_QUALITY
+    from engine.scheduler.elastic_choice import ElasticChoice
+    from engine.scheduler.knob_costs import KnobCosts
+
+    levels = (100, 90, 70, 40)
+    costs = KnobCosts(levels, dict.fromkeys(levels, 1.0), dict.fromkeys(levels, 1.0), (0.5,))
+    clock = VirtualClock()
+    policy = SLOPolicy(SLOConfig(best_effort=True), StepCostModel(COST.coefficients), max_budget=256, max_num_seqs=8,
+                       choice=ElasticChoice(costs, DEFAULT_QUALITY))
+    scheduler = Scheduler(KVCacheGroups.create(2048, 4, enable_prefix_caching=False, num_stages=1), policy,
+                          max_num_batched_tokens=256, max_num_seqs=8, max_model_len=4096, clock=clock)
+    return scheduler, policy, clock
+
+
+def auto_keep_request(request_id: str, prompt_len: int, arrival: float, ttft_s: float) -> Request:
+    request = make_request(request_id, prompt_len, max_tokens=1, arrival=arrival, slo=SLOTarget(ttft_s=ttft_s))
+    request.keep_options = {keep: PrunePlan.make(prompt_len, keep, min_prompt_tokens=64, num_sink_tokens=4, window=8,
+                                                 fractions=(0.5,)) for keep in (1.0, 0.5, 0.3)}
+    return request
+
+
+def test_slo_an_auto_prompt_keep_is_chosen_again_while_its_prompt_waits():
+    # Alone, the document's whole prompt meets its 2.1 s target (1.08 s).  A prompt with an earlier
+    # deadline then takes the prefill: behind its ~1 s the whole document (2.16 s) would be late,
+    # so before the document starts its keep falls to 0.5 (1.91 s).  Past any reach, to 0.3.
+    scheduler, policy, clock = keep_choice_scheduler()
+    doc = auto_keep_request("doc", 1000, 0.0, ttft_s=2.1)
+    scheduler.add_request(doc)
+    assert doc.prompt_keep == 1.0 and doc.prune_plan is None
+    scheduler.add_request(make_request("urgent", 1000, max_tokens=1, slo=SLOTarget(ttft_s=1.5)))
+    output = step(scheduler, clock, step_s=0.0)
+    assert [s.request.request_id for s in output.scheduled] == ["urgent"]
+    assert doc.prompt_keep == 0.5 and doc.prune_plan is doc.keep_options[0.5]
+    clock.now = 1.5
+    step(scheduler, clock, step_s=0.0)
+    assert doc.prompt_keep == 0.3
+
+
+def test_slo_prunes_prompts_under_a_load_the_full_model_could_not_serve():
+    # Documents one after another for 12 s, each step back to back: the full model busy all the
+    # time, past KEEP_UTILIZATION (0.8), so the next document, though it would meet its target
+    # whole, is pruned (the load it would leave: the documents' prefills at its keep).  The same
+    # steps spread over twice the time leave it whole.
+    def keep_after(step_gap_s: float) -> float:
+        scheduler, policy, clock = keep_choice_scheduler()
+        for n in itertools.count():
+            if clock.now >= 12.0:
+                break
+            if not scheduler.requests:
+                scheduler.add_request(auto_keep_request(f"p{n}", 1000, clock.now, ttft_s=60.0))
+            output = scheduler.schedule()
+            scheduler.update_from_output(output, ModelRunnerOutput(
+                sampled={s.request.request_id: SampledToken(7) for s in output.scheduled if s.samples}))
+            clock.now += COST.predict_s(features_of(output)) * step_gap_s
+        doc = auto_keep_request("doc", 1000, clock.now, ttft_s=60.0)
+        scheduler.add_request(doc)
+        return doc.prompt_keep
+
+    assert keep_after(step_gap_s=1.0) < 1.0
+    assert keep_after(step_gap_s=2.0) == 1.0
+
+
+def test_slo_a_started_prompts_keep_never_changes():
+    scheduler, policy, clock = keep_choice_scheduler()
+    doc = auto_keep_request("doc", 1000, 0.0, ttft_s=30.0)
+    scheduler.add_request(doc)
+    step(scheduler, clock, step_s=0.0)
+    assert doc.num_computed_tokens > 0 and doc.prompt_keep == 1.0
+    clock.now = 29.5  # its target is lost now, but its KV was laid out for the whole prompt
+    step(scheduler, clock, step_s=0.0)
+    assert doc.prompt_keep == 1.0 and doc.prune_plan is None
 
 
 def test_slo_refuses_a_request_whose_ttft_target_is_out_of_reach():

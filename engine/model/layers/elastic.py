@@ -187,7 +187,7 @@ class LayerElasticity:
 class RowLevels:
     """A step's rows as one block's level-slice path sees them (batch order throughout)."""
 
-    rows: ElasticRows | None  # None: every row at the full level
+    rows: ElasticRows | None  # None: every row at level index `single` (the full level, of a whole step)
     single: int | None  # the level index every row is at, None when they mix
     widest: int  # the widest (lowest) level index present
 
