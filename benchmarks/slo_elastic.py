@@ -21,7 +21,7 @@ just keeps up with the targets, and 1.5x is load it cannot serve within them:
     slo@L         the slo policy, every request at fixed level L (L = 100 is "slo at the full model")
     slo auto      the slo policy choosing level and prompt_keep per request and step, within the floors
     slo floor     the slo policy, every request at the cheapest setting its class's floor allows (chat
-                  level 70, documents level 40 on 30% of the prompt, batch level 40 on 30%): the most
+                  level 70, documents and batch requests level 40; every prompt on 30% of it): the most
                   load any choice within the floors can serve, at the lowest quality
 
 Reported per load and variant: SLO attainment (the request's own targets), goodput (req/s that met
@@ -67,7 +67,6 @@ SLO_CAPACITY_ATTAINMENT = 0.9  # the full model's SLO capacity: the rate at whic
 STEP_DOWN = 0.7  # the SLO capacity search's step down from the throughput capacity
 CLASSES = ("chat", "document", "batch")
 FLOOR = "floor"  # the "slo floor" variant's level: each request at the cheapest setting its class's floor allows
-LOWEST_LEVEL = 40  # the default model's narrowest level
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,9 @@ def base_trace(llm: LLM, args: argparse.Namespace, specs: dict[str, ClassSpec]) 
 
 
 def with_variant(trace: list[tuple[str, TraceRequest]], specs: dict[str, ClassSpec], level: int | str,
-                 times: list[float]) -> list[TraceRequest]:
+                 times: list[float], lowest_level: int | None = None) -> list[TraceRequest]:
+    """The trace at these arrival times, every request at `level` (a level, AUTO or FLOOR; FLOOR
+    needs the model's lowest_level)."""
     out = []
     for (name, request), t in zip(trace, times):
         spec = specs[name]
@@ -157,7 +158,7 @@ def with_variant(trace: list[tuple[str, TraceRequest]], specs: dict[str, ClassSp
         if level == AUTO:
             elastic.update(prompt_keep=AUTO, min_level=spec.min_level, min_prompt_keep=spec.min_prompt_keep)
         elif level == FLOOR:  # the cheapest setting the floors allow: the most any choice within them can serve
-            elastic = {"elastic_level": spec.min_level or LOWEST_LEVEL,
+            elastic = {"elastic_level": spec.min_level or lowest_level,
                        "prompt_keep": spec.min_prompt_keep or KEEP_LADDER[-1]}
         out.append(replace(request, arrival_time_s=t, elastic=elastic))
     return out
@@ -236,6 +237,7 @@ def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> d
     results: dict[str, dict[str, Any]] = {}
     names = [name for name, _ in trace]
     quality = llms["slo"].engine.scheduler.policy.choice.quality
+    lowest_level = llms["slo"].engine.scheduler.policy.choice.levels[-1]  # the narrowest (slo floor)
     for load in [float(v) for v in args.loads.split(",")]:
         times = arrival_times(len(trace), load * capacity, seed=args.seed)
         variants = [("fcfs", "fcfs", 100), *((f"slo@{lv}", "slo", lv) for lv in levels), ("slo auto", "slo", AUTO),
@@ -246,10 +248,10 @@ def run_variants(llms: dict[str, LLM], trace, specs, capacity: float, args) -> d
             llm = llms[policy]
             if level == AUTO:
                 start_fresh(llm.engine)
-            records, duration = replay_trace(llm.engine, with_variant(trace, specs, level, times),
-                                             desc=f"{load:.1f}x {label}")
+            requests = with_variant(trace, specs, level, times, lowest_level)
+            records, duration = replay_trace(llm.engine, requests, desc=f"{load:.1f}x {label}")
             results[f"{load}|{label}"] = summarize_run(names, records, duration, specs, quality)
-            sim_records, sim_duration = simulated(llms["slo"], llm, trace, specs, level, times, policy, args)
+            sim_records, sim_duration = simulated(llms["slo"], llm, requests, policy, args)
             results[f"{load}|{label}"]["sim"] = summarize_run(names, sim_records, sim_duration, specs, quality)
             print(f"{load:.1f}x {label}: {results[f'{load}|{label}']}", flush=True)
     return results
@@ -260,10 +262,11 @@ def start_fresh(engine) -> None:
     policy's load window first (load_pressure counts the steps run over its last LOAD_WINDOW_S,
     which would otherwise be the run before's)."""
     time.sleep(LOAD_WINDOW_S)
-    engine.scheduler.policy.choice.level = 100
+    choice = engine.scheduler.policy.choice
+    choice.level = choice.levels[0]
 
 
-def simulated(slo_llm: LLM, llm: LLM, trace, specs, level, times, policy: str, args) -> tuple[list, float]:
+def simulated(slo_llm: LLM, llm: LLM, variant: list[TraceRequest], policy: str, args) -> tuple[list, float]:
     """The same run in the simulator: the slo engine's fitted step cost model and knob costs."""
     engine = slo_llm.engine
     config = SimConfig(policy=policy, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
@@ -271,7 +274,7 @@ def simulated(slo_llm: LLM, llm: LLM, trace, specs, level, times, policy: str, a
                        max_model_len=engine.max_model_len, enable_prefix_caching=False,
                        knob_costs=engine.knob_costs, quality=engine.scheduler.policy.choice.quality)
     requests = [SimRequest(len(r.prompt_token_ids), r.output_len, r.arrival_time_s, slo=r.slo, **r.elastic)
-                for r in with_variant(trace, specs, level, times)]
+                for r in variant]
     if policy == "fcfs":
         requests = [replace(r, slo=None) for r in requests]  # fcfs ignores targets; records still judged by them
     result = simulate(requests, config, engine.cost_model)

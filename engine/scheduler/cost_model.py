@@ -115,9 +115,10 @@ def features_of(scheduler_output: SchedulerOutput) -> StepFeatures:
 
 
 def features_of_scheduled(scheduled: Iterable[ScheduledRequest],
-                          pricing: Callable[[Any], ChunkPlan] | None = None) -> StepFeatures:
+                          pricing: Callable[[Any], ChunkPlan | None] | None = None) -> StepFeatures:
     """Features of a step holding these requests' chunks, pruned prompts' chunks at what they
-    compute; `pricing`: how to price a prune plan instead (None: the plan itself)."""
+    compute; `pricing`: how to price a prune plan instead (None: the plan itself; a pricing that
+    gives None prices the chunk as a plain one, the whole prompt's)."""
     scheduled = list(scheduled)
     features = features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples)
                                   for s in scheduled if s.request.prune_plan is None)

@@ -246,17 +246,19 @@ class SLOPolicy(SchedulingPolicy):
     # ---- elastic settings (engine/scheduler/elastic_choice.py) ---------------------------------
 
     def prepare_step(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
-        """Learn from first tokens that came; choose this step's level for the requests that
-        leave it to the server."""
+        """Learn from first tokens that came; choose this step's open prompt_keeps and level for
+        the requests that leave them to the server."""
         self._observe_first_tokens()
         self._lost_at = -math.inf  # requests changed since the last step, even at the same time
         if self.choice is None:
             return
-        self._choose_open_keeps(running, waiting, now)
         auto = [r for r in (*running, *waiting) if r.elastic_auto]
+        if not auto and not any(_keep_open(r) for r in waiting):
+            return
+        ttft_pressure = self._walk_prompts_due(running, waiting, now)
         if not auto:
             return
-        self.choice.choose_level(self.decode_pressure(running), self.ttft_pressure(running, waiting, now),
+        self.choice.choose_level(self.decode_pressure(running), ttft_pressure,
                                  self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION))
         for request in auto:
             request.elastic_level = self._level_of(request, now)
@@ -278,16 +280,29 @@ class SLOPolicy(SchedulingPolicy):
             return 0.0
         return self.cost_model.predict_s(_decode_features(decodes)) / (min(tpot_targets) * TPOT_SAFETY)
 
-    def ttft_pressure(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> float:
-        """Max over prompts still to prefill, in deadline order, of the full-model prefill time
-        due up to and including each (calibrated: first_token_ratio) over the time left to its
-        deadline (_prompts_due: lost prompts do not count)."""
+    def _walk_prompts_due(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> float:
+        """One pass over the prompts still to prefill, in deadline order (the work due before
+        each), that does two things and returns the TTFT pressure:
+
+        - every auto prompt_keep still open (its prefill not started) is chosen again against the
+          queue as it is now: the one chosen on arrival assumed the queue of then, and a document
+          that waits behind prompts that came later with tighter deadlines, or behind more work
+          than predicted, would otherwise start its whole prompt too late; a lost prompt takes
+          its smallest keep;
+        - the TTFT pressure: max over those prompts of the full-model prefill time due up to and
+          including each (calibrated: first_token_ratio) over the time left to its deadline.
+        O(n log n) a step, not a first-token prediction per request."""
         pressure, work_s, tokens = 0.0, 0.0, 0
         for request in self._prompts_due(running, waiting, now):
-            left_s = self.deadline(request) - now
+            if _keep_open(request):
+                self._choose_keep_after(request, work_s, tokens, now)
             request_work_s, request_tokens = self.request_prefill_work(request)
             work_s, tokens = work_s + request_work_s, tokens + request_tokens
+            left_s = self.deadline(request) - now
             pressure = max(pressure, self.first_token_ratio * self.prefill_span_s(work_s, tokens) / left_s)
+        for request in waiting:
+            if _keep_open(request) and self._is_lost(request, now):
+                request.choose_prompt_keep(min(request.keep_options))
         return pressure
 
     def _prompts_due(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> list[Request]:
@@ -295,25 +310,6 @@ class SLOPolicy(SchedulingPolicy):
         ones do not count: they are served after these, and would pin the level down."""
         return sorted((r for r in (*running, *waiting) if phase(r) != 0 and math.isfinite(self.deadline(r))
                        and not self._is_lost(r, now)), key=self.deadline)
-
-    def _choose_open_keeps(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> None:
-        """Each step, every auto prompt_keep still open (its prefill not started) is chosen again
-        against the queue as it is now: the one chosen on arrival assumed the queue of then, and
-        a document that waits behind prompts that came later with tighter deadlines, or behind
-        more work than predicted, would otherwise start its whole prompt too late.  A lost prompt
-        takes its smallest keep.  One pass in deadline order (the work due before each), so
-        the choice costs O(n log n) a step, not a first-token prediction per request."""
-        if not any(_keep_open(r) for r in waiting):
-            return
-        work_s, tokens = 0.0, 0
-        for request in self._prompts_due(running, waiting, now):
-            if _keep_open(request):
-                self._choose_keep_after(request, work_s, tokens, now)
-            request_work_s, request_tokens = self.request_prefill_work(request)
-            work_s, tokens = work_s + request_work_s, tokens + request_tokens
-        for request in waiting:
-            if _keep_open(request) and self._is_lost(request, now):
-                request.choose_prompt_keep(min(request.keep_options))
 
     def _choose_prompt_keep(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
                             now: float) -> None:
@@ -351,11 +347,11 @@ class SLOPolicy(SchedulingPolicy):
         prefill of prompts whose keep is the server's to choose (load_pressure)."""
         if self.choice is None:
             return
-        whole_s = self.cost_model.predict_s(features_of_scheduled(scheduled, _Unpruned))
+        whole_s = self.cost_model.predict_s(features_of_scheduled(scheduled, _as_whole))
         fixed = [s for s in scheduled if s.num_scheduled_tokens == 1 or s.request.keep_options is None]
         prunable_s = 0.0
         if len(fixed) < len(scheduled):
-            prunable_s = whole_s - self.cost_model.linear_s(features_of_scheduled(fixed, _Unpruned))
+            prunable_s = whole_s - self.cost_model.linear_s(features_of_scheduled(fixed, _as_whole))
         self._steps_run.append((now, whole_s, prunable_s))
         self._steps_run_s += whole_s
         self._steps_run_prunable_s += prunable_s
@@ -575,20 +571,15 @@ class _PricedBeforeTheWindow:
     plan: PrunePlan
 
     def layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[float, float, float]:
-        if num_computed_tokens + num_scheduled_tokens >= self.plan.num_prompt_tokens:
-            return _Unpruned(self.plan).layer_counts(num_computed_tokens, num_scheduled_tokens)
+        end = num_computed_tokens + num_scheduled_tokens
+        if end >= self.plan.num_prompt_tokens:
+            return float(num_scheduled_tokens), float(end), float(num_scheduled_tokens * end)
         return self.plan.layer_counts(num_computed_tokens, num_scheduled_tokens)
 
 
-@dataclass(frozen=True)
-class _Unpruned:
-    """Prices a pruned prompt's chunk as the whole prompt's (what the full model would compute)."""
-
-    plan: PrunePlan
-
-    def layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[float, float, float]:
-        end = num_computed_tokens + num_scheduled_tokens
-        return float(num_scheduled_tokens), float(end), float(num_scheduled_tokens * end)
+def _as_whole(plan: PrunePlan) -> None:
+    """Pricing (features_of_scheduled) of a pruned prompt's chunks as the whole prompt's: no plan."""
+    return None
 
 
 def _keep_open(request: Request) -> bool:
