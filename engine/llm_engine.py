@@ -395,7 +395,8 @@ class LLMEngine:
         if level == FULL_LEVEL or self.knob_costs is None or level not in self.knob_costs.decode_fraction:
             self.cost_model.observe(features, elapsed_s)
             return
-        self.knob_costs.observe(level, features.num_prefill_seqs == 0, self.cost_model.predict_s(features), elapsed_s)
+        self.knob_costs.observe(level, features.num_prefill_seqs == 0, self.cost_model.predict_s(features), elapsed_s,
+                                self.cost_model.attention_share(features))
 
     def _elastic_choice(self, checkpoint: ElasticCheckpoint | None) -> ElasticChoice | None:
         """How the slo policy picks settings for auto requests: each level's measured cost
@@ -406,7 +407,8 @@ class LLMEngine:
         shares = stage_fractions(prune_layers, len(self.runner.model.layers)) if prune_layers else ()
         levels = self.elastic_levels or (FULL_LEVEL,)
         start = time.perf_counter()
-        self.knob_costs = profile_level_costs(self, levels, shares)
+        self.knob_costs = profile_level_costs(self, levels, shares, self.runner.prefill_attention_fractions,
+                                              self.cost_model.attention_share)
         logger.info("elastic knob costs profiled in %.1f s: %s", time.perf_counter() - start, self.knob_costs.as_dict())
         return ElasticChoice(self.knob_costs, load_quality_table(None if checkpoint is None else checkpoint.directory))
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from engine.elastic.spec import FULL_LEVEL
 from engine.request import Request
-from engine.scheduler.knob_costs import KnobCosts
+from engine.scheduler.knob_costs import KnobCosts, rest_of_prefill
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import StepFeatures, StepSample, features_of_chunks
 from engine.scheduler.output import NewRequestData, ScheduledRequest, SchedulerOutput
@@ -151,11 +151,16 @@ def profile_step_costs(engine: ProfiledEngine, steps: Sequence[ProfileStep] | No
 
 
 def profile_level_costs(engine: ProfiledEngine, levels: Sequence[int], prune_stage_shares: Sequence[float] = (),
+                        attention_fraction: Mapping[int, float] | None = None,
+                        attention_share_of: Callable[[StepFeatures], float] | None = None,
                         *, num_repeats: int = 2) -> KnobCosts:
     """Each elastic level's decode and prefill step time over the full level's
     (engine/scheduler/knob_costs.py): a decode step of up to 32 rows at ~256 tokens of context and
     a prefill chunk of up to 256 tokens, each run at every level, fastest of `num_repeats`.
-    About a second for SmolLM2's six levels here.  The engine must be idle."""
+    About a second for SmolLM2's six levels here.  The engine must be idle.
+    `attention_fraction` (level -> the share of the full model's prefill attention it computes)
+    and `attention_share_of` (the cost model's attention share of a step) make the prefill
+    fraction that of the rest of the prefill: the chunk's attention share taken out."""
     seats, budget = engine.scheduler.max_num_seqs, engine.scheduler.max_num_batched_tokens
     steps = {True: ProfileStep("decode", ragged_decodes(min(32, seats), 256)),
              False: ProfileStep("prefill", (prefill(min(256, budget)),))}
@@ -168,7 +173,12 @@ def profile_level_costs(engine: ProfiledEngine, levels: Sequence[int], prune_sta
             _run_step(engine, step)  # warm-up
             times = {level: min(_run_step(engine, step, level) for _ in range(num_repeats)) for level in levels}
             fractions[is_decode] = {level: min(times[level] / times[levels[0]], 2.0) for level in levels}
-    return KnobCosts(tuple(levels), fractions[True], fractions[False], tuple(prune_stage_shares))
+    attention = dict(attention_fraction or {})
+    if attention and attention_share_of is not None:
+        share = attention_share_of(steps[False].features)
+        fractions[False] = {level: rest_of_prefill(f, attention.get(level, f), share)
+                            for level, f in fractions[False].items()}
+    return KnobCosts(tuple(levels), fractions[True], fractions[False], tuple(prune_stage_shares), attention)
 
 
 @contextmanager

@@ -266,8 +266,10 @@ class Replica:
             return mixed * self.cost_model.predict_s(features)
         chunks = [(s.num_computed_tokens, _pruned_tokens(s, costs), s.samples) for s in output.scheduled]
         level = max(s.elastic_level for s in output.scheduled)
-        fraction = costs.fraction(level, features.num_prefill_seqs == 0) if level in costs.decode_fraction else 1.0
-        return mixed * self.cost_model.predict_s(features_of_chunks(chunks)) * fraction
+        computed = features_of_chunks(chunks)
+        fraction = (costs.fraction(level, features.num_prefill_seqs == 0, self.cost_model.attention_share(computed))
+                    if level in costs.decode_fraction else 1.0)
+        return mixed * self.cost_model.predict_s(computed) * fraction
 
     def end_step(self) -> list[Request]:
         output, self.now = self.in_flight

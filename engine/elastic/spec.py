@@ -78,6 +78,12 @@ class ElasticSpec:
         return _token_macs(self, self.levels[self.level_index(level)], context_len) / _token_macs(
             self, self.levels[0], context_len)
 
+    def head_fraction(self, level: int) -> float:
+        """The share of the full model's query heads `level` keeps, over every layer (anchors
+        keep all): what a prefill at that level computes of the full model's attention."""
+        ranks = self.levels[self.level_index(level)].head_ranks
+        return sum(ranks) / (self.num_layers * self.group_size)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 

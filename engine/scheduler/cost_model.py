@@ -231,6 +231,12 @@ class StepCostModel:
                 + w[3] * features.num_sampled_seqs + w[4] * features.num_decode_context_tokens
                 + w[5] * features.num_prefill_attention_pairs)
 
+    def attention_share(self, features: StepFeatures) -> float:
+        """The share of a step's predicted time that is prefill attention (its query x key pairs);
+        0 for an empty step."""
+        total_s = self.predict_s(features)
+        return self._weights[5] * features.num_prefill_attention_pairs / total_s if total_s > 0 else 0.0
+
     def max_chunk_tokens(self, base: StepFeatures, num_computed_tokens: int, max_tokens: int,
                          budget_s: float, samples_at: int | None = None, plan: ChunkPlan | None = None) -> int:
         """The most tokens (<= max_tokens) a prefill chunk starting at num_computed_tokens can add

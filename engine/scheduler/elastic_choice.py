@@ -61,15 +61,17 @@ class ElasticChoice:
         if not self.level:
             self.level = self.levels[0]
 
-    def choose_level(self, decode_pressure: float, ttft_pressure: float, load_pressure: float = 0.0) -> int:
+    def choose_level(self, decode_pressure: float, ttft_pressure: float, load_pressure: float = 0.0,
+                     attention_share: float = 0.0) -> int:
         """The widest level whose decode and prefill fractions bring every pressure (full-level
         time over the time the targets allow; the load over what the full model can serve, with
-        prompts already at their smallest keeps) to at most 1; the narrowest when none does."""
+        prompts already at their smallest keeps) to at most 1; the narrowest when none does.
+        `attention_share`: of the prefill due, the share that is attention (KnobCosts.fraction)."""
         current = self.levels.index(self.level)
         chosen = len(self.levels) - 1
         for index, level in enumerate(self.levels):
             margin = CLIMB_MARGIN if index < current else 1.0  # climbing needs room to spare
-            if self._load(level, decode_pressure, max(ttft_pressure, load_pressure)) <= margin:
+            if self._load(level, decode_pressure, max(ttft_pressure, load_pressure), attention_share) <= margin:
                 chosen = index
                 break
         if chosen < current - 1:
@@ -98,6 +100,6 @@ class ElasticChoice:
                 return keep, True
         return allowed[-1], False
 
-    def _load(self, level: int, decode_pressure: float, ttft_pressure: float) -> float:
+    def _load(self, level: int, decode_pressure: float, ttft_pressure: float, attention_share: float) -> float:
         return max(decode_pressure * self.costs.fraction(level, True),
-                   ttft_pressure * self.costs.fraction(level, False))
+                   ttft_pressure * self.costs.fraction(level, False, attention_share))

@@ -215,9 +215,18 @@ class SLOPolicy(SchedulingPolicy):
         """(seconds of compute, tokens) of prefilling tokens [c, c + n) of a prompt in small
         chunks: each token's layers, and its attention to every key before it (a token late in a
         long prompt costs several times one at its start)."""
+        return sum(self._prefill_parts_s(num_computed_tokens, num_tokens)), num_tokens
+
+    def _prefill_parts_s(self, num_computed_tokens: int, num_tokens: int) -> tuple[float, float]:
+        """_prefill_work's seconds as (the layers, attention): levels scale them apart."""
         w = self.cost_model.coefficients
         c, n = num_computed_tokens, num_tokens
-        return w.per_scheduled_token_s * n + w.per_prefill_attention_pair_s * n * (2 * c + n) / 2, n
+        return w.per_scheduled_token_s * n, w.per_prefill_attention_pair_s * n * (2 * c + n) / 2
+
+    def _attention_share(self, request: Request) -> float:
+        """The share of what is left of a prompt's full-model prefill that is attention."""
+        layers_s, attention_s = self._prefill_parts_s(request.num_computed_tokens, request.num_tokens_to_compute)
+        return attention_s / (layers_s + attention_s) if layers_s + attention_s > 0 else 0.0
 
     def _fixed_step_s(self) -> float:
         """A step's time that does not grow with its prefill tokens: overhead, the running decodes
@@ -255,11 +264,11 @@ class SLOPolicy(SchedulingPolicy):
         auto = [r for r in (*running, *waiting) if r.elastic_auto]
         if not auto and not any(_keep_open(r) for r in waiting):
             return
-        ttft_pressure = self._walk_prompts_due(running, waiting, now)
+        ttft_pressure, attention_share = self._walk_prompts_due(running, waiting, now)
         if not auto:
             return
         self.choice.choose_level(self.decode_pressure(running), ttft_pressure,
-                                 self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION))
+                                 self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION), attention_share)
         for request in auto:
             request.elastic_level = self._level_of(request, now)
 
@@ -280,9 +289,11 @@ class SLOPolicy(SchedulingPolicy):
             return 0.0
         return self.cost_model.predict_s(_decode_features(decodes)) / (min(tpot_targets) * TPOT_SAFETY)
 
-    def _walk_prompts_due(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> float:
+    def _walk_prompts_due(self, running: Sequence[Request], waiting: Sequence[Request],
+                          now: float) -> tuple[float, float]:
         """One pass over the prompts still to prefill, in deadline order (the work due before
-        each), that does two things and returns the TTFT pressure:
+        each), that does two things and returns the TTFT pressure and the share of the work due
+        that is attention (what a level saves of it depends on that share):
 
         - every auto prompt_keep still open (its prefill not started) is chosen again against the
           queue as it is now: the one chosen on arrival assumed the queue of then, and a document
@@ -292,18 +303,19 @@ class SLOPolicy(SchedulingPolicy):
         - the TTFT pressure: max over those prompts of the full-model prefill time due up to and
           including each (calibrated: first_token_ratio) over the time left to its deadline.
         O(n log n) a step, not a first-token prediction per request."""
-        pressure, work_s, tokens = 0.0, 0.0, 0
+        pressure, work_s, tokens, attention_s = 0.0, 0.0, 0, 0.0
         for request in self._prompts_due(running, waiting, now):
             if _keep_open(request):
                 self._choose_keep_after(request, work_s, tokens, now)
             request_work_s, request_tokens = self.request_prefill_work(request)
             work_s, tokens = work_s + request_work_s, tokens + request_tokens
+            attention_s += request_work_s * self._attention_share(request)
             left_s = self.deadline(request) - now
             pressure = max(pressure, self.first_token_ratio * self.prefill_span_s(work_s, tokens) / left_s)
         for request in waiting:
             if _keep_open(request) and self._is_lost(request, now):
                 request.choose_prompt_keep(min(request.keep_options))
-        return pressure
+        return pressure, attention_s / work_s if work_s > 0 else 0.0
 
     def _prompts_due(self, running: Sequence[Request], waiting: Sequence[Request], now: float) -> list[Request]:
         """Prompts still to prefill whose TTFT target can still be met, in deadline order.  Lost
@@ -340,7 +352,7 @@ class SLOPolicy(SchedulingPolicy):
         if self.choice is None or not request.elastic_auto:
             return 1.0
         level = self.choice.lowest_level(request.min_level) if lowest else self.choice.level_for(request.min_level)
-        return self.choice.costs.fraction(level, False)
+        return self.choice.costs.fraction(level, False, self._attention_share(request))
 
     def on_scheduled(self, scheduled: Sequence[ScheduledRequest], now: float) -> None:
         """Remember the step's full-model time, whole prompts, and the part of it that is the

@@ -68,6 +68,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         backend = make_attention_backend(runner.attention_backend, runner.device)
         self.elastic_spec = None if elastic is None else elastic.spec
+        self._prefill_attends_level_heads = backend.prefill_attends_level_heads
         # The model's level values, index 0 the full model (None: not elastic).
         self.elastic_levels = None if elastic is None else elastic.spec.level_values
         self.pruner = _make_pruner(pruning, source.arch.num_layers, tp)
@@ -105,6 +106,15 @@ class ModelRunner:
     def prune_layers(self) -> tuple[int, ...]:
         """The first layer of each deep KV group; () when the model runs as one group."""
         return () if self.pruner is None else self.pruner.prune_layers
+
+    @property
+    def prefill_attention_fractions(self) -> dict[int, float]:
+        """Per elastic level: the share of the full model's prefill attention it computes (its
+        query heads, where the backend attends with a chunk's level's heads only); {} where every
+        level computes all of it (engine/scheduler/knob_costs.py)."""
+        if self.elastic_spec is None or not self._prefill_attends_level_heads:
+            return {}
+        return {level: self.elastic_spec.head_fraction(level) for level in self.elastic_levels}
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -91,3 +91,17 @@ def test_bad_settings_name_their_field(slo_llm: LLM, kwargs: dict, field: str) -
         slo_llm.engine.add_request("bad", PROMPT, SamplingParams(max_tokens=2), **kwargs)
     assert error.value.param == field
     assert not slo_llm.engine.has_unfinished_requests()
+
+
+def test_levels_that_keep_fewer_heads_price_a_prefills_attention_by_them(slo_llm: LLM) -> None:
+    """The CPU backends attend with a prefill chunk's level's heads only, so the knob costs scale a
+    level's prefill attention by the heads it keeps (the elastic spec's), apart from the rest: a
+    long prompt at the lowest level is priced below a short one."""
+    engine = slo_llm.engine
+    spec, costs = engine.runner.elastic_spec, engine.knob_costs
+    assert costs.attention_fraction == {level: spec.head_fraction(level) for level in spec.level_values}
+    lowest = spec.level_values[-1]
+    assert costs.attention_fraction[spec.level_values[0]] == 1.0 and costs.attention_fraction[lowest] < 0.5
+    short, long = (engine.cost_model.attention_share(features_of_chunks([(0, n, True)])) for n in (64, 1536))
+    assert short < long
+    assert costs.fraction(lowest, False, long) < costs.fraction(lowest, False, short)

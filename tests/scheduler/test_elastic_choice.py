@@ -91,6 +91,33 @@ def test_observed_steps_move_their_levels_fraction() -> None:
         KnobCosts(LEVELS, {100: 1.0}, dict(PREFILL))
 
 
+def test_a_levels_prefill_saves_more_of_a_prompt_that_is_more_attention() -> None:
+    """Level 40 attends with a third of the heads (attention 1/3) and runs 0.55 of the rest: a
+    long prompt, half attention, costs (0.55 + 0.33) / 2 of the full model's; its observed steps
+    move only the rest's fraction, and a step as predicted moves nothing."""
+    costs = KnobCosts(LEVELS, dict(DECODE), dict(PREFILL), attention_fraction={40: 1 / 3})
+    assert costs.fraction(40, False) == PREFILL[40]
+    assert costs.fraction(40, False, attention_share=0.5) == pytest.approx((0.55 + 1 / 3) / 2)
+    assert costs.fraction(70, False, attention_share=0.5) == PREFILL[70]  # no attention fraction: as the rest
+    assert costs.fraction(40, True, attention_share=0.5) == DECODE[40]
+    costs.observe(40, False, predicted_full_s=1.0, elapsed_s=(0.55 + 1 / 3) / 2, attention_share=0.5)
+    assert costs.prefill_fraction[40] == pytest.approx(0.55)
+    for _ in range(200):  # the rest ran at 0.45: seen through steps of every attention share
+        for share in (0.1, 0.5):
+            costs.observe(40, False, 1.0, 0.45 * (1 - share) + share / 3, attention_share=share)
+    assert costs.prefill_fraction[40] == pytest.approx(0.45, abs=0.01)
+    with pytest.raises(ValueError):
+        KnobCosts(LEVELS, dict(DECODE), dict(PREFILL), attention_fraction={40: 1.5})
+
+
+def test_attention_heavy_prefill_pressure_is_met_at_a_wider_level() -> None:
+    """A level that attends with fewer heads relieves a long prompt's pressure more than its
+    plain prefill fraction says: 1.5 x 0.75 > 1 at 70 alone, but half of it attention at 1/3."""
+    costs = KnobCosts(LEVELS, dict(DECODE), dict(PREFILL), attention_fraction={100: 1.0, 90: 1.0, 70: 1 / 3, 40: 1 / 3})
+    assert ElasticChoice(costs, DEFAULT_QUALITY).choose_level(0.0, 1.5) == 40
+    assert ElasticChoice(costs, DEFAULT_QUALITY).choose_level(0.0, 1.5, attention_share=0.5) == 70
+
+
 def test_quality_table_orders_settings_and_round_trips(tmp_path) -> None:
     table = DEFAULT_QUALITY
     qualities = [table.level_quality(level) for level in (100, 90, 80, 70, 55, 40)]

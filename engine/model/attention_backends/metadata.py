@@ -64,6 +64,10 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     """Writes this step's K/V into the paged cache, then attends each query over its context."""
 
+    # Whether a prefill chunk attends with only its level's query heads (group_heads) and skips
+    # the others; the scheduler prices a level's prefill attention by it.
+    prefill_attends_level_heads: bool
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
                 group_heads: torch.Tensor | None = None, rank_major: bool = False) -> torch.Tensor:

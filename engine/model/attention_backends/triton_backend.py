@@ -16,6 +16,8 @@ from engine.model.attention_backends.metadata import AttentionMetadata, forward_
 
 
 class TritonAttentionBackend:
+    prefill_attends_level_heads = False  # the prefill kernel launches over every head
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
                 group_heads: torch.Tensor | None = None, rank_major: bool = False) -> torch.Tensor:
