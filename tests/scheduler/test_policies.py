@@ -365,7 +365,7 @@ def test_slo_an_auto_prompt_keep_is_chosen_again_while_its_prompt_waits():
 
 def test_slo_prunes_prompts_under_a_load_the_full_model_could_not_serve():
     # Documents one after another for 12 s, each step back to back: the full model busy all the
-    # time, past KEEP_UTILIZATION (0.8), so the next document, though it would meet its target
+    # time, past KEEP_UTILIZATION (0.9), so the next document, though it would meet its target
     # whole, is pruned (the load it would leave: the documents' prefills at its keep).  The same
     # steps spread over twice the time leave it whole.
     def keep_after(step_gap_s: float) -> float:
