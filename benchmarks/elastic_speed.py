@@ -8,6 +8,10 @@ weights), so all figures come from one process and one load.
     .venv/bin/python benchmarks/elastic_speed.py
     .venv/bin/python benchmarks/elastic_speed.py --batch-sizes 16 --decode-steps 8   # quick
 
+Rounds: this VM's speed drifts by tens of percent within minutes, so every figure is the median of
+`--rounds` passes, each pass measuring every level (and the mixed step) in turn: a slow minute
+then lands on one pass of every level, not on all passes of one.
+
 Mixed step: the batch's rows spread evenly over the levels.  Its FLOP prediction is the
 row-weighted mean of the uniform steps' times at the same batch size (a step's time is linear in
 its rows' multiply-adds when the rows count is fixed), and, for reference, the full model's step
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +84,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=24)
     parser.add_argument("--prefill-prompts", type=int, default=4)
     parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved passes; figures are their medians")
     parser.add_argument("--elastic-checkpoint", default=None)
     parser.add_argument("--save-result", default=str(RESULTS / "elastic_speed.json"))
     args = parser.parse_args()
@@ -93,22 +99,27 @@ def main() -> None:
     prompts = prompt_tokens(llm, max(batch_sizes), args.context)
     prefill_prompts = prompt_tokens(llm, args.prefill_prompts, args.prefill_len)
     prefill_tok_s(llm, prefill_prompts[:1], spec_levels[0])  # warm-up
-    rows: list[LevelSpeed] = []
-    step_s: dict[tuple[int, int], float] = {}
-    for level in tqdm(spec_levels, desc="levels"):
-        decode = {}
+    mixed_levels = {batch: [spec_levels[i % len(spec_levels)] for i in range(batch)] for batch in batch_sizes}
+    samples: dict[tuple, list[float]] = {}  # (level or "mixed", batch or "prefill") -> one figure a round
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for level in spec_levels:
+            for batch in batch_sizes:
+                seconds = decode_step_seconds(llm, prompts[:batch], [level] * batch, args.decode_steps)
+                samples.setdefault((level, batch), []).append(seconds)
+            samples.setdefault((level, "prefill"), []).append(prefill_tok_s(llm, prefill_prompts, level))
         for batch in batch_sizes:
-            step_s[level, batch] = decode_step_seconds(llm, prompts[:batch], [level] * batch, args.decode_steps)
-            decode[batch] = batch / step_s[level, batch]
-        rows.append(LevelSpeed(level, spec.flop_fraction(level, args.context), decode,
-                               prefill_tok_s(llm, prefill_prompts, level)))
+            seconds = decode_step_seconds(llm, prompts[:batch], mixed_levels[batch], args.decode_steps)
+            samples.setdefault(("mixed", batch), []).append(seconds)
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    rows = [LevelSpeed(level, spec.flop_fraction(level, args.context),
+                       {batch: batch / median[level, batch] for batch in batch_sizes}, median[level, "prefill"])
+            for level in spec_levels]
     mixed = {}
     for batch in batch_sizes:
-        levels = [spec_levels[i % len(spec_levels)] for i in range(batch)]
-        measured = decode_step_seconds(llm, prompts[:batch], levels, args.decode_steps)
-        predicted = sum(step_s[level, batch] for level in levels) / batch
-        by_flops = step_s[spec_levels[0], batch] * sum(spec.flop_fraction(lv, args.context) for lv in levels) / batch
-        mixed[batch] = {"measured_ms": 1000 * measured, "predicted_ms": 1000 * predicted,
+        levels = mixed_levels[batch]
+        predicted = sum(median[level, batch] for level in levels) / batch
+        by_flops = median[spec_levels[0], batch] * sum(spec.flop_fraction(lv, args.context) for lv in levels) / batch
+        mixed[batch] = {"measured_ms": 1000 * median["mixed", batch], "predicted_ms": 1000 * predicted,
                         "flop_scaled_full_ms": 1000 * by_flops}
     report(rows, mixed, batch_sizes, llm, args)
 
@@ -129,6 +140,8 @@ def report(rows: list[LevelSpeed], mixed: dict, batch_sizes: list[int], llm: LLM
     for batch, m in mixed.items():
         lines.append(f"| {batch} rows | {m['measured_ms']:.1f} | {m['predicted_ms']:.1f} | "
                      f"{m['measured_ms'] / m['predicted_ms']:.3f} | {m['flop_scaled_full_ms']:.1f} |")
+    lines += ["", f"Medians of {args.rounds} interleaved rounds, {args.decode_steps} decode steps a measurement, "
+                  f"{args.context}-token contexts, prefill of {args.prefill_prompts} x {args.prefill_len} tokens."]
     text = "\n".join(lines)
     print(text)
     path = Path(args.save_result)

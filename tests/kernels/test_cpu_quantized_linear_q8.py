@@ -14,8 +14,12 @@ import functools
 import pytest
 import torch
 
+from engine.kernels.cpu import native_library
+from engine.kernels.cpu.decode_layer import PanelArguments
 from engine.kernels.cpu.quantized_linear import quantized_linear
 from engine.kernels.cpu.quantized_linear_q8 import (
+    pack_panels,
+    panel_arguments,
     quantize_activations,
     quantized_linear_q8,
     quantized_linear_q8_reference,
@@ -138,7 +142,8 @@ class Q8Tile(ctypes.Structure):
 
     _fields_ = [("weight", ctypes.c_void_p), ("weight_stride", ctypes.c_int64), ("bias", ctypes.c_void_p),
                 ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("m", ctypes.c_int64),
-                ("n", ctypes.c_int64), ("block0", ctypes.c_int64), ("k_blocks", ctypes.c_int64)]
+                ("n", ctypes.c_int64), ("block0", ctypes.c_int64), ("k_blocks", ctypes.c_int64),
+                ("panels", PanelArguments)]
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
@@ -148,6 +153,7 @@ def test_tiles_of_one_x_in_one_call_give_each_tiles_own_bits(library: ctypes.CDL
     weight row ranges: an elastic step's column tiles), x quantized once, each the bits of its
     own quantized_linear_q8 call."""
     weight = make_weight(200, 576, fmt)
+    packed = pack_panels(weight, library=library)
     x = activations(13, 576, torch.bfloat16)
     bias = torch.randn(200).bfloat16()
     # (rows of x, weight rows [start, end), input columns [start, end), with bias)
@@ -155,9 +161,10 @@ def test_tiles_of_one_x_in_one_call_give_each_tiles_own_bits(library: ctypes.CDL
              (11, (0, 200), (64, 320), False), (5, (0, 200), (320, 576), False), (1, (100, 101), (544, 576), True)]
     outs = [torch.full((m, r1 - r0), 7.0, dtype=torch.bfloat16) for m, (r0, r1), _, _ in tiles]
     structs = (Q8Tile * len(tiles))()
-    for struct, out, (m, (r0, r1), (c0, c1), with_bias) in zip(structs, outs, tiles):
-        view = weight.rows(r0, r1).columns(c0, c1)
+    for i, (struct, out, (m, (r0, r1), (c0, c1), with_bias)) in enumerate(zip(structs, outs, tiles)):
+        view = (packed if i % 2 else weight).rows(r0, r1).columns(c0, c1)  # every other tile reads packed panels
         struct.weight, struct.weight_stride = view.blocks.data_ptr(), view.row_stride
+        struct.panels = PanelArguments(*panel_arguments(view.panels))
         struct.bias = bias[r0:r1].data_ptr() if with_bias else None
         struct.out, struct.out_stride, struct.m, struct.n = out.data_ptr(), out.stride()[0], m, r1 - r0
         struct.block0, struct.k_blocks = c0 // 32, (c1 - c0) // 32
@@ -176,3 +183,42 @@ def test_tiles_of_one_x_in_one_call_give_each_tiles_own_bits(library: ctypes.CDL
     assert run(x.data_ptr(), x.stride()[0], 13, 18, structs, 1, fmt.value, 1, int(vnni), 1) == -1
     structs[0].k_blocks, structs[0].m = 18, 14
     assert run(x.data_ptr(), x.stride()[0], 13, 18, structs, 1, fmt.value, 1, int(vnni), 1) == -1
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_panels_packed_at_load_give_the_bits_of_panels_packed_per_call(library: ctypes.CDLL, vnni: bool,
+                                                                       fmt: QuantFormat, dtype: torch.dtype) -> None:
+    """pack_panels: the whole weight packed once; every call, on the weight or on a view of it
+    (an elastic tile's rows, a column range, a prefix), then reads its groups' panels where they
+    lie, and gives the bits of the same call packing its own.  A view whose first row is off the
+    build's panel width packs its own, as before."""
+    for n, k in SHAPES:
+        weight = make_weight(n, k, fmt)
+        packed = pack_panels(weight, library=library)
+        assert packed.panels is not None and torch.equal(packed.blocks, weight.blocks)
+        x = activations(max(ROW_COUNTS), k, dtype)
+        views = [lambda w: w, lambda w: w.prefix(max(1, n - 3))]
+        if n >= 32:
+            views += [lambda w: w.rows(16, n), lambda w: w.rows(3, n - 1)]
+        if k >= 128:
+            views += [lambda w: w.columns(32, k - 32), lambda w: w.rows(16, n).columns(64, k)]
+        for view in views:
+            packed_view, plain_view = view(packed), view(weight)
+            for num_rows in ROW_COUNTS:
+                rows = x[:num_rows, :plain_view.in_features]
+                assert torch.equal(quantized_linear_q8(rows, packed_view, library=library, vnni=vnni),
+                                   quantized_linear_q8(rows, plain_view, library=library, vnni=vnni)), (n, k, num_rows)
+
+
+def test_panels_packed_by_another_build_are_ignored(library: ctypes.CDLL) -> None:
+    """Panels have their build's vector width: a call through another build reads the blocks."""
+    other = next((native_library.load(isa) for isa in ("avx2", "avx512", "avx512_bf16")
+                  if native_library.load(isa) is not None
+                  and native_library.load(isa).engine_cpu_kernel_isa() != library.engine_cpu_kernel_isa()), None)
+    if other is None:
+        pytest.skip("this CPU (under the mask) runs one build only")
+    weight = make_weight(100, 576, QuantFormat.Q4_1)
+    x = activations(32, 576, torch.bfloat16)
+    got = quantized_linear_q8(x, pack_panels(weight, library=other), library=library, vnni=False)
+    assert torch.equal(got, quantized_linear_q8_reference(x, weight))

@@ -63,6 +63,7 @@ struct LinearDesc {
   const int64_t* input_order;  // inputs in stored order: x[:, input_order] (null: as they come)
   int64_t out_features, in_features;
   int32_t format;
+  Q8Panels panels;  // its packed panels (quantized_linear_q8.h), or packed null
 };
 
 // One elastic level of one block (attention or FFN): the columns it keeps (query-head slots x
@@ -130,7 +131,8 @@ int run_kernel(const LinearDesc& w, const StepDesc& s, int64_t m, const char* x,
   // Per call, as Linear picks its kernel by the rows it is given (a tile's, for a level).
   if (s.q8_above_rows >= 0 && m > s.q8_above_rows)
     return quantized_linear_q8(x, x_stride, blocks, w.row_stride, bias, out, out_stride, m, n, k_blocks, w.format,
-                               s.dtype, s.vnni, s.num_threads);
+                               s.dtype, s.vnni, s.num_threads, w.panels.packed, w.panels.k_blocks,
+                               w.panels.row0 + row0, w.panels.block0 + block0);
   return quantized_linear(x, x_stride, blocks, w.row_stride, bias, out, out_stride, m, n, k_blocks, w.format, s.dtype,
                           s.num_threads);
 }
@@ -214,8 +216,9 @@ int run_products(const LinearDesc& w, const StepDesc& s, const char* x, int64_t 
       continue;
     }
     const void* bias = p.with_bias && w.bias != nullptr ? static_cast<const char*>(w.bias) + p.row0 * size : nullptr;
+    const Q8Panels panels{w.panels.packed, w.panels.k_blocks, w.panels.row0 + p.row0, w.panels.block0 + p.block0};
     bundle.push_back(Q8Tile{w.blocks + p.row0 * w.row_stride + p.block0 * block_bytes(w.format), w.row_stride, bias,
-                            p.out, p.out_stride, p.m, p.n, p.block0, p.k_blocks});
+                            p.out, p.out_stride, p.m, p.n, p.block0, p.k_blocks, panels});
     rows = std::max(rows, p.m);
     blocks = std::max(blocks, p.block0 + p.k_blocks);
   }

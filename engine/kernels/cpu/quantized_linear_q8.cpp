@@ -36,6 +36,13 @@
 // Q8_0 weights are signed, and maddubs takes one unsigned operand: |w| times x with w's sign
 // (one product pair at most 2 * 128 * 127 < 2^15, so each step is widened to int32 at once).
 //
+// Packed panels: a thread turns each group's blocks into its panel on every call, which costs as
+// much as a third of the products at 32 rows of x (its transposes and scale conversions read
+// every weight byte again).  A weight can instead be packed once, at load, into every group's
+// panel side by side (quantized_linear_q8_pack_panels; 2x Q4's bytes, ~1.06x Q8_0's), and a call
+// given them reads its groups' panels where they lie.  The panel path then does the same
+// arithmetic on the same panel bytes: the same bits.  (The 1-4 row GEMV below reads the blocks.)
+//
 // Work split: x is quantized once per call, rows shared among the threads; then the threads take
 // contiguous ranges of column groups, as quantized_linear.cpp does, so weights are read once.
 // 1-4 rows of x skip the panel: gemv() reads 8 weight rows' blocks where they lie and sums each
@@ -221,6 +228,19 @@ struct Panel {
   float* min;      // [k_blocks][kCols]: mw (Q4_1)
 };
 
+// Packed panels of a weight of k_blocks blocks a row: group g (rows kCols g ..) is its panel's
+// bytes, then its scales, then (Q4_1) its minimums, group_bytes apart.
+constexpr int64_t group_bytes(int format, int64_t k_blocks) {
+  return k_blocks * (kPanelBlockBytes + int64_t(kCols) * 4 * (format == 1 ? 2 : 1));
+}
+
+// Group `group`'s panel in packed panels, from block `block0` on.
+inline Panel packed_panel(const Q8Panels& packed, int format, int64_t group, int64_t block0) {
+  uint8_t* base = const_cast<uint8_t*>(packed.packed) + group * group_bytes(format, packed.k_blocks);
+  float* scale = reinterpret_cast<float*>(base + packed.k_blocks * kPanelBlockBytes);
+  return Panel{base + block0 * kPanelBlockBytes, scale + block0 * kCols, scale + (packed.k_blocks + block0) * kCols};
+}
+
 // A block's 32 weights as bytes in order: Q4 as 0..15, Q8_0 as int8.
 template <int F>
 inline __m256i block_bytes(const uint8_t* block) {
@@ -288,6 +308,7 @@ struct Problem {
   int64_t out_stride;
   int64_t m, n, k_blocks;
   DType dtype;
+  Q8Panels panels;  // packed.packed null, or row0 off the panel width: pack per call
 };
 
 template <typename V>
@@ -451,16 +472,22 @@ extern "C" {
 // bias [n] or null; out rows out_stride elements apart; x, bias and out share `dtype`.  vnni: 1
 // to use AVX-VNNI (AVX2 build) or AVX512-VNNI (AVX-512 build).  Returns 0, or -1 for a format,
 // dtype, count or variant this build or CPU does not handle.
+// packed: the weight's packed panels (quantized_linear_q8_pack_panels) or null; this weight is
+// then rows packed_row0 .. and blocks packed_block0 .. of the packed one (packed_k_blocks a row).
 int quantized_linear_q8(const void* x, int64_t x_stride, const uint8_t* weight, int64_t weight_stride,
                         const void* bias, void* out, int64_t out_stride, int64_t m, int64_t n, int64_t k_blocks,
-                        int format, int dtype, int vnni, int num_threads) {
+                        int format, int dtype, int vnni, int num_threads, const uint8_t* packed,
+                        int64_t packed_k_blocks, int64_t packed_row0, int64_t packed_block0) {
 #if defined(ENGINE_CPU_ISA)
   using namespace engine_cpu;
   if (m < 0 || n < 0 || k_blocks < 0 || format < kQ4_0 || format > kQ8_0) return -1;
+  if (packed != nullptr && (packed_row0 < 0 || packed_block0 < 0 || packed_block0 + k_blocks > packed_k_blocks))
+    return -1;
   if (vnni && !cpu_has_vnni()) return -1;
   if (m == 0 || n == 0) return dtype >= kFloat32 && dtype <= kFloat16 ? 0 : -1;
   // One product: the tiles entry with a single tile (x quantized, then this thread's share).
-  const Q8Tile tile{weight, weight_stride, bias, out, out_stride, m, n, 0, k_blocks};
+  const Q8Tile tile{weight, weight_stride, bias, out, out_stride, m, n, 0, k_blocks,
+                    Q8Panels{packed, packed_k_blocks, packed_row0, packed_block0}};
   return quantized_linear_q8_tiles(x, x_stride, m, k_blocks, &tile, 1, format, dtype, vnni, num_threads);
 #else
   return -1;
@@ -482,6 +509,9 @@ int quantized_linear_q8_tiles(const void* x, int64_t x_stride, int64_t m, int64_
   for (int64_t i = 0; i < count; i++) {
     const Q8Tile& t = tiles[i];
     if (t.m < 0 || t.m > m || t.n < 0 || t.block0 < 0 || t.k_blocks < 0 || t.block0 + t.k_blocks > k_blocks) return -1;
+    if (t.panels.packed != nullptr && (t.panels.row0 < 0 || t.panels.block0 < 0 ||
+                                       t.panels.block0 + t.k_blocks > t.panels.k_blocks))
+      return -1;
   }
   if (m == 0 || count == 0) return dtype >= kFloat32 && dtype <= kFloat16 ? 0 : -1;
   return with_storage_type(dtype, [&](auto element, DType type) {
@@ -492,6 +522,41 @@ int quantized_linear_q8_tiles(const void* x, int64_t x_stride, int64_t m, int64_
       plain::run_tiles<T>(x, x_stride, m, k_blocks, tiles, count, format, type, num_threads);
     }
   });
+#else
+  return -1;
+#endif
+}
+
+// Bytes of a weight's packed panels: n rows of k_blocks blocks of `format` (-1 for a bad format).
+int64_t quantized_linear_q8_packed_bytes(int64_t n, int64_t k_blocks, int format) {
+#if defined(ENGINE_CPU_ISA)
+  using namespace engine_cpu;
+  if (n < 0 || k_blocks < 0 || format < kQ4_0 || format > kQ8_0) return -1;
+  return (n + kCols - 1) / kCols * group_bytes(format, k_blocks);
+#else
+  return -1;
+#endif
+}
+
+// Packs a weight (n rows of k_blocks blocks, rows weight_stride bytes apart) into `packed`
+// (quantized_linear_q8_packed_bytes of them): every group's panel, as a call would make it.
+int quantized_linear_q8_pack_panels(const uint8_t* weight, int64_t weight_stride, int64_t n, int64_t k_blocks,
+                                    int format, uint8_t* packed, int num_threads) {
+#if defined(ENGINE_CPU_ISA)
+  using namespace engine_cpu;
+  if (n <= 0 || k_blocks < 0 || format < kQ4_0 || format > kQ8_0 || packed == nullptr) return -1;
+  const int64_t groups = (n + kCols - 1) / kCols;
+  const Q8Panels whole{packed, k_blocks, 0, 0};
+#pragma omp parallel for num_threads(num_threads)
+  for (int64_t group = 0; group < groups; group++) {
+    const Panel panel = packed_panel(whole, format, group, 0);
+    switch (format) {
+      case kQ4_0: fill_panel<kQ4_0>(weight, weight_stride, n, group * kCols, k_blocks, panel); break;
+      case kQ4_1: fill_panel<kQ4_1>(weight, weight_stride, n, group * kCols, k_blocks, panel); break;
+      case kQ8_0: fill_panel<kQ8_0>(weight, weight_stride, n, group * kCols, k_blocks, panel); break;
+    }
+  }
+  return 0;
 #else
   return -1;
 #endif

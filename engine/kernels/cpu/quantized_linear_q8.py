@@ -26,7 +26,7 @@ import torch
 from engine.capabilities import cpu_features
 from engine.kernels.cpu import native_library
 from engine.kernels.cpu.quantized_linear import check_arguments, check_out
-from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, QuantFormat, QuantizedWeight
+from engine.kernels.cpu.quantized_weights import BLOCK_SIZE, PackedPanels, QuantFormat, QuantizedWeight
 
 Q8_MAX = 127
 
@@ -44,8 +44,7 @@ def vnni_available(library: ctypes.CDLL | None = None) -> bool:
     kernel = _kernel(library)
     if kernel is None:
         return False
-    isa = library.engine_cpu_kernel_isa().decode() if library is not None else native_library.active_isa()
-    feature = "avx_vnni" if isa == "avx2" else "avx512_vnni"
+    feature = "avx_vnni" if _isa(library) == "avx2" else "avx512_vnni"
     return cpu_features().has(feature) and kernel.has_vnni() == 1
 
 
@@ -61,14 +60,41 @@ def quantized_linear_q8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Te
     if kernel is None:
         raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
     use_vnni = vnni_available(library) if vnni is None else vnni
+    panels = weight.panels if weight.panels is not None and weight.panels.isa == _isa(library) else None
     status = kernel.run(x.data_ptr(), x.stride()[0], weight.blocks.data_ptr(), weight.row_stride,
                         None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride()[0], x.shape[0],
                         weight.out_features, weight.in_features // BLOCK_SIZE, weight.format.value, dtype_code,
-                        int(use_vnni), torch.get_num_threads())
+                        int(use_vnni), torch.get_num_threads(), *panel_arguments(panels))
     if status != 0:
         raise ValueError(f"quantized_linear_q8: {weight.format.name} with {x.dtype}"
                          f"{' and VNNI' if use_vnni else ''} not supported by this build or CPU")
     return out
+
+
+def pack_panels(weight: QuantizedWeight, *, library: ctypes.CDLL | None = None) -> QuantizedWeight:
+    """The weight with its panels packed (once, at load: PackedPanels), for the calls of more rows
+    than the row-major GEMV takes; the weight itself unchanged (without a library: as it was)."""
+    kernel = _kernel(library)
+    if kernel is None or weight.out_features == 0:
+        return weight
+    k_blocks = weight.in_features // BLOCK_SIZE
+    size = kernel.packed_bytes(weight.out_features, k_blocks, weight.format.value)
+    packed = torch.empty(max(size, 0), dtype=torch.uint8)
+    if size < 0 or kernel.pack(weight.blocks.data_ptr(), weight.row_stride, weight.out_features, k_blocks,
+                               weight.format.value, packed.data_ptr(), torch.get_num_threads()) != 0:
+        raise ValueError(f"quantized_linear_q8: cannot pack a {weight.format.name} weight")
+    return QuantizedWeight(weight.blocks, weight.format, PackedPanels(packed, _isa(library), k_blocks))
+
+
+def panel_arguments(panels: PackedPanels | None) -> tuple[int | None, int, int, int]:
+    """The kernel's (packed, packed_k_blocks, packed_row0, packed_block0) arguments."""
+    if panels is None:
+        return None, 0, 0, 0
+    return panels.packed.data_ptr(), panels.k_blocks, panels.row0, panels.block0
+
+
+def _isa(library: ctypes.CDLL | None) -> str | None:
+    return library.engine_cpu_kernel_isa().decode() if library is not None else native_library.active_isa()
 
 
 class QuantizedActivations(NamedTuple):
@@ -128,6 +154,8 @@ def _weight_blocks(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor,
 class _Kernel(NamedTuple):
     run: Callable[..., int]  # quantized_linear_q8
     has_vnni: Callable[[], int]  # quantized_linear_q8_has_vnni
+    packed_bytes: Callable[..., int]  # quantized_linear_q8_packed_bytes
+    pack: Callable[..., int]  # quantized_linear_q8_pack_panels
 
 
 def _kernel(library: ctypes.CDLL | None) -> _Kernel | None:
@@ -139,9 +167,16 @@ def _kernel(library: ctypes.CDLL | None) -> _Kernel | None:
 def _declared(library: ctypes.CDLL) -> _Kernel:
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     run, has_vnni = library.quantized_linear_q8, library.quantized_linear_q8_has_vnni
-    # x, x_stride, weight, weight_stride, bias, out, out_stride, m, n, k_blocks, format, dtype, vnni, threads
-    run.argtypes = [pointer, i64, pointer, i64, pointer, pointer, i64, i64, i64, i64, i32, i32, i32, i32]
+    packed_bytes, pack = library.quantized_linear_q8_packed_bytes, library.quantized_linear_q8_pack_panels
+    # x, x_stride, weight, weight_stride, bias, out, out_stride, m, n, k_blocks, format, dtype, vnni, threads,
+    # packed, packed_k_blocks, packed_row0, packed_block0
+    run.argtypes = [pointer, i64, pointer, i64, pointer, pointer, i64, i64, i64, i64, i32, i32, i32, i32,
+                    pointer, i64, i64, i64]
     run.restype = i32
     has_vnni.argtypes = []
     has_vnni.restype = i32
-    return _Kernel(run, has_vnni)
+    packed_bytes.argtypes = [i64, i64, i32]  # n, k_blocks, format
+    packed_bytes.restype = i64
+    pack.argtypes = [pointer, i64, i64, i64, i32, pointer, i32]  # weight, stride, n, k_blocks, format, packed, threads
+    pack.restype = i32
+    return _Kernel(run, has_vnni, packed_bytes, pack)

@@ -82,13 +82,20 @@ template <int F, typename T>
 void column_groups(const Problem& p, const QuantizedRows& x) {
   static thread_local std::vector<uint8_t> panel_bytes;
   static thread_local std::vector<float> panel_scales;
-  const Panel panel{grown(panel_bytes, p.k_blocks * kPanelBlockBytes), grown(panel_scales, 2 * p.k_blocks * kCols),
-                    panel_scales.data() + p.k_blocks * kCols};
+  const bool packed = p.panels.packed != nullptr && p.panels.row0 % kCols == 0;
+  Panel panel{nullptr, nullptr, nullptr};
+  if (!packed)
+    panel = Panel{grown(panel_bytes, p.k_blocks * kPanelBlockBytes), grown(panel_scales, 2 * p.k_blocks * kCols),
+                  panel_scales.data() + p.k_blocks * kCols};
   int64_t begin, end;
   thread_share((p.n + kCols - 1) / kCols, &begin, &end);
   for (int64_t group = begin; group < end; group++) {
     const int64_t c0 = group * kCols;
-    fill_panel<F>(p.weight, p.weight_stride, p.n, c0, p.k_blocks, panel);
+    if (packed) {  // rows past n (a last partial group) are the next rows or padding: never stored
+      panel = packed_panel(p.panels, F, (p.panels.row0 + c0) / kCols, p.panels.block0);
+    } else {
+      fill_panel<F>(p.weight, p.weight_stride, p.n, c0, p.k_blocks, panel);
+    }
     int64_t i = 0;
     for (; i + kMaxTileRows <= p.m; i += kMaxTileRows) tile<F, kMaxTileRows, T>(p, x, panel, i, c0);
     switch (p.m - i) {
@@ -132,7 +139,8 @@ void tiled_products(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks
 #pragma omp barrier
     for (int64_t i = 0; i < count; i++) {
       const Q8Tile& t = tiles[i];
-      const Problem p{x, x_stride, t.weight, t.weight_stride, t.bias, t.out, t.out_stride, t.m, t.n, t.k_blocks, dtype};
+      const Problem p{x,   x_stride, t.weight,   t.weight_stride, t.bias, t.out,
+                      t.out_stride, t.m, t.n, t.k_blocks, dtype, t.panels};
       product<F, T>(p, blocks_from(q, t.block0));
     }
   }

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -53,6 +53,21 @@ _BLOCK_BYTES = {QuantFormat.Q4_0: 18, QuantFormat.Q4_1: 20, QuantFormat.Q8_0: 34
 
 
 @dataclass(frozen=True, slots=True)
+class PackedPanels:
+    """A weight's blocks packed once, at load, into the panels the Q8-activation kernel would
+    otherwise pack on every call (quantized_linear_q8.cpp, "Packed panels"; quantized_linear_q8.py
+    packs them).  The layout has the vector width of the build that packed it (`isa`): another
+    build ignores them.  A view of the weight starts at packed row `row0` and block `block0` of
+    the `k_blocks` a packed row has."""
+
+    packed: torch.Tensor  # uint8, the whole weight's panels
+    isa: str
+    k_blocks: int
+    row0: int = 0
+    block0: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class QuantizedWeight:
     """A [out_features, in_features] weight as its blocks: `blocks` uint8 [out_features,
     in_features / 32 * block_bytes] on the CPU, bytes within a row contiguous, rows `row_stride`
@@ -61,6 +76,7 @@ class QuantizedWeight:
 
     blocks: torch.Tensor
     format: QuantFormat
+    panels: PackedPanels | None = None  # the same weight packed for the Q8 kernel, or None
     out_features: int = field(init=False)
     in_features: int = field(init=False)
     row_stride: int = field(init=False)  # bytes from one output row's blocks to the next
@@ -88,14 +104,14 @@ class QuantizedWeight:
         if in_features % BLOCK_SIZE:
             raise ValueError(f"in_features of a prefix must be a multiple of {BLOCK_SIZE}, got {in_features}")
         row_bytes = in_features // BLOCK_SIZE * self.format.block_bytes
-        return QuantizedWeight(self.blocks[:out_features, :row_bytes], self.format)
+        return QuantizedWeight(self.blocks[:out_features, :row_bytes], self.format, self.panels)
 
 
     def rows(self, start: int, end: int) -> QuantizedWeight:
         """Output features [start, end), no copy (an elastic tile of a prefix-ordered weight)."""
         if not 0 <= start <= end <= self.out_features:
             raise ValueError(f"rows [{start}, {end}) are outside the weight's {self.out_features}")
-        return QuantizedWeight(self.blocks[start:end], self.format)
+        return QuantizedWeight(self.blocks[start:end], self.format, self._panels_from(start, 0))
 
     def columns(self, start: int, end: int) -> QuantizedWeight:
         """Input features [start, end) (multiples of 32: whole blocks), no copy."""
@@ -104,7 +120,13 @@ class QuantizedWeight:
                              f"{self.in_features}")
         block_bytes = self.format.block_bytes
         return QuantizedWeight(self.blocks[:, start // BLOCK_SIZE * block_bytes: end // BLOCK_SIZE * block_bytes],
-                               self.format)
+                               self.format, self._panels_from(0, start // BLOCK_SIZE))
+
+    def _panels_from(self, row: int, block: int) -> PackedPanels | None:
+        """The panels of a view starting `row` rows and `block` blocks into this one."""
+        if self.panels is None:
+            return None
+        return replace(self.panels, row0=self.panels.row0 + row, block0=self.panels.block0 + block)
 
 
 def from_gguf_tensor(tensor) -> QuantizedWeight:
