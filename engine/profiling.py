@@ -160,8 +160,8 @@ def profile_level_costs(engine: ProfiledEngine, levels: Sequence[int], prune_sta
     a prefill chunk of up to 256 tokens, each run at every level in turn, `num_rounds` times; a
     level's fraction is the median over rounds of its time over the full level's in the same
     round.  Why rounds: this VM's speed moves by 10-15% between steps, and the fastest of two
-    steps a level, levels one after another, put level 70's decode at 0.80, 0.86 or 1.00 of the
-    full level's in three profiles of one process (0.93 in steady decode, benchmarks/README.md);
+    steps a level, levels one after another, put level 70's decode at 0.80-1.00 of the full
+    level's across four profiles (0.93 in steady decode, benchmarks/README.md);
     a policy admitting against 0.80 over-admits.  A few seconds for SmolLM2's six levels here.
     The engine must be idle.
     `attention_fraction` (level -> the share of the full model's prefill attention it computes)
