@@ -16,7 +16,7 @@ import functools
 import torch
 
 from engine.kernels.cpu import native_library
-from engine.kernels.cpu.quantized_linear_q8 import panel_arguments
+from engine.kernels.cpu.quantized_linear_q8 import panel_arguments, usable_panels
 from engine.kernels.cpu.quantized_weights import QuantizedWeight
 
 _pointer, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -62,10 +62,9 @@ def linear_arguments(weight: QuantizedWeight, bias: torch.Tensor | None,
                      input_order: torch.Tensor | None) -> LinearArguments:
     """`input_order` int64 [in_features]: the blocks store input input_order[j] at j (or None).
     The weight's packed panels go with it where the engine's build packed them."""
-    panels = weight.panels if weight.panels is not None and weight.panels.isa == native_library.active_isa() else None
     return LinearArguments(weight.blocks.data_ptr(), weight.row_stride, None if bias is None else bias.data_ptr(),
                            None if input_order is None else input_order.data_ptr(), weight.out_features,
-                           weight.in_features, weight.format.value, PanelArguments(*panel_arguments(panels)))
+                           weight.in_features, weight.format.value, PanelArguments(*panel_arguments(usable_panels(weight))))
 
 
 def elastic_side_path(lora_a: torch.Tensor | None, lora_b_rows: torch.Tensor | None, bias: torch.Tensor | None,

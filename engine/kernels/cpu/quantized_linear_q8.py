@@ -60,11 +60,10 @@ def quantized_linear_q8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Te
     if kernel is None:
         raise RuntimeError("the native CPU kernels are not available on this machine (see the log)")
     use_vnni = vnni_available(library) if vnni is None else vnni
-    panels = weight.panels if weight.panels is not None and weight.panels.isa == _isa(library) else None
     status = kernel.run(x.data_ptr(), x.stride()[0], weight.blocks.data_ptr(), weight.row_stride,
                         None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride()[0], x.shape[0],
                         weight.out_features, weight.in_features // BLOCK_SIZE, weight.format.value, dtype_code,
-                        int(use_vnni), torch.get_num_threads(), *panel_arguments(panels))
+                        int(use_vnni), torch.get_num_threads(), *panel_arguments(usable_panels(weight, library)))
     if status != 0:
         raise ValueError(f"quantized_linear_q8: {weight.format.name} with {x.dtype}"
                          f"{' and VNNI' if use_vnni else ''} not supported by this build or CPU")
@@ -86,6 +85,11 @@ def pack_panels(weight: QuantizedWeight, *, library: ctypes.CDLL | None = None) 
     return QuantizedWeight(weight.blocks, weight.format, PackedPanels(packed, _isa(library), k_blocks))
 
 
+def usable_panels(weight: QuantizedWeight, library: ctypes.CDLL | None = None) -> PackedPanels | None:
+    """The weight's packed panels where `library` (None: the engine's build) packs the same layout."""
+    return weight.panels if weight.panels is not None and weight.panels.isa == _isa(library) else None
+
+
 def panel_arguments(panels: PackedPanels | None) -> tuple[int | None, int, int, int]:
     """The kernel's (packed, packed_k_blocks, packed_row0, packed_block0) arguments."""
     if panels is None:
@@ -93,7 +97,9 @@ def panel_arguments(panels: PackedPanels | None) -> tuple[int | None, int, int, 
     return panels.packed.data_ptr(), panels.k_blocks, panels.row0, panels.block0
 
 
+@functools.cache
 def _isa(library: ctypes.CDLL | None) -> str | None:
+    """The build's ISA name (cached: the hot path asks once a call)."""
     return library.engine_cpu_kernel_isa().decode() if library is not None else native_library.active_isa()
 
 
