@@ -187,7 +187,20 @@ def summarize_run(names: list[str], records: list[RequestRecord], duration_s: fl
             "mean_doc_keep": float(np.mean(keeps)) if keeps else None,
             "mean_quality": float(np.mean(qualities)) if qualities else None,
             "failed": sum(not r.success for r in records), "duration_s": duration_s,
-            "by_class": {c: float(np.mean([m for m, n in zip(met, names) if n == c])) for c in CLASSES}}
+            "by_class": {c: float(np.mean([m for m, n in zip(met, names) if n == c])) for c in CLASSES},
+            "misses": {c: misses(specs[c], [r for n, r in zip(names, records) if n == c]) for c in CLASSES}}
+
+
+def misses(spec: ClassSpec, records: list[RequestRecord]) -> dict[str, Any]:
+    """Why a class's requests missed: how many missed the TTFT target, how many the TPOT target
+    (one request may miss both), and the class's median and worst mean TPOT (ms)."""
+    served = [r for r in records if r.success]
+    ttft_missed = sum(r.ttft_s is None or r.ttft_s > spec.slo.ttft_s for r in served)
+    tpots = [1000 * r.tpot_s for r in served if r.tpot_s is not None]
+    tpot_missed = 0 if spec.slo.tpot_s is None else sum(t > 1000 * spec.slo.tpot_s for t in tpots)
+    return {"ttft": ttft_missed, "tpot": tpot_missed, "failed": len(records) - len(served),
+            "tpot_ms_median": float(np.median(tpots)) if tpots else None,
+            "tpot_ms_max": float(np.max(tpots)) if tpots else None}
 
 
 def measure_capacity(llm: LLM, trace: list[tuple[str, TraceRequest]], specs) -> float:
@@ -331,20 +344,27 @@ def write(results: dict, step: dict | None, capacity: float, specs, args, throug
              "Targets (s): " + ", ".join(f"{n} TTFT {s.slo.ttft_s:.2f} / TPOT {s.slo.tpot_s}" for n, s in specs.items()), ""]
     for load in sorted({key.split("|")[0] for key in results}, key=float):
         lines += [f"## Load {float(load):.1f}x", "",
-                  "| variant | SLO attainment | goodput req/s | quality-weighted goodput | mean level | doc keep | at level 100, whole prompt | mean quality | chat / doc / batch attainment |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | SLO attainment | goodput req/s | quality-weighted goodput | mean level | doc keep | at level 100, whole prompt | mean quality | chat / doc / batch attainment | chat misses TTFT / TPOT, median TPOT ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for key, r in results.items():
             if key.split("|")[0] != load:
                 continue
             by_class = " / ".join(f"{r['by_class'][c]:.2f}" for c in CLASSES)
             lines.append(f"| {key.split('|')[1]} | {r['slo_attainment']:.2f} | {r['goodput']:.3f} | {r['quality_goodput']:.3f} | "
                          f"{r['mean_level'] or 0:.0f} | {r['mean_doc_keep'] or 1:.2f} | {_share(r.get('full_share'))} | "
-                         f"{r['mean_quality'] or 0:.3f} | {by_class} |")
+                         f"{r['mean_quality'] or 0:.3f} | {by_class} | {_chat_misses(r)} |")
         lines.append("")
     lines += ranking_lines(results, args.num_requests)
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     plot(results, step, out.with_suffix(".png"))
+
+
+def _chat_misses(result: dict) -> str:
+    chat = result.get("misses", {}).get("chat")  # (results written before misses were counted: none)
+    if chat is None:
+        return "-"
+    return f"{chat['ttft']} / {chat['tpot']}, {chat['tpot_ms_median'] or 0:.1f}"
 
 
 def _share(value: float | None) -> str:

@@ -241,6 +241,35 @@ def test_slo_budget_keeps_the_tightest_tpot_target():
     assert output.num_batched_tokens == 25
 
 
+@pytest.mark.parametrize("level_fraction, prefill_tokens", [(1.0, 66), (0.5, 156), (1.5, 36)])
+def test_slo_bound_prices_a_step_at_its_levels_learned_fraction(level_fraction, prefill_tokens):
+    # Four decodes at level 70 (a 100 ms TPOT target: a 90 ms bound) beside a long prompt at 70.
+    # The cost model predicts the full model, 20 ms + 1 ms a token; a step at level 70 takes
+    # level_fraction of that (what the knob costs learned), so the bound holds the prediction to
+    # 90 ms / fraction: a cheaper level fits more prefill, and a fraction above 1 (the full
+    # model's calibration drifted while steps ran narrower) fits less.
+    from engine.elastic.quality_table import DEFAULT_QUALITY
+    from engine.scheduler.elastic_choice import ElasticChoice
+    from engine.scheduler.knob_costs import KnobCosts
+
+    levels = (100, 70)
+    fractions = {100: 1.0, 70: level_fraction}
+    costs = KnobCosts(levels, dict(fractions), dict(fractions))
+    policy = SLOPolicy(SLOConfig(), StepCostModel(COST.coefficients), max_budget=256, max_num_seqs=8,
+                       choice=ElasticChoice(costs, DEFAULT_QUALITY))
+    scheduler = make_scheduler(policy, budget=256)
+    requests = [make_request(f"d{i}", 4, max_tokens=50, arrival=i, slo=SLOTarget(tpot_s=0.100)) for i in range(4)]
+    requests.append(make_request("big", 1000, arrival=5))
+    for request in requests:
+        request.elastic_level = 70
+        scheduler.add_request(request)
+        if request.request_id == "d3":
+            step(scheduler)  # the decodes' prompts
+    output = step(scheduler)
+    assert output.num_batched_tokens == 4 + prefill_tokens
+    assert COST.predict_s(features_of(output)) * level_fraction <= 0.090 + 1e-9
+
+
 def slo_run(policy: SLOPolicy, clock: VirtualClock, scheduler: Scheduler, cost: StepCostModel,
             num_steps: int) -> list[SchedulerOutput]:
     """Steps whose virtual time is exactly what `cost` predicts for them."""
@@ -522,7 +551,7 @@ def test_slo_decodes_ahead_of_schedule_sit_out_a_step_a_chunk_needs():
     # A chat (60 ms TPOT: a 54 ms bound) and six batch requests (1 s) decode while a prompt
     # prefills.  Beside all seven decodes a chunk would get 27 tokens a step; the batch decodes,
     # far ahead of their schedule, sit out the steps the chunk fills (32-34 tokens) and run when
-    # due (so may the chat, when decode-only steps have put it ahead).
+    # due (so may the chat, when decode-only steps have put it ahead), each on its schedule.
     scheduler, policy, clock, cost = attention_priced_slo(0.0)
     scheduler.add_request(make_request("chat", 4, max_tokens=400, slo=SLOTarget(tpot_s=0.060)))
     for i in range(6):
@@ -531,15 +560,21 @@ def test_slo_decodes_ahead_of_schedule_sit_out_a_step_a_chunk_needs():
     requests = dict(scheduler.requests)
     scheduler.add_request(make_request("long", 2000, max_tokens=1, arrival=clock.now, slo=SLOTarget(ttft_s=60.0)))
     chunks_alone = 0
+    last_token_time = {}
     while "long" in scheduler.requests:
         output = slo_run(policy, clock, scheduler, cost, 1)[0]
         assert cost.predict_s(features_of(output)) <= 0.9 * 0.060 + 1e-9
         in_step = {s.request.request_id: s.num_scheduled_tokens for s in output.scheduled}
         chunks_alone += in_step.get("long", 0) >= 32 and not any(r.startswith("batch") for r in in_step)
+        last_token_time.update((request_id, clock.now) for request_id in in_step)  # a step's tokens come at its end
     assert chunks_alone > 20
-    for request in requests.values():  # every decode kept its mean TPOT
-        tpot_s = (clock.now - request.metrics.first_token_time) / (request.num_output_tokens - 1)
-        assert tpot_s <= request.slo.tpot_s
+    for request in requests.values():  # every decode kept its mean TPOT, and its next token is not overdue
+        first = request.metrics.first_token_time
+        assert (last_token_time[request.request_id] - first) / (request.num_output_tokens - 1) <= request.slo.tpot_s
+        assert clock.now <= first + request.slo.tpot_s * request.num_output_tokens
+    # The chat is paced to DECODE_PACE of its target, not to the target's edge (59 ms when it was).
+    chat = requests["chat"]
+    assert (last_token_time["chat"] - chat.metrics.first_token_time) / (chat.num_output_tokens - 1) <= 0.9 * 0.060
 
 
 def lost_or_due_chunk(lost: bool) -> tuple[int, float]:
