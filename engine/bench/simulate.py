@@ -156,6 +156,9 @@ class SimConfig:
     dispatch: str = "least-outstanding"  # or "round-robin"
     slo_ttft_ms: float | None = None  # every request's targets (the slo policy schedules by them)
     slo_tpot_ms: float | None = None
+    # What the slo policy does with a request whose target it cannot meet: refuse it (the default,
+    # as the server's), or serve it last (`--slo-best-effort`): the same trace then keeps its work.
+    slo_best_effort: bool = False
     seed: int = 0  # of the random prompt ids
     # What elastic levels and pruned prompts save (engine/scheduler/knob_costs.py, as the engine
     # profiled them); None: every setting costs the full model's step.
@@ -179,7 +182,8 @@ class SimConfig:
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                                policy=self.policy, max_model_len=self.max_model_len,
-                               slo=SLOConfig(ttft_ms=self.slo_ttft_ms, tpot_ms=self.slo_tpot_ms))
+                               slo=SLOConfig(ttft_ms=self.slo_ttft_ms, tpot_ms=self.slo_tpot_ms,
+                                             best_effort=self.slo_best_effort))
 
     def slo_target(self) -> SLOTarget | None:
         if self.slo_ttft_ms is None and self.slo_tpot_ms is None:
@@ -446,6 +450,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--burstiness", type=float, default=1.0, help="1 = Poisson; gamma shape otherwise")
     load.add_argument("--slo-ttft-ms", type=float, default=None)
     load.add_argument("--slo-tpot-ms", type=float, default=None)
+    load.add_argument("--slo-best-effort", action="store_true",
+                      help="the slo policy serves requests it cannot serve on target last instead of refusing them "
+                           "(as `engine serve --slo-best-effort`)")
     plan = parser.add_argument_group("capacity planning (engine/bench/capacity.py)")
     plan.add_argument("--plan-gpus", type=int, default=None,
                       help="find the fewest accelerators, up to this many, whose replicas meet the SLOs")
@@ -495,7 +502,7 @@ def sim_config_from_args(args: argparse.Namespace, profile: CostProfile) -> SimC
                      max_model_len=given(args.max_model_len, profile.max_model_len),
                      enable_prefix_caching=not args.no_prefix_caching, num_replicas=args.num_replicas,
                      dispatch=args.dispatch, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-                     seed=args.seed)
+                     slo_best_effort=args.slo_best_effort, seed=args.seed)
 
 
 def load_cost_model(args: argparse.Namespace, profile: CostProfile, config: SimConfig) -> StepCostModel:

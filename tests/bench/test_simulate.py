@@ -136,6 +136,18 @@ def test_the_slo_policy_runs_in_the_simulator() -> None:
     assert all(r.success or r.error.startswith("rejected") for r in result.records)
 
 
+def test_slo_best_effort_serves_last_what_the_default_refuses() -> None:
+    """As `engine serve --slo-best-effort`: requests whose TTFT target is out of reach stay in the
+    simulated queue, served after the rest, instead of leaving it refused (and the run shorter)."""
+    config = SimConfig(**{**vars(SMALL), "policy": "slo", "slo_ttft_ms": 300.0, "slo_tpot_ms": 200.0})
+    requests = trace(40, request_rate=40.0)
+    refused = simulate(requests, config, MODEL)
+    served = simulate(requests, replace(config, slo_best_effort=True), MODEL)
+    assert any(r.error and r.error.startswith("rejected") for r in refused.records)
+    assert all(r.success for r in served.records)
+    assert served.duration_s > refused.duration_s
+
+
 def test_the_simulator_models_elastic_levels_and_pruned_prompts() -> None:
     """Auto requests under a tight TPOT target run below the full level, whose steps cost the
     level's fraction: more of them meet the target than of the same trace at the full level."""
