@@ -8,6 +8,7 @@ every rank runs the same code on the same SchedulerOutput (see ModelRunner.execu
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,6 +19,9 @@ import torch.distributed as dist
 
 # gloo reduces these natively; a half-precision partial sum is reduced in fp32 and rounded once.
 _REDUCED_AS_IS = (torch.float32, torch.float64)
+# How long the driver waits for the other ranks to leave the group at shutdown (leave_in_turn).
+LEAVE_TIMEOUT_S = 10.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,28 @@ class TensorParallelGroup:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def leave_in_turn(self, timeout_s: float = LEAVE_TIMEOUT_S) -> None:
+        """Leave the group once every rank has the STOP (after a barrier), one side at a time:
+        ranks > 0 tear their end down first and then mark the store; rank 0 waits for every mark
+        (at most timeout_s) and then tears down its own.  Torn down on both sides at once, gloo's
+        teardown raced: under torchrun, in a loaded test suite, rank 1 aborted ("terminate
+        called without an active exception") and rank 0 hung in its own teardown."""
+        # Held here: destroying the group drops its reference, and the marks outlive the group.
+        store = dist.distributed_c10d._get_default_store()
+        if self.rank != 0:
+            leave_group()
+            store.set(_left_key(self.rank), "1")
+            return
+        try:
+            store.wait([_left_key(rank) for rank in range(1, self.size)], timedelta(seconds=timeout_s))
+        except Exception as error:  # noqa: BLE001 - a rank that never marks: leave all the same
+            logger.warning("tensor-parallel ranks did not leave within %.0f s (%s); leaving anyway", timeout_s, error)
+        leave_group()
+
+
+def _left_key(rank: int) -> str:
+    return f"engine/tensor_parallel/left/{rank}"
 
 
 def join_group(rank: int, size: int, init_method: str, device: str = "cpu",

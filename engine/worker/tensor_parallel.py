@@ -151,6 +151,7 @@ class TensorParallelRunner:
             if not self._mid_step:  # else a rank waits in some collective, not for this broadcast
                 self.group.broadcast_object(STOP)
                 self.group.barrier()  # see _run_steps
+                self.group.leave_in_turn()
         finally:
             self._stop_processes()
 
@@ -207,9 +208,10 @@ def _run_steps(group: TensorParallelGroup, runner: ModelRunner) -> None:
             runner.execute(step)
     # Every rank has the STOP before any tears the group down: rank 0 returns from the broadcast
     # once it has sent, and destroying the group then cut a rank off mid-receive (gloo aborted it:
-    # "terminate called without an active exception", seen under torchrun).
+    # "terminate called without an active exception", seen under torchrun).  Then the ranks
+    # leave one side at a time (TensorParallelGroup.leave_in_turn).
     group.barrier()
-    leave_group()
+    group.leave_in_turn()
 
 
 def run_launched_rank(launched: LaunchedRank, device: str) -> None:
