@@ -285,7 +285,7 @@ def simulated(slo_llm: LLM, llm: LLM, variant: list[TraceRequest], policy: str, 
     simulated queue: at 2.0x load slo@100 ended in 40 simulated seconds against 68 measured)."""
     engine = slo_llm.engine
     config = SimConfig(policy=policy, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
-                       slo_best_effort=engine.scheduler.policy.config.best_effort if policy == "slo" else False,
+                       slo_best_effort=engine.scheduler.policy.config.best_effort,  # (fcfs reads no SLO config)
                        max_num_seqs=args.max_num_seqs, num_kv_blocks=llm.engine.kv.pool.num_blocks,
                        max_model_len=engine.max_model_len, enable_prefix_caching=False,
                        knob_costs=engine.knob_costs, quality=engine.scheduler.policy.choice.quality)

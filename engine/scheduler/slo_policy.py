@@ -20,9 +20,9 @@ go to the work whose target is closest to being missed, and everything else paus
                 a prompt whose TTFT target is lost (not even its fastest prefill meets it) runs at
                 its floors, after every prompt that can still meet its own;
     order       decodes about to miss their TPOT (their next token, paced to DECODE_PACE of the
-                target, is due within URGENT_STEPS steps), then prefills whose TTFT is still reachable in least-slack order (slack =
-                TTFT deadline - now - predicted prefill time), then decodes ahead of schedule, then
-                work whose target is already lost;
+                target, is due within URGENT_STEPS steps), then prefills whose TTFT is still
+                reachable in least-slack order (slack = TTFT deadline - now - predicted prefill
+                time), then decodes ahead of schedule, then work whose target is already lost;
     admission   a new request is refused (AdmissionRejected -> HTTP 429) or, with best_effort,
                 served last when its TTFT target is out of reach (the prefills due before it, at
                 the steps the budget gives, scaled by how late first tokens have come against such
@@ -457,7 +457,7 @@ class SLOPolicy(SchedulingPolicy):
         widest = max(r.elastic_level for r in decodes)
         decode_only_s = self.cost_model.predict_s(self._decode_features) * self._level_fraction(widest, False)
         if decode_only_s < BANKING_DECODE_SHARE * self._step_limit_s:
-            # Slack against TPOT_SAFETY times each target's pace: a margin over the whole request.
+            # Slack against each target's DECODE_PACE schedule: a margin over the whole request.
             slack_s = min(self.next_token_due(r, DECODE_PACE) for r in paced) - now
             self._slack_limit_s = slack_s / self.cost_model.mixed_step_ratio
             limits.append(self._slack_limit_s)
