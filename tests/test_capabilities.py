@@ -107,7 +107,7 @@ def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
 def test_q8_activations_where_asked_or_where_auto_runs_fp32():
     """native stays exact (the reference), and so does an explicit fp32; native_q8, and auto where
     the auto dtype is fp32 (no bf16 dot products), round activations at every step; auto with bf16
-    on a CPU with VNNI and no AMX, above 4 rows."""
+    on a CPU with VNNI, above 4 rows (with AMX, up to 32)."""
     assert q8_rows_threshold("native") is None and q8_rows_threshold("int8") is None
     assert q8_rows_threshold("native_q8") == 0
     assert q8_rows_threshold("auto", "auto", torch.float32) == 0
@@ -116,12 +116,16 @@ def test_q8_activations_where_asked_or_where_auto_runs_fp32():
                                  "avx512_bf16", "avx512_vnni", "amx_bf16"}))
     no_amx = CpuFeatures(amx.flags - {"amx_bf16"})
     no_vnni = CpuFeatures(no_amx.flags - {"avx512_vnni"})
-    # bf16 where it is native: Q8 above 4 rows only on a CPU with VNNI and no AMX (oneDNN's bf16
-    # tiles win with AMX); an explicit dtype keeps bf16 arithmetic.
+    # bf16 where it is native: Q8 above 4 rows on a CPU with VNNI; with AMX too, only up to 32
+    # rows (oneDNN's bf16 tiles win past them); an explicit dtype keeps bf16 arithmetic.
     assert q8_rows_threshold("auto", "auto", torch.bfloat16, no_amx) == 4
-    assert q8_rows_threshold("auto", "auto", torch.bfloat16, amx) is None
+    assert q8_rows_threshold("auto", "auto", torch.bfloat16, amx) == 4
     assert q8_rows_threshold("auto", "auto", torch.bfloat16, no_vnni) is None
     assert q8_rows_threshold("auto", "bfloat16", torch.bfloat16, no_amx) is None
+    assert dense_rows_threshold("auto", torch.bfloat16, 4, amx) == 32
+    assert dense_rows_threshold("auto", torch.bfloat16, 4, no_amx) is None
+    assert dense_rows_threshold("auto", torch.float32, 0, amx) is None  # fp32 Q8: no bf16 copy to run
+    assert dense_rows_threshold("auto", torch.bfloat16) == 4 and dense_rows_threshold("auto", torch.float32) == 16
     assert dense_rows_threshold("native_q8", torch.float32) is None
     plan = ComputePlan(device=torch.device("cpu"), dtype=torch.float32, weight_format="native", native_ops=True,
                        prepack_bf16=False, q8_above_rows=4)

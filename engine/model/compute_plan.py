@@ -103,18 +103,30 @@ def resolve_weight_format(requested: str, device: str, has_native_kernels: bool)
     return "dequantized", "no C++ quantized linear here"
 
 
-def dense_rows_threshold(requested_format: str, dtype: torch.dtype) -> int | None:
-    """Rows above which a quantized weight's dense copy runs instead, for weight_format auto.
+def dense_rows_threshold(requested_format: str, dtype: torch.dtype, q8_above_rows: int | None = None,
+                         features: CpuFeatures | None = None) -> int | None:
+    """Rows above which a quantized weight's dense copy runs instead, for weight_format auto
+    (`q8_above_rows`: the plan's, from q8_rows_threshold).
 
     PERF, benchmarks/quantized_linear.py on the 2-core AMD EPYC (2 threads, model shapes): with
     AVX512-BF16, the quantized kernel beats prepacked bf16 up to 2-4 rows (0.74x at 1 row) and
     loses 2.1-2.6x from 8 rows; on the AVX2 build against MKL's fp32 it wins up to ~16 rows
     (0.2-0.5x at 1-4 rows) and loses 1.3-1.4x at 32-64.  (native_q8's kernel beats MKL's fp32 at
     every size from 4 to 512 rows and needs no dense copy: benchmarks/README.md.)
+
+    With Q8 activations the dense copy stays only where oneDNN has AMX bf16 tiles, for steps past
+    32 rows: in the engine's own steps on a 2-vCPU Xeon with AMX (SmolLM2, elastic), Q8 ran decode
+    steps of 5 / 8 / 16 / 32 rows in 14.4 / 17.3 / 24.5 / 38.1 ms against 25.8 / 26.7 / 32.0 /
+    43.2 ms on prepacked bf16, a 32-token prefill as fast (29.7 / 29.6 ms) and a 64-token one
+    slower (45.2 / 35.4 ms).  (The kernel benchmark alone, its weights cycled through 64 MiB,
+    had bf16 ahead from 8 rows: inside a step each oneDNN call costs ~100 us, not its ~50.)
     """
     if requested_format != "auto":
         return None
-    return 4 if dtype == torch.bfloat16 else 16
+    if q8_above_rows is None:
+        return 4 if dtype == torch.bfloat16 else 16
+    features = features or cpu_features()
+    return 32 if dtype == torch.bfloat16 and features.has("amx_bf16") else None
 
 
 def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
@@ -127,15 +139,15 @@ def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
         beats the exact fp32 kernel at every size (AVX2 build, 2 threads, the model's shapes:
         1.1-1.6x at 1 row, the LM head 1.5x; 1.0-1.35x at 2-4 rows; 1.8-2.6x at 8), and MKL's
         fp32 above 16 rows 1.7-3x (benchmarks/quantized_linear.py).
-      - bf16 came out on a CPU with VNNI but no AMX (AVX512-BF16 alone, as AMD's Zen 4): above 4
+      - bf16 came out on a CPU with VNNI (AVX512-BF16 alone, as AMD's Zen 4, or with AMX): above 4
         rows, in place of oneDNN's prepacked bf16, which Q8 with VNNI beats 1.1-1.5x at 8-64 rows
         there (64 sequences x 512 of context: 1,075 against 963 output tok/s, same session); up to
-        4 rows the exact kernel stays (as fast, and exact).  With AMX, oneDNN's bf16 tiles win from
-        ~32 rows (Q8 0.6-0.7x at 64), so bf16 stays.  An elastic model's levels then run as
-        column tiles over the blocks, the down projection re-blocked as Q8_0 in importance order
-        (engine/model/layers/linear.py), decode steps as one C++ call a layer: 16 and 32 rows at
-        1.2x the tok/s of its bf16 level slices at level 40 and 1.5-1.6x at the full level
-        (benchmarks/README.md, "Elastic levels over Q8 blocks").
+        4 rows the exact kernel stays (as fast, and exact).  With AMX as well, the same up to 32
+        rows, and oneDNN's bf16 tiles past them (dense_rows_threshold: Q8 0.6-0.7x at 64).  An
+        elastic model's levels then run as column tiles over the blocks, the down projection
+        re-blocked as Q8_0 in importance order (engine/model/layers/linear.py), decode steps as
+        one C++ call a layer: 16 and 32 rows at 1.2x the tok/s of its bf16 level slices at level
+        40 and 1.5-1.6x at the full level (benchmarks/README.md, "Elastic levels over Q8 blocks").
 
     Why auto may round activations: it is what auto already does where bf16 is native (bf16
     activations), and moves the numbers as much (fp32 against the dequantized model: perplexity
@@ -150,7 +162,7 @@ def q8_rows_threshold(requested_format: str, requested_dtype: str = "float32",
     if dtype == torch.float32:
         return 0
     features = features or cpu_features()
-    if dtype == torch.bfloat16 and features.has_vnni and not features.has("amx_bf16"):
+    if dtype == torch.bfloat16 and features.has_vnni:
         return 4
     return None
 
@@ -183,12 +195,16 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> Compu
                        "AVX-NE-CONVERT): running unprepacked, slowly; --dtype auto picks the fast dtype")
     file_blocks = format_name in FILE_BLOCK_FORMATS
     q8_above_rows = q8_rows_threshold(weight_format, dtype, torch_dtype) if file_blocks else None
-    # Q8 beats MKL's fp32 at every size from 4 rows up, so a Q8 plan keeps no dense copy.
-    dense_above_rows = (dense_rows_threshold(weight_format, torch_dtype)
-                        if file_blocks and q8_above_rows is None else None)
+    # Q8 beats MKL's fp32 at every size from 4 rows up, so a Q8 plan keeps a dense copy only
+    # where oneDNN's AMX tiles overtake it (dense_rows_threshold).
+    dense_above_rows = dense_rows_threshold(weight_format, torch_dtype, q8_above_rows) if file_blocks else None
     if weight_format == "auto" and q8_above_rows == 0:
         format_reason += ("; no bf16 dot products here, so activations are rounded to Q8 blocks "
                           "(integer dot products, 1.1-3x the fp32 kernels'); --dtype float32 keeps fp32 arithmetic")
+    elif weight_format == "auto" and dense_above_rows is not None:
+        format_reason += (f"; VNNI here, so steps of more than {q8_above_rows} rows round activations to Q8 blocks "
+                          f"(1.1-1.8x oneDNN's bf16 in steps of up to {dense_above_rows} rows), and AMX, so larger "
+                          "steps run the bf16 copy; --dtype bfloat16 keeps bf16 arithmetic")
     elif weight_format == "auto" and q8_above_rows is not None:
         format_reason += ("; VNNI and no AMX here, so steps of more than 4 rows round activations to Q8 blocks "
                           "(1.1-1.5x oneDNN's bf16); --dtype bfloat16 keeps bf16 arithmetic")

@@ -78,6 +78,46 @@ def test_q8_activations_stay_close_to_the_dequantized_model(llm_fp32):
     assert_kv_empty(llm)
 
 
+def test_q8_window_below_a_dense_copy_stays_close_to_the_dequantized_model(llm_fp32, monkeypatch):
+    """auto's plan on a CPU with VNNI and AMX: the exact kernel up to a few rows, Q8 activations
+    above, and the dense copy past dense_above_rows (here 2 and 8 rows, to reach all three on any
+    CPU).  The elastic model's teacher-forced scores, chunked at 8 tokens (Q8 over the blocks,
+    the permuted down projection re-blocked as Q8_0) and at 64 (its dense copy of those blocks),
+    stay within 1% perplexity of the dequantized fp32 model, and so do the tokens decode steps of 4
+    rows (Q8) and 12 (dense) choose."""
+    from engine.model import compute_plan
+
+    monkeypatch.setattr(compute_plan, "q8_rows_threshold", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(compute_plan, "dense_rows_threshold",
+                        lambda fmt, dtype, q8_above_rows=None, features=None: 8 if q8_above_rows is not None else None)
+    text = _sharegpt_answer(llm_fp32.get_tokenizer(), num_tokens=192)
+    reference = _prompt_scores(llm_fp32, text)
+    for chunk in (8, 64):
+        llm = make_llm(dtype="float32", weight_format="auto", elastic="on", max_num_batched_tokens=chunk,
+                       kv_cache_memory=0.25)
+        plan = llm.engine.runner.plan
+        assert (plan.q8_above_rows, plan.dense_above_rows) == (2, 8)
+        assert all(m.quantized is not None and m.dense is not None for m in _linears(llm))
+        scores = _prompt_scores(llm, text)
+        assert abs(math.exp(statistics.mean(scores[0]) - statistics.mean(reference[0])) - 1) < 0.01, chunk
+        assert sum(a == b for a, b in zip(scores[1], reference[1])) / len(scores[1]) >= 0.95, chunk
+        assert_kv_empty(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    for copies in (1, 3):  # decode steps of 4 rows (Q8) and of 12 (the dense copy)
+        gaps, top1 = [], []
+        for output in llm.generate(PROMPTS * copies, params, use_tqdm=False):
+            completion = output.outputs[0]
+            own = [-entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)]
+            nll, first = _prompt_scores(llm_fp32, [*output.prompt_token_ids, *completion.token_ids])
+            gaps += [abs(a - b) for a, b in zip(own, nll[-len(own):])]
+            top1 += first[-len(own):]
+        # The reference scores each token the engine decoded as it did (Q8 at 4 rows: 0.04 nats
+        # apart on the mean, here), and ranks it first almost everywhere (greedy texts themselves
+        # part at the first near-tie).
+        assert statistics.mean(gaps) < 0.1 and sum(top1) / len(top1) >= 0.9, (copies, statistics.mean(gaps), top1)
+    assert_kv_empty(llm)
+
+
 def _sharegpt_answer(tokenizer, num_tokens: int) -> list[int]:
     for record in load_sharegpt():
         exchange = first_exchange(record)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -20,11 +21,12 @@ from engine.scheduler.policy import FCFSPolicy
 from engine.scheduler.scheduler import Scheduler
 
 TRUE = CostCoefficients(overhead_s=0.015, per_scheduled_token_s=3e-4, per_prefill_seq_s=3e-3, per_sampled_seq_s=6e-4,
-                        per_decode_context_token_s=2e-6, per_prefill_attention_pair_s=8e-7)
+                        per_decode_context_token_s=2e-6, per_prefill_attention_pair_s=8e-7, per_prefill_step_s=0.012)
 
 
 def true_time(features: StepFeatures, coefficients: CostCoefficients = TRUE) -> float:
-    return float(np.dot(coefficients.as_tuple(), (1, *features.as_tuple())))
+    """The step's time under `coefficients`; a step with prefill chunks pays per_prefill_step_s once."""
+    return float(np.dot(coefficients.as_tuple(), (1, *features.as_tuple(), float(features.num_prefill_seqs > 0))))
 
 
 def synthetic_steps(seed: int = 0, num_steps: int = 200) -> list[StepFeatures]:
@@ -110,7 +112,15 @@ def test_fit_recovers_known_coefficients() -> None:
 
 def test_fit_recovers_known_coefficients_from_noisy_samples() -> None:
     model = StepCostModel.fit(noisy_samples(synthetic_steps(), noise=0.02))
-    np.testing.assert_allclose(model.coefficients.as_tuple(), TRUE.as_tuple(), rtol=0.2)
+    fitted = model.coefficients
+    # A prefill's cost per chunk and per step are told apart only by the steps of several chunks:
+    # under 2% noise on 50-300 ms steps the 3 ms a chunk is loosely pinned (0.45-1.03x of it over
+    # seeds and sizes), what a one-chunk step pays for both closely.
+    apart = {"per_prefill_seq_s", "per_prefill_step_s"}
+    names = [f.name for f in dataclasses.fields(CostCoefficients) if f.name not in apart]
+    np.testing.assert_allclose([getattr(fitted, n) for n in names], [getattr(TRUE, n) for n in names], rtol=0.2)
+    assert fitted.per_prefill_seq_s + fitted.per_prefill_step_s == pytest.approx(
+        TRUE.per_prefill_seq_s + TRUE.per_prefill_step_s, rel=0.1)
     errors = relative_errors(model, [StepSample(f, true_time(f)) for f in synthetic_steps(seed=7)])
     assert np.mean(np.abs(errors)) < 0.02
 
