@@ -259,21 +259,22 @@ class Replica:
 
     def step_s(self, output: SchedulerOutput) -> float:
         """The cost model's step time, as the engine has measured steps like it: a step running
-        decodes and prefill chunks together takes mixed_step_ratio times the linear prediction.
-        Scaled by the knobs: a pruned prompt's prefill chunks count their full-model-equivalent
-        tokens, and the step runs at its widest row's level (knob_costs.py)."""
+        decodes and prefill chunks together takes mixed_step_excess_s longer than the linear
+        prediction (an overrun in seconds, not a ratio: see StepCostModel).  Scaled by the knobs:
+        a pruned prompt's prefill chunks count their full-model-equivalent tokens, and the step
+        runs at its widest row's level (knob_costs.py)."""
         features = features_of(output)
         is_mixed = features.num_prefill_seqs and features.num_decode_context_tokens
-        mixed = self.cost_model.mixed_step_ratio if is_mixed else 1.0
+        excess_s = self.cost_model.mixed_step_excess_s if is_mixed else 0.0
         costs = self.knob_costs
         if costs is None:
-            return mixed * self.cost_model.predict_s(features)
+            return max(0.0, self.cost_model.predict_s(features) + excess_s)
         chunks = [(s.num_computed_tokens, _pruned_tokens(s, costs), s.samples) for s in output.scheduled]
         level = max(s.elastic_level for s in output.scheduled)
         computed = features_of_chunks(chunks)
         fraction = (costs.fraction(level, features.num_prefill_seqs == 0, self.cost_model.attention_share(computed))
                     if level in costs.decode_fraction else 1.0)
-        return mixed * self.cost_model.predict_s(computed) * fraction
+        return max(0.0, self.cost_model.predict_s(computed) + excess_s) * fraction
 
     def end_step(self) -> list[Request]:
         output, self.now = self.in_flight

@@ -219,3 +219,17 @@ def test_mixed_step_ratio_follows_how_far_mixed_steps_overrun_the_fit():
         model.observe(mixed, 1.2 * model.predict_s(mixed))
         model.observe(decode, 0.5 * model.predict_s(decode))  # decode-only steps do not move it
     assert model.mixed_step_ratio == pytest.approx(1.2, rel=0.05)
+
+
+def test_mixed_step_excess_is_the_overrun_in_seconds_within_the_ratio_bounds():
+    model = StepCostModel(CostCoefficients(overhead_s=0.010, per_scheduled_token_s=0.001),
+                          online=OnlineFitConfig(refit_interval=10**9))  # the fit held still
+    small = features_of_chunks([(100, 1, True), (0, 16, False)])  # 27 ms predicted
+    large = features_of_chunks([(100, 1, True), (0, 496, False)])  # 507 ms predicted
+    for _ in range(200):  # the same 5 ms over, small chunk or large: a ratio would differ 1.19 / 1.01
+        model.observe(small, model.predict_s(small) + 0.005)
+        model.observe(large, model.predict_s(large) + 0.005)
+    assert model.mixed_step_excess_s == pytest.approx(0.005, rel=0.05)
+    for _ in range(200):  # a stall 10x the step counts as at most MIXED_RATIO_BOUNDS' 1.5x
+        model.observe(small, 10 * model.predict_s(small))
+    assert model.mixed_step_excess_s == pytest.approx(0.5 * model.predict_s(small), rel=0.05)
