@@ -104,6 +104,21 @@ def test_a_bad_mask_is_a_one_line_error_not_a_traceback():
     assert f"{MASK_ENV}='avx3'" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_an_explicit_bf16_plan_keeps_the_dense_path_and_says_nothing_of_q8(caplog):
+    """--dtype bfloat16 with auto weights: the exact kernel up to 4 rows, the bf16 copy above, and
+    the logged reason names no Q8 rounding (it did once: "more than None rows")."""
+    from engine.kernels.cpu import native_library
+    from engine.model.compute_plan import make_compute_plan
+
+    if native_library.load() is None:
+        pytest.skip("no C++ kernels here: auto keeps no quantized blocks")
+    with caplog.at_level("INFO", logger="engine.model.compute_plan"):
+        plan = make_compute_plan("bfloat16", "auto", "cpu")
+    assert (plan.q8_above_rows, plan.dense_above_rows) == (None, 4)
+    logged = " ".join(r.getMessage() for r in caplog.records if "compute plan" in r.getMessage())
+    assert "compute plan" in logged and "Q8" not in logged and "None" not in logged
+
+
 def test_q8_activations_where_asked_or_where_auto_runs_fp32():
     """native stays exact (the reference), and so does an explicit fp32; native_q8, and auto where
     the auto dtype is fp32 (no bf16 dot products), round activations at every step; auto with bf16

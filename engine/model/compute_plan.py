@@ -201,7 +201,7 @@ def make_compute_plan(dtype: str, weight_format: str, device_name: str) -> Compu
     if weight_format == "auto" and q8_above_rows == 0:
         format_reason += ("; no bf16 dot products here, so activations are rounded to Q8 blocks "
                           "(integer dot products, 1.1-3x the fp32 kernels'); --dtype float32 keeps fp32 arithmetic")
-    elif weight_format == "auto" and dense_above_rows is not None:
+    elif weight_format == "auto" and q8_above_rows is not None and dense_above_rows is not None:
         format_reason += (f"; VNNI here, so steps of more than {q8_above_rows} rows round activations to Q8 blocks "
                           f"(1.1-1.8x oneDNN's bf16 in steps of up to {dense_above_rows} rows), and AMX, so larger "
                           "steps run the bf16 copy; --dtype bfloat16 keeps bf16 arithmetic")
