@@ -219,14 +219,14 @@ def main() -> None:
     started = time.perf_counter()
     profile = profile_step_costs(engine)
     profile_s = time.perf_counter() - started
-    profiled = StepCostModel.fit(profile, description="profile_step_costs only")
+    profiled = StepCostModel.fit(profile, description="profile_step_costs only", one_call=engine.runner.one_call_steps)
     print(f"profiled {len(profile)} steps in {profile_s:.1f} s: {profiled.coefficients}")
 
     warmup = build_trace(engine.tokenizer, args.num_warmup_prompts, args.request_rate, args.seed + 1000, args)
     _, _, warmup_steps = serve_for_real(engine, warmup)
     clean = [step.sample for step in warmup_steps if step.other_cpu_share < MAX_OTHER_CPU_SHARE]
     refined = StepCostModel(profiled.coefficients, description="profile, refined on the warm-up trace",
-                            online=OnlineFitConfig(window_size=max(1, len(clean))))
+                            online=OnlineFitConfig(window_size=max(1, len(clean))), one_call=profiled.one_call)
     for sample in clean:
         refined.observe(sample.features, sample.elapsed_s)
     refined.refit()  # the last partial interval too

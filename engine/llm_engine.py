@@ -414,7 +414,8 @@ class LLMEngine:
 
     def _profile_cost_model(self) -> StepCostModel:
         start = time.perf_counter()
-        model = StepCostModel.fit(profile_step_costs(self), description=f"profiled {self.model_name} at start-up")
+        model = StepCostModel.fit(profile_step_costs(self), description=f"profiled {self.model_name} at start-up",
+                                  one_call=self.runner.one_call_steps)
         logger.info("step cost model profiled in %.1f s: %s", time.perf_counter() - start, model)
         return model
 

@@ -130,6 +130,12 @@ def default_profile_steps(max_num_batched_tokens: int, max_num_seqs: int) -> lis
                                  (*ragged_decodes(num_mixed, 512), prefill(t - num_mixed))))
         steps.append(ProfileStep(f"mixed {num_mixed} decodes + chunk",
                                  (*ragged_decodes(num_mixed, 256), prefill(max(2, t // 2), t // 2, samples=False))))
+        # Small chunks beside decodes, as the SLO policy fits them into a TPOT budget: steps the
+        # model runner may run each layer of in one call (cost_model.OneCallSteps).
+        steps.append(ProfileStep(f"mixed {num_mixed} decodes + 8 tokens",
+                                 (*ragged_decodes(num_mixed, 256), prefill(8, 128, samples=False))))
+        steps.append(ProfileStep(f"mixed {num_mixed} decodes + 2-token prompt",
+                                 (*ragged_decodes(num_mixed, 256), prefill(2))))
     return steps
 
 

@@ -522,7 +522,8 @@ def fit_and_save_cost_model(path: Path, config: SimConfig) -> StepCostModel:
     llm = LLM(max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs)
     samples = profile_step_costs(llm.engine)
     model = StepCostModel.fit(samples, description=f"profile_step_costs of {llm.engine.model_name} at "
-                                                   f"{config.max_num_batched_tokens} tokens/step")
+                                                   f"{config.max_num_batched_tokens} tokens/step",
+                                  one_call=llm.engine.runner.one_call_steps)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(model.to_dict(), indent=2) + "\n")
     print(f"fitted on {len(samples)} profiled steps, saved {path}: {model.coefficients}")

@@ -8,21 +8,23 @@ A step's wall time is the sum of the kinds of work it does, each proportional to
            + per_sampled_seq_s            * num_sampled_seqs       LM-head row, sampler row, bookkeeping
            + per_decode_context_token_s   * num_decode_context_tokens    decode attention reads every key
            + per_prefill_attention_pair_s * num_prefill_attention_pairs  prefill attention, n * (c + n) scores
-           + per_prefill_step_s           * (num_prefill_seqs > 0)       a step with prefill chunks runs layer by layer
+           + per_prefill_step_s           * layer_by_layer                a step with prefill chunks runs layer by layer
 
 A request scheduled for tokens [c, c + n) is a decode when n == 1 (it reads c + 1 keys: memory
 bound) and a prefill chunk otherwise (n queries times c + n keys: compute bound), so the two kinds
 of attention get separate coefficients.  Every decode samples, so a decode's own fixed cost is in
 per_sampled_seq_s; a prefill chunk pays per_prefill_seq_s (the CPU attention runs each prefill
 chunk on its own, decodes together) and per_sampled_seq_s only when it completes its prompt.
-A step that holds any prefill chunk also pays per_prefill_step_s once: a decode-only step runs
-each layer as one C++ call (engine/model/layers/fused_decode.py), any other step kernel by kernel.
-Measured on a 2-vCPU Xeon (SmolLM2, elastic, native weights): a 2-token prompt's step 12.5 ms
-against 7.5 ms for 2 decodes; fitted on real steps, 19.5 ms a step and 4.5 ms a chunk, where
-without the term one chunk's cost came out at 23 ms (and a start-up profile, whose 16-chunk step
-pins the per-chunk cost, put it at 2.5 ms: the SLO policy's small chunks then ran 1.4x over).
-The term is the only one not a sum over chunks; the features stay sums (num_prefill_seqs), and
-the indicator is taken from them where a step is priced, so a policy still prices chunk by chunk.
+A step that holds any prefill chunk also pays per_prefill_step_s once where it runs layer by
+layer (kernel by kernel): a decode-only step runs each layer as one C++ call
+(engine/model/layers/fused_decode.py), and so does a step whose prefill chunks are small enough
+(`OneCallSteps`, which the model runner states and the cost model is given).  Measured on a
+2-vCPU Xeon (SmolLM2, elastic, native weights): a 2-token prompt's step 12.5 ms against 7.5 ms for
+2 decodes; fitted on real steps, 19.5 ms a step and 4.5 ms a chunk, where without the term one
+chunk's cost came out at 23 ms (and a start-up profile, whose 16-chunk step pins the per-chunk
+cost, put it at 2.5 ms: the SLO policy's small chunks then ran 1.4x over).  The term is the only
+one not a sum over chunks; the features stay sums, and the indicator is taken from them where a
+step is priced (it only turns on as a chunk grows), so a policy still prices chunk by chunk.
 
 A pruned prompt's chunk (engine/prompt_pruning.py) counts what it computes, in tokens of the whole
 model (PrunePlan.layer_counts): a chunk before the prompt's end runs only the layers below the first
@@ -140,6 +142,25 @@ def features_of_scheduled(scheduled: Iterable[ScheduledRequest],
 
 
 @dataclass(frozen=True, slots=True)
+class OneCallSteps:
+    """Which steps holding prefill chunks still run each decoder layer as one call (and so pay no
+    per_prefill_step_s): at most max_rows rows in all and max_prefill_pairs prefill attention
+    pairs.  The model runner states its bounds (engine/model/layers/fused_decode.py applies the
+    same test to each layer's batch); None where it has no such path."""
+
+    max_rows: int
+    max_prefill_pairs: int
+
+    def covers(self, features: StepFeatures) -> bool:
+        return (features.num_scheduled_tokens <= self.max_rows
+                and features.num_prefill_attention_pairs <= self.max_prefill_pairs)
+
+    def covers_counts(self, features: tuple[int, ...]) -> bool:
+        """`covers` on StepFeatures.as_tuple()."""
+        return features[0] <= self.max_rows and features[4] <= self.max_prefill_pairs
+
+
+@dataclass(frozen=True, slots=True)
 class StepSample:
     """One measured step: what ran and how long it took (seconds of wall time)."""
 
@@ -193,8 +214,9 @@ class StepCostModel:
     """Predicts a step's wall time; `fit` from samples, `observe` real steps to follow drift."""
 
     def __init__(self, coefficients: CostCoefficients, *, description: str = "",
-                 online: OnlineFitConfig = OnlineFitConfig()) -> None:
+                 online: OnlineFitConfig = OnlineFitConfig(), one_call: OneCallSteps | None = None) -> None:
         self.prior = coefficients  # what observations are pulled toward
+        self.one_call = one_call  # prefill steps that pay no per_prefill_step_s (None: every one pays)
         self.coefficients = coefficients
         self.description = description
         self.online = online
@@ -219,11 +241,11 @@ class StepCostModel:
 
     @classmethod
     def fit(cls, samples: Sequence[StepSample], *, description: str = "",
-            online: OnlineFitConfig = OnlineFitConfig()) -> StepCostModel:
+            online: OnlineFitConfig = OnlineFitConfig(), one_call: OneCallSteps | None = None) -> StepCostModel:
         """Non-negative least squares on relative errors over `samples` (at least one)."""
         if not samples:
             raise ValueError("fitting a step cost model needs at least one sample")
-        rows = np.array([_design_row(s.features.as_tuple()) for s in samples], dtype=np.float64)
+        rows = np.array([_design_row(s.features.as_tuple(), one_call) for s in samples], dtype=np.float64)
         elapsed = np.array([s.elapsed_s for s in samples], dtype=np.float64)
         if not (elapsed > 0).all():
             raise ValueError("every sample needs a positive elapsed_s")
@@ -232,7 +254,7 @@ class StepCostModel:
         scale = np.sqrt((weighted ** 2).mean(axis=0))
         scale[scale == 0] = 1.0
         solution = nnls(weighted / scale, np.ones(len(samples))) / scale
-        return cls(CostCoefficients(*solution.tolist()), description=description, online=online)
+        return cls(CostCoefficients(*solution.tolist()), description=description, online=online, one_call=one_call)
 
     # ---- prediction --------------------------------------------------------------------------
 
@@ -247,7 +269,11 @@ class StepCostModel:
         w = self._weights
         return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_prefill_seqs
                 + w[3] * features.num_sampled_seqs + w[4] * features.num_decode_context_tokens
-                + w[5] * features.num_prefill_attention_pairs + (w[6] if features.num_prefill_seqs else 0.0))
+                + w[5] * features.num_prefill_attention_pairs + (w[6] if self.runs_layer_by_layer(features) else 0.0))
+
+    def runs_layer_by_layer(self, features: StepFeatures) -> bool:
+        """Whether a step with these features pays per_prefill_step_s (module docstring)."""
+        return features.num_prefill_seqs > 0 and (self.one_call is None or not self.one_call.covers(features))
 
     def attention_share(self, features: StepFeatures) -> float:
         """The share of a step's predicted time that is prefill attention (its query x key pairs);
@@ -304,7 +330,7 @@ class StepCostModel:
         self._num_since_refit = 0
         if not self._window:
             return
-        rows = np.array([_design_row(x) for x, _ in self._window])
+        rows = np.array([_design_row(x, self.one_call) for x, _ in self._window])
         elapsed = np.array([y for _, y in self._window])
         prior = np.array(self.prior.as_tuple())
         scale = prior.copy()
@@ -328,8 +354,11 @@ class StepCostModel:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the current coefficients (observations included) and the description."""
-        return {"format_version": FORMAT_VERSION, "description": self.description,
+        data = {"format_version": FORMAT_VERSION, "description": self.description,
                 "coefficients": asdict(self.coefficients)}
+        if self.one_call is not None:
+            data["one_call_steps"] = asdict(self.one_call)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, online: OnlineFitConfig = OnlineFitConfig()) -> StepCostModel:
@@ -341,7 +370,9 @@ class StepCostModel:
         unknown = set(given) - known
         if unknown:
             raise ValueError(f"unknown step cost coefficients {sorted(unknown)}; known: {sorted(known)}")
-        return cls(CostCoefficients(**given), description=data.get("description", ""), online=online)
+        one_call = data.get("one_call_steps")
+        return cls(CostCoefficients(**given), description=data.get("description", ""), online=online,
+                   one_call=None if one_call is None else OneCallSteps(**one_call))
 
     def __repr__(self) -> str:
         return f"StepCostModel({self.coefficients})"
@@ -352,10 +383,11 @@ def bounded_ewma(average: float, sample: float, weight: float, bounds: tuple[flo
     return min(max(average + weight * (sample - average), bounds[0]), bounds[1])
 
 
-def _design_row(features: tuple[int, ...]) -> tuple[float, ...]:
+def _design_row(features: tuple[int, ...], one_call: OneCallSteps | None) -> tuple[float, ...]:
     """The regressors of a step (CostCoefficients order): 1, its features, and whether it holds a
-    prefill chunk (features[1] is num_prefill_seqs)."""
-    return (1.0, *features, float(features[1] > 0))
+    prefill chunk (features[1] is num_prefill_seqs) that runs it layer by layer."""
+    layer_by_layer = features[1] > 0 and (one_call is None or not one_call.covers_counts(features))
+    return (1.0, *features, float(layer_by_layer))
 
 
 def relative_errors(model: StepCostModel, samples: Iterable[StepSample]) -> list[float]:

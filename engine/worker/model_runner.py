@@ -17,12 +17,14 @@ from engine.elastic.runtime import elastic_model_parts
 from engine.model.attention_backends import make_attention_backend
 from engine.model.compute_plan import make_compute_plan
 from engine.model.forward_batch import ForwardBatch
+from engine.model.layers.fused_decode import one_call_steps
 from engine.model.layers.linear import weight_bytes
 from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import ModelSource, load_model
 from engine.model.sharding import TensorParallelShard
 from engine.prompt_pruning import default_prune_layers
+from engine.scheduler.cost_model import OneCallSteps
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from engine.worker.forward_batch_builder import build_forward_batch
 from engine.worker.host_allocator import keep_freed_memory
@@ -115,6 +117,14 @@ class ModelRunner:
         if self.elastic_spec is None or not self._prefill_attends_level_heads:
             return {}
         return {level: self.elastic_spec.head_fraction(level) for level in self.elastic_levels}
+
+    @property
+    def one_call_steps(self) -> OneCallSteps | None:
+        """Which steps with prefill chunks run each layer as one call (the step cost model's
+        per_prefill_step_s skips them); None where no layer has that path."""
+        if all(layer.fused_decode is None for layer in self.model.layers):
+            return None
+        return one_call_steps(self.plan)
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -15,7 +15,7 @@ import pytest
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from engine.scheduler.cost_model import (CostCoefficients, OnlineFitConfig, StepCostModel, StepFeatures,
+from engine.scheduler.cost_model import (CostCoefficients, OneCallSteps, OnlineFitConfig, StepCostModel, StepFeatures,
                                          StepSample, features_of, features_of_chunks, nnls, relative_errors)
 from engine.scheduler.policy import FCFSPolicy
 from engine.scheduler.scheduler import Scheduler
@@ -197,6 +197,34 @@ def test_max_chunk_tokens_is_the_largest_chunk_within_budget() -> None:
     assert model.max_chunk_tokens(StepFeatures(), 0, 64, budget_s=10.0) == 64
     # A chunk that completes its prompt also pays for its LM-head row and sample.
     assert model.max_chunk_tokens(base, 128, 2048, budget_s, samples_at=n) < n
+
+
+ONE_CALL = OneCallSteps(max_rows=32, max_prefill_pairs=4096)
+
+
+def test_steps_within_the_one_call_bounds_pay_no_per_step_term() -> None:
+    """Fitted with the runner's bounds, small chunks beside decodes are priced without
+    per_prefill_step_s (and the fit still recovers it from the steps that pay it); the term turns
+    on as a chunk grows past either bound, so a chunk's price still grows with its tokens."""
+    def time_with_bounds(features: StepFeatures) -> float:
+        row = (1, *features.as_tuple(), float(features.num_prefill_seqs > 0 and not ONE_CALL.covers(features)))
+        return float(np.dot(TRUE.as_tuple(), row))
+
+    steps = synthetic_steps() + [features_of_chunks([(300, 1, True)] * d + [(c, n, False)])
+                                 for d in (1, 8, 16) for c, n in ((0, 2), (64, 8), (200, 12))]
+    model = StepCostModel.fit([StepSample(f, time_with_bounds(f)) for f in steps], one_call=ONE_CALL)
+    np.testing.assert_allclose(model.coefficients.as_tuple(), TRUE.as_tuple(), rtol=1e-6)
+    small = features_of_chunks([(300, 1, True)] * 16 + [(64, 8, False)])
+    assert not model.runs_layer_by_layer(small)
+    assert model.predict_s(small) == pytest.approx(true_time(small) - TRUE.per_prefill_step_s)
+    base = features_of_chunks([(300, 1, True)] * 16)
+    sizes = [model.predict_s(base + StepFeatures.of_chunk(64, n, False)) for n in range(2, 40)]
+    assert sizes == sorted(sizes)  # 16 + 16 rows are covered, 16 + 17 are not
+    assert model.runs_layer_by_layer(base + StepFeatures.of_chunk(64, 17, False))
+    assert model.runs_layer_by_layer(base + StepFeatures.of_chunk(4000, 2, False))  # past the pairs
+    assert not StepCostModel(TRUE).predict_s(small) == model.predict_s(small)  # without bounds: every one pays
+    loaded = StepCostModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert loaded.one_call == ONE_CALL and loaded.predict_s(small) == model.predict_s(small)
 
 
 def test_json_round_trip() -> None:

@@ -8,10 +8,13 @@
 // layer is one ctypes call; what each kernel computes is unchanged, so the result is the same bits
 // as the layer-by-layer path (tests/kernels/test_cpu_decode_layer.py holds it to that).
 //
-// What it covers: every row a decode (one token each), every linear as quantized blocks (a prefix
-// view, a bias and permuted inputs allowed: an elastic model's full level), attention through the
-// paged decode kernel (grouped or rank-major heads).  engine/model/layers/fused_decode.py decides
-// when a layer qualifies; anything else runs layer by layer.
+// What it covers: every row a decode (one token each) or a prefill chunk's token given as a row of
+// its own (its sequence's block-table row, its own context length: the caller expands them; every
+// row's K/V is written before any row attends, so a chunk's tokens attend causally within it);
+// every linear as quantized blocks (a prefix view, a bias and permuted inputs allowed: an elastic
+// model's full level); attention through the paged decode kernel (grouped or rank-major heads).
+// engine/model/layers/fused_decode.py decides when a layer qualifies; anything else runs layer by
+// layer.
 //
 // Elastic levels (engine/model/layers/elastic.py has the picture): a step's rows carry level
 // indices; an elastic block then runs the column tiles of its weights in level order, each
@@ -91,13 +94,13 @@ struct LayerDesc {
 
 // This step's (ctypes.Structure likewise).
 struct StepDesc {
-  int64_t rows;                 // decode rows, one token each
+  int64_t rows;                 // rows, one token each (a decode, or one token of a prefill chunk)
   const void* cos;              // [rows, head_dim / 2] in the activations' dtype
   const void* sin;
   const int64_t* slot_mapping;  // [rows]
-  const int32_t* block_tables;  // [rows, block_table_stride]
+  const int32_t* block_tables;  // [rows, block_table_stride]: each row's sequence's
   int64_t block_table_stride;
-  const int32_t* seq_lens;      // [rows]
+  const int32_t* seq_lens;      // [rows]: the keys each row attends to (its position + 1)
   void* key_cache;              // [slots, num_kv_heads, head_dim]
   void* value_cache;
   // Elastic rows, or null where every row runs the full model: rows_upto[k] rows are at level

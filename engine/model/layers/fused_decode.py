@@ -1,5 +1,5 @@
-"""A decoder layer's all-decode step as one C++ call (engine/kernels/cpu/decode_layer.cpp), where
-the layer would run exactly those kernels anyway.
+"""A decoder layer's decode step (and one with small prefill chunks) as one C++ call
+(engine/kernels/cpu/decode_layer.cpp), where the layer would run exactly those kernels anyway.
 
 Why: a decode step of a few rows is ~12 kernel calls a layer, each wrapped in a few microseconds
 of Python; on SmolLM2 (30 layers) that glue was ~2.6 ms of a ~9.5 ms single-stream step.  The
@@ -7,7 +7,10 @@ C++ call runs the same kernels in the same order, so the layer's output is the s
 (tests/model/test_fused_decode.py).
 
 When a step qualifies (`FusedDecode.runs`), otherwise the layer runs layer by layer:
-  - every row is a decode (one token);
+  - every row is a decode (one token), or the step's prefill chunks are small (ONE_CALL_* below):
+    a chunk's tokens then enter as rows of their own, each attending over its causal prefix (its
+    sequence's block table, its own context length), so the call is not the same bits as the
+    layer-by-layer path there, whose prefill attention runs whole-chunk matmuls;
   - rows at elastic levels below the full one only where every elastic linear of the layer has
     column views (no permuted inputs: a plan with Q8 activations re-blocks them, linear.py);
     the C++ call then runs the tile path of engine/model/layers/elastic.py, side paths included;
@@ -26,11 +29,26 @@ import torch
 from engine.kernels.cpu import decode_layer as kernel
 from engine.kernels.cpu.native_library import DTYPE_CODES
 from engine.kernels.cpu.quantized_linear_q8 import vnni_available
+from engine.model.attention_backends.metadata import AttentionMetadata
 from engine.model.attention_backends.native_cpu_backend import NativeCpuAttentionBackend
 from engine.model.compute_plan import ComputePlan
 from engine.model.forward_batch import ForwardBatch
 from engine.model.layers.elastic import BlockElasticity
 from engine.model.layers.linear import Linear
+from engine.scheduler.cost_model import OneCallSteps
+
+
+# A step holding prefill chunks takes the one-call path within these bounds (OneCallSteps; the
+# plan's dense threshold may lower the rows).  Each chunk token then attends like a decode row
+# over its own causal prefix (the paged decode kernel, fp32 arithmetic), where the layer-by-layer
+# path attends a whole chunk with bf16 matmuls.  Measured on a 2-vCPU Xeon with AMX (SmolLM2,
+# elastic, auto plan; step ms, layer by layer -> one call): 16 decodes + a 2-token prompt 37.5 ->
+# 27.7 (16 decodes alone 25.8), + 8 tokens at 256 40.9 -> 31.8, + 16 at 256 44.7 -> 37.3; 32
+# tokens at 512 (17k pairs) 37.8 -> 37.8, 24 at 1,024 beside 8 decodes (25k) 50.9 -> 50.4, 16 at
+# 2,048 (33k) 41.6 -> 44.6, 32 at 2,048 (67k) 54 -> 77.  The layer-by-layer path's ~10 ms a step
+# is what a one-call step saves; its attention costs ~0.4 us a pair more.
+ONE_CALL_MAX_ROWS = 64
+ONE_CALL_MAX_PREFILL_PAIRS = 16_384
 
 
 class FusedDecode:
@@ -71,7 +89,9 @@ class FusedDecode:
     def runs(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
              batch: ForwardBatch) -> bool:
         meta, rows = batch.attention, x.shape[0]
-        if meta.num_decodes != rows or meta.num_seqs != rows or (batch.elastic is not None and not self.runs_levels):
+        if meta.num_decodes != meta.num_seqs and not _prefill_fits(meta, self.plan):
+            return False
+        if batch.elastic is not None and not self.runs_levels:
             return False
         scorer = self.layer.attention.attn.scorer
         if scorer is not None and scorer.scores_in(batch):
@@ -143,15 +163,49 @@ def _step_arguments(batch: ForwardBatch, dtype: torch.dtype, q8_above_rows: int 
     if _last_step[0] is batch and _last_step[1] is meta and _last_step[2] is rope and _last_step[3] == key:
         return _last_step[4]
     order = None if rows is None else rows.order
-    slots, tables, lengths, cos, sin = (meta.slot_mapping, meta.block_tables, meta.seq_lens, rope.cos, rope.sin)
+    tables, lengths = _per_row_context(meta)
+    slots, cos, sin = meta.slot_mapping, rope.cos, rope.sin
     if order is not None:
         slots, tables, lengths, cos, sin = (t.index_select(0, order).contiguous()
                                             for t in (slots, tables, lengths, cos, sin))
     rows_upto = None if rows is None else torch.tensor(rows.rows_upto, dtype=torch.int64)
     step = kernel.StepArguments(
-        len(meta.seq_lens_cpu), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.stride(0),
+        lengths.shape[0], cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.stride(0),
         lengths.data_ptr(), None, None, _address(rows_upto), _address(order),
         -1 if q8_above_rows is None else q8_above_rows, DTYPE_CODES[dtype],
         int(q8_above_rows is not None and vnni_available()), key[2])
     _last_step[:] = [batch, meta, rope, key, step, (slots, tables, lengths, cos, sin, rows_upto, order)]
     return step
+
+
+def one_call_steps(plan: ComputePlan) -> OneCallSteps:
+    """The steps with prefill chunks a fused layer runs in one call under this plan (the same test
+    as `_prefill_fits`, on the scheduler's step features)."""
+    max_rows = ONE_CALL_MAX_ROWS if plan.dense_above_rows is None else min(ONE_CALL_MAX_ROWS, plan.dense_above_rows)
+    return OneCallSteps(max_rows, ONE_CALL_MAX_PREFILL_PAIRS)
+
+
+def _prefill_fits(meta: AttentionMetadata, plan: ComputePlan) -> bool:
+    """Whether a step with prefill chunks is within one_call_steps: its rows, and its chunks'
+    query x key pairs (q tokens with context length L: q * L, StepFeatures' count)."""
+    limits = one_call_steps(plan)
+    if meta.query_start_loc_cpu[-1] > limits.max_rows:
+        return False
+    starts, lengths = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    pairs = sum((starts[i + 1] - starts[i]) * lengths[i] for i in range(meta.num_decodes, meta.num_seqs))
+    return pairs <= limits.max_prefill_pairs
+
+
+def _per_row_context(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block tables, context lengths), one row per token: a decode is its sequence's row; token j
+    of a chunk of q tokens with context length L reads its sequence's blocks up to position
+    L - q + j, which is exactly causal attention within the chunk, because the call writes every
+    row's K/V to the cache before any row attends (decode_layer.cpp)."""
+    if meta.num_decodes == meta.num_seqs:
+        return meta.block_tables, meta.seq_lens
+    starts, lengths = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    query_lens = [end - start for start, end in zip(starts, starts[1:])]
+    sequence_of_row = torch.repeat_interleave(torch.arange(meta.num_seqs), torch.tensor(query_lens))
+    context = [length - query_len + 1 + j for length, query_len in zip(lengths, query_lens) for j in range(query_len)]
+    return (meta.block_tables.index_select(0, sequence_of_row).contiguous(),
+            torch.tensor(context, dtype=meta.seq_lens.dtype))
