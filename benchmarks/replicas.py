@@ -1,6 +1,6 @@
 """Two engine replicas on Ray Serve against one server, same machine, same ShareGPT requests.
 
-    .venv/bin/python benchmarks/replicas.py                      # 64 prompts, 128 tokens, 32 streams, 3 rounds
+    .venv/bin/python benchmarks/replicas.py                      # 128 prompts, 128 tokens, 64 streams, 3 rounds
     .venv/bin/python benchmarks/replicas.py --num-prompts 16 --repeats 1   # quick
 
 1. one `engine serve` (every core to its one engine, no Ray);
@@ -9,7 +9,11 @@
 
 Both are driven exactly like benchmarks/serve_throughput.py (streaming /v1/completions, raw
 ShareGPT prompts, EOS ignored, at most --concurrency in flight).  The acceptance point of the
-scale-out issue: two replicas' output tokens/s at least one replica's.  After the run, each
+scale-out issue: two replicas' output tokens/s at least one replica's.  Throughput is what each
+system serves when loaded, so the default load gives each of two replicas a full decode batch
+(64 streams, 32 a replica): at 32 streams two replicas ran 16 rows a step each against one
+replica's 32, and a step's cost grows far less than its rows, so the comparison then measured
+batch size as much as replicas (benchmarks/README.md, "Replicas on Ray Serve").  After the run, each
 replica's share of the requests is read from the router's /metrics (per-replica labels), and the
 CPU seconds every process on the machine used while a system was driven are grouped by kind.
 The systems run in turn, `--repeats` rounds (one system's figure moved 20-40% between runs here),
@@ -48,9 +52,9 @@ SYSTEMS = {"one server": 0, "one replica": 1, "two replicas": 2}  # name -> repl
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="replicas")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every system in turn")

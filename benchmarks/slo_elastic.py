@@ -95,7 +95,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=str(RESULTS / "slo_elastic"))
     parser.add_argument("--variants", default=None,
                         help="run only these variants (comma-separated labels, e.g. 'slo auto'), keeping the capacity, "
-                             "the targets and the other variants' results of the --out JSON already there")
+                             "the targets and the other variants' results of the --out JSON if there is one")
     return parser.parse_args()
 
 
@@ -446,7 +446,10 @@ def main() -> None:
     args = parse_args()
     slo = SLOConfig(best_effort=True)  # refusals would hide what each variant does with the load
     llms = {"slo": LLM(scheduling_policy="slo", max_num_seqs=args.max_num_seqs, slo=slo, enable_prefix_caching=False)}
-    earlier = json.loads(Path(args.out).with_suffix(".json").read_text()) if args.variants else None
+    saved = Path(args.out).with_suffix(".json")
+    # With --variants, an earlier run's capacity, targets and other results are kept where there is
+    # one; a fresh --out measures them and runs only those variants.
+    earlier = json.loads(saved.read_text()) if args.variants and saved.exists() else None
     specs = class_specs(llms["slo"], args)
     if earlier and "targets" in earlier:  # the kept variants were judged by these: so are the new ones
         specs = with_targets(specs, earlier["targets"])

@@ -152,8 +152,8 @@ def profile_step_costs(engine: ProfiledEngine, steps: Sequence[ProfileStep] | No
     with _scattered_free_blocks(engine.kv):
         runnable = [step for step in steps if _fits(engine, step)]
         if runnable:  # the very first large step pays one-time set-up: keep it out of the samples
-            _run_step(engine, max(runnable, key=lambda step: step.features.num_scheduled_tokens))
-        return [StepSample(step.features, min(_run_step(engine, step) for _ in range(num_repeats)))
+            time_profile_step(engine, max(runnable, key=lambda step: step.features.num_scheduled_tokens))
+        return [StepSample(step.features, min(time_profile_step(engine, step) for _ in range(num_repeats)))
                 for step in runnable]
 
 
@@ -182,10 +182,10 @@ def profile_level_costs(engine: ProfiledEngine, levels: Sequence[int], prune_sta
             if not _fits(engine, step):
                 fractions[is_decode] = {level: 1.0 for level in levels}
                 continue
-            _run_step(engine, step)  # warm-up
+            time_profile_step(engine, step)  # warm-up
             ratios: dict[int, list[float]] = {level: [] for level in levels}
             for _ in range(num_rounds):
-                times = {level: _run_step(engine, step, level) for level in levels}
+                times = {level: time_profile_step(engine, step, level) for level in levels}
                 for level in levels:
                     ratios[level].append(times[level] / times[levels[0]])
             fractions[is_decode] = {level: min(statistics.median(ratios[level]), 2.0) for level in levels}
@@ -222,7 +222,7 @@ def _fits(engine: ProfiledEngine, step: ProfileStep) -> bool:
     return blocks <= engine.kv.num_free_blocks and step.max_position <= engine.max_model_len
 
 
-def _run_step(engine: ProfiledEngine, step: ProfileStep, level: int = FULL_LEVEL) -> float:
+def time_profile_step(engine: ProfiledEngine, step: ProfileStep, level: int = FULL_LEVEL) -> float:
     """Seconds `runner.execute` takes on this step (every row at elastic `level`); the step's KV
     blocks are freed after."""
     scheduled = []

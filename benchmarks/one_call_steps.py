@@ -1,0 +1,76 @@
+"""Steps holding small prefill chunks: layer by layer against one C++ call a layer.
+
+    .venv/bin/python benchmarks/one_call_steps.py          # about 1 minute
+
+A step with a prefill chunk ran every decoder layer kernel by kernel; within
+engine/model/layers/fused_decode.py's bounds (ONE_CALL_MAX_ROWS, the plan's dense threshold,
+ONE_CALL_MAX_PREFILL_PAIRS) it now runs each layer as one call, a chunk's tokens attending in the
+decode kernel.  This times `runner.execute` on synthetic steps (engine/profiling.py's: ragged
+decode contexts, scattered KV blocks) both ways, alternating, and prints the median of each, with
+whether the step is within the bounds.  The layer-by-layer figures set the bounds to zero.
+Writes benchmarks/results/one_call_steps.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from engine import LLM
+from engine.model.layers import fused_decode
+from engine.profiling import ProfileStep, decodes, prefill, ragged_decodes, time_profile_step
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def steps() -> list[ProfileStep]:
+    cases = [ProfileStep("16 decodes", ragged_decodes(16, 256))]
+    for tokens, context in ((2, 0), (8, 256), (16, 256), (32, 256), (16, 1024), (16, 2048)):
+        cases.append(ProfileStep(f"16 decodes + {tokens} tokens at {context}",
+                                 (*ragged_decodes(16, 256), prefill(tokens, context, samples=tokens == 2))))
+    cases += [ProfileStep("30 decodes + a 2-token prompt", (*ragged_decodes(30, 256), prefill(2))),
+              ProfileStep("2 decodes", decodes(2, 64)),
+              ProfileStep("a 2-token prompt", (prefill(2),)),
+              ProfileStep("an 8-token prompt", (prefill(8),)),
+              ProfileStep("a 32-token prompt", (prefill(32),)),
+              ProfileStep("32 tokens at 512", (prefill(32, 512, samples=False),)),
+              ProfileStep("32 tokens at 2,048", (prefill(32, 2048, samples=False),))]
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two ways, 5 steps each")
+    args = parser.parse_args()
+    llm = LLM(kv_cache_memory=0.25)
+    engine = llm.engine
+    limits = engine.runner.one_call_steps
+    bounds = (fused_decode.ONE_CALL_MAX_ROWS, fused_decode.ONE_CALL_MAX_PREFILL_PAIRS)
+    timings: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(args.rounds):
+        for one_call in (False, True):
+            fused_decode.ONE_CALL_MAX_ROWS, fused_decode.ONE_CALL_MAX_PREFILL_PAIRS = bounds if one_call else (0, 0)
+            for step in steps():
+                time_profile_step(engine, step)  # warm
+                timings.setdefault((step.name, one_call), []).extend(time_profile_step(engine, step) for _ in range(5))
+    fused_decode.ONE_CALL_MAX_ROWS, fused_decode.ONE_CALL_MAX_PREFILL_PAIRS = bounds
+    lines = [f"# Steps with small prefill chunks: layer by layer against one call a layer ({engine.runner.plan.weights_label}, "
+             f"bounds {limits})", "",
+             "| step | rows | prefill pairs | within the bounds | layer by layer ms | one call ms | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for step in steps():
+        features = step.features
+        covered = "decodes only" if features.num_prefill_seqs == 0 else \
+            "yes" if limits is not None and limits.covers(features) else "no"
+        before, after = (1000 * statistics.median(timings[(step.name, way)]) for way in (False, True))
+        lines.append(f"| {step.name} | {features.num_scheduled_tokens} | {features.num_prefill_attention_pairs} | "
+                     f"{covered} | {before:.2f} | {after:.2f} | {after / before:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "one_call_steps.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
