@@ -97,7 +97,11 @@ MAX_DECODE_SEAT_SHARE = 0.6
 TTFT_REJECT_REASON = "slo_ttft_unattainable"
 TPOT_REJECT_REASON = "slo_tpot_unattainable"
 NO_TARGET = SLOTarget()
-_ONE_CHUNK = StepFeatures(num_prefill_seqs=1)  # a prefill chunk's own cost (with the step's overhead)
+# A prefill chunk's own cost (with the step's overhead).  It holds no tokens, so where the runner
+# runs small chunks in one call (cost_model.OneCallSteps) it is priced as such a step, without
+# per_prefill_step_s: optimistic for the chunks late in a long prompt, which are past the bounds
+# and run layer by layer (how #15's run 17 measured it; benchmarks/README.md).
+_ONE_CHUNK = StepFeatures(num_prefill_seqs=1)
 
 
 class SLOPolicy(SchedulingPolicy):
