@@ -156,7 +156,24 @@ def test_small_prefill_chunks_in_one_call_match_the_layer_by_layer_path(prefill_
     reference = _layer_by_layer(llm, LONGER_PROMPTS)
     assert prefill_calls[0] == calls
     assert [tokens for tokens, _ in one_call] == [tokens for tokens, _ in reference]
-    gaps = [abs(a[t] - b[t]) for (_, x), (_, y) in zip(one_call, reference) for a, b in zip(x, y) for t in a]
+    gaps = [abs(a[t] - b[t]) for (_, x), (_, y) in zip(one_call, reference) for a, b in zip(x, y) for t in a if t in b]
+    assert max(gaps) < 1e-4
+    assert_kv_empty(llm)
+
+
+def test_pruned_prompts_with_small_chunks_in_one_call_match_the_layer_by_layer_path(prefill_calls):
+    """Prompt pruning's stages in one-call steps (the deep layers' kept rows with their own KV
+    group's metadata), exact fp32 kernel: the layer-by-layer path's tokens, logprobs within 1e-4."""
+    llm = make_llm(elastic="off", dtype="float32", weight_format="native", kv_cache_memory=0.25,
+                   enable_prefix_caching=False, max_num_batched_tokens=24,
+                   prompt_pruning=PromptPruningConfig(min_prompt_tokens=64))
+    long_prompt = " ".join(["The history of the Roman Empire spans many centuries and regions."] * 12)
+    prompts = [long_prompt + " In summary,", *PROMPTS]
+    one_call = _generate(llm, prompts, prompt_keep=0.5)
+    assert prefill_calls[0] > 0
+    reference = _layer_by_layer(llm, prompts, prompt_keep=0.5)
+    assert [tokens for tokens, _ in one_call] == [tokens for tokens, _ in reference]
+    gaps = [abs(a[t] - b[t]) for (_, x), (_, y) in zip(one_call, reference) for a, b in zip(x, y) for t in a if t in b]
     assert max(gaps) < 1e-4
     assert_kv_empty(llm)
 
