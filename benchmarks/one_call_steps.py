@@ -26,7 +26,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def steps() -> list[ProfileStep]:
     cases = [ProfileStep("16 decodes", ragged_decodes(16, 256))]
-    for tokens, context in ((2, 0), (8, 256), (16, 256), (32, 256), (16, 1024), (16, 2048)):
+    for tokens, context in ((2, 0), (8, 256), (16, 256), (32, 256), (48, 0), (16, 1024), (16, 2048)):
         cases.append(ProfileStep(f"16 decodes + {tokens} tokens at {context}",
                                  (*ragged_decodes(16, 256), prefill(tokens, context, samples=tokens == 2))))
     cases += [ProfileStep("30 decodes + a 2-token prompt", (*ragged_decodes(30, 256), prefill(2))),
