@@ -7,7 +7,7 @@ engine/model/layers/fused_decode.py's bounds (ONE_CALL_MAX_ROWS, the plan's dens
 ONE_CALL_MAX_PREFILL_PAIRS) it now runs each layer as one call, a chunk's tokens attending in the
 decode kernel.  This times `runner.execute` on synthetic steps (engine/profiling.py's: ragged
 decode contexts, scattered KV blocks) both ways, alternating, and prints the median of each, with
-whether the step is within the bounds.  The layer-by-layer figures set the bounds to zero.
+whether the step is within the bounds.  The layer-by-layer figures set each layer's bounds to zero.
 Writes benchmarks/results/one_call_steps.md.
 """
 
@@ -18,8 +18,8 @@ import statistics
 from pathlib import Path
 
 from engine import LLM
-from engine.model.layers import fused_decode
 from engine.profiling import ProfileStep, decodes, prefill, ragged_decodes, time_profile_step
+from engine.scheduler.cost_model import OneCallSteps
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,15 +46,15 @@ def main() -> None:
     llm = LLM(kv_cache_memory=0.25)
     engine = llm.engine
     limits = engine.runner.one_call_steps
-    bounds = (fused_decode.ONE_CALL_MAX_ROWS, fused_decode.ONE_CALL_MAX_PREFILL_PAIRS)
+    fused = [layer.fused_decode for layer in engine.runner.model.layers if layer.fused_decode is not None]
     timings: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.rounds):
         for one_call in (False, True):
-            fused_decode.ONE_CALL_MAX_ROWS, fused_decode.ONE_CALL_MAX_PREFILL_PAIRS = bounds if one_call else (0, 0)
+            for layer in fused:  # no bounds: every step with a chunk runs layer by layer
+                layer.limits = limits if one_call else OneCallSteps(0, 0)
             for step in steps():
                 time_profile_step(engine, step)  # warm
                 timings.setdefault((step.name, one_call), []).extend(time_profile_step(engine, step) for _ in range(5))
-    fused_decode.ONE_CALL_MAX_ROWS, fused_decode.ONE_CALL_MAX_PREFILL_PAIRS = bounds
     lines = [f"# Steps with small prefill chunks: layer by layer against one call a layer ({engine.runner.plan.weights_label}, "
              f"bounds {limits})", "",
              "| step | rows | prefill pairs | within the bounds | layer by layer ms | one call ms | ratio |",

@@ -151,13 +151,12 @@ class OneCallSteps:
     max_rows: int
     max_prefill_pairs: int
 
-    def covers(self, features: StepFeatures) -> bool:
-        return (features.num_scheduled_tokens <= self.max_rows
-                and features.num_prefill_attention_pairs <= self.max_prefill_pairs)
+    def fits(self, num_rows: int, num_prefill_pairs: int) -> bool:
+        """The one test: a step of num_rows rows whose chunks attend num_prefill_pairs pairs."""
+        return num_rows <= self.max_rows and num_prefill_pairs <= self.max_prefill_pairs
 
-    def covers_counts(self, features: tuple[int, ...]) -> bool:
-        """`covers` on StepFeatures.as_tuple()."""
-        return features[0] <= self.max_rows and features[4] <= self.max_prefill_pairs
+    def covers(self, features: StepFeatures) -> bool:
+        return self.fits(features.num_scheduled_tokens, features.num_prefill_attention_pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +385,7 @@ def bounded_ewma(average: float, sample: float, weight: float, bounds: tuple[flo
 def _design_row(features: tuple[int, ...], one_call: OneCallSteps | None) -> tuple[float, ...]:
     """The regressors of a step (CostCoefficients order): 1, its features, and whether it holds a
     prefill chunk (features[1] is num_prefill_seqs) that runs it layer by layer."""
-    layer_by_layer = features[1] > 0 and (one_call is None or not one_call.covers_counts(features))
+    layer_by_layer = features[1] > 0 and (one_call is None or not one_call.fits(features[0], features[4]))
     return (1.0, *features, float(layer_by_layer))
 
 

@@ -17,7 +17,6 @@ from engine.elastic.runtime import elastic_model_parts
 from engine.model.attention_backends import make_attention_backend
 from engine.model.compute_plan import make_compute_plan
 from engine.model.forward_batch import ForwardBatch
-from engine.model.layers.fused_decode import one_call_steps
 from engine.model.layers.linear import weight_bytes
 from engine.model.layers.prompt_pruning import PromptPruner
 from engine.model.llama import LlamaForCausalLM
@@ -122,9 +121,7 @@ class ModelRunner:
     def one_call_steps(self) -> OneCallSteps | None:
         """Which steps with prefill chunks run each layer as one call (the step cost model's
         per_prefill_step_s skips them); None where no layer has that path."""
-        if all(layer.fused_decode is None for layer in self.model.layers):
-            return None
-        return one_call_steps(self.plan)
+        return next((layer.fused_decode.limits for layer in self.model.layers if layer.fused_decode is not None), None)
 
     @property
     def kv_cache_bytes(self) -> int:

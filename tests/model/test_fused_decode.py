@@ -228,7 +228,7 @@ def test_one_call_prefill_steps_are_what_the_cost_model_prices_without_the_layer
     for chunks in cases:
         features = features_of_chunks((c, n, True) for c, n in chunks)
         meta = _metadata(chunks)
-        assert fused_decode._prefill_fits(meta, llm.engine.runner.plan) == limits.covers(features), chunks
+        assert fused_decode._prefill_fits(meta, limits) == limits.covers(features), chunks
         assert llm.engine.cost_model.runs_layer_by_layer(features) == (not limits.covers(features)), chunks
     assert limits.covers(features_of_chunks([(7, 1, True), (300, 1, True), (0, 8, True)]))
     assert not limits.covers(features_of_chunks([(0, limits.max_rows + 1, True)]))

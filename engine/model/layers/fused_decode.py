@@ -60,6 +60,7 @@ class FusedDecode:
 
     def __init__(self, layer, plan: ComputePlan) -> None:
         self.layer, self.plan = layer, plan
+        self.limits = one_call_steps(plan)  # the steps with prefill chunks this layer takes
         self._arguments: kernel.LayerArguments | None = None
         self._level_tables: list = []  # what the level arguments point into, kept alive
 
@@ -89,7 +90,7 @@ class FusedDecode:
     def runs(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
              batch: ForwardBatch) -> bool:
         meta, rows = batch.attention, x.shape[0]
-        if meta.num_decodes != meta.num_seqs and not _prefill_fits(meta, self.plan):
+        if meta.num_decodes != meta.num_seqs and not _prefill_fits(meta, self.limits):
             return False
         if batch.elastic is not None and not self.runs_levels:
             return False
@@ -185,15 +186,12 @@ def one_call_steps(plan: ComputePlan) -> OneCallSteps:
     return OneCallSteps(max_rows, ONE_CALL_MAX_PREFILL_PAIRS)
 
 
-def _prefill_fits(meta: AttentionMetadata, plan: ComputePlan) -> bool:
-    """Whether a step with prefill chunks is within one_call_steps: its rows, and its chunks'
-    query x key pairs (q tokens with context length L: q * L, StepFeatures' count)."""
-    limits = one_call_steps(plan)
-    if meta.query_start_loc_cpu[-1] > limits.max_rows:
-        return False
+def _prefill_fits(meta: AttentionMetadata, limits: OneCallSteps) -> bool:
+    """Whether a step with prefill chunks is within `limits`: its rows, and its chunks' query x key
+    pairs (q tokens with context length L: q * L, StepFeatures' count)."""
     starts, lengths = meta.query_start_loc_cpu, meta.seq_lens_cpu
     pairs = sum((starts[i + 1] - starts[i]) * lengths[i] for i in range(meta.num_decodes, meta.num_seqs))
-    return pairs <= limits.max_prefill_pairs
+    return limits.fits(starts[-1], pairs)
 
 
 def _per_row_context(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
