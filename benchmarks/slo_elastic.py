@@ -183,6 +183,7 @@ def summarize_run(names: list[str], records: list[RequestRecord], duration_s: fl
     at_full = [all(level == 100 for level in r.token_levels) and (r.prompt_keep or 1.0) >= 1.0 for r in records]
     return {"slo_attainment": float(np.mean(met)), "goodput": sum(met) / duration_s,
             "full_share": float(np.mean(at_full)),
+            "full_share_by_class": {c: float(np.mean([f for f, n in zip(at_full, names) if n == c])) for c in CLASSES},
             "quality_goodput": sum(quality_met) / duration_s, "mean_level": float(np.mean(levels)) if levels else None,
             "mean_doc_keep": float(np.mean(keeps)) if keeps else None,
             "mean_quality": float(np.mean(qualities)) if qualities else None,

@@ -136,6 +136,10 @@ def default_profile_steps(max_num_batched_tokens: int, max_num_seqs: int) -> lis
                                  (*ragged_decodes(num_mixed, 256), prefill(8, 128, samples=False))))
         steps.append(ProfileStep(f"mixed {num_mixed} decodes + 2-token prompt",
                                  (*ragged_decodes(num_mixed, 256), prefill(2))))
+        # A chunk's tokens in such a step are rows like the decodes' (per_one_call_prefill_token_s).
+        steps.append(ProfileStep(f"mixed {num_mixed} decodes + 16 tokens",
+                                 (*ragged_decodes(num_mixed, 256), prefill(16, 256, samples=False))))
+        steps.append(ProfileStep("16 tokens at 256", (prefill(16, 256, samples=False),)))
     return steps
 
 

@@ -9,6 +9,7 @@ A step's wall time is the sum of the kinds of work it does, each proportional to
            + per_decode_context_token_s   * num_decode_context_tokens    decode attention reads every key
            + per_prefill_attention_pair_s * num_prefill_attention_pairs  prefill attention, n * (c + n) scores
            + per_prefill_step_s           * layer_by_layer                a step with prefill chunks runs layer by layer
+           + per_one_call_prefill_token_s * one_call_prefill_tokens       ... or as one call: its chunk rows
 
 A request scheduled for tokens [c, c + n) is a decode when n == 1 (it reads c + 1 keys: memory
 bound) and a prefill chunk otherwise (n queries times c + n keys: compute bound), so the two kinds
@@ -25,6 +26,12 @@ chunk's cost came out at 23 ms (and a start-up profile, whose 16-chunk step pins
 cost, put it at 2.5 ms: the SLO policy's small chunks then ran 1.4x over).  The term is the only
 one not a sum over chunks; the features stay sums, and the indicator is taken from them where a
 step is priced (it only turns on as a chunk grows), so a policy still prices chunk by chunk.
+In a one-call step a chunk's tokens run as rows of the decodes' row GEMMs and attend in the decode
+kernel, which costs a token more than the large layer-by-layer chunks that pin
+per_scheduled_token_s: those tokens pay per_one_call_prefill_token_s on top.  Measured on the
+2-vCPU Xeon with AMX (elastic, native weights, start-up fit without the term): a 16-token chunk at
+256 keys alone 20.2 ms against 14.5 predicted, beside 16 decodes 38.6 against 33.5, while decode
+steps ran at 0.98x their prediction; the SLO policy's mixed steps then ran 1.1-1.4x theirs.
 
 A pruned prompt's chunk (engine/prompt_pruning.py) counts what it computes, in tokens of the whole
 model (PrunePlan.layer_counts): a chunk before the prompt's end runs only the layers below the first
@@ -74,6 +81,7 @@ class StepFeatures:
     num_sampled_seqs: int = 0
     num_decode_context_tokens: int = 0
     num_prefill_attention_pairs: int = 0
+    num_prefill_tokens: int = 0  # tokens of prefill chunks (num_scheduled_tokens less the decodes)
 
     @classmethod
     def of_chunk(cls, num_computed_tokens: int, num_scheduled_tokens: int, samples: bool,
@@ -84,15 +92,16 @@ class StepFeatures:
             return cls(*_chunk_counts(num_computed_tokens, num_scheduled_tokens, samples))
         rows, keys, pairs = plan.layer_counts(num_computed_tokens, num_scheduled_tokens)
         is_decode = num_scheduled_tokens == 1
-        return cls(max(1, round(rows)), int(not is_decode), int(samples), round(keys) if is_decode else 0,
-                   0 if is_decode else round(pairs))
+        rows = max(1, round(rows))
+        return cls(rows, int(not is_decode), int(samples), round(keys) if is_decode else 0,
+                   0 if is_decode else round(pairs), 0 if is_decode else rows)
 
     def __add__(self, other: StepFeatures) -> StepFeatures:
         return StepFeatures(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
 
     def as_tuple(self) -> tuple[int, ...]:
         return (self.num_scheduled_tokens, self.num_prefill_seqs, self.num_sampled_seqs,
-                self.num_decode_context_tokens, self.num_prefill_attention_pairs)
+                self.num_decode_context_tokens, self.num_prefill_attention_pairs, self.num_prefill_tokens)
 
     @property
     def is_empty(self) -> bool:
@@ -102,13 +111,14 @@ class StepFeatures:
 def _chunk_counts(num_computed_tokens: int, num_scheduled_tokens: int, samples: bool) -> tuple[int, ...]:
     n, c = num_scheduled_tokens, num_computed_tokens
     is_decode = n == 1
-    return (n, int(not is_decode), int(samples), c + 1 if is_decode else 0, 0 if is_decode else n * (c + n))
+    return (n, int(not is_decode), int(samples), c + 1 if is_decode else 0, 0 if is_decode else n * (c + n),
+            0 if is_decode else n)
 
 
 def features_of_chunks(chunks: Iterable[tuple[int, int, bool]]) -> StepFeatures:
     """Features of a step running (num_computed_tokens, num_scheduled_tokens, samples) chunks."""
     # PERF: one pass over plain ints; the simulator calls this every simulated step.
-    tokens = prefill_seqs = sampled = decode_context = prefill_pairs = 0
+    tokens = prefill_seqs = sampled = decode_context = prefill_pairs = prefill_tokens = 0
     for c, n, samples in chunks:
         tokens += n
         sampled += samples
@@ -117,7 +127,8 @@ def features_of_chunks(chunks: Iterable[tuple[int, int, bool]]) -> StepFeatures:
         else:
             prefill_seqs += 1
             prefill_pairs += n * (c + n)
-    return StepFeatures(tokens, prefill_seqs, sampled, decode_context, prefill_pairs)
+            prefill_tokens += n
+    return StepFeatures(tokens, prefill_seqs, sampled, decode_context, prefill_pairs, prefill_tokens)
 
 
 def features_of(scheduler_output: SchedulerOutput) -> StepFeatures:
@@ -178,6 +189,7 @@ class CostCoefficients:
     per_decode_context_token_s: float = 0.0
     per_prefill_attention_pair_s: float = 0.0
     per_prefill_step_s: float = 0.0  # once per step with a prefill chunk (module docstring)
+    per_one_call_prefill_token_s: float = 0.0  # a chunk token's extra cost where its step runs as one call
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -268,7 +280,8 @@ class StepCostModel:
         w = self._weights
         return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_prefill_seqs
                 + w[3] * features.num_sampled_seqs + w[4] * features.num_decode_context_tokens
-                + w[5] * features.num_prefill_attention_pairs + (w[6] if self.runs_layer_by_layer(features) else 0.0))
+                + w[5] * features.num_prefill_attention_pairs
+                + (w[6] if self.runs_layer_by_layer(features) else w[7] * features.num_prefill_tokens))
 
     def runs_layer_by_layer(self, features: StepFeatures) -> bool:
         """Whether a step with these features pays per_prefill_step_s (module docstring)."""
@@ -383,10 +396,11 @@ def bounded_ewma(average: float, sample: float, weight: float, bounds: tuple[flo
 
 
 def _design_row(features: tuple[int, ...], one_call: OneCallSteps | None) -> tuple[float, ...]:
-    """The regressors of a step (CostCoefficients order): 1, its features, and whether it holds a
-    prefill chunk (features[1] is num_prefill_seqs) that runs it layer by layer."""
+    """The regressors of a step (CostCoefficients order): 1, its first five features, whether it
+    holds a prefill chunk (features[1] is num_prefill_seqs) that runs it layer by layer, and the
+    prefill tokens (features[5]) of one that runs it as one call."""
     layer_by_layer = features[1] > 0 and (one_call is None or not one_call.fits(features[0], features[4]))
-    return (1.0, *features, float(layer_by_layer))
+    return (1.0, *features[:5], float(layer_by_layer), 0.0 if layer_by_layer else float(features[5]))
 
 
 def relative_errors(model: StepCostModel, samples: Iterable[StepSample]) -> list[float]:

@@ -24,9 +24,14 @@ TRUE = CostCoefficients(overhead_s=0.015, per_scheduled_token_s=3e-4, per_prefil
                         per_decode_context_token_s=2e-6, per_prefill_attention_pair_s=8e-7, per_prefill_step_s=0.012)
 
 
-def true_time(features: StepFeatures, coefficients: CostCoefficients = TRUE) -> float:
-    """The step's time under `coefficients`; a step with prefill chunks pays per_prefill_step_s once."""
-    return float(np.dot(coefficients.as_tuple(), (1, *features.as_tuple(), float(features.num_prefill_seqs > 0))))
+def true_time(features: StepFeatures, coefficients: CostCoefficients = TRUE,
+              one_call: OneCallSteps | None = None) -> float:
+    """The step's time under `coefficients`; a step with prefill chunks pays per_prefill_step_s once,
+    or, within `one_call`'s bounds, per_one_call_prefill_token_s for each of its chunks' tokens."""
+    layer_by_layer = features.num_prefill_seqs > 0 and (one_call is None or not one_call.covers(features))
+    one_call_tokens = 0 if layer_by_layer else features.num_prefill_tokens
+    row = (1, *features.as_tuple()[:5], float(layer_by_layer), one_call_tokens)
+    return float(np.dot(coefficients.as_tuple(), row))
 
 
 def synthetic_steps(seed: int = 0, num_steps: int = 200) -> list[StepFeatures]:
@@ -58,10 +63,10 @@ def test_cost_model_imports_no_torch() -> None:
 def test_chunk_features_count_each_kind_of_work() -> None:
     decode = StepFeatures.of_chunk(num_computed_tokens=99, num_scheduled_tokens=1, samples=True)
     assert decode == StepFeatures(num_scheduled_tokens=1, num_prefill_seqs=0, num_sampled_seqs=1,
-                                  num_decode_context_tokens=100, num_prefill_attention_pairs=0)
+                                  num_decode_context_tokens=100, num_prefill_attention_pairs=0, num_prefill_tokens=0)
     chunk = StepFeatures.of_chunk(num_computed_tokens=64, num_scheduled_tokens=32, samples=False)
     assert chunk == StepFeatures(num_scheduled_tokens=32, num_prefill_seqs=1, num_sampled_seqs=0,
-                                 num_decode_context_tokens=0, num_prefill_attention_pairs=32 * 96)
+                                 num_decode_context_tokens=0, num_prefill_attention_pairs=32 * 96, num_prefill_tokens=32)
     assert features_of_chunks([(99, 1, True), (64, 32, False)]) == decode + chunk
     assert features_of_chunks([]).is_empty
 
@@ -76,13 +81,13 @@ def test_features_of_a_real_scheduler_output() -> None:
                           max_model_len=1024)
     scheduler.add_request(make_request("a", 5, first_token_id=1))
     first = scheduler.schedule()  # a: prefill of 5, samples
-    assert features_of(first) == StepFeatures(5, 1, 1, 0, 5 * 5)
+    assert features_of(first) == StepFeatures(5, 1, 1, 0, 5 * 5, 5)
     scheduler.update_from_output(first, _sampled(first))
     scheduler.add_request(make_request("b", 40, first_token_id=100))  # no shared prefix
     second = scheduler.schedule()  # a decodes at context 5, b gets the other 15 tokens
     assert [(s.num_computed_tokens, s.num_scheduled_tokens, s.samples) for s in second.scheduled] == \
         [(5, 1, True), (0, 15, False)]
-    assert features_of(second) == StepFeatures(16, 1, 1, 6, 15 * 15)
+    assert features_of(second) == StepFeatures(16, 1, 1, 6, 15 * 15, 15)
 
 
 def _sampled(output):
@@ -204,25 +209,23 @@ ONE_CALL = OneCallSteps(max_rows=32, max_prefill_pairs=4096)
 
 def test_steps_within_the_one_call_bounds_pay_no_per_step_term() -> None:
     """Fitted with the runner's bounds, small chunks beside decodes are priced without
-    per_prefill_step_s (and the fit still recovers it from the steps that pay it); the term turns
-    on as a chunk grows past either bound, so a chunk's price still grows with its tokens."""
-    def time_with_bounds(features: StepFeatures) -> float:
-        row = (1, *features.as_tuple(), float(features.num_prefill_seqs > 0 and not ONE_CALL.covers(features)))
-        return float(np.dot(TRUE.as_tuple(), row))
-
+    per_prefill_step_s but with per_one_call_prefill_token_s for their tokens (and the fit recovers
+    both from the steps that pay each); the per-step term turns on as a chunk grows past either
+    bound, so a chunk's price still grows with its tokens."""
+    true = dataclasses.replace(TRUE, per_one_call_prefill_token_s=4e-4)
     steps = synthetic_steps() + [features_of_chunks([(300, 1, True)] * d + [(c, n, False)])
                                  for d in (1, 8, 16) for c, n in ((0, 2), (64, 8), (200, 12))]
-    model = StepCostModel.fit([StepSample(f, time_with_bounds(f)) for f in steps], one_call=ONE_CALL)
-    np.testing.assert_allclose(model.coefficients.as_tuple(), TRUE.as_tuple(), rtol=1e-6)
+    model = StepCostModel.fit([StepSample(f, true_time(f, true, ONE_CALL)) for f in steps], one_call=ONE_CALL)
+    np.testing.assert_allclose(model.coefficients.as_tuple(), true.as_tuple(), rtol=1e-6)
     small = features_of_chunks([(300, 1, True)] * 16 + [(64, 8, False)])
     assert not model.runs_layer_by_layer(small)
-    assert model.predict_s(small) == pytest.approx(true_time(small) - TRUE.per_prefill_step_s)
+    assert model.predict_s(small) == pytest.approx(true_time(small, true) - true.per_prefill_step_s + 8 * 4e-4)
     base = features_of_chunks([(300, 1, True)] * 16)
     sizes = [model.predict_s(base + StepFeatures.of_chunk(64, n, False)) for n in range(2, 40)]
     assert sizes == sorted(sizes)  # 16 + 16 rows are covered, 16 + 17 are not
     assert model.runs_layer_by_layer(base + StepFeatures.of_chunk(64, 17, False))
     assert model.runs_layer_by_layer(base + StepFeatures.of_chunk(4000, 2, False))  # past the pairs
-    assert not StepCostModel(TRUE).predict_s(small) == model.predict_s(small)  # without bounds: every one pays
+    assert not StepCostModel(true).predict_s(small) == model.predict_s(small)  # without bounds: every one pays
     loaded = StepCostModel.from_dict(json.loads(json.dumps(model.to_dict())))
     assert loaded.one_call == ONE_CALL and loaded.predict_s(small) == model.predict_s(small)
 

@@ -63,6 +63,11 @@ class FusedDecode:
         self.limits = one_call_steps(plan)  # the steps with prefill chunks this layer takes
         self._arguments: kernel.LayerArguments | None = None
         self._level_tables: list = []  # what the level arguments point into, kept alive
+        # The row count last asked about and whether every linear runs its blocks at it; the KV
+        # cache tensor last asked about and whether the C++ attention runs over it.
+        self._blocks_rows, self._blocks_run = -1, False
+        self._kernel_cache: tuple | None = None
+        self._kernel_cache_runs = False
 
     @functools.cached_property
     def runs_levels(self) -> bool:
@@ -89,19 +94,29 @@ class FusedDecode:
 
     def runs(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
              batch: ForwardBatch) -> bool:
+        # PERF: every layer of every step asks, so what holds for a step is asked once a step
+        # (_prefill_fits_step) and what holds for a layer at a row count or cache once a change.
         meta, rows = batch.attention, x.shape[0]
-        if meta.num_decodes != meta.num_seqs and not _prefill_fits(meta, self.limits):
+        if meta.num_decodes != meta.num_seqs and not _prefill_fits_step(meta, self.limits):
             return False
         if batch.elastic is not None and not self.runs_levels:
             return False
         scorer = self.layer.attention.attn.scorer
         if scorer is not None and scorer.scores_in(batch):
             return False
-        if not all(linear.runs_blocks(rows) for linear in self._linears()):
+        if self._blocks_rows != rows:
+            self._blocks_run = all(linear.runs_blocks(rows) for linear in self._linears())
+            self._blocks_rows = rows
+        if not self._blocks_run:
             return False
         if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
             return False
-        return self.layer.attention.attn.backend.decodes_in_kernel(kv_cache, self.layer.attention.attn.num_heads)
+        cache = (kv_cache.data_ptr(), kv_cache.shape)  # not the tensor: a cache let go stays let go
+        if self._kernel_cache != cache:
+            attention = self.layer.attention.attn
+            self._kernel_cache_runs = attention.backend.decodes_in_kernel(kv_cache, attention.num_heads)
+            self._kernel_cache = cache
+        return self._kernel_cache_runs
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                  batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +199,16 @@ def one_call_steps(plan: ComputePlan) -> OneCallSteps:
     as `_prefill_fits`, on the scheduler's step features)."""
     max_rows = ONE_CALL_MAX_ROWS if plan.dense_above_rows is None else min(ONE_CALL_MAX_ROWS, plan.dense_above_rows)
     return OneCallSteps(max_rows, ONE_CALL_MAX_PREFILL_PAIRS)
+
+
+_last_fits: list = [None, None, False]  # [metadata, limits, _prefill_fits of them]
+
+
+def _prefill_fits_step(meta: AttentionMetadata, limits: OneCallSteps) -> bool:
+    """_prefill_fits, computed once a step (every layer asks with the step's metadata)."""
+    if _last_fits[0] is not meta or _last_fits[1] != limits:
+        _last_fits[:] = [meta, limits, _prefill_fits(meta, limits)]
+    return _last_fits[2]
 
 
 def _prefill_fits(meta: AttentionMetadata, limits: OneCallSteps) -> bool:
