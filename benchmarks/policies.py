@@ -84,7 +84,10 @@ def parse_args() -> argparse.Namespace:
                         help="comma-separated parts to re-run (prefix, policies, chunked, simulate), merged into "
                              "an existing --out.json")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks/results/policies")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if Path(args.out).suffix:  # out.json, .md and .png are made with with_suffix: "run_1.5x" would lose ".5x"
+        parser.error(f"--out is a file stem without an extension, got {args.out}")
+    return args
 
 
 def make_engine(args: argparse.Namespace, policy: str = "fcfs", **scheduler: Any) -> LLMEngine:

@@ -96,7 +96,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", default=None,
                         help="run only these variants (comma-separated labels, e.g. 'slo auto'), keeping the capacity, "
                              "the targets and the other variants' results of the --out JSON if there is one")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if Path(args.out).suffix:  # out.json, .md and .png are made with with_suffix: "run_1.5x" would lose ".5x"
+        parser.error(f"--out is a file stem without an extension, got {args.out}")
+    return args
 
 
 def class_specs(llm: LLM, args: argparse.Namespace) -> dict[str, ClassSpec]:
