@@ -299,19 +299,21 @@ class StepCostModel:
         to a step that already holds `base` and still be predicted to finish within budget_s; 0 if
         not even one fits.  The chunk samples when it reaches `samples_at` tokens (its request's
         tokens still to compute), if given; `plan`: a pruned prompt's (StepFeatures.of_chunk).
-        Binary search: the prediction grows with the chunk."""
-        def fits(n: int) -> bool:
+        The prediction grows with the chunk while the step stays on one side of the one-call
+        bounds, but may fall where the chunk leaves them (per_prefill_step_s then replaces its
+        tokens' per_one_call_prefill_token_s), so each side is searched on its own."""
+        def features(n: int) -> StepFeatures:
             samples = samples_at is not None and n >= samples_at
-            return self.predict_s(base + StepFeatures.of_chunk(num_computed_tokens, n, samples, plan)) <= budget_s
+            return base + StepFeatures.of_chunk(num_computed_tokens, n, samples, plan)
 
-        low, high = 0, max_tokens  # invariant: fits(low) or low == 0; high is the largest candidate
-        while low < high:
-            middle = (low + high + 1) // 2
-            if fits(middle):
-                low = middle
-            else:
-                high = middle - 1
-        return low
+        def fits(n: int) -> bool:
+            return self.predict_s(features(n)) <= budget_s
+
+        # The bounds only ever stop covering a growing chunk: one call up to here, layer by layer after.
+        last_one_call = _last_true(0, max_tokens, lambda n: not self.runs_layer_by_layer(features(n)))
+        first_past = max(1, last_one_call + 1)
+        past = _last_true(first_past, max_tokens, fits)
+        return past if past >= first_past else max(_last_true(1, last_one_call, fits), 0)
 
     # ---- online refinement -------------------------------------------------------------------
 
@@ -401,6 +403,20 @@ def _design_row(features: tuple[int, ...], one_call: OneCallSteps | None) -> tup
     prefill tokens (features[5]) of one that runs it as one call."""
     layer_by_layer = features[1] > 0 and (one_call is None or not one_call.fits(features[0], features[4]))
     return (1.0, *features[:5], float(layer_by_layer), 0.0 if layer_by_layer else float(features[5]))
+
+
+def _last_true(low: int, high: int, predicate: Callable[[int], bool]) -> int:
+    """The largest n in [low, high] with predicate(n), for a predicate true up to some n and false
+    after; low - 1 where it holds for none (binary search)."""
+    if high < low or not predicate(low):
+        return low - 1
+    while low < high:  # invariant: predicate(low)
+        middle = (low + high + 1) // 2
+        if predicate(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def relative_errors(model: StepCostModel, samples: Iterable[StepSample]) -> list[float]:

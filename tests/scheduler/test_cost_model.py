@@ -230,6 +230,20 @@ def test_steps_within_the_one_call_bounds_pay_no_per_step_term() -> None:
     assert loaded.one_call == ONE_CALL and loaded.predict_s(small) == model.predict_s(small)
 
 
+def test_max_chunk_tokens_looks_past_the_one_call_bounds_where_the_price_falls() -> None:
+    """Where a one-call step's chunk tokens cost more than a layer-by-layer step's fixed term, a
+    chunk that leaves the bounds is cheaper than one at them: the largest chunk within the budget
+    may lie past a gap of chunks that do not fit, and the search still finds it."""
+    model = StepCostModel(CostCoefficients(overhead_s=0.010, per_scheduled_token_s=2e-4, per_prefill_step_s=0.005,
+                                           per_one_call_prefill_token_s=1e-3), one_call=ONE_CALL)
+    base = features_of_chunks([(300, 1, True)] * 16)
+    for budget_s in (0.016, 0.025, 0.030, 0.050):
+        fitting = [n for n in range(1, 200) if model.predict_s(base + StepFeatures.of_chunk(64, n, False)) <= budget_s]
+        assert model.max_chunk_tokens(base, 64, 199, budget_s) == max(fitting, default=0), budget_s
+    # At 25 ms the one-call chunks stop fitting at 11 tokens, the layer-by-layer ones fit from 17.
+    assert model.max_chunk_tokens(base, 64, 199, 0.025) > 16
+
+
 def test_json_round_trip() -> None:
     model = StepCostModel.fit(noisy_samples(synthetic_steps(), noise=0.02), description="synthetic")
     loaded = StepCostModel.from_dict(json.loads(json.dumps(model.to_dict())))
