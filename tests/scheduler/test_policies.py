@@ -8,6 +8,7 @@ invariants are checked after every step (see `step`).
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -17,11 +18,12 @@ from engine.kv.kv_cache_manager import KVCacheManager
 from engine.prompt_pruning import PrunePlan
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
-from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of
+from engine.scheduler.cost_model import CostCoefficients, OneCallSteps, StepCostModel, features_of
 from engine.scheduler.mlfq import MLFQPolicy
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, SchedulerOutput
 from engine.scheduler.policy import AdmissionRejected, FCFSPolicy, PriorityPolicy, SchedulingPolicy
 from engine.scheduler.scheduler import Scheduler
+from engine.scheduler import slo_policy
 from engine.scheduler.slo_policy import SLOPolicy
 
 EOS = 0
@@ -523,6 +525,21 @@ def test_slo_prefill_time_counts_attention_and_every_steps_fixed_costs():
     assert bound_1k == pytest.approx(1.5 * 0.090 / (0.090 - 0.020 - 0.001)) and bound_1k > alone_1k
 
 
+def test_slo_prefill_under_a_bound_pays_the_one_call_token_price():
+    # The small chunks a TPOT bound leaves run as one call a layer, where a token costs
+    # per_one_call_prefill_token_s more: the bound's pace counts it; whole-budget chunks do not.
+    cost = StepCostModel(CostCoefficients(overhead_s=0.020, per_scheduled_token_s=0.001,
+                                          per_prefill_attention_pair_s=1e-6, per_one_call_prefill_token_s=0.0005),
+                         one_call=OneCallSteps(max_rows=32, max_prefill_pairs=4096))
+    clock = VirtualClock()
+    policy = SLOPolicy(SLOConfig(), cost, max_budget=256, max_num_seqs=8)
+    scheduler = make_scheduler(policy, clock=clock, budget=256, num_blocks=1024)
+    assert policy.prefill_time_s(1000) == pytest.approx(1.0 + 0.5 + 4 * 0.020)
+    scheduler.add_request(make_request("d", 4, max_tokens=50, slo=SLOTarget(tpot_s=0.100)))
+    slo_run(policy, clock, scheduler, cost, 2)
+    assert policy.prefill_time_s(1000) == pytest.approx((1.5 + 0.5) * 0.090 / (0.090 - 0.020 - 0.001))
+
+
 def test_slo_runs_a_chunk_the_bound_cannot_fit_on_slack_the_decodes_banked():
     # At 10 us a query-key pair, 16 tokens at position 1000 cost ~180 ms: more than the 54 ms
     # bound of a 60 ms TPOT target.  Decode-only steps (21 ms) bank slack, and a chunk runs once
@@ -545,6 +562,46 @@ def test_slo_runs_a_chunk_the_bound_cannot_fit_on_slack_the_decodes_banked():
     assert decode_only > 0 and min(late_chunks[:-1]) >= 16
     tpot_s = (last_token_time - decode.metrics.first_token_time) / (decode.num_output_tokens - 1)
     assert tpot_s <= 0.060
+
+
+def hurried_document(hurry: bool, monkeypatch) -> tuple[float, float, list[int]]:
+    """A 1,000-token document (TTFT 1.9 s) arrives while a chat decodes (TPOT 40 ms: a 36 ms
+    bound).  Each step pays 10 ms, a chunk 8 ms more, a token 1 ms: beside the chat the bound fits
+    a chunk of ~17 tokens, ~2.1 s for the document, while decode-only steps (11 ms) could bank
+    ~25 ms of slack a step for 128-token chunks (~1.65 s).  Not hurried, the document is given a
+    3 s target (admission would refuse 1.9 s).  Returns the document's first-token time, the
+    chat's mean TPOT and the document's chunk sizes."""
+    if not hurry:
+        monkeypatch.setattr(slo_policy, "HURRY_PRESSURE", math.inf)
+    cost = StepCostModel(CostCoefficients(overhead_s=0.010, per_scheduled_token_s=0.001, per_prefill_seq_s=0.008))
+    clock = VirtualClock()
+    policy = SLOPolicy(SLOConfig(), StepCostModel(cost.coefficients), max_budget=256, max_num_seqs=8)
+    scheduler = make_scheduler(policy, clock=clock, budget=256, num_blocks=1024)
+    scheduler.add_request(make_request("chat", 4, max_tokens=400, slo=SLOTarget(tpot_s=0.040)))
+    slo_run(policy, clock, scheduler, cost, 2)
+    chat = scheduler.requests["chat"]
+    arrival = clock.now
+    scheduler.add_request(make_request("doc", 1000, max_tokens=2, arrival=arrival, slo=SLOTarget(ttft_s=1.9 if hurry else 3.0)))
+    document, chunks, last_token_time = scheduler.requests["doc"], [], clock.now
+    while document.metrics.first_token_time is None:
+        tokens_before = chat.num_output_tokens
+        output = slo_run(policy, clock, scheduler, cost, 1)[0]
+        if chat.num_output_tokens > tokens_before:
+            last_token_time = clock.now
+        chunks += [s.num_scheduled_tokens for s in output.scheduled if s.request is document]
+    tpot_s = (last_token_time - chat.metrics.first_token_time) / (chat.num_output_tokens - 1)
+    return document.metrics.first_token_time - arrival, tpot_s, chunks
+
+
+def test_slo_a_hurried_prompt_banks_the_decodes_slack_for_large_chunks(monkeypatch):
+    # Crawling at what the bound fits beside the chat, the document misses its first token;
+    # hurried, it waits while decode-only steps bank slack and runs 128-token chunks alone, and
+    # meets it.  The chat keeps its pace either way.
+    ttft_s, tpot_s, chunks = hurried_document(False, monkeypatch)
+    assert ttft_s > 1.9 and max(chunks) < 32 and tpot_s <= 0.9 * 0.040 + 1e-9
+    monkeypatch.undo()
+    ttft_s, tpot_s, chunks = hurried_document(True, monkeypatch)
+    assert ttft_s <= 1.9 and min(chunks[:-1]) >= 128 and tpot_s <= 0.9 * 0.040 + 1e-9
 
 
 def test_slo_decodes_ahead_of_schedule_sit_out_a_step_a_chunk_needs():
