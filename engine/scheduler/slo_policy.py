@@ -523,7 +523,8 @@ class SLOPolicy(SchedulingPolicy):
         due = _decode_features([r for r in paced if self._is_urgent(r, now)])
         # Mixed steps run longer than the fit predicts, by mixed_step_ratio.
         correction = TPOT_SAFETY / self.cost_model.mixed_step_ratio
-        self._step_limit_s = min(self.target(r).tpot_s for r in paced) * correction
+        tightest_tpot_s = min(self.target(r).tpot_s for r in paced)
+        self._step_limit_s = tightest_tpot_s * correction
         limits = [self._step_limit_s]
         widest = max(r.elastic_level for r in decodes)
         decode_only_s = self.cost_model.predict_s(self._decode_features) * self._level_fraction(widest, False)
@@ -532,7 +533,7 @@ class SLOPolicy(SchedulingPolicy):
         if decode_only_s < BANKING_DECODE_SHARE * self._step_limit_s:
             self._slack_limit_s = slack_limit_s
             limits.append(slack_limit_s)
-        pace_s = DECODE_PACE * min(self.target(r).tpot_s for r in paced)
+        pace_s = DECODE_PACE * tightest_tpot_s
         if decode_only_s < HURRY_DECODE_SHARE * pace_s:
             self._banked_limit_s = slack_limit_s
             self._banking_decode_share = decode_only_s / pace_s
@@ -583,19 +584,30 @@ class SLOPolicy(SchedulingPolicy):
         theirs too (measured at 1.5x load, such chunks were a third of the steps over the bound), so
         it takes what the bound leaves and moves on whenever no tight target is decoding.
 
+        A hurried prompt (HURRY_PRESSURE) does not crawl: it runs at least BANKED_CHUNK_TOKENS or
+        sits the step out, and every prompt with it, while the decodes bank slack (_hurried_chunk).
+
         A pruned prompt's chunk before its score window is priced at what it computes, the
         layers below the first prune layer (_PricedBeforeTheWindow), so it gets more tokens."""
         if self._step_limit_s is None:
             return num_new
         if phase(request) == 0 and self._is_urgent(request, now):
             return num_new  # (before pricing the step: every urgent decode asks, first)
+        if phase(request) != 0 and self._banking:
+            return 0  # a hurried prompt banks slack this step: no prompt runs (_hurried_chunk)
         base = features_of_scheduled(scheduled, _PricedBeforeTheWindow)
-        chunks = [s for s in scheduled if s.num_scheduled_tokens > 1]
+        has_chunk = any(s.num_scheduled_tokens > 1 for s in scheduled)
         widest = max((s.elastic_level for s in scheduled), default=request.elastic_level)
-        fraction = self._level_fraction(max(widest, request.elastic_level), phase(request) != 0 or bool(chunks))
+        fraction = self._level_fraction(max(widest, request.elastic_level), phase(request) != 0 or has_chunk)
         if phase(request) == 0:
             alongside = base + StepFeatures.of_chunk(request.num_computed_tokens, 1, True)
             return num_new if self.cost_model.predict_s(alongside) * fraction <= self._step_limit_s else 0
+        return self._prefill_chunk(request, num_new, base, has_chunk, fraction, now)
+
+    def _prefill_chunk(self, request: Request, num_new: int, base: StepFeatures, has_chunk: bool, fraction: float,
+                       now: float) -> int:
+        """limit_chunk for a prompt's chunk beside `base` (the step so far; has_chunk: whether it
+        holds a chunk already), priced at `fraction` of the full model."""
         plan = request.prune_plan
         pricing = None if plan is None else _PricedBeforeTheWindow(plan)
 
@@ -613,11 +625,9 @@ class SLOPolicy(SchedulingPolicy):
                                                           samples_at=request.num_tokens_to_compute, plan=pricing))
 
         tokens = fitted(self._step_limit_s)
-        if self._banking:
-            return 0
-        if not chunks and request.request_id in self._hurried and self._banked_limit_s is not None:
+        if not has_chunk and request.request_id in self._hurried and self._banked_limit_s is not None:
             return self._hurried_chunk(tokens, legal(min(num_new, BANKED_CHUNK_TOKENS)) or num_new, fitted)
-        if tokens >= minimum or chunks:
+        if tokens >= minimum or has_chunk:
             return tokens
         if self._slack_limit_s is None:
             return tokens if self._is_lost(request, now) else minimum
