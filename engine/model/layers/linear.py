@@ -325,7 +325,44 @@ class VocabEmbedding(nn.Module):
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
 
+# PERF: oneDNN compiles a kernel (a primitive) for every new (rows, weight shape) a prepacked weight
+# meets: ~3 ms on a 2-vCPU Xeon with AMX, where the call itself takes ~1 ms at 300 rows.  It keeps
+# them in a cache of ONEDNN_PRIMITIVE_CACHE_CAPACITY entries (1,024 by default).  A step's rows
+# vary step to step in chunked prefill (chunks fitted to a TPOT bound, decodes joining and leaving,
+# a pruned prompt's kept rows), and an elastic model has a weight shape per layer width (63 for
+# SmolLM2), so the cache kept missing.  In #15's 1.5x run (auto, one process), 939 of 16,716 calls
+# compiled, 5.8 s of the 14.6 s in these calls; one step of 5 rows beside a pruned document took
+# 888 ms, 710 of them here.  Rows are padded up to a bucket (packed_rows_bucket), so shapes repeat:
+# documents prefilled in chunks of 37-304 tokens beside 4 decodes ran 1.32x faster in a fresh
+# process and 1.78x once warm (benchmarks/prepacked_rows.py).
+PACKED_BUCKETS_PER_OCTAVE = 16
+PACKED_EXACT_ROWS = 16  # up to here every row count is its own bucket (decode steps: padding would be most of the work)
+
+
+def packed_rows_bucket(rows: int) -> int:
+    """The row count a prepacked linear runs `rows` rows at: `rows` itself up to PACKED_EXACT_ROWS,
+    else rounded up to a multiple of 1/PACKED_BUCKETS_PER_OCTAVE of its power of two (never less
+    than PACKED_EXACT_ROWS): at most PACKED_BUCKETS_PER_OCTAVE shapes for the rows of an octave
+    (2^k, 2^(k+1)], under 1/16 more rows from 256 rows, at most 15 more below."""
+    if rows <= PACKED_EXACT_ROWS:
+        return rows
+    granule = max(PACKED_EXACT_ROWS, (1 << (rows.bit_length() - 1)) // PACKED_BUCKETS_PER_OCTAVE)
+    return -(-rows // granule) * granule
+
+
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [rows, in] @ a prepacked weight, run at packed_rows_bucket(rows) rows (the padding rows
+    are zeros; each output row depends on its own input row only)."""
+    rows = x.shape[0]
+    bucket = packed_rows_bucket(rows)
+    if bucket == rows:
+        return _onednn_linear(x, packed, bias)
+    padded = x.new_zeros((bucket, x.shape[1]))
+    padded[:rows] = x
+    return _onednn_linear(padded, packed, bias)[:rows]
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
