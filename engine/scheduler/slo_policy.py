@@ -144,7 +144,9 @@ class SLOPolicy(SchedulingPolicy):
         self.choice = choice
         self._step_limit_s: float | None = None  # each step's bound from the tightest TPOT target; None: none
         self._slack_limit_s: float | None = None  # this step's bound from the decodes' banked slack
-        self._banked_limit_s: float | None = None  # the same for a hurried prompt (HURRY_DECODE_SHARE)
+        # The decodes' banked slack as a step bound, where either rule lets decode-only steps bank
+        # (BANKING_DECODE_SHARE for any chunk: then _slack_limit_s; HURRY_DECODE_SHARE for a hurried prompt)
+        self._decode_slack_s: float | None = None
         # Of the wall time, the share decode-only steps take where they can bank slack for a hurried
         # prompt (under HURRY_DECODE_SHARE of the pace); None where they cannot (as of the last step).
         self._banking_decode_share: float | None = None
@@ -514,7 +516,7 @@ class SLOPolicy(SchedulingPolicy):
         paced = [r for r in decodes if self.target(r).tpot_s is not None]
         room = max_budget - len(decodes)
         self._decode_features = _decode_features(decodes)
-        self._step_limit_s = self._slack_limit_s = self._banked_limit_s = self._banking_decode_share = None
+        self._step_limit_s = self._slack_limit_s = self._decode_slack_s = self._banking_decode_share = None
         self._banking = False
         if not paced:
             return max_budget
@@ -528,17 +530,20 @@ class SLOPolicy(SchedulingPolicy):
         limits = [self._step_limit_s]
         widest = max(r.elastic_level for r in decodes)
         decode_only_s = self.cost_model.predict_s(self._decode_features) * self._level_fraction(widest, False)
-        # Slack against each target's DECODE_PACE schedule: a margin over the whole request.
-        slack_limit_s = (min(self.next_token_due(r, DECODE_PACE) for r in paced) - now) / self.cost_model.mixed_step_ratio
-        if decode_only_s < BANKING_DECODE_SHARE * self._step_limit_s:
-            self._slack_limit_s = slack_limit_s
-            limits.append(slack_limit_s)
         pace_s = DECODE_PACE * tightest_tpot_s
-        if decode_only_s < HURRY_DECODE_SHARE * pace_s:
-            self._banked_limit_s = slack_limit_s
+        chunks_bank = decode_only_s < BANKING_DECODE_SHARE * self._step_limit_s
+        hurried_bank = decode_only_s < HURRY_DECODE_SHARE * pace_s
+        if chunks_bank or hurried_bank:
+            # Slack against each target's DECODE_PACE schedule: a margin over the whole request.
+            self._decode_slack_s = ((min(self.next_token_due(r, DECODE_PACE) for r in paced) - now)
+                                    / self.cost_model.mixed_step_ratio)
+        if chunks_bank:
+            self._slack_limit_s = self._decode_slack_s
+            limits.append(self._decode_slack_s)
+        if hurried_bank:
             self._banking_decode_share = decode_only_s / pace_s
             if self._hurried:
-                limits.append(slack_limit_s)
+                limits.append(self._decode_slack_s)
         mixed_fraction = self._level_fraction(widest, True)
         prefill_tokens = max(self.cost_model.max_chunk_tokens(due, num_computed_tokens=0, max_tokens=room,
                                                               budget_s=limit_s / mixed_fraction) for limit_s in limits)
@@ -625,7 +630,7 @@ class SLOPolicy(SchedulingPolicy):
                                                           samples_at=request.num_tokens_to_compute, plan=pricing))
 
         tokens = fitted(self._step_limit_s)
-        if not has_chunk and request.request_id in self._hurried and self._banked_limit_s is not None:
+        if not has_chunk and request.request_id in self._hurried and self._banking_decode_share is not None:
             return self._hurried_chunk(tokens, legal(min(num_new, BANKED_CHUNK_TOKENS)) or num_new, fitted)
         if tokens >= minimum or has_chunk:
             return tokens
@@ -638,11 +643,11 @@ class SLOPolicy(SchedulingPolicy):
         """A hurried prompt's chunk (HURRY_PRESSURE): what the bound fits where that is at least
         `wanted` tokens, else what the decodes' banked slack fits where that is, else none: the
         step runs the decodes alone (no other prompt beside: it would spend the step's room) and
-        banks slack.  Decode-only steps take under BANKING_DECODE_SHARE of the bound here, so
-        slack grows every step and the prompt cannot starve."""
+        banks slack.  Decode-only steps take under HURRY_DECODE_SHARE of the decodes' pace here,
+        so slack grows every step and the prompt cannot starve."""
         if tokens >= wanted:
             return tokens
-        banked = fitted(self._banked_limit_s)
+        banked = fitted(self._decode_slack_s)
         if banked >= wanted:
             return banked
         self._banking = True

@@ -357,8 +357,9 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
     bucket = packed_rows_bucket(rows)
     if bucket == rows:
         return _onednn_linear(x, packed, bias)
-    padded = x.new_zeros((bucket, x.shape[1]))
+    padded = x.new_empty((bucket, x.shape[1]))
     padded[:rows] = x
+    padded[rows:] = 0
     return _onednn_linear(padded, packed, bias)[:rows]
 
 
