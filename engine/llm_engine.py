@@ -21,9 +21,9 @@ from engine.profiling import profile_level_costs, profile_step_costs
 from engine.prompt_pruning import PrunePlan, stage_fractions
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
-from engine.scheduler.cost_model import StepCostModel, features_of
+from engine.scheduler.cost_model import StepCostModel, features_of, features_of_scheduled
 from engine.scheduler.elastic_choice import AUTO, KEEP_LADDER, ElasticChoice, allowed_keeps
-from engine.scheduler.knob_costs import KnobCosts
+from engine.scheduler.knob_costs import KnobCosts, StepLevels
 from engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from engine.scheduler.policy import FCFSPolicy
 from engine.scheduler.policy_factory import make_policy
@@ -386,17 +386,22 @@ class LLMEngine:
 
     def _observe_step(self, scheduler_output: SchedulerOutput, elapsed_s: float) -> None:
         """Refine the step cost model from full-level steps, and a level's cost fractions from
-        steps at that level (against the cost model's full-level prediction).  Never both from
-        one step: a fraction fitted against a prediction that was itself fitted through that
-        fraction feeds back on itself (a fraction that dips inflates the model, which lowers the
-        next observed fraction, and so on: measured here, it ran away within a minute)."""
+        steps at that level (against the cost model's full-level prediction; a step whose chunks
+        and decodes run at different levels teaches its chunks' level, KnobCosts.observe_step).
+        Never both from one step: a fraction fitted against a prediction that was itself fitted
+        through that fraction feeds back on itself (a fraction that dips inflates the model, which
+        lowers the next observed fraction, and so on: measured here, it ran away within a minute)."""
         features = features_of(scheduler_output)
-        level = max(s.elastic_level for s in scheduler_output.scheduled)  # the widest row sets the cost
-        if level == FULL_LEVEL or self.knob_costs is None or level not in self.knob_costs.decode_fraction:
+        levels = StepLevels.of(scheduler_output.scheduled)
+        costs = self.knob_costs
+        if costs is None or levels.widest not in costs.decode_fraction or (
+                levels.widest == FULL_LEVEL and not levels.is_mixed):
             self.cost_model.observe(features, elapsed_s)
             return
-        self.knob_costs.observe(level, features.num_prefill_seqs == 0, self.cost_model.predict_s(features), elapsed_s,
-                                self.cost_model.attention_share(features))
+        decodes_s = 0.0 if not levels.is_mixed else self.cost_model.predict_s(
+            features_of_scheduled(s for s in scheduler_output.scheduled if s.num_scheduled_tokens == 1))
+        costs.observe_step(levels, self.cost_model.predict_s(features), decodes_s, elapsed_s,
+                           self.cost_model.attention_share(features))
 
     def _elastic_choice(self, checkpoint: ElasticCheckpoint | None) -> ElasticChoice | None:
         """How the slo policy picks settings for auto requests: each level's measured cost

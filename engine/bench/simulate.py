@@ -50,7 +50,7 @@ from engine.sampling_params import SamplingParams
 from engine.elastic.quality_table import DEFAULT_QUALITY, QualityTable
 from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of, features_of_chunks
 from engine.scheduler.elastic_choice import AUTO, ElasticChoice, allowed_keeps
-from engine.scheduler.knob_costs import KnobCosts
+from engine.scheduler.knob_costs import KnobCosts, StepLevels
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
 from engine.scheduler.policy import AdmissionRejected
 from engine.scheduler.policy_factory import make_policy
@@ -262,7 +262,7 @@ class Replica:
         decodes and prefill chunks together takes mixed_step_excess_s longer than the linear
         prediction (an overrun in seconds, not a ratio: see StepCostModel).  Scaled by the knobs:
         a pruned prompt's prefill chunks count their full-model-equivalent tokens, and the step
-        runs at its widest row's level (knob_costs.py)."""
+        is priced at its rows' levels (KnobCosts.priced_s)."""
         features = features_of(output)
         is_mixed = features.num_prefill_seqs and features.num_decode_context_tokens
         excess_s = self.cost_model.mixed_step_excess_s if is_mixed else 0.0
@@ -270,11 +270,14 @@ class Replica:
         if costs is None:
             return max(0.0, self.cost_model.predict_s(features) + excess_s)
         chunks = [(s.num_computed_tokens, _pruned_tokens(s, costs), s.samples) for s in output.scheduled]
-        level = max(s.elastic_level for s in output.scheduled)
+        levels = StepLevels.of(output.scheduled)
         computed = features_of_chunks(chunks)
-        fraction = (costs.fraction(level, features.num_prefill_seqs == 0, self.cost_model.attention_share(computed))
-                    if level in costs.decode_fraction else 1.0)
-        return max(0.0, self.cost_model.predict_s(computed) + excess_s) * fraction
+        full_s = max(0.0, self.cost_model.predict_s(computed) + excess_s)
+        if levels.widest not in costs.decode_fraction:
+            return full_s
+        decodes_s = 0.0 if not levels.is_mixed else self.cost_model.predict_s(
+            features_of_chunks(c for c, s in zip(chunks, output.scheduled) if s.num_scheduled_tokens == 1))
+        return costs.priced_s(full_s, decodes_s, levels, self.cost_model.attention_share(computed))
 
     def end_step(self) -> list[Request]:
         output, self.now = self.in_flight

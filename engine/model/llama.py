@@ -33,6 +33,16 @@ from engine.model.layers.rotary import RotaryEmbedding
 from engine.model.sharding import TensorParallelShard
 
 
+# A step mixing levels runs each level's rows through that level's slices from this many rows
+# (_forward_level_groups of both blocks); below it, every row runs at the widest level present.
+GROUPED_LEVELS_MIN_ROWS = 64
+
+
+def runs_level_groups(num_rows: int, rows: ElasticRows | None) -> bool:
+    """Whether a block on level slices runs each level's rows through its own slices this step."""
+    return rows is not None and num_rows >= GROUPED_LEVELS_MIN_ROWS and len(rows.level_groups()) > 1
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, plan: ComputePlan,
                  elastic: BlockElasticity | None = None, scorer: WindowScorer | None = None) -> None:
@@ -57,6 +67,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         path = "plain" if self.elastic is None else elastic_path(x.shape[0], batch.elastic, self.wqkv, self.wo)
         if path == "slices":
+            if runs_level_groups(x.shape[0], batch.elastic):
+                return self._forward_level_groups(x, kv_cache, batch, batch.elastic)
             return self._forward_level_slice(x, kv_cache, batch, batch.elastic)
         if path == "tiles":
             return self._forward_tiles(x, kv_cache, batch, batch.elastic)
@@ -81,6 +93,39 @@ class SelfAttention(nn.Module):
         folded.add_biases(out, levels)
         return out
 
+    def _forward_level_groups(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch,
+                              rows: ElasticRows) -> torch.Tensor:
+        """Prepacked weights, rows of several levels in a large step: each level's rows through
+        its own QKV and o_proj slices (as FeedForward._forward_level_groups), attention once over
+        every row at the widest level's head slots, each row reading its own level's heads.
+        PERF: a prefill chunk at level 40 beside decodes at 70 ran its Q and o_proj at 70's heads
+        (every head: levels above 55 keep them all), ~25% more time than the same chunk beside
+        decodes at 40 (benchmarks/README.md, "Mixed levels in large steps")."""
+        folded, widths, kv_width = self.elastic.folded, self.elastic.widths, 2 * self.kv_dim
+        widest = widths[RowLevels.of(rows).widest]
+        groups = rows.level_groups()
+        x_levels = rows.to_level_order(x)
+        # Level order.  Zeros: a narrower row's query-head slots past its level stay finite (the
+        # backend may compute them; nothing reads their outputs).
+        qkv = x.new_zeros(x.shape[0], widest + kv_width)
+        side = x.new_empty(x.shape[0], folded.size)
+        for index, start, end in groups:
+            width = widths[index]
+            projected = self.wqkv.forward_level(x_levels[start:end], width)  # Q, K, V, side paths
+            qkv[start:end, :width] = projected[:, :width]
+            qkv[start:end, widest:] = projected[:, width:width + kv_width]
+            side[start:end] = projected[:, width + kv_width:]
+        heads = rows.to_level_order(self.attn(rows.to_batch_order(qkv), kv_cache, batch, rows.per_row(self.group_heads),
+                                              widest // self.kv_dim))
+        out = x.new_empty(x.shape[0], self.wo.out_features)
+        for index, start, end in groups:
+            width = widths[index]
+            wo_input = x.new_empty(end - start, width + folded.size)
+            wo_input[:, :width] = heads[start:end, :width]
+            folded.fill_hidden(side[start:end], wo_input[:, width:], RowLevels(None, index, index))
+            out[start:end] = self.wo.forward_level(wo_input, width, folded.biases[index])
+        return rows.to_batch_order(out)
+
     def _forward_tiles(self, x: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch,
                        rows: ElasticRows) -> torch.Tensor:
         """Weights with views (dense, quantized): column tiles in level order, side paths apart."""
@@ -102,11 +147,6 @@ class SelfAttention(nn.Module):
     __call__ = forward  # PERF: skips nn.Module.__call__, see engine/model/layers/__init__.py
 
 
-# A step mixing levels runs each level's rows through that level's FFN slices from this many rows
-# (FeedForward._forward_level_groups); below it, every row runs at the widest level present.
-GROUPED_LEVELS_MIN_ROWS = 64
-
-
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaArchConfig, plan: ComputePlan, elastic: BlockElasticity | None = None) -> None:
         super().__init__()
@@ -124,10 +164,9 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         path = "plain" if self.elastic is None else elastic_path(x.shape[0], batch.elastic, self.w13, self.w2)
         if path == "slices":
-            levels = RowLevels.of(batch.elastic)
-            if levels.single is None and x.shape[0] >= GROUPED_LEVELS_MIN_ROWS:
+            if runs_level_groups(x.shape[0], batch.elastic):
                 return self._forward_level_groups(x, batch.elastic)
-            return self._forward_level_slice(x, levels)
+            return self._forward_level_slice(x, RowLevels.of(batch.elastic))
         if path == "tiles":
             return self._forward_tiles(x, batch.elastic)
         return self.w2(self.act(self.w13(x, batch)), batch)

@@ -13,8 +13,10 @@ go to the work whose target is closest to being missed, and everything else paus
                 waits for decode-only steps to bank the slack it needs (a TPOT target is a mean).
                 Chunks are fitted beside the decodes that are due; a decode ahead of its schedule
                 sits out a step whose bound the chunk has filled, and a prompt whose TTFT target
-                is lost never breaks the bound.  A step is priced at the level it runs at (its
-                widest row's): the full model's prediction times that level's learned fraction;
+                is lost never breaks the bound.  A step is priced at the levels it runs at: the
+                full model's prediction times the learned fraction of its level, or, where its
+                chunks run at another level than its decodes, each part at its own
+                (KnobCosts.priced_s);
     settings    (auto requests, elastic_choice.py) each step: the level from the pressures the
                 targets put on the full model; an open prompt_keep from the queue and the load;
                 a prompt whose TTFT target is lost (not even its fastest prefill meets it) runs at
@@ -46,6 +48,7 @@ from engine.config import SLOConfig
 from engine.request import Request, SLOTarget
 from engine.scheduler.cost_model import StepFeatures, features_of_chunks, features_of_scheduled
 from engine.scheduler.elastic_choice import KEEP_LADDER
+from engine.scheduler.knob_costs import StepLevels
 from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingPolicy, phase
 
 if TYPE_CHECKING:
@@ -177,6 +180,7 @@ class SLOPolicy(SchedulingPolicy):
         self._fixed_for: StepFeatures | None = None  # the decode features _fixed_s was priced with
         self._fixed_s = 0.0
         self._last_step_s = cost_model.predict_s(StepFeatures.of_chunk(0, max_budget, False))
+        self._prompt_level: int | None = None  # the widest level among prompts to prefill, this step
 
     @staticmethod
     def target(request: Request) -> SLOTarget:
@@ -338,15 +342,13 @@ class SLOPolicy(SchedulingPolicy):
         self._observe_first_tokens()
         self._lost_at = -math.inf  # requests changed since the last step, even at the same time
         ttft_pressure, attention_share = self._walk_prompts_due(running, waiting, now)
-        if self.choice is None:
-            return
-        auto = [r for r in (*running, *waiting) if r.elastic_auto]
-        if not auto:
-            return
-        self.choice.choose_level(self.decode_pressure(running), ttft_pressure,
-                                 self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION), attention_share)
-        for request in auto:
-            request.elastic_level = self._level_of(request, now)
+        auto = [] if self.choice is None else [r for r in (*running, *waiting) if r.elastic_auto]
+        if auto:
+            self.choice.choose_level(self.decode_pressure(running), ttft_pressure,
+                                     self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION), attention_share)
+            for request in auto:
+                request.elastic_level = self._level_of(request, now)
+        self._prompt_level = max((r.elastic_level for r in (*running, *waiting) if phase(r) != 0), default=None)
 
     def _level_of(self, request: Request, now: float) -> int:
         """An auto request's level this step: the chosen one within its floor; a prompt whose
@@ -544,28 +546,37 @@ class SLOPolicy(SchedulingPolicy):
             self._banking_decode_share = decode_only_s / pace_s
             if self._hurried:
                 limits.append(self._decode_slack_s)
-        mixed_fraction = self._level_fraction(widest, True)
+        # Chunks priced at the widest prompt's level beside the decodes at theirs (limit_chunk
+        # prices each chunk at its own request's).
+        levels, due_s = StepLevels(widest, self._prompt_level or widest), self.cost_model.predict_s(due)
         prefill_tokens = max(self.cost_model.max_chunk_tokens(due, num_computed_tokens=0, max_tokens=room,
-                                                              budget_s=limit_s / mixed_fraction) for limit_s in limits)
+                                                              budget_s=self._full_budget_s(limit_s, due_s, levels))
+                             for limit_s in limits)
         # A hurried prompt's chunk is at least BANKED_CHUNK_TOKENS (limit_chunk decides whether it runs).
         least = BANKED_CHUNK_TOKENS if self._hurried and self._banking_decode_share is not None else MIN_PREFILL_TOKENS
         return len(decodes) + min(room, max(prefill_tokens, least))
 
     def _level_fraction(self, level: int, with_chunk: bool) -> float:
-        """A step's time at `level` (its widest row's: KnobCosts.fraction) over the cost model's
-        full-model prediction, as the knob costs have learned it.  The TPOT bounds are real
-        seconds and the cost model prices steps at the full model, so a step's prediction is
-        held to bound / this.  Priced at the full model instead, a step at a narrower level
-        was held to the full model's calibration, which the engine stops refining while steps
-        run narrower (LLMEngine._observe_step: the level's fraction learns instead), and which a
-        fixed narrower level never refines at all.  A step with a chunk is priced at the larger
-        of its level's prefill fractions (its attention share is not known yet)."""
+        """A step's time at one `level` over the cost model's full-model prediction, as the knob
+        costs have learned it (KnobCosts.fraction).  The TPOT bounds are real seconds and the
+        cost model prices steps at the full model, so a step's prediction is held to bound /
+        this.  Priced at the full model instead, a step at a narrower level was held to the full
+        model's calibration, which the engine stops refining while steps run narrower
+        (LLMEngine._observe_step: the level's fraction learns instead), and which a fixed
+        narrower level never refines at all.  A step with a chunk is priced at the larger of its
+        level's prefill fractions (its attention share is not known yet)."""
         if self.choice is None or level not in self.choice.costs.decode_fraction:
             return 1.0
-        costs = self.choice.costs
         if not with_chunk:
-            return costs.fraction(level, True)
-        return max(costs.fraction(level, False, 0.0), costs.fraction(level, False, 1.0))
+            return self.choice.costs.fraction(level, True)
+        return self.choice.costs.prefill_fraction_bound(level, None)
+
+    def _full_budget_s(self, limit_s: float, decodes_full_s: float, levels: StepLevels) -> float:
+        """What the full model may predict a step at for it to run within limit_s at these
+        levels (KnobCosts.full_budget_s; decodes_full_s: its decodes' part)."""
+        if self.choice is None or levels.widest not in self.choice.costs.decode_fraction:
+            return limit_s
+        return self.choice.costs.full_budget_s(limit_s, decodes_full_s, levels)
 
     def limit_chunk(self, request: Request, num_new: int, scheduled: Sequence[ScheduledRequest], now: float) -> int:
         """The most of num_new tokens whose chunk, at its position and beside what the step
@@ -602,17 +613,26 @@ class SLOPolicy(SchedulingPolicy):
             return 0  # a hurried prompt banks slack this step: no prompt runs (_hurried_chunk)
         base = features_of_scheduled(scheduled, _PricedBeforeTheWindow)
         has_chunk = any(s.num_scheduled_tokens > 1 for s in scheduled)
-        widest = max((s.elastic_level for s in scheduled), default=request.elastic_level)
-        fraction = self._level_fraction(max(widest, request.elastic_level), phase(request) != 0 or has_chunk)
+        decodes = [s for s in scheduled if s.num_scheduled_tokens == 1]
+        levels = StepLevels.of(scheduled)
         if phase(request) == 0:
-            alongside = base + StepFeatures.of_chunk(request.num_computed_tokens, 1, True)
-            return num_new if self.cost_model.predict_s(alongside) * fraction <= self._step_limit_s else 0
-        return self._prefill_chunk(request, num_new, base, has_chunk, fraction, now)
+            levels = StepLevels(max(levels.decode or 0, request.elastic_level), levels.chunk)
+            own = StepFeatures.of_chunk(request.num_computed_tokens, 1, True)
+            decodes_s = (self.cost_model.predict_s(features_of_scheduled(decodes, _PricedBeforeTheWindow) + own)
+                         if levels.is_mixed else 0.0)
+            return num_new if self._full_budget_s(self._step_limit_s, decodes_s, levels) >= self.cost_model.predict_s(
+                base + own) else 0
+        levels = StepLevels(levels.decode, max(levels.chunk or 0, request.elastic_level))
+        decodes_s = (self.cost_model.predict_s(features_of_scheduled(decodes, _PricedBeforeTheWindow))
+                     if levels.is_mixed else 0.0)
+        return self._prefill_chunk(request, num_new, base, has_chunk,
+                                   lambda limit_s: self._full_budget_s(limit_s, decodes_s, levels), now)
 
-    def _prefill_chunk(self, request: Request, num_new: int, base: StepFeatures, has_chunk: bool, fraction: float,
-                       now: float) -> int:
+    def _prefill_chunk(self, request: Request, num_new: int, base: StepFeatures, has_chunk: bool,
+                       full_budget_s: Callable[[float], float], now: float) -> int:
         """limit_chunk for a prompt's chunk beside `base` (the step so far; has_chunk: whether it
-        holds a chunk already), priced at `fraction` of the full model."""
+        holds a chunk already); full_budget_s: a bound in seconds -> the full-model prediction
+        the step may reach within it at its levels."""
         plan = request.prune_plan
         pricing = None if plan is None else _PricedBeforeTheWindow(plan)
 
@@ -626,7 +646,7 @@ class SLOPolicy(SchedulingPolicy):
         minimum = legal(min(num_new, MIN_PREFILL_TOKENS)) or num_new
 
         def fitted(limit_s: float) -> int:
-            return legal(self.cost_model.max_chunk_tokens(base, request.num_computed_tokens, num_new, limit_s / fraction,
+            return legal(self.cost_model.max_chunk_tokens(base, request.num_computed_tokens, num_new, full_budget_s(limit_s),
                                                           samples_at=request.num_tokens_to_compute, plan=pricing))
 
         tokens = fitted(self._step_limit_s)

@@ -8,7 +8,7 @@ import pytest
 from engine.elastic.checkpoint import ADAPTERS_FILE
 from engine.elastic.quality_table import DEFAULT_QUALITY, DEFAULT_QUALITY_DISTILLED, QualityTable, load_quality_table
 from engine.scheduler.elastic_choice import CLIMB_MARGIN, ElasticChoice
-from engine.scheduler.knob_costs import KnobCosts
+from engine.scheduler.knob_costs import KnobCosts, StepLevels
 
 LEVELS = (100, 90, 70, 40)
 DECODE = {100: 1.0, 90: 0.95, 70: 0.85, 40: 0.7}
@@ -89,6 +89,39 @@ def test_observed_steps_move_their_levels_fraction() -> None:
     assert costs.fraction(40, False) == PREFILL[40] and costs.fraction(70, True) == DECODE[70]
     with pytest.raises(ValueError):
         KnobCosts(LEVELS, {100: 1.0}, dict(PREFILL))
+
+
+def test_a_step_whose_chunks_and_decodes_run_at_different_levels_is_priced_in_two_parts() -> None:
+    """Decodes at 70 beside a chunk at 40: the decodes' share of the full model's prediction at
+    70's decode fraction, the rest at 40's prefill fraction; one level: the whole at its own."""
+    costs = KnobCosts(LEVELS, dict(DECODE), dict(PREFILL))
+    mixed = StepLevels(decode=70, chunk=40)
+    assert mixed.is_mixed and mixed.widest == 70 and not StepLevels(40, 40).is_mixed
+    assert costs.priced_s(0.2, 0.05, mixed) == pytest.approx(0.05 * DECODE[70] + 0.15 * PREFILL[40])
+    assert costs.priced_s(0.2, 0.05, StepLevels(70, 70)) == pytest.approx(0.2 * PREFILL[70])
+    assert costs.priced_s(0.2, 0.2, StepLevels(70, None)) == pytest.approx(0.2 * DECODE[70])
+    assert costs.priced_s(0.2, 0.0, StepLevels(None, 40)) == pytest.approx(0.2 * PREFILL[40])
+    # full_budget_s inverts it: the largest full-model prediction priced within the bound.
+    for levels in (mixed, StepLevels(70, 70), StepLevels(70, None), StepLevels(100, 40)):
+        budget = costs.full_budget_s(0.1, 0.05, levels)
+        assert costs.priced_s(budget, 0.05, levels) == pytest.approx(0.1)
+    # A chunk at 40 beside decodes at 70 fits more than the same step priced whole at 70.
+    assert costs.full_budget_s(0.1, 0.05, mixed) > 0.1 / PREFILL[70]
+
+
+def test_a_mixed_step_teaches_its_chunks_level_what_its_decodes_leave() -> None:
+    costs = KnobCosts(LEVELS, dict(DECODE), dict(PREFILL))
+    for _ in range(300):  # decodes predicted at 20 ms of 100, chunks ran at 0.5 of the full model
+        costs.observe_step(StepLevels(70, 40), 0.100, 0.020, 0.020 * DECODE[70] + 0.080 * 0.5)
+    assert costs.fraction(40, False) == pytest.approx(0.5, abs=0.01)
+    assert costs.fraction(70, False) == PREFILL[70] and costs.fraction(70, True) == DECODE[70]
+    before = dict(costs.prefill_fraction)
+    costs.observe_step(StepLevels(70, 40), 0.100, 0.060, 0.5)  # mostly decodes: says too little
+    costs.observe_step(StepLevels(70, 100), 0.100, 0.010, 0.5)  # full-level chunks: the cost model's
+    costs.observe_step(StepLevels(70, 40), 0.100, 0.020, 0.001)  # its decodes alone overran it
+    assert costs.prefill_fraction == before
+    costs.observe_step(StepLevels(40, 40), 0.100, 0.0, 0.1)  # one level: as observe
+    assert costs.fraction(40, False) > 0.5
 
 
 def test_a_levels_prefill_saves_more_of_a_prompt_that_is_more_attention() -> None:
