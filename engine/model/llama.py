@@ -102,8 +102,8 @@ class SelfAttention(nn.Module):
         (every head: levels above 55 keep them all), ~25% more time than the same chunk beside
         decodes at 40 (benchmarks/README.md, "Mixed levels in large steps")."""
         folded, widths, kv_width = self.elastic.folded, self.elastic.widths, 2 * self.kv_dim
-        widest = widths[RowLevels.of(rows).widest]
-        groups = rows.level_groups()
+        groups = rows.level_groups()  # widest first
+        widest = widths[groups[0][0]]
         x_levels = rows.to_level_order(x)
         # Level order.  Zeros: a narrower row's query-head slots past its level stay finite (the
         # backend may compute them; nothing reads their outputs).

@@ -548,7 +548,8 @@ class SLOPolicy(SchedulingPolicy):
                 limits.append(self._decode_slack_s)
         # Chunks priced at the widest prompt's level beside the decodes at theirs (limit_chunk
         # prices each chunk at its own request's).
-        levels, due_s = StepLevels(widest, self._prompt_level or widest), self.cost_model.predict_s(due)
+        levels = StepLevels(widest, self._prompt_level or widest)
+        due_s = self.cost_model.predict_s(due) if levels.is_mixed else 0.0
         prefill_tokens = max(self.cost_model.max_chunk_tokens(due, num_computed_tokens=0, max_tokens=room,
                                                               budget_s=self._full_budget_s(limit_s, due_s, levels))
                              for limit_s in limits)
@@ -613,20 +614,26 @@ class SLOPolicy(SchedulingPolicy):
             return 0  # a hurried prompt banks slack this step: no prompt runs (_hurried_chunk)
         base = features_of_scheduled(scheduled, _PricedBeforeTheWindow)
         has_chunk = any(s.num_scheduled_tokens > 1 for s in scheduled)
-        decodes = [s for s in scheduled if s.num_scheduled_tokens == 1]
         levels = StepLevels.of(scheduled)
         if phase(request) == 0:
-            levels = StepLevels(max(levels.decode or 0, request.elastic_level), levels.chunk)
             own = StepFeatures.of_chunk(request.num_computed_tokens, 1, True)
-            decodes_s = (self.cost_model.predict_s(features_of_scheduled(decodes, _PricedBeforeTheWindow) + own)
-                         if levels.is_mixed else 0.0)
-            return num_new if self._full_budget_s(self._step_limit_s, decodes_s, levels) >= self.cost_model.predict_s(
-                base + own) else 0
+            levels = StepLevels(max(levels.decode or 0, request.elastic_level), levels.chunk)
+            decodes_s = self._decodes_full_s(scheduled, levels, own)
+            return num_new if self.cost_model.predict_s(base + own) <= self._full_budget_s(
+                self._step_limit_s, decodes_s, levels) else 0
         levels = StepLevels(levels.decode, max(levels.chunk or 0, request.elastic_level))
-        decodes_s = (self.cost_model.predict_s(features_of_scheduled(decodes, _PricedBeforeTheWindow))
-                     if levels.is_mixed else 0.0)
+        decodes_s = self._decodes_full_s(scheduled, levels)
         return self._prefill_chunk(request, num_new, base, has_chunk,
                                    lambda limit_s: self._full_budget_s(limit_s, decodes_s, levels), now)
+
+    def _decodes_full_s(self, scheduled: Sequence[ScheduledRequest], levels: StepLevels,
+                        extra: StepFeatures = StepFeatures()) -> float:
+        """The full model's prediction of the step's decodes (and `extra`), which pricing needs
+        apart only where chunks and decodes run at different levels (0 elsewhere: unused)."""
+        if not levels.is_mixed:
+            return 0.0
+        decodes = features_of_scheduled((s for s in scheduled if s.num_scheduled_tokens == 1), _PricedBeforeTheWindow)
+        return self.cost_model.predict_s(decodes + extra)
 
     def _prefill_chunk(self, request: Request, num_new: int, base: StepFeatures, has_chunk: bool,
                        full_budget_s: Callable[[float], float], now: float) -> int:
