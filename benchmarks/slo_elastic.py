@@ -292,7 +292,8 @@ def simulated(slo_llm: LLM, llm: LLM, variant: list[TraceRequest], policy: str, 
                        slo_best_effort=engine.scheduler.policy.config.best_effort,  # (fcfs reads no SLO config)
                        max_num_seqs=args.max_num_seqs, num_kv_blocks=llm.engine.kv.pool.num_blocks,
                        max_model_len=engine.max_model_len, enable_prefix_caching=False,
-                       knob_costs=engine.knob_costs, quality=engine.scheduler.policy.choice.quality)
+                       knob_costs=engine.knob_costs, quality=engine.scheduler.policy.choice.quality,
+                       min_pruned_prompt_tokens=engine.config.prompt_pruning.min_prompt_tokens)
     requests = [SimRequest(len(r.prompt_token_ids), r.output_len, r.arrival_time_s, slo=r.slo, **r.elastic)
                 for r in variant]
     if policy == "fcfs":

@@ -212,12 +212,18 @@ class LLMEngine:
     def _keep_options(self, num_prompt_tokens: int, prompt_keep: float | str | None, min_keep: float | None,
                       scoring: str | None) -> dict[float, PrunePlan | None]:
         """prompt_keep -> prune plan: the one keep asked for, or for "auto" every keep of the
-        choice's ladder at or above the floor (only the whole prompt where pruning is off)."""
+        choice's ladder at or above the floor (only the whole prompt where pruning is off).  A
+        keep that prunes nothing (a prompt under min_prompt_tokens) is the whole prompt, 1.0: so
+        usage and metrics report what ran, and the SLO policy does not count a short prompt's
+        "pruning" as saved time or lost quality (at 0.5x load, chats were reported at keep
+        0.3-0.5 with every token computed)."""
         if prompt_keep != AUTO:
             keep = self.config.prompt_pruning.default_keep if prompt_keep is None else prompt_keep
-            return {keep if isinstance(keep, int | float) else 1.0: self._prune_plan(num_prompt_tokens, keep, scoring)}
+            plan = self._prune_plan(num_prompt_tokens, keep, scoring)
+            return {keep if plan is not None else 1.0: plan}
         ladder = KEEP_LADDER if self.runner.prune_layers else (1.0,)
-        return {keep: self._prune_plan(num_prompt_tokens, keep, scoring) for keep in allowed_keeps(min_keep, ladder)}
+        plans = {keep: self._prune_plan(num_prompt_tokens, keep, scoring) for keep in allowed_keeps(min_keep, ladder)}
+        return {keep if plan is not None else 1.0: plan for keep, plan in plans.items()}
 
     def _prune_plan(self, num_prompt_tokens: int, prompt_keep: float | None,
                     scoring: str | None = None) -> PrunePlan | None:

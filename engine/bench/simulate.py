@@ -43,7 +43,7 @@ import numpy as np
 from engine.bench.arrivals import arrival_times
 from engine.bench.metrics import RequestRecord, summarize
 from engine.bench.workload import DATASETS, load_tokenizer, sample_requests
-from engine.config import SchedulerConfig, SLOConfig
+from engine.config import PromptPruningConfig, SchedulerConfig, SLOConfig
 from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
@@ -165,6 +165,9 @@ class SimConfig:
     knob_costs: KnobCosts | None = None
     # How good each setting is, as the engine's SLO policy ranks them (its checkpoint's table).
     quality: QualityTable = DEFAULT_QUALITY
+    # Prompts shorter than this are never pruned: their prompt_keep is 1 whatever they ask (the
+    # engine's PromptPruningConfig.min_prompt_tokens).
+    min_pruned_prompt_tokens: int = PromptPruningConfig.min_prompt_tokens
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -350,21 +353,23 @@ def _arrive(replica: Replica, index: int, spec: SimRequest, timeline: _Timeline,
     request = Request(request_id=str(index), prompt_token_ids=list(token_ids),
                       sampling_params=SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True),
                       max_tokens=spec.output_len, arrival_time=now, priority=spec.priority,
-                      slo=spec.slo or config.slo_target(), **_elastic_fields(spec))
+                      slo=spec.slo or config.slo_target(), **_elastic_fields(spec, config))
     try:
         replica.scheduler.add_request(request)
     except AdmissionRejected as rejection:
         timeline.error = f"rejected: {rejection}"
 
 
-def _elastic_fields(spec: SimRequest) -> dict:
+def _elastic_fields(spec: SimRequest, config: SimConfig) -> dict:
     """Request fields of the spec's elastic settings.  Pruned prompts keep one KV group here (no
-    prune plan): only their cost is simulated (Replica.step_s)."""
+    prune plan): only their cost is simulated (Replica.step_s).  A prompt too short to prune
+    runs whole, as in the engine (LLMEngine._keep_options)."""
     level_auto, keep_auto = spec.elastic_level == AUTO, spec.prompt_keep == AUTO
-    keeps = allowed_keeps(spec.min_prompt_keep)
+    prunable = spec.prompt_len >= config.min_pruned_prompt_tokens
+    keeps = allowed_keeps(spec.min_prompt_keep) if prunable else [1.0]
     return {"elastic_level": 100 if level_auto else spec.elastic_level, "elastic_auto": level_auto,
             "min_level": spec.min_level, "min_prompt_keep": spec.min_prompt_keep,
-            "prompt_keep": 1.0 if keep_auto else spec.prompt_keep,
+            "prompt_keep": 1.0 if keep_auto or not prunable else spec.prompt_keep,
             "keep_options": dict.fromkeys(keeps) if keep_auto and len(keeps) > 1 else None}
 
 

@@ -26,10 +26,11 @@ go to the work whose target is closest to being missed, and everything else paus
                 reachable in least-slack order (slack = TTFT deadline - now - predicted prefill
                 time), then decodes ahead of schedule, then work whose target is already lost;
     admission   a new request is refused (AdmissionRejected -> HTTP 429) or, with best_effort,
-                served last when its TTFT target is out of reach (the prefills due before it, at
-                the steps the budget gives, scaled by how late first tokens have come against such
-                predictions; an auto level counts at the lowest it may fall to) or when the decodes
-                already admitted leave no seat time for one more at its TPOT target.
+                served last when its TTFT target is out of reach (the prefills due before it,
+                less lost ones, which rank last anyway, at the steps the budget gives, scaled by
+                how late first tokens have come against such predictions; an auto level counts
+                at the lowest it may fall to) or when the decodes already admitted leave no seat
+                time for one more at its TPOT target.
 
 Step times come from a StepCostModel that the engine profiles at start-up and refines online.
 The engine fills a request's missing targets from the server defaults (SLOConfig); requests with
@@ -53,7 +54,7 @@ from engine.scheduler.policy import AdmissionRejected, Displacement, SchedulingP
 
 if TYPE_CHECKING:
     from engine.prompt_pruning import PrunePlan
-    from engine.scheduler.cost_model import StepCostModel
+    from engine.scheduler.cost_model import ChunkPlan, StepCostModel
     from engine.scheduler.elastic_choice import ElasticChoice
     from engine.scheduler.output import ScheduledRequest
 
@@ -393,7 +394,7 @@ class SLOPolicy(SchedulingPolicy):
             attention_s += request_work_s * self._attention_share(request)
             left_s = self.deadline(request) - now
             span_s, hurried = self._span_to_deadline_s(work_s, tokens, self.first_token_ratio, left_s)
-            if hurried:
+            if hurried or _at_window(request):
                 self._hurried.add(request.request_id)
             pressure = max(pressure, span_s / left_s)
         if self.choice is not None:
@@ -412,7 +413,7 @@ class SLOPolicy(SchedulingPolicy):
                             now: float) -> None:
         """An auto prompt_keep on arrival: the largest whose predicted first token, at the level
         auto requests run at now, meets the TTFT target."""
-        self._choose_keep_after(request, *self._prefill_due_before(request, waiting, running), now)
+        self._choose_keep_after(request, *self._prefill_due_before(request, waiting, running, now), now)
 
     def _choose_keep_after(self, request: Request, due_work_s: float, due_tokens: int, now: float) -> None:
         """The largest keep whose predicted first token, after `due_work_s` seconds of prefill
@@ -603,6 +604,14 @@ class SLOPolicy(SchedulingPolicy):
 
         A hurried prompt (HURRY_PRESSURE) does not crawl: it runs at least BANKED_CHUNK_TOKENS or
         sits the step out, and every prompt with it, while the decodes bank slack (_hurried_chunk).
+        So does a pruned prompt at its window (_at_window), whose one chunk left also runs every
+        kept token through the deep layers: the slack is banked for what that chunk computes.
+        Before, its plain 32 tokens late in a long prompt did not fit the bound beside the chats,
+        it waited for slack that other prompts' chunks took first, and its target was lost
+        (at 1.5x load under the floors, windows waited 4-10 s for a chunk of 0.15-0.4 s).
+
+        A second chunk in a step gets at least MIN_PREFILL_TOKENS (or the rest of its prompt) or
+        none: the budget's crumbs would pay a chunk's own cost for a token or two.
 
         A pruned prompt's chunk before its score window is priced at what it computes, the
         layers below the first prune layer (_PricedBeforeTheWindow), so it gets more tokens."""
@@ -640,6 +649,8 @@ class SLOPolicy(SchedulingPolicy):
         """limit_chunk for a prompt's chunk beside `base` (the step so far; has_chunk: whether it
         holds a chunk already); full_budget_s: a bound in seconds -> the full-model prediction
         the step may reach within it at its levels."""
+        if has_chunk and num_new < min(request.num_tokens_to_compute, MIN_PREFILL_TOKENS):
+            return 0  # what another chunk left of the budget: too little to pay a chunk's own cost
         plan = request.prune_plan
         pricing = None if plan is None else _PricedBeforeTheWindow(plan)
 
@@ -652,15 +663,19 @@ class SLOPolicy(SchedulingPolicy):
         # At a pruned prompt's window the only chunk is the rest of it (with the deep layers' rows).
         minimum = legal(min(num_new, MIN_PREFILL_TOKENS)) or num_new
 
-        def fitted(limit_s: float) -> int:
+        def fitted(limit_s: float, pricing: ChunkPlan | None = pricing) -> int:
             return legal(self.cost_model.max_chunk_tokens(base, request.num_computed_tokens, num_new, full_budget_s(limit_s),
                                                           samples_at=request.num_tokens_to_compute, plan=pricing))
 
         tokens = fitted(self._step_limit_s)
         if not has_chunk and request.request_id in self._hurried and self._banking_decode_share is not None:
+            if _at_window(request):  # its one chunk left: slack is banked for what it computes
+                return self._hurried_chunk(tokens, num_new, lambda limit_s: fitted(limit_s, plan))
             return self._hurried_chunk(tokens, legal(min(num_new, BANKED_CHUNK_TOKENS)) or num_new, fitted)
-        if tokens >= minimum or has_chunk:
+        if tokens >= minimum:
             return tokens
+        if has_chunk:
+            return 0  # room left over by another chunk: too little to pay a chunk's own cost
         if self._slack_limit_s is None:
             return tokens if self._is_lost(request, now) else minimum
         tokens = fitted(self._slack_limit_s)
@@ -720,17 +735,20 @@ class SLOPolicy(SchedulingPolicy):
         """Predicted time until the request's first token: every prefill due before it, and its
         own, at the steps this policy gives now (prefill_span_s; banked_span_s where it would
         hurry).  Seats are not the limit: decodes ahead of their TPOT schedule pause for prefills."""
-        due_work_s, due_tokens = self._prefill_due_before(request, waiting, running)
+        due_work_s, due_tokens = self._prefill_due_before(request, waiting, running, now)
         own_work_s, own_tokens = self.request_prefill_work(request)
         left_s = self.deadline(request) - now
         return self._span_to_deadline_s(own_work_s + due_work_s, own_tokens + due_tokens, 1.0, left_s)[0]
 
-    def _prefill_due_before(self, request: Request, waiting: Sequence[Request],
-                            running: Sequence[Request]) -> tuple[float, int]:
-        """(seconds of compute, tokens) of the prefills due before the request's (deadline order)."""
+    def _prefill_due_before(self, request: Request, waiting: Sequence[Request], running: Sequence[Request],
+                            now: float) -> tuple[float, int]:
+        """(seconds of compute, tokens) of the prefills due before the request's: deadline order,
+        less the prompts already lost (they rank after every other, _is_lost).  Counted, a document
+        whose target was lost made every document that came while it was served best effort:
+        ranked last, behind it (1.5x load, floors: one waited 12 s against a 2 s target)."""
         deadline = self.deadline(request)
         due = [self.request_prefill_work(r) for r in (*waiting, *running)
-               if phase(r) != 0 and not r.best_effort and self.deadline(r) <= deadline and r is not request]
+               if phase(r) != 0 and self.deadline(r) <= deadline and r is not request and not self._is_lost(r, now)]
         return sum(w for w, _ in due), sum(n for _, n in due)
 
     def decode_seat_demand(self, requests: Sequence[Request]) -> float:
@@ -765,6 +783,13 @@ class _PricedBeforeTheWindow:
 def _as_whole(plan: PrunePlan) -> None:
     """Pricing (features_of_scheduled) of a pruned prompt's chunks as the whole prompt's: no plan."""
     return None
+
+
+def _at_window(request: Request) -> bool:
+    """Whether a pruned prompt's next chunk can only be the rest of it: its score window, with
+    the deep layers' rows of every kept token (PrunePlan.chunk_size)."""
+    plan = request.prune_plan
+    return plan is not None and plan.window_start <= request.num_computed_tokens < plan.num_prompt_tokens
 
 
 def _keep_open(request: Request) -> bool:

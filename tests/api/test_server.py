@@ -178,14 +178,15 @@ def test_64_concurrent_streams(client: openai.OpenAI) -> None:
 
 def test_usage_counts_prompt_tokens_computed_in_full(http: httpx.Client) -> None:
     """A prompt past the pruning threshold at prompt_keep 0.5 runs half its tokens through every
-    layer; vllm_xargs says the same; a short prompt is never pruned."""
+    layer; vllm_xargs says the same; a short prompt is never pruned, and says so (keep 1.0)."""
     long_prompt = "The grass is green. " * 120
     for extra in ({"elastic": {"prompt_keep": 0.5}}, {"vllm_xargs": {"prompt_keep": 0.5}}):
         usage = http.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 2, **extra}).json()["usage"]
         assert usage["prompt_tokens_computed_in_full"] == -(-usage["prompt_tokens"] // 2)
+        assert usage["prompt_keep"] == 0.5
     usage = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2,
                                                "elastic": {"prompt_keep": 0.5}}).json()["usage"]
-    assert usage["prompt_tokens_computed_in_full"] == usage["prompt_tokens"]
+    assert usage["prompt_tokens_computed_in_full"] == usage["prompt_tokens"] and usage["prompt_keep"] == 1.0
     assert "engine:pruned_prompt_tokens_total" in http.get("/metrics").text
 
 

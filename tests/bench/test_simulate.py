@@ -166,6 +166,17 @@ def test_the_simulator_models_elastic_levels_and_pruned_prompts() -> None:
     assert attained[0] > attained[1], attained
 
 
+def test_the_simulator_prunes_only_prompts_the_engine_would() -> None:
+    """A prompt under min_pruned_prompt_tokens runs whole (keep 1.0) whatever keep it asks, as in
+    the engine; a long one keeps what it asked."""
+    costs = KnobCosts((100, 40), {100: 1.0, 40: 0.6}, {100: 1.0, 40: 0.5}, (0.2, 0.3))
+    config = SimConfig(**{**vars(SMALL), "policy": "slo", "knob_costs": costs, "min_pruned_prompt_tokens": 64})
+    requests = [SimRequest(32, 4, 0.0, prompt_keep=0.3), SimRequest(128, 4, 0.0, prompt_keep=0.3),
+                SimRequest(32, 4, 0.0, prompt_keep="auto", min_prompt_keep=0.3)]
+    result = simulate(requests, config, MODEL)
+    assert [r.prompt_keep for r in result.records] == [1.0, 0.3, 1.0]
+
+
 def test_built_in_profiles_predict_sane_step_times() -> None:
     for name, profile in COST_PROFILES.items():
         model = profile.cost_model()

@@ -122,6 +122,23 @@ def test_bad_prompt_keep_is_refused(llm, prompt_ids):
         assert info.value.param == "elastic.prompt_keep"
 
 
+def test_a_prompt_too_short_to_prune_runs_and_reports_keep_one(llm, prompt_ids):
+    # Under min_prompt_tokens nothing is pruned, so whatever keep is asked, the request runs and
+    # reports the whole prompt, and an auto keep has nothing to choose; a long prompt at 0.5
+    # reports 0.5.
+    short = prompt_ids[:PRUNING.min_prompt_tokens - 1]
+    outputs = llm.generate([{"prompt_token_ids": short}, {"prompt_token_ids": prompt_ids}], GREEDY,
+                           use_tqdm=False, prompt_keep=0.5)
+    assert [o.prompt_keep for o in outputs] == [1.0, 0.5]
+    assert outputs[0].num_prompt_tokens_computed_in_full == len(short)
+    llm.engine.add_request("auto", short, GREEDY, prompt_keep="auto")
+    request = llm.engine.scheduler.requests["auto"]
+    assert request.keep_options is None and request.prompt_keep == 1.0 and request.prune_plan is None
+    llm.engine.abort_request("auto")
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+
+
 def _run(engine) -> tuple[dict, dict]:
     """Step to the end: the finished outputs, and the kept positions the runner reported."""
     finished, kept = {}, {}

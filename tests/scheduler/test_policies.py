@@ -663,6 +663,79 @@ def test_slo_a_lost_prompt_never_breaks_the_decodes_bound():
     assert 0 < tokens < 16 and step_s <= 0.054 + 1e-9
 
 
+def window_step(pair_s: float = 1e-5) -> tuple[float, float, float]:
+    """A chat decodes (TPOT 40 ms: paced to 36 ms) while a 1,000-token prompt pruned to a quarter
+    past the middle layer prefills (TTFT 30 s).  Each step costs 20 ms, 1 ms a token and pair_s a
+    query-key pair of prefill attention.  The step that ends the prompt runs its 8-token window
+    and the 250 kept rows through the deep half: ~80 ms of attention for the window and ~125 ms
+    for the rows, ~230 ms in all.  Returns (when that step ended, when the chat's next token was
+    due on its pace before it, the step's time)."""
+    clock = VirtualClock()
+    cost = StepCostModel(CostCoefficients(overhead_s=0.020, per_scheduled_token_s=0.001,
+                                          per_prefill_attention_pair_s=pair_s))
+    policy = SLOPolicy(SLOConfig(), StepCostModel(cost.coefficients), max_budget=256, max_num_seqs=8)
+    scheduler = Scheduler(KVCacheGroups.create(2048, 4, enable_prefix_caching=False, num_stages=1), policy,
+                          max_num_batched_tokens=256, max_num_seqs=8, max_model_len=4096, clock=clock)
+    scheduler.add_request(make_request("chat", 4, max_tokens=3000, slo=SLOTarget(tpot_s=0.040)))
+    slo_run(policy, clock, scheduler, cost, 1)
+    chat = scheduler.requests["chat"]
+    prompt = make_request("doc", 1000, max_tokens=1, arrival=clock.now, slo=SLOTarget(ttft_s=30.0))
+    prompt.prune_plan = PrunePlan(num_prompt_tokens=1000, kept_per_stage=(250,), window=8, fractions=(0.5,))
+    scheduler.add_request(prompt)
+    for _ in range(2000):
+        due = policy.next_token_due(chat, slo_policy.DECODE_PACE)
+        output = slo_run(policy, clock, scheduler, cost, 1)[0]
+        if any(s.request is prompt and s.num_computed_tokens >= 992 for s in output.scheduled):
+            return clock.now, due, cost.predict_s(features_of(output))
+    raise AssertionError("the window never ran")
+
+
+def test_slo_a_pruned_prompts_window_runs_on_slack_banked_for_what_it_computes():
+    # The window step is one chunk, deep rows and all.  It waits while decode-only steps bank
+    # slack for what it computes, so the chat's token after it still comes on its pace.
+    # (Banked for a plain 8-token chunk, the step ended ~150 ms past that token's time; with
+    # room for it under the bound, 8 tokens at position 992 not even priced to fit, the prompt
+    # waited for slack that other prompts' chunks could take, and at 1.5x load windows waited 4-10 s.)
+    end, due, step_s = window_step()
+    assert step_s > 0.2
+    assert end <= due + 1e-9
+
+
+def test_slo_a_second_chunk_gets_no_crumbs_of_the_budget():
+    # Beside a chat (a 54 ms bound) and a 10-token chunk, the budget leaves a second prompt 3
+    # tokens: it sits the step out rather than pay a chunk's own cost for them (documents that
+    # started on 1-token chunks crawled, at 1.5x load); 16 tokens it takes.
+    from engine.scheduler.output import ScheduledRequest
+
+    scheduler, policy, clock = slo_scheduler()
+    scheduler.add_request(make_request("chat", 4, max_tokens=400, slo=SLOTarget(tpot_s=0.060)))
+    step(scheduler, clock, step_s=0.01)
+    first = make_request("first", 300, max_tokens=1, arrival=clock.now, slo=SLOTarget(ttft_s=20.0))
+    second = make_request("second", 300, max_tokens=1, arrival=clock.now, slo=SLOTarget(ttft_s=30.0))
+    policy.token_budget(scheduler.running, 256, clock.now)
+    beside = [ScheduledRequest(first, 0, 10, [], samples=False)]
+    assert policy.limit_chunk(second, 3, beside, clock.now) == 0
+    assert policy.limit_chunk(second, 16, beside, clock.now) == 16
+    assert policy.limit_chunk(second, 3, [], clock.now) == 3  # alone, a prompt's only chunk
+
+
+def test_slo_a_lost_prompt_is_not_counted_before_a_new_arrival():
+    # A 2,000-token prompt whose 1 s target is lost ranks after every other prompt, so a
+    # 100-token prompt arriving with a 0.5 s target is admitted as servable (its own ~0.14 s of
+    # prefill), not served best effort behind it.
+    scheduler, policy, clock = slo_scheduler(best_effort=True)
+    lost = make_request("lost", 2000, max_tokens=1, slo=SLOTarget(ttft_s=3.0))
+    scheduler.add_request(lost)
+    clock.now = 2.5  # nothing ran: 2 s of prefill left, 0.5 s to its deadline
+    assert policy.rank_key(lost, clock.now)[0] == 3
+    new = make_request("new", 100, max_tokens=1, arrival=clock.now, slo=SLOTarget(ttft_s=0.5))
+    scheduler.add_request(new)
+    assert not new.best_effort
+    assert policy.first_token_eta_s(new, [lost, new], [], clock.now) == pytest.approx(
+        policy.first_token_eta_s(new, [new], [], clock.now))
+    assert ids(step(scheduler, clock, step_s=0.0))[0] == "new"
+
+
 def test_slo_prices_a_pruned_prompts_chunks_at_what_they_compute():
     # A prompt pruned to a quarter past the middle layer: its chunks before the window run half
     # the layers, so under a decode's 54 ms bound they get twice a whole prompt's ~32 tokens, and
