@@ -649,8 +649,6 @@ class SLOPolicy(SchedulingPolicy):
         """limit_chunk for a prompt's chunk beside `base` (the step so far; has_chunk: whether it
         holds a chunk already); full_budget_s: a bound in seconds -> the full-model prediction
         the step may reach within it at its levels."""
-        if has_chunk and num_new < min(request.num_tokens_to_compute, MIN_PREFILL_TOKENS):
-            return 0  # what another chunk left of the budget: too little to pay a chunk's own cost
         plan = request.prune_plan
         pricing = None if plan is None else _PricedBeforeTheWindow(plan)
 
@@ -663,19 +661,20 @@ class SLOPolicy(SchedulingPolicy):
         # At a pruned prompt's window the only chunk is the rest of it (with the deep layers' rows).
         minimum = legal(min(num_new, MIN_PREFILL_TOKENS)) or num_new
 
-        def fitted(limit_s: float, pricing: ChunkPlan | None = pricing) -> int:
+        def fitted(limit_s: float, priced_as: ChunkPlan | None = pricing) -> int:
             return legal(self.cost_model.max_chunk_tokens(base, request.num_computed_tokens, num_new, full_budget_s(limit_s),
-                                                          samples_at=request.num_tokens_to_compute, plan=pricing))
+                                                          samples_at=request.num_tokens_to_compute, plan=priced_as))
 
         tokens = fitted(self._step_limit_s)
-        if not has_chunk and request.request_id in self._hurried and self._banking_decode_share is not None:
+        if has_chunk:  # beside another chunk: a chunk's worth or none, not the budget's or the bound's crumbs
+            crumbs = tokens < minimum or num_new < min(request.num_tokens_to_compute, MIN_PREFILL_TOKENS)
+            return 0 if crumbs else tokens
+        if request.request_id in self._hurried and self._banking_decode_share is not None:
             if _at_window(request):  # its one chunk left: slack is banked for what it computes
                 return self._hurried_chunk(tokens, num_new, lambda limit_s: fitted(limit_s, plan))
             return self._hurried_chunk(tokens, legal(min(num_new, BANKED_CHUNK_TOKENS)) or num_new, fitted)
         if tokens >= minimum:
             return tokens
-        if has_chunk:
-            return 0  # room left over by another chunk: too little to pay a chunk's own cost
         if self._slack_limit_s is None:
             return tokens if self._is_lost(request, now) else minimum
         tokens = fitted(self._slack_limit_s)
