@@ -9,6 +9,13 @@ decode kernel.  This times `runner.execute` on synthetic steps (engine/profiling
 decode contexts, scattered KV blocks) both ways, alternating, and prints the median of each, with
 whether the step is within the bounds.  The layer-by-layer figures set each layer's bounds to zero.
 Writes benchmarks/results/one_call_steps.md.
+
+    .venv/bin/python benchmarks/one_call_steps.py --deep --levels 100,40    # about 3 minutes
+
+--deep sets ONE_CALL_MAX_PREFILL_PAIRS: small chunks deep in long prompts (8 or 16 tokens at
+512-3,072 keys, alone and beside 10 decodes), at each of --levels, layer by layer against one call
+with the pairs bound lifted (a level below 100 attends with fewer query heads in either way).
+Writes benchmarks/results/one_call_deep_chunks.md.
 """
 
 from __future__ import annotations
@@ -39,14 +46,58 @@ def steps() -> list[ProfileStep]:
     return cases
 
 
+def deep_steps(max_rows: int) -> list[ProfileStep]:
+    cases = []
+    for num_decodes in (0, 10):
+        for tokens in (8, 16):
+            for context in (512, 1024, 1536, 2048, 3072):
+                if num_decodes + tokens <= max_rows:
+                    cases.append(ProfileStep(f"{num_decodes} decodes + {tokens} tokens at {context}",
+                                             (*ragged_decodes(num_decodes, 256), prefill(tokens, context, samples=False))))
+    return cases
+
+
+def deep_chunks(engine, fused: list, limits: OneCallSteps, levels: list[int], rounds: int) -> str:
+    """Layer by layer against one call with the pairs bound lifted, at each level."""
+    lifted = OneCallSteps(limits.max_rows, 10 ** 9)
+    cases = deep_steps(limits.max_rows)
+    timings: dict[tuple[str, int, bool], list[float]] = {}
+    for _ in range(rounds):
+        for level in levels:
+            for one_call in (False, True):
+                for layer in fused:
+                    layer.limits = lifted if one_call else OneCallSteps(0, 0)
+                for step in cases:
+                    time_profile_step(engine, step, level)  # warm
+                    timings.setdefault((step.name, level, one_call), []).extend(
+                        time_profile_step(engine, step, level) for _ in range(4))
+    lines = [f"# Small chunks deep in long prompts: layer by layer against one call, pairs bound lifted "
+             f"({engine.runner.plan.weights_label}; the bound is {limits.max_prefill_pairs})", "",
+             "| step | prefill pairs | level | layer by layer ms | one call ms | ratio |", "|---|---|---|---|---|---|"]
+    for level in levels:
+        for step in cases:
+            before, after = (1000 * statistics.median(timings[(step.name, level, way)]) for way in (False, True))
+            lines.append(f"| {step.name} | {step.features.num_prefill_attention_pairs} | {level} | {before:.2f} | "
+                         f"{after:.2f} | {after / before:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two ways, 5 steps each")
+    parser.add_argument("--deep", action="store_true", help="chunks deep in long prompts, the pairs bound lifted")
+    parser.add_argument("--levels", default="100", help="elastic levels the --deep steps run at")
     args = parser.parse_args()
     llm = LLM(kv_cache_memory=0.25)
     engine = llm.engine
     limits = engine.runner.one_call_steps
     fused = [layer.fused_decode for layer in engine.runner.model.layers if layer.fused_decode is not None]
+    if args.deep:
+        text = deep_chunks(engine, fused, limits, [int(v) for v in args.levels.split(",")], args.rounds)
+        print(text)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "one_call_deep_chunks.md").write_text(text)
+        return
     timings: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.rounds):
         for one_call in (False, True):

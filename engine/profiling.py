@@ -139,6 +139,9 @@ def default_profile_steps(max_num_batched_tokens: int, max_num_seqs: int) -> lis
         # A chunk's tokens in such a step are rows like the decodes' (per_one_call_prefill_token_s).
         steps.append(ProfileStep(f"mixed {num_mixed} decodes + 16 tokens",
                                  (*ragged_decodes(num_mixed, 256), prefill(16, 256, samples=False))))
+        # ... and deep in a long prompt, where they attend in the decode kernel (per_one_call_prefill_pair_s).
+        steps.append(ProfileStep(f"mixed {num_mixed} decodes + 16 tokens at 1024",
+                                 (*ragged_decodes(num_mixed, 256), prefill(16, 1024, samples=False))))
         steps.append(ProfileStep("16 tokens at 256", (prefill(16, 256, samples=False),)))
     return steps
 

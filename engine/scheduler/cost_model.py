@@ -10,6 +10,7 @@ A step's wall time is the sum of the kinds of work it does, each proportional to
            + per_prefill_attention_pair_s * num_prefill_attention_pairs  prefill attention, n * (c + n) scores
            + per_prefill_step_s           * layer_by_layer                a step with prefill chunks runs layer by layer
            + per_one_call_prefill_token_s * one_call_prefill_tokens       ... or as one call: its chunk rows
+           + per_one_call_prefill_pair_s  * one_call_prefill_pairs        ... and their pairs in the decode kernel
 
 A request scheduled for tokens [c, c + n) is a decode when n == 1 (it reads c + 1 keys: memory
 bound) and a prefill chunk otherwise (n queries times c + n keys: compute bound), so the two kinds
@@ -32,6 +33,10 @@ per_scheduled_token_s: those tokens pay per_one_call_prefill_token_s on top.  Me
 2-vCPU Xeon with AMX (elastic, native weights, start-up fit without the term): a 16-token chunk at
 256 keys alone 20.2 ms against 14.5 predicted, beside 16 decodes 38.6 against 33.5, while decode
 steps ran at 0.98x their prediction; the SLO policy's mixed steps then ran 1.1-1.4x theirs.
+Such a chunk's tokens also attend in the decode kernel, row by row in fp32, where a layer-by-layer
+chunk attends with bf16 matmuls: per_one_call_prefill_pair_s is what a pair costs there beyond
+per_prefill_attention_pair_s (non-negative: where the decode kernel is as fast, as on an AMD EPYC
+without AMX, the fit leaves it at 0).  Measured on the 2-vCPU Xeon with AMX: ~0.4 us a pair more.
 
 A pruned prompt's chunk (engine/prompt_pruning.py) counts what it computes, in tokens of the whole
 model (PrunePlan.layer_counts): a chunk before the prompt's end runs only the layers below the first
@@ -190,6 +195,7 @@ class CostCoefficients:
     per_prefill_attention_pair_s: float = 0.0
     per_prefill_step_s: float = 0.0  # once per step with a prefill chunk (module docstring)
     per_one_call_prefill_token_s: float = 0.0  # a chunk token's extra cost where its step runs as one call
+    per_one_call_prefill_pair_s: float = 0.0  # a chunk pair's extra cost there (the decode kernel's attention)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -281,7 +287,8 @@ class StepCostModel:
         return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_prefill_seqs
                 + w[3] * features.num_sampled_seqs + w[4] * features.num_decode_context_tokens
                 + w[5] * features.num_prefill_attention_pairs
-                + (w[6] if self.runs_layer_by_layer(features) else w[7] * features.num_prefill_tokens))
+                + (w[6] if self.runs_layer_by_layer(features)
+                   else w[7] * features.num_prefill_tokens + w[8] * features.num_prefill_attention_pairs))
 
     def runs_layer_by_layer(self, features: StepFeatures) -> bool:
         """Whether a step with these features pays per_prefill_step_s (module docstring)."""
@@ -291,7 +298,9 @@ class StepCostModel:
         """The share of a step's predicted time that is prefill attention (its query x key pairs);
         0 for an empty step."""
         total_s = self.predict_s(features)
-        return self._weights[5] * features.num_prefill_attention_pairs / total_s if total_s > 0 else 0.0
+        w = self._weights
+        pair_s = w[5] if self.runs_layer_by_layer(features) else w[5] + w[8]
+        return pair_s * features.num_prefill_attention_pairs / total_s if total_s > 0 else 0.0
 
     def max_chunk_tokens(self, base: StepFeatures, num_computed_tokens: int, max_tokens: int,
                          budget_s: float, samples_at: int | None = None, plan: ChunkPlan | None = None) -> int:
@@ -400,9 +409,10 @@ def bounded_ewma(average: float, sample: float, weight: float, bounds: tuple[flo
 def _design_row(features: tuple[int, ...], one_call: OneCallSteps | None) -> tuple[float, ...]:
     """The regressors of a step (CostCoefficients order): 1, its first five features, whether it
     holds a prefill chunk (features[1] is num_prefill_seqs) that runs it layer by layer, and the
-    prefill tokens (features[5]) of one that runs it as one call."""
+    prefill tokens (features[5]) and pairs (features[4]) of one that runs it as one call."""
     layer_by_layer = features[1] > 0 and (one_call is None or not one_call.fits(features[0], features[4]))
-    return (1.0, *features[:5], float(layer_by_layer), 0.0 if layer_by_layer else float(features[5]))
+    one_call_tokens, one_call_pairs = (0.0, 0.0) if layer_by_layer else (float(features[5]), float(features[4]))
+    return (1.0, *features[:5], float(layer_by_layer), one_call_tokens, one_call_pairs)
 
 
 def _last_true(low: int, high: int, predicate: Callable[[int], bool]) -> int:

@@ -27,10 +27,12 @@ TRUE = CostCoefficients(overhead_s=0.015, per_scheduled_token_s=3e-4, per_prefil
 def true_time(features: StepFeatures, coefficients: CostCoefficients = TRUE,
               one_call: OneCallSteps | None = None) -> float:
     """The step's time under `coefficients`; a step with prefill chunks pays per_prefill_step_s once,
-    or, within `one_call`'s bounds, per_one_call_prefill_token_s for each of its chunks' tokens."""
+    or, within `one_call`'s bounds, per_one_call_prefill_token_s for each of its chunks' tokens and
+    per_one_call_prefill_pair_s for each of their pairs."""
     layer_by_layer = features.num_prefill_seqs > 0 and (one_call is None or not one_call.covers(features))
     one_call_tokens = 0 if layer_by_layer else features.num_prefill_tokens
-    row = (1, *features.as_tuple()[:5], float(layer_by_layer), one_call_tokens)
+    one_call_pairs = 0 if layer_by_layer else features.num_prefill_attention_pairs
+    row = (1, *features.as_tuple()[:5], float(layer_by_layer), one_call_tokens, one_call_pairs)
     return float(np.dot(coefficients.as_tuple(), row))
 
 
@@ -216,7 +218,7 @@ def test_steps_within_the_one_call_bounds_pay_no_per_step_term() -> None:
     steps = synthetic_steps() + [features_of_chunks([(300, 1, True)] * d + [(c, n, False)])
                                  for d in (1, 8, 16) for c, n in ((0, 2), (64, 8), (200, 12))]
     model = StepCostModel.fit([StepSample(f, true_time(f, true, ONE_CALL)) for f in steps], one_call=ONE_CALL)
-    np.testing.assert_allclose(model.coefficients.as_tuple(), true.as_tuple(), rtol=1e-6)
+    np.testing.assert_allclose(model.coefficients.as_tuple(), true.as_tuple(), rtol=1e-6, atol=1e-15)
     small = features_of_chunks([(300, 1, True)] * 16 + [(64, 8, False)])
     assert not model.runs_layer_by_layer(small)
     assert model.predict_s(small) == pytest.approx(true_time(small, true) - true.per_prefill_step_s + 8 * 4e-4)
@@ -228,6 +230,28 @@ def test_steps_within_the_one_call_bounds_pay_no_per_step_term() -> None:
     assert not StepCostModel(true).predict_s(small) == model.predict_s(small)  # without bounds: every one pays
     loaded = StepCostModel.from_dict(json.loads(json.dumps(model.to_dict())))
     assert loaded.one_call == ONE_CALL and loaded.predict_s(small) == model.predict_s(small)
+
+
+def test_one_call_chunks_pay_their_pairs_in_the_decode_kernel_apart() -> None:
+    """A one-call step's chunk tokens attend row by row in the decode kernel, at a cost per pair
+    of its own: the fit tells it from the tokens' cost and from per_prefill_attention_pair_s
+    (which layer-by-layer steps pin), so 16 tokens deep in a long prompt are priced at what that
+    attention costs there, and a layer-by-layer step's pairs do not pay it."""
+    one_call = OneCallSteps(max_rows=64, max_prefill_pairs=24_576)
+    true = dataclasses.replace(TRUE, per_one_call_prefill_token_s=4e-4, per_one_call_prefill_pair_s=4e-7)
+    steps = synthetic_steps() + [features_of_chunks([(300, 1, True)] * d + [(c, n, False)])
+                                 for d in (0, 4, 16) for c, n in ((0, 2), (128, 8), (256, 16), (1024, 16), (1400, 12))]
+    model = StepCostModel.fit([StepSample(f, true_time(f, true, one_call)) for f in steps], one_call=one_call)
+    np.testing.assert_allclose(model.coefficients.as_tuple(), true.as_tuple(), rtol=1e-6)
+    base = features_of_chunks([(300, 1, True)] * 10)
+    shallow, deep = (base + StepFeatures.of_chunk(c, 16, False) for c in (256, 1024))
+    assert not model.runs_layer_by_layer(deep)
+    extra_pairs = deep.num_prefill_attention_pairs - shallow.num_prefill_attention_pairs
+    assert model.predict_s(deep) - model.predict_s(shallow) == pytest.approx(
+        extra_pairs * (true.per_prefill_attention_pair_s + true.per_one_call_prefill_pair_s))
+    past = base + StepFeatures.of_chunk(2000, 16, False)  # 32k pairs: layer by layer, no decode-kernel pairs
+    assert model.runs_layer_by_layer(past)
+    assert model.predict_s(past) == pytest.approx(true_time(past, dataclasses.replace(true, per_one_call_prefill_pair_s=0.0)))
 
 
 def test_max_chunk_tokens_looks_past_the_one_call_bounds_where_the_price_falls() -> None:

@@ -46,9 +46,16 @@ from engine.scheduler.cost_model import OneCallSteps
 # 27.7 (16 decodes alone 25.8), + 8 tokens at 256 40.9 -> 31.8, + 16 at 256 44.7 -> 37.3; 32
 # tokens at 512 (17k pairs) 37.8 -> 37.8, 24 at 1,024 beside 8 decodes (25k) 50.9 -> 50.4, 16 at
 # 2,048 (33k) 41.6 -> 44.6, 32 at 2,048 (67k) 54 -> 77.  The layer-by-layer path's ~10 ms a step
-# is what a one-call step saves; its attention costs ~0.4 us a pair more.
+# is what a one-call step saves; its attention costs ~0.4 us a pair more there (the step cost
+# model's per_one_call_prefill_pair_s).  A level below 100 attends with fewer query heads, so the
+# one call gains more: 10 decodes + 16 tokens at 1,024-1,500 keys (17k-24k pairs) 0.88-0.93x the
+# layer-by-layer time at level 100, 0.78-0.83x at 70, 0.74-0.80x at 40.  On a 2-vCPU AMD EPYC
+# (AVX512-BF16, no AMX; benchmarks/README.md, 2026-12-06) the one call is faster still: alone or
+# beside 10 decodes, 8 or 16 tokens at 512-3,072 keys (4k-49k pairs) 0.62-0.90x at level 100 and
+# 0.45-0.81x at 40; 32 tokens beside 16 decodes (48 rows) even at 34k-67k.  So the pairs bound is
+# where the Xeon's full level breaks even (~25k).
 ONE_CALL_MAX_ROWS = 64
-ONE_CALL_MAX_PREFILL_PAIRS = 16_384
+ONE_CALL_MAX_PREFILL_PAIRS = 24_576
 
 
 class FusedDecode:
