@@ -25,6 +25,7 @@ import statistics
 from pathlib import Path
 
 from engine import LLM
+from engine.elastic.spec import FULL_LEVEL
 from engine.profiling import ProfileStep, decodes, prefill, ragged_decodes, time_profile_step
 from engine.scheduler.cost_model import OneCallSteps
 
@@ -57,28 +58,37 @@ def deep_steps(max_rows: int) -> list[ProfileStep]:
     return cases
 
 
-def deep_chunks(engine, fused: list, limits: OneCallSteps, levels: list[int], rounds: int) -> str:
-    """Layer by layer against one call with the pairs bound lifted, at each level."""
-    lifted = OneCallSteps(limits.max_rows, 10 ** 9)
-    cases = deep_steps(limits.max_rows)
+def alternate(engine, fused: list, cases: list[ProfileStep], one_call: OneCallSteps, levels: list[int],
+              rounds: int) -> dict[tuple[str, int, bool], list[float]]:
+    """Seconds of each step at each level, layer by layer (every layer's bounds zero) and within
+    `one_call`, the two ways alternating `rounds` times, 5 timings a step after a warm one."""
     timings: dict[tuple[str, int, bool], list[float]] = {}
     for _ in range(rounds):
         for level in levels:
-            for one_call in (False, True):
+            for within in (False, True):
                 for layer in fused:
-                    layer.limits = lifted if one_call else OneCallSteps(0, 0)
+                    layer.limits = one_call if within else OneCallSteps(0, 0)
                 for step in cases:
                     time_profile_step(engine, step, level)  # warm
-                    timings.setdefault((step.name, level, one_call), []).extend(
-                        time_profile_step(engine, step, level) for _ in range(4))
+                    timings.setdefault((step.name, level, within), []).extend(
+                        time_profile_step(engine, step, level) for _ in range(5))
+    return timings
+
+
+def ratio_cells(timings: dict, name: str, level: int) -> str:
+    before, after = (1000 * statistics.median(timings[(name, level, way)]) for way in (False, True))
+    return f"{before:.2f} | {after:.2f} | {after / before:.2f} |"
+
+
+def deep_chunks(engine, fused: list, limits: OneCallSteps, levels: list[int], rounds: int) -> str:
+    """Layer by layer against one call with the pairs bound lifted, at each level."""
+    cases = deep_steps(limits.max_rows)
+    timings = alternate(engine, fused, cases, OneCallSteps(limits.max_rows, 10 ** 9), levels, rounds)
     lines = [f"# Small chunks deep in long prompts: layer by layer against one call, pairs bound lifted "
              f"({engine.runner.plan.weights_label}; the bound is {limits.max_prefill_pairs})", "",
              "| step | prefill pairs | level | layer by layer ms | one call ms | ratio |", "|---|---|---|---|---|---|"]
-    for level in levels:
-        for step in cases:
-            before, after = (1000 * statistics.median(timings[(step.name, level, way)]) for way in (False, True))
-            lines.append(f"| {step.name} | {step.features.num_prefill_attention_pairs} | {level} | {before:.2f} | "
-                         f"{after:.2f} | {after / before:.2f} |")
+    lines += [f"| {step.name} | {step.features.num_prefill_attention_pairs} | {level} | {ratio_cells(timings, step.name, level)}"
+              for level in levels for step in cases]
     return "\n".join(lines) + "\n"
 
 
@@ -98,14 +108,7 @@ def main() -> None:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "one_call_deep_chunks.md").write_text(text)
         return
-    timings: dict[tuple[str, bool], list[float]] = {}
-    for _ in range(args.rounds):
-        for one_call in (False, True):
-            for layer in fused:  # no bounds: every step with a chunk runs layer by layer
-                layer.limits = limits if one_call else OneCallSteps(0, 0)
-            for step in steps():
-                time_profile_step(engine, step)  # warm
-                timings.setdefault((step.name, one_call), []).extend(time_profile_step(engine, step) for _ in range(5))
+    timings = alternate(engine, fused, steps(), limits, [FULL_LEVEL], args.rounds)
     lines = [f"# Steps with small prefill chunks: layer by layer against one call a layer ({engine.runner.plan.weights_label}, "
              f"bounds {limits})", "",
              "| step | rows | prefill pairs | within the bounds | layer by layer ms | one call ms | ratio |",
@@ -114,9 +117,8 @@ def main() -> None:
         features = step.features
         covered = "decodes only" if features.num_prefill_seqs == 0 else \
             "yes" if limits is not None and limits.covers(features) else "no"
-        before, after = (1000 * statistics.median(timings[(step.name, way)]) for way in (False, True))
         lines.append(f"| {step.name} | {features.num_scheduled_tokens} | {features.num_prefill_attention_pairs} | "
-                     f"{covered} | {before:.2f} | {after:.2f} | {after / before:.2f} |")
+                     f"{covered} | {ratio_cells(timings, step.name, FULL_LEVEL)}")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

@@ -282,13 +282,19 @@ class StepCostModel:
     def linear_s(self, features: StepFeatures) -> float:
         """The fitted model's value at these features, the fixed overhead included even where they
         are empty (a step's fixed share: its overhead and what it runs besides a prefill's tokens)."""
-        # PERF: a plain-Python dot product; numpy's call overhead is larger for six numbers.
+        return self._linear_s(features, self.runs_layer_by_layer(features))
+
+    def _linear_s(self, features: StepFeatures, layer_by_layer: bool) -> float:
+        # PERF: a plain-Python dot product; numpy's call overhead is larger for nine numbers.
         w = self._weights
         return (w[0] + w[1] * features.num_scheduled_tokens + w[2] * features.num_prefill_seqs
                 + w[3] * features.num_sampled_seqs + w[4] * features.num_decode_context_tokens
-                + w[5] * features.num_prefill_attention_pairs
-                + (w[6] if self.runs_layer_by_layer(features)
-                   else w[7] * features.num_prefill_tokens + w[8] * features.num_prefill_attention_pairs))
+                + self._pair_s(layer_by_layer) * features.num_prefill_attention_pairs
+                + (w[6] if layer_by_layer else w[7] * features.num_prefill_tokens))
+
+    def _pair_s(self, layer_by_layer: bool) -> float:
+        """A prefill pair's cost: a one-call step's also pays per_one_call_prefill_pair_s."""
+        return self._weights[5] if layer_by_layer else self._weights[5] + self._weights[8]
 
     def runs_layer_by_layer(self, features: StepFeatures) -> bool:
         """Whether a step with these features pays per_prefill_step_s (module docstring)."""
@@ -297,10 +303,11 @@ class StepCostModel:
     def attention_share(self, features: StepFeatures) -> float:
         """The share of a step's predicted time that is prefill attention (its query x key pairs);
         0 for an empty step."""
-        total_s = self.predict_s(features)
-        w = self._weights
-        pair_s = w[5] if self.runs_layer_by_layer(features) else w[5] + w[8]
-        return pair_s * features.num_prefill_attention_pairs / total_s if total_s > 0 else 0.0
+        if features.is_empty:
+            return 0.0
+        layer_by_layer = self.runs_layer_by_layer(features)
+        total_s = self._linear_s(features, layer_by_layer)
+        return self._pair_s(layer_by_layer) * features.num_prefill_attention_pairs / total_s if total_s > 0 else 0.0
 
     def max_chunk_tokens(self, base: StepFeatures, num_computed_tokens: int, max_tokens: int,
                          budget_s: float, samples_at: int | None = None, plan: ChunkPlan | None = None) -> int:
