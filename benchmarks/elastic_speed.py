@@ -6,11 +6,15 @@ One engine serves every level (switching is free: each level is a prefix view of
 weights), so all figures come from one process and one load.
 
     .venv/bin/python benchmarks/elastic_speed.py
-    .venv/bin/python benchmarks/elastic_speed.py --batch-sizes 16 --decode-steps 8   # quick
+    .venv/bin/python benchmarks/elastic_speed.py --batch-sizes 16 --bursts 1   # quick
 
-Rounds: this VM's speed drifts by tens of percent within minutes, so every figure is the median of
-`--rounds` passes, each pass measuring every level (and the mixed step) in turn: a slow minute
-then lands on one pass of every level, not on all passes of one.
+Bursts: this VM's speed drifts by tens of percent within minutes, so decode steps are timed in
+short bursts that take turns.  A round prefills one batch of requests once, then cycles through
+every level and the mixed step `--bursts` times, `--burst-steps` timed steps each (one untimed
+step after each switch: a running request's level changes between steps at no cost, as the SLO
+policy changes it); a figure is the median over every burst of its kind.  A slow minute then
+lands on every level alike.  The prompts are shorter than `--context` by half the steps a round
+decodes, so the contexts average `--context` over the round.
 
 Mixed step: the batch's rows spread evenly over the levels.  Its FLOP prediction is the
 row-weighted mean of the uniform steps' times at the same batch size (a step's time is linear in
@@ -50,24 +54,32 @@ def prompt_tokens(llm: LLM, num_prompts: int, length: int) -> list[list[int]]:
     return [text[7 * i: 7 * i + length] for i in range(num_prompts)]  # distinct prompts
 
 
-def decode_step_seconds(llm: LLM, prompts: list[list[int]], levels: list[int], num_steps: int) -> float:
-    """Mean seconds of a decode step with one running request per prompt, each at its level."""
+def decode_bursts(llm: LLM, prompts: list[list[int]], mixes: dict, num_bursts: int, burst_steps: int) -> dict:
+    """Seconds a decode step, one figure a burst, for each of `mixes` (name -> each row's level),
+    with one running request per prompt whose levels change between bursts."""
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 64, ignore_eos=True)
-    ids = [f"decode-{i}" for i in range(len(prompts))]
-    for request_id, prompt, level in zip(ids, prompts, levels):
-        engine.add_request(request_id, prompt, params, elastic_level=level)
+    total_steps = len(mixes) * num_bursts * (burst_steps + 1)
+    params = SamplingParams(temperature=0.0, max_tokens=total_steps + 64, ignore_eos=True)
+    ids = [f"bursts-{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts):
+        engine.add_request(request_id, prompt, params)
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
         engine.step()
-    engine.step()  # warm-up at the final shapes
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        engine.step()
-    elapsed = time.perf_counter() - start
+    requests = sorted(engine.scheduler.running, key=lambda r: int(r.request_id.rsplit("-", 1)[1]))
+    seconds: dict[str, list[float]] = {name: [] for name in mixes}
+    for _ in range(num_bursts):
+        for name, levels in mixes.items():
+            for request, level in zip(requests, levels):
+                request.elastic_level = level
+            engine.step()  # the switch's step, untimed
+            start = time.perf_counter()
+            for _ in range(burst_steps):
+                engine.step()
+            seconds[name].append((time.perf_counter() - start) / burst_steps)
     assert engine.scheduler.num_running == len(prompts), "a request finished or was preempted mid-measure"
     engine.abort_request(ids)
     engine.step()
-    return elapsed / num_steps
+    return seconds
 
 
 def prefill_tok_s(llm: LLM, prompts: list[list[int]], level: int) -> float:
@@ -81,10 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="16,32")
     parser.add_argument("--context", type=int, default=256, help="prompt tokens of each decoding request")
-    parser.add_argument("--decode-steps", type=int, default=24)
+    parser.add_argument("--bursts", type=int, default=4, help="turns each level and mix takes a round")
+    parser.add_argument("--burst-steps", type=int, default=4, help="timed decode steps a burst")
     parser.add_argument("--prefill-prompts", type=int, default=4)
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved passes; figures are their medians")
+    parser.add_argument("--rounds", type=int, default=3, help="prefilled batches a batch size; figures are medians")
     parser.add_argument("--elastic-checkpoint", default=None)
     parser.add_argument("--save-result", default=str(RESULTS / "elastic_speed.json"))
     args = parser.parse_args()
@@ -96,21 +109,21 @@ def main() -> None:
               max_num_batched_tokens=max(512, args.prefill_len), enable_prefix_caching=False)
     spec_levels = llm.engine.elastic_levels
     spec = llm.engine.runner.elastic_spec
-    prompts = prompt_tokens(llm, max(batch_sizes), args.context)
+    round_steps = (len(spec_levels) + 1) * args.bursts * (args.burst_steps + 1)
+    prompts = prompt_tokens(llm, max(batch_sizes), max(1, args.context - round_steps // 2))
     prefill_prompts = prompt_tokens(llm, args.prefill_prompts, args.prefill_len)
     prefill_tok_s(llm, prefill_prompts[:1], spec_levels[0])  # warm-up
-    mixed_levels = {batch: [spec_levels[i % len(spec_levels)] for i in range(batch)] for batch in batch_sizes}
-    samples: dict[tuple, list[float]] = {}  # (level or "mixed", batch or "prefill") -> one figure a round
+    samples: dict[tuple, list[float]] = {}  # (level or "mixed", batch or "prefill") -> one figure a burst or pass
     for _ in tqdm(range(args.rounds), desc="rounds"):
-        for level in spec_levels:
-            for batch in batch_sizes:
-                seconds = decode_step_seconds(llm, prompts[:batch], [level] * batch, args.decode_steps)
-                samples.setdefault((level, batch), []).append(seconds)
-            samples.setdefault((level, "prefill"), []).append(prefill_tok_s(llm, prefill_prompts, level))
         for batch in batch_sizes:
-            seconds = decode_step_seconds(llm, prompts[:batch], mixed_levels[batch], args.decode_steps)
-            samples.setdefault(("mixed", batch), []).append(seconds)
+            mixes = {level: [level] * batch for level in spec_levels}
+            mixes["mixed"] = [spec_levels[i % len(spec_levels)] for i in range(batch)]
+            for name, seconds in decode_bursts(llm, prompts[:batch], mixes, args.bursts, args.burst_steps).items():
+                samples.setdefault((name, batch), []).extend(seconds)
+        for level in spec_levels:
+            samples.setdefault((level, "prefill"), []).append(prefill_tok_s(llm, prefill_prompts, level))
     median = {key: statistics.median(values) for key, values in samples.items()}
+    mixed_levels = {batch: [spec_levels[i % len(spec_levels)] for i in range(batch)] for batch in batch_sizes}
     rows = [LevelSpeed(level, spec.flop_fraction(level, args.context),
                        {batch: batch / median[level, batch] for batch in batch_sizes}, median[level, "prefill"])
             for level in spec_levels]
@@ -140,8 +153,9 @@ def report(rows: list[LevelSpeed], mixed: dict, batch_sizes: list[int], llm: LLM
     for batch, m in mixed.items():
         lines.append(f"| {batch} rows | {m['measured_ms']:.1f} | {m['predicted_ms']:.1f} | "
                      f"{m['measured_ms'] / m['predicted_ms']:.3f} | {m['flop_scaled_full_ms']:.1f} |")
-    lines += ["", f"Medians of {args.rounds} interleaved rounds, {args.decode_steps} decode steps a measurement, "
-                  f"{args.context}-token contexts, prefill of {args.prefill_prompts} x {args.prefill_len} tokens."]
+    lines += ["", f"Decode: medians of {args.rounds} rounds x {args.bursts} bursts of {args.burst_steps} steps, levels "
+                  f"taking turns, contexts averaging {args.context} tokens; prefill: medians of {args.rounds} passes "
+                  f"of {args.prefill_prompts} x {args.prefill_len} tokens."]
     text = "\n".join(lines)
     print(text)
     path = Path(args.save_result)

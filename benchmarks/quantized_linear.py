@@ -2,7 +2,8 @@
 run, as ratios:
 
     q8      quantized_linear_q8.cpp: x rounded to Q8 blocks, integer block dot products
-            (VNNI where the probe reports it, under the mask)
+            (VNNI where the probe reports it, under the mask), the weight's panels packed once
+            as the engine packs them at load
     exact   quantized_linear.cpp: blocks dequantized in registers, fp32 FMAs (the reference path)
     fp32    F.linear on the dequantized fp32 weight (MKL)
     bf16    the bf16 weight, prepacked for oneDNN where the engine would prepack it (the probe
@@ -20,6 +21,11 @@ step does; --hot times one copy, from the caches.
     .venv/bin/python benchmarks/quantized_linear.py
     ELASTIC_ENGINE_CPU_ISA=avx2 .venv/bin/python benchmarks/quantized_linear.py   # torch, MKL capped too
     .venv/bin/python benchmarks/quantized_linear.py --isa avx2   # only the kernels' build
+    .venv/bin/python benchmarks/quantized_linear.py --baseline-library OLD.so   # a kernel change's A/B
+
+--baseline-library adds a "q8 base" path: the same kernel from another build of the library (say
+the previous commit's, from the kernel cache), its panels packed by that build, for a change's
+ratio measured in the same run.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 from engine.capabilities import cpu_features
 from engine.kernels.cpu import native_library
 from engine.kernels.cpu.quantized_linear import quantized_linear
-from engine.kernels.cpu.quantized_linear_q8 import quantized_linear_q8, vnni_available
+from engine.kernels.cpu.quantized_linear_q8 import pack_panels, quantized_linear_q8, vnni_available
 from engine.kernels.cpu.quantized_weights import QuantFormat, QuantizedWeight, dequantize, quantize
 from engine.model.compute_plan import resolve_dtype
 from peers.machine import machine, machine_lines
@@ -84,8 +90,9 @@ def time_interleaved(paths: dict[str, list[Call]], rounds: int, min_seconds: flo
 
 
 def quantized_calls(kernel: Callable[..., torch.Tensor], weight: QuantizedWeight, x: torch.Tensor,
-                    hot: bool, **options: object) -> list[Call]:
-    weights = [QuantizedWeight(weight.blocks.clone(), weight.format) for _ in range(copies(weight.blocks, hot))]
+                    hot: bool, pack: Callable[[QuantizedWeight], QuantizedWeight] = lambda w: w,
+                    **options: object) -> list[Call]:
+    weights = [pack(QuantizedWeight(weight.blocks.clone(), weight.format)) for _ in range(copies(weight.blocks, hot))]
     out = torch.empty(x.shape[0], weight.out_features, dtype=x.dtype)
     return [lambda w=w: kernel(x, w, out=out, **options) for w in weights]
 
@@ -99,23 +106,28 @@ def dense_calls(weight: torch.Tensor, x: torch.Tensor, hot: bool, prepack: bool)
 
 
 def bench(weight: QuantizedWeight, m: int, args: argparse.Namespace, library: ctypes.CDLL,
-          dtype: torch.dtype) -> dict[str, float]:
+          baseline: ctypes.CDLL | None, dtype: torch.dtype) -> dict[str, float]:
     dense = dequantize(weight)
     x = torch.randn(m, weight.in_features)
     x[:, 7] *= 20  # an outlier channel, as real activations have (costs nothing; kept for realism)
     paths = {
-        "q8": quantized_calls(quantized_linear_q8, weight, x.to(dtype), args.hot, library=library,
+        "q8": quantized_calls(quantized_linear_q8, weight, x.to(dtype), args.hot,
+                              pack=lambda w: pack_panels(w, library=library), library=library,
                               vnni=vnni_available(library) and not args.no_vnni),
         "exact": quantized_calls(quantized_linear, weight, x.to(dtype), args.hot, library=library),
         "fp32": dense_calls(dense, x, args.hot, prepack=False),
         "bf16": dense_calls(dense.bfloat16(), x.bfloat16(), args.hot, prepack=cpu_features().can_prepack_bf16),
     }
+    if baseline is not None:
+        paths["q8 base"] = quantized_calls(quantized_linear_q8, weight, x.to(dtype), args.hot,
+                                           pack=lambda w: pack_panels(w, library=baseline), library=baseline,
+                                           vnni=vnni_available(baseline) and not args.no_vnni)
     return time_interleaved(paths, args.rounds, args.min_seconds)
 
 
 def row(name: str, weight: QuantizedWeight, m: int, ms: dict[str, float]) -> str:
-    times = " | ".join(f"{ms[p]:.3f}" for p in PATHS)
-    ratios = " | ".join(f"{ms[p] / ms['q8']:.2f}" for p in PATHS[1:])
+    times = " | ".join(f"{ms[p]:.3f}" for p in ms)
+    ratios = " | ".join(f"{ms[p] / ms['q8']:.2f}" for p in list(ms)[1:])
     return (f"| {name} {weight.out_features}x{weight.in_features} {weight.format.name} | {m} | {times} | "
             f"{ratios} |")
 
@@ -131,6 +143,7 @@ def main() -> None:
     parser.add_argument("--no-vnni", action="store_true", help="the q8 kernel without VNNI even where the CPU has it")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads first (default: torch's)")
     parser.add_argument("--hot", action="store_true", help="one copy of each weight: read from the caches")
+    parser.add_argument("--baseline-library", help="another build's .so: time its q8 kernel too")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-seconds", type=float, default=0.02, help="per path and round")
     args = parser.parse_args()
@@ -140,6 +153,8 @@ def main() -> None:
     if library is None:
         print("this build of the native CPU kernels is not available here (see the log): nothing to time")
         return
+    baseline = native_library.open_file(args.baseline_library) if args.baseline_library else None
+    paths = PATHS + (["q8 base"] if baseline is not None else [])
     dtype = getattr(torch, resolve_dtype(args.dtype, "cpu")[0])
     vnni = vnni_available(library) and not args.no_vnni
     for line in machine_lines(machine()):
@@ -148,16 +163,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; q8/exact activations {str(dtype).removeprefix('torch.')}; "
           f"bf16 {'prepacked' if cpu_features().can_prepack_bf16 else 'F.linear'}; weights "
           f"{'from the caches' if args.hot else 'from memory'}; ms per call (median of {args.rounds} rounds)\n")
-    print("| shape | M | " + " | ".join(f"{p} ms" for p in PATHS) + " | " +
-          " | ".join(f"{p} / q8" for p in PATHS[1:]) + " |")
-    print("|---" * (2 + 2 * len(PATHS) - 1) + "|")
+    print("| shape | M | " + " | ".join(f"{p} ms" for p in paths) + " | " +
+          " | ".join(f"{p} / q8" for p in paths[1:]) + " |")
+    print("|---" * (2 + 2 * len(paths) - 1) + "|")
     for name, n, k, model_format in SHAPES:
         if name not in args.shapes.split(","):
             continue
         for fmt in [model_format] if args.formats == "model" else list(QuantFormat):
             weight = quantize(torch.randn(n, k) * 0.02, fmt)
             for m in [int(m) for m in args.batch_sizes.split(",")]:
-                print(row(name, weight, m, bench(weight, m, args, library, dtype)), flush=True)
+                print(row(name, weight, m, bench(weight, m, args, library, baseline, dtype)), flush=True)
 
 
 if __name__ == "__main__":

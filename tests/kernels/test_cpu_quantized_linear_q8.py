@@ -66,6 +66,26 @@ def test_matches_reference_exactly(library: ctypes.CDLL, vnni: bool, fmt: QuantF
             assert torch.equal(got, expected[:num_rows]), (n, k, num_rows)
 
 
+def test_q8_0_weights_at_the_int8_extremes(library: ctypes.CDLL, vnni: bool) -> None:
+    """Q8_0 quants of -128 and 127 (a GGUF file may hold -128; our quantizer never writes it):
+    the VNNI tiles multiply x + 128 by the signed weight and subtract 128 times the block's weight
+    sum, the plain ones |w| by x with w's sign; both must be exact, packed or not."""
+    weight = make_weight(48, 576, QuantFormat.Q8_0)
+    blocks = weight.blocks.clone().view(48, 18, 34)
+    quants = blocks[:, :, 2:].view(torch.int8)
+    quants[0::3, :, 0::2] = -128
+    quants[1::3, :, 1::2] = 127
+    quants[2::3] = -128  # a whole block at -128: its sum is the most negative a block has
+    extreme = QuantizedWeight(blocks.view(48, -1), QuantFormat.Q8_0)
+    x = activations(33, 576, torch.bfloat16)
+    expected = quantized_linear_q8_reference(x, extreme)
+    packed = pack_panels(extreme, library=library)
+    for num_rows in [1, 4, 5, 8, 16, 33]:
+        for w in (extreme, packed):
+            got = quantized_linear_q8(x[:num_rows], w, library=library, vnni=vnni)
+            assert torch.equal(got, expected[:num_rows]), num_rows
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
 def test_prefix_views_strided_rows_and_bias(library: ctypes.CDLL, vnni: bool, fmt: QuantFormat) -> None:
     """An elastic submodel's prefix of a weight (widths multiples of 32), rows of x that are the

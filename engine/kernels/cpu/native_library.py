@@ -101,6 +101,15 @@ def active_isa() -> str | None:
     return cpu_features().kernel_isa if load() is not None else None
 
 
+def open_file(path: str | Path) -> ctypes.CDLL:
+    """A library file as it stands (another commit's build, for a benchmark's A/B), its kernels
+    declared; its ISA is what it reports.  Raises OSError when it does not load."""
+    library = ctypes.CDLL(str(path))
+    library.engine_cpu_kernel_isa.restype = ctypes.c_char_p
+    _declare_signatures(library)
+    return library
+
+
 def _open(isa: str) -> ctypes.CDLL | None:
     """Build `isa` (from the cache, or compiled now), loaded and checked; None after a log line."""
     try:

@@ -35,11 +35,12 @@
 //
 // Q8_0 weights are signed, and maddubs takes one unsigned operand: |w| times x with w's sign
 // (one product pair at most 2 * 128 * 127 < 2^15, so each step is widened to int32 at once).
+// With VNNI (no int16 step to saturate) it is x + 128 times w instead, less 128 sum w (Panel).
 //
 // Packed panels: a thread turns each group's blocks into its panel on every call, which costs as
 // much as a third of the products at 32 rows of x (its transposes and scale conversions read
 // every weight byte again).  A weight can instead be packed once, at load, into every group's
-// panel side by side (quantized_linear_q8_pack_panels; 2x Q4's bytes, ~1.06x Q8_0's), and a call
+// panel side by side (quantized_linear_q8_pack_panels; 2x Q4's bytes, ~1.18x Q8_0's), and a call
 // given them reads its groups' panels where they lie.  The panel path then does the same
 // arithmetic on the same panel bytes: the same bits.  (The 1-4 row GEMV below reads the blocks.)
 //
@@ -155,12 +156,14 @@ struct QuantizedRows {
   float* sum;     // [m, k_blocks]: s = d * asum
   int32_t* asum;  // [m, k_blocks]
   int64_t k_blocks;
+  uint8_t* q_offset;  // [m, k]: q + 128, for Q8_0 weights with VNNI (Panel), or null
 };
 
 // Blocks block0 on of every row (a quantized block depends on its own 32 values alone, so this is
 // what quantizing x's columns from 32 block0 on would give).
 QuantizedRows blocks_from(const QuantizedRows& x, int64_t block0) {
-  return QuantizedRows{x.q + block0 * kBlock, x.scale + block0, x.sum + block0, x.asum + block0, x.k_blocks};
+  return QuantizedRows{x.q + block0 * kBlock, x.scale + block0,  x.sum + block0,
+                       x.asum + block0,        x.k_blocks,        x.q_offset ? x.q_offset + block0 * kBlock : nullptr};
 }
 
 inline float max_lane(Vec v) {
@@ -217,6 +220,10 @@ void quantize_rows(const T* x, int64_t x_stride, DType dtype, int64_t begin, int
       out.asum[at] = asum;
       out.sum[at] = out.scale[at] * float(asum);
     }
+    if (out.q_offset != nullptr) {  // q ^ 0x80 is q + 128 for int8 q
+      const int64_t k = out.k_blocks * kBlock;
+      for (int64_t j = 0; j < k; j++) out.q_offset[i * k + j] = uint8_t(out.q[i * k + j]) ^ 0x80;
+    }
   }
 }
 
@@ -225,13 +232,20 @@ void quantize_rows(const T* x, int64_t x_stride, DType dtype, int64_t begin, int
 struct Panel {
   uint8_t* bytes;  // [k_blocks][kSteps][kCols][4]
   float* scale;    // [k_blocks][kCols]: dw
-  float* min;      // [k_blocks][kCols]: mw (Q4_1)
+  float* min;      // [k_blocks][kCols]: mw (Q4_1), or Q8_0's weight sums (offset_sums)
 };
 
+// Q8_0 with VNNI multiplies x + 128 (unsigned) by w (signed) rather than |w| by x with w's signs:
+// two instructions a row a step where the signs take three, plus two a step.  The integer sum
+// is then sum (x + 128) w = sum x w + 128 sum w, exact in int32, so the panel keeps 128 sum w a
+// column a block (int32, in `min`'s place) and the tile subtracts it: the same isum, the same bits.
+// PERF: the Q8_0 LM head (49152x576) at 16-64 rows 1.65-1.69x faster on a 2-vCPU AMD EPYC.
+inline const int32_t* offset_sums(const Panel& panel) { return reinterpret_cast<const int32_t*>(panel.min); }
+
 // Packed panels of a weight of k_blocks blocks a row: group g (rows kCols g ..) is its panel's
-// bytes, then its scales, then (Q4_1) its minimums, group_bytes apart.
+// bytes, then its scales, then (Q4_1) its minimums or (Q8_0) its offset sums, group_bytes apart.
 constexpr int64_t group_bytes(int format, int64_t k_blocks) {
-  return k_blocks * (kPanelBlockBytes + int64_t(kCols) * 4 * (format == 1 ? 2 : 1));
+  return k_blocks * (kPanelBlockBytes + int64_t(kCols) * 4 * (format == kQ4_0 ? 1 : 2));
 }
 
 // Group `group`'s panel in packed panels, from block `block0` on.
@@ -240,6 +254,52 @@ inline Panel packed_panel(const Q8Panels& packed, int format, int64_t group, int
   float* scale = reinterpret_cast<float*>(base + packed.k_blocks * kPanelBlockBytes);
   return Panel{base + block0 * kPanelBlockBytes, scale + block0 * kCols, scale + (packed.k_blocks + block0) * kCols};
 }
+
+// The next group's packed panel, fetched into L2 a few lines at a time while this group's tiles
+// run.  PERF: a group's panel otherwise comes from memory during its first tile, and those reads
+// add to the products rather than overlap them: a 3072x576 Q4_1 weight's panels (2.2 MB) cost
+// ~87 us on top of its 204 us of products at 32 rows on a 2-vCPU AMD EPYC (36 us at 5 rows), as
+// much as 14 rows' products.  That is also why a narrow level segment read for a few rows costs
+// nearly what it costs for all of them.  With the prefetch, the model's Q4_1 projections take
+// 0.74-0.90x the time at 8-64 rows there (benchmarks/quantized_linear.py --baseline-library;
+// neutral on the AVX2 build, whose products are slower than the reads).  Below kPrefetchRows a
+// group's products are too short to cover the next group's reads, and 5 rows measured 1.2x
+// slower with it.  Prefetching never changes a result.
+constexpr int64_t kPrefetchRows = 8;
+class PanelPrefetch {
+ public:
+  PanelPrefetch() = default;
+  // Group `group`'s panel bytes, scales and minimums or offset sums, for k_blocks blocks from the
+  // view's block0, spread over `steps` calls of step().
+  PanelPrefetch(const Q8Panels& packed, int format, int64_t group, int64_t k_blocks, int64_t steps) {
+    const Panel next = packed_panel(packed, format, group, packed.block0);
+    add(next.bytes, k_blocks * kPanelBlockBytes);
+    add(next.scale, k_blocks * kCols * 4);
+    if (format != kQ4_0) add(next.min, k_blocks * kCols * 4);
+    int64_t lines = 0;
+    for (int i = 0; i < count_; i++) lines += (end_[i] - at_[i] + kLine - 1) / kLine;
+    per_step_ = steps > 0 ? (lines + steps - 1) / steps : lines;
+  }
+  void step() {
+    for (int64_t n = 0; n < per_step_ && range_ < count_; n++) {
+      _mm_prefetch(at_[range_], _MM_HINT_T1);
+      at_[range_] += kLine;
+      if (at_[range_] >= end_[range_]) range_++;
+    }
+  }
+
+ private:
+  static constexpr int64_t kLine = 64;
+  void add(const void* start, int64_t bytes) {
+    at_[count_] = static_cast<const char*>(start);
+    end_[count_] = at_[count_] + bytes;
+    count_++;
+  }
+  const char* at_[3] = {};
+  const char* end_[3] = {};
+  int count_ = 0, range_ = 0;
+  int64_t per_step_ = 0;
+};
 
 // A block's 32 weights as bytes in order: Q4 as 0..15, Q8_0 as int8.
 template <int F>
@@ -294,6 +354,12 @@ void fill_panel(const uint8_t* weight, int64_t weight_stride, int64_t n, int64_t
     for (int c = 0; c < kCols; c++) {
       panel.scale[b * kCols + c] = fp16_to_float(rows[c] + at);
       if (F == kQ4_1) panel.min[b * kCols + c] = fp16_to_float(rows[c] + at + 2);
+      if (F == kQ8_0) {
+        int32_t sum = 0;
+        for (int j = 0; j < kBlock; j++) sum += int8_t(rows[c][at + 2 + j]);
+        const int32_t offset_sum = 128 * sum;
+        std::memcpy(panel.min + b * kCols + c, &offset_sum, sizeof offset_sum);
+      }
     }
   }
 }
@@ -317,12 +383,14 @@ V* grown(std::vector<V>& buffer, int64_t size) {
   return buffer.data();
 }
 
-QuantizedRows quantized_rows_buffer(int64_t m, int64_t k_blocks) {
+QuantizedRows quantized_rows_buffer(int64_t m, int64_t k_blocks, bool with_offset) {
   static thread_local std::vector<int8_t> q;
+  static thread_local std::vector<uint8_t> q_offset;
   static thread_local std::vector<float> floats;
   static thread_local std::vector<int32_t> sums;
   float* f = grown(floats, 2 * m * k_blocks);
-  return QuantizedRows{grown(q, m * k_blocks * kBlock), f, f + m * k_blocks, grown(sums, m * k_blocks), k_blocks};
+  return QuantizedRows{grown(q, m * k_blocks * kBlock), f, f + m * k_blocks, grown(sums, m * k_blocks), k_blocks,
+                       with_offset ? grown(q_offset, m * k_blocks * kBlock) : nullptr};
 }
 
 // ---- few rows of x: row-major blocks, no panel ----

@@ -23,6 +23,14 @@ inline Ints dot4(Ints acc, Ints, Ints) { return acc; }  // never called: kVnni i
 // The block's integer dot products of MR rows (one int32 lane a column).
 template <int F, int MR>
 inline void block_dots(const uint8_t* steps, const int8_t* const (&xq)[MR], Ints (&isum)[MR]) {
+  if (F == kQ8_0 && kVnni) {  // (x + 128) w, xq the rows' q_offset: the offset sums come off in tile()
+    for (int i = 0; i < MR; i++) isum[i] = zero_ints();
+    for (int t = 0; t < kSteps; t++) {
+      const Ints w = load_ints(steps + t * kStepBytes);
+      for (int i = 0; i < MR; i++) isum[i] = in_register(dot4(isum[i], broadcast_ints(load_i32(xq[i] + 4 * t)), w));
+    }
+    return;
+  }
   if (F == kQ8_0 || kVnni) {
     for (int i = 0; i < MR; i++) isum[i] = zero_ints();
     for (int t = 0; t < kSteps; t++) {
@@ -56,18 +64,24 @@ inline void block_dots(const uint8_t* steps, const int8_t* const (&xq)[MR], Ints
 }
 
 template <int F, int MR, typename T>
-void tile(const Problem& p, const QuantizedRows& x, const Panel& panel, int64_t m0, int64_t c0) {
+void tile(const Problem& p, const QuantizedRows& x, const Panel& panel, int64_t m0, int64_t c0,
+          PanelPrefetch& prefetch) {
   Vec acc[MR];
   for (int i = 0; i < MR; i++) acc[i] = splat(0.0f);
   for (int64_t b = 0; b < p.k_blocks; b++) {
+    prefetch.step();
     const int8_t* xq[MR];
-    for (int i = 0; i < MR; i++) xq[i] = x.q + ((m0 + i) * x.k_blocks + b) * kBlock;
+    const int8_t* rows = F == kQ8_0 && kVnni ? reinterpret_cast<const int8_t*>(x.q_offset) : x.q;
+    for (int i = 0; i < MR; i++) xq[i] = rows + ((m0 + i) * x.k_blocks + b) * kBlock;
     Ints isum[MR];
     block_dots<F, MR>(panel.bytes + b * kPanelBlockBytes, xq, isum);
     const Vec dw = load_floats(panel.scale + b * kCols);
+    Ints offset_sum = zero_ints();
+    if (F == kQ8_0 && kVnni) offset_sum = load_ints(offset_sums(panel) + b * kCols);
     for (int i = 0; i < MR; i++) {
       const int64_t at = (m0 + i) * x.k_blocks + b;
       if (F == kQ4_0) isum[i] = sub32(isum[i], broadcast_ints(8 * x.asum[at]));
+      if (F == kQ8_0 && kVnni) isum[i] = sub32(isum[i], offset_sum);
       acc[i] = fmadd(dw * splat(x.scale[at]), to_float(isum[i]), acc[i]);
       if (F == kQ4_1) acc[i] = fmadd(load_floats(panel.min + b * kCols), splat(x.sum[at]), acc[i]);
     }
@@ -89,25 +103,30 @@ void column_groups(const Problem& p, const QuantizedRows& x) {
                   panel_scales.data() + p.k_blocks * kCols};
   int64_t begin, end;
   thread_share((p.n + kCols - 1) / kCols, &begin, &end);
+  const int64_t tiles_a_group = (p.m + kMaxTileRows - 1) / kMaxTileRows;
   for (int64_t group = begin; group < end; group++) {
     const int64_t c0 = group * kCols;
+    PanelPrefetch prefetch;
     if (packed) {  // rows past n (a last partial group) are the next rows or padding: never stored
-      panel = packed_panel(p.panels, F, (p.panels.row0 + c0) / kCols, p.panels.block0);
+      const int64_t packed_group = (p.panels.row0 + c0) / kCols;
+      panel = packed_panel(p.panels, F, packed_group, p.panels.block0);
+      if (p.m >= kPrefetchRows && group + 1 < end)
+        prefetch = PanelPrefetch(p.panels, F, packed_group + 1, p.k_blocks, tiles_a_group * p.k_blocks);
     } else {
       fill_panel<F>(p.weight, p.weight_stride, p.n, c0, p.k_blocks, panel);
     }
     int64_t i = 0;
-    for (; i + kMaxTileRows <= p.m; i += kMaxTileRows) tile<F, kMaxTileRows, T>(p, x, panel, i, c0);
+    for (; i + kMaxTileRows <= p.m; i += kMaxTileRows) tile<F, kMaxTileRows, T>(p, x, panel, i, c0, prefetch);
     switch (p.m - i) {
 #if defined(ENGINE_CPU_AVX512)
-      case 7: tile<F, 7, T>(p, x, panel, i, c0); break;
-      case 6: tile<F, 6, T>(p, x, panel, i, c0); break;
-      case 5: tile<F, 5, T>(p, x, panel, i, c0); break;
-      case 4: tile<F, 4, T>(p, x, panel, i, c0); break;
+      case 7: tile<F, 7, T>(p, x, panel, i, c0, prefetch); break;
+      case 6: tile<F, 6, T>(p, x, panel, i, c0, prefetch); break;
+      case 5: tile<F, 5, T>(p, x, panel, i, c0, prefetch); break;
+      case 4: tile<F, 4, T>(p, x, panel, i, c0, prefetch); break;
 #endif
-      case 3: tile<F, 3, T>(p, x, panel, i, c0); break;
-      case 2: tile<F, 2, T>(p, x, panel, i, c0); break;
-      case 1: tile<F, 1, T>(p, x, panel, i, c0); break;
+      case 3: tile<F, 3, T>(p, x, panel, i, c0, prefetch); break;
+      case 2: tile<F, 2, T>(p, x, panel, i, c0, prefetch); break;
+      case 1: tile<F, 1, T>(p, x, panel, i, c0, prefetch); break;
     }
   }
 }
@@ -128,7 +147,7 @@ void product(const Problem& p, const QuantizedRows& x) {
 template <int F, typename T>
 void tiled_products(const void* x, int64_t x_stride, int64_t m, int64_t k_blocks, const Q8Tile* tiles, int64_t count,
                     DType dtype, int num_threads) {
-  const QuantizedRows q = quantized_rows_buffer(m, k_blocks);  // the calling thread's, shared
+  const QuantizedRows q = quantized_rows_buffer(m, k_blocks, F == kQ8_0 && kVnni);  // the calling thread's, shared
   int64_t work = 0;
   for (int64_t i = 0; i < count; i++) work += tiles[i].m * tiles[i].n * tiles[i].k_blocks;
 #pragma omp parallel num_threads(num_threads) if (work >= kParallelWork)
