@@ -54,18 +54,24 @@ def prompt_tokens(llm: LLM, num_prompts: int, length: int) -> list[list[int]]:
     return [text[7 * i: 7 * i + length] for i in range(num_prompts)]  # distinct prompts
 
 
+def steps_a_round(num_mixes: int, num_bursts: int, burst_steps: int) -> int:
+    """Decode steps decode_bursts runs: every burst's timed steps and its switch's step."""
+    return num_mixes * num_bursts * (burst_steps + 1)
+
+
 def decode_bursts(llm: LLM, prompts: list[list[int]], mixes: dict, num_bursts: int, burst_steps: int) -> dict:
     """Seconds a decode step, one figure a burst, for each of `mixes` (name -> each row's level),
     with one running request per prompt whose levels change between bursts."""
     engine = llm.engine
-    total_steps = len(mixes) * num_bursts * (burst_steps + 1)
+    total_steps = steps_a_round(len(mixes), num_bursts, burst_steps)
     params = SamplingParams(temperature=0.0, max_tokens=total_steps + 64, ignore_eos=True)
     ids = [f"bursts-{i}" for i in range(len(prompts))]
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, params)
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
         engine.step()
-    requests = sorted(engine.scheduler.running, key=lambda r: int(r.request_id.rsplit("-", 1)[1]))
+    running = {r.request_id: r for r in engine.scheduler.running}
+    requests = [running[request_id] for request_id in ids]  # mixes' levels are in prompt order
     seconds: dict[str, list[float]] = {name: [] for name in mixes}
     for _ in range(num_bursts):
         for name, levels in mixes.items():
@@ -109,21 +115,20 @@ def main() -> None:
               max_num_batched_tokens=max(512, args.prefill_len), enable_prefix_caching=False)
     spec_levels = llm.engine.elastic_levels
     spec = llm.engine.runner.elastic_spec
-    round_steps = (len(spec_levels) + 1) * args.bursts * (args.burst_steps + 1)
+    mixed_levels = {batch: [spec_levels[i % len(spec_levels)] for i in range(batch)] for batch in batch_sizes}
+    round_steps = steps_a_round(len(spec_levels) + 1, args.bursts, args.burst_steps)  # each level, then mixed
     prompts = prompt_tokens(llm, max(batch_sizes), max(1, args.context - round_steps // 2))
     prefill_prompts = prompt_tokens(llm, args.prefill_prompts, args.prefill_len)
     prefill_tok_s(llm, prefill_prompts[:1], spec_levels[0])  # warm-up
     samples: dict[tuple, list[float]] = {}  # (level or "mixed", batch or "prefill") -> one figure a burst or pass
     for _ in tqdm(range(args.rounds), desc="rounds"):
         for batch in batch_sizes:
-            mixes = {level: [level] * batch for level in spec_levels}
-            mixes["mixed"] = [spec_levels[i % len(spec_levels)] for i in range(batch)]
+            mixes = {level: [level] * batch for level in spec_levels} | {"mixed": mixed_levels[batch]}
             for name, seconds in decode_bursts(llm, prompts[:batch], mixes, args.bursts, args.burst_steps).items():
                 samples.setdefault((name, batch), []).extend(seconds)
         for level in spec_levels:
             samples.setdefault((level, "prefill"), []).append(prefill_tok_s(llm, prefill_prompts, level))
     median = {key: statistics.median(values) for key, values in samples.items()}
-    mixed_levels = {batch: [spec_levels[i % len(spec_levels)] for i in range(batch)] for batch in batch_sizes}
     rows = [LevelSpeed(level, spec.flop_fraction(level, args.context),
                        {batch: batch / median[level, batch] for batch in batch_sizes}, median[level, "prefill"])
             for level in spec_levels]

@@ -313,9 +313,14 @@ void side_path(const LevelDesc& level, int64_t hidden, const void* x, int64_t x_
 // side path is ~1 us a row a block, ~1.5 ms of a 32-row step below level 100 on one thread while
 // the other waited.
 constexpr int64_t kParallelSideRows = 4;
+inline bool has_side_path(const LevelDesc& level) { return level.lora_a != nullptr || level.bias != nullptr; }
 void add_side_paths(const LevelDesc* levels, const StepDesc& s, int64_t num_levels, int64_t hidden, const char* h,
                     char* out) {
   const int64_t size = element_size(s.dtype);
+  bool any = false;  // rows all at levels without one (the full level): no parallel region
+  for (int64_t index = 0; index < num_levels; index++)
+    any |= s.rows_upto[index] > (index ? s.rows_upto[index - 1] : 0) && has_side_path(levels[index]);
+  if (!any) return;
 #pragma omp parallel num_threads(s.num_threads) if (s.rows >= kParallelSideRows)
   {
     int64_t begin, end;
@@ -323,7 +328,7 @@ void add_side_paths(const LevelDesc* levels, const StepDesc& s, int64_t num_leve
     for (int64_t index = 0; index < num_levels; index++) {
       const int64_t first = std::max(begin, index ? s.rows_upto[index - 1] : 0);
       const int64_t last = std::min(end, s.rows_upto[index]);
-      if (last > first && (levels[index].lora_a != nullptr || levels[index].bias != nullptr))
+      if (last > first && has_side_path(levels[index]))
         side_path(levels[index], hidden, h + first * hidden * size, hidden, out + first * hidden * size, hidden,
                   last - first, s.dtype);
     }

@@ -68,11 +68,11 @@ void tile(const Problem& p, const QuantizedRows& x, const Panel& panel, int64_t 
           PanelPrefetch& prefetch) {
   Vec acc[MR];
   for (int i = 0; i < MR; i++) acc[i] = splat(0.0f);
+  const int8_t* x_bytes = F == kQ8_0 && kVnni ? reinterpret_cast<const int8_t*>(x.q_offset) : x.q;  // block_dots'
   for (int64_t b = 0; b < p.k_blocks; b++) {
     prefetch.step();
     const int8_t* xq[MR];
-    const int8_t* rows = F == kQ8_0 && kVnni ? reinterpret_cast<const int8_t*>(x.q_offset) : x.q;
-    for (int i = 0; i < MR; i++) xq[i] = rows + ((m0 + i) * x.k_blocks + b) * kBlock;
+    for (int i = 0; i < MR; i++) xq[i] = x_bytes + ((m0 + i) * x.k_blocks + b) * kBlock;
     Ints isum[MR];
     block_dots<F, MR>(panel.bytes + b * kPanelBlockBytes, xq, isum);
     const Vec dw = load_floats(panel.scale + b * kCols);
