@@ -6,9 +6,11 @@ comes from memory, not from the last call's cache lines.  Blocks are scattered o
 busy engine leaves them, contexts drawn around each mean (+-50%) as ShareGPT's are ragged.  Prints
 a row per build of the kernel (avx512_bf16, avx512, avx2: by default every one this CPU runs) with
 each path's mean time per layer, the speed-up, and the kernel's K/V read rate (the contexts' bytes
-over its time).
+over its time).  The kernel is also timed over the same values as an int8 cache
+(`--kv-cache-dtype int8`: engine/kernels/kv_cache_format.py), its ratio to the bf16 cache beside.
+`--heads-per-group 1` attends with one query head of each KV group, as an elastic level's rows do.
 
-    .venv/bin/python benchmarks/cpu_decode_attention.py [--isa avx2,avx512]
+    .venv/bin/python benchmarks/cpu_decode_attention.py [--isa avx2,avx512] [--heads-per-group 1]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from engine.capabilities import cpu_features
 from engine.kernels.cpu import native_library
 from engine.kernels.cpu.paged_decode_attention import paged_decode_attention
+from engine.kernels.kv_cache_format import quantize_rows
 from engine.model.attention_backends.metadata import AttentionMetadata
 from engine.model.attention_backends.torch_backend import TorchAttentionBackend
 
@@ -39,9 +42,9 @@ def time_ms(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / (repeats * NUM_LAYERS) * 1e3
 
 
-def case(num_seqs: int, mean_context: int, repeats: int,
-         libraries: dict[str, ctypes.CDLL]) -> tuple[float, dict[str, tuple[float, float]]]:
-    """The torch path's ms, and each build's (ms, K/V GB/s), on one batch."""
+def case(num_seqs: int, mean_context: int, repeats: int, libraries: dict[str, ctypes.CDLL],
+         heads_per_group: int) -> tuple[float, dict[str, tuple[float, float, float]]]:
+    """The torch path's ms, and each build's (ms, K/V GB/s, ms over the int8 cache), on one batch."""
     generator = torch.Generator().manual_seed(num_seqs * 10_000 + mean_context)
     seq_lens = torch.randint(mean_context // 2, mean_context * 3 // 2 + 1, (num_seqs,), generator=generator,
                              dtype=torch.int32)
@@ -51,7 +54,9 @@ def case(num_seqs: int, mean_context: int, repeats: int,
     block_tables = block_tables.view(num_seqs, blocks_per_seq).int()
     kv_caches = [torch.randn(2, num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, generator=generator).bfloat16()
                  for _ in range(NUM_LAYERS)]
+    int8_caches = [quantize_rows(cache) for cache in kv_caches]
     query = torch.randn(num_seqs, NUM_Q_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    group_heads = torch.full((num_seqs,), heads_per_group, dtype=torch.int32)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(0, dtype=torch.int64), query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
         seq_lens=seq_lens, block_tables=block_tables, num_decodes=num_seqs, max_query_len=1,
@@ -62,11 +67,14 @@ def case(num_seqs: int, mean_context: int, repeats: int,
     torch_ms = time_ms(lambda layer: torch_path._decode(query, kv_caches[layer], meta), repeats)
     out = torch.empty_like(query)
     context_bytes = int(seq_lens.sum()) * 2 * NUM_KV_HEADS * HEAD_DIM * query.element_size()
-    native: dict[str, tuple[float, float]] = {}
+    native: dict[str, tuple[float, float, float]] = {}
     for isa, library in libraries.items():
-        native_ms = time_ms(lambda layer, library=library: paged_decode_attention(
-            query, kv_caches[layer], block_tables, seq_lens, out, library=library), repeats)
-        native[isa] = native_ms, context_bytes / native_ms / 1e6
+        def attend(caches, library=library):
+            return lambda layer: paged_decode_attention(query, caches[layer], block_tables, seq_lens, out,
+                                                        group_heads=group_heads, library=library)
+        native_ms = time_ms(attend(kv_caches), repeats)
+        int8_ms = time_ms(attend(int8_caches), repeats)
+        native[isa] = native_ms, context_bytes / native_ms / 1e6, int8_ms
     return torch_ms, native
 
 
@@ -75,6 +83,8 @@ def main() -> None:
     parser.add_argument("--batches", default="8,32,64")
     parser.add_argument("--contexts", default="128,512,1024")
     parser.add_argument("--repeats", type=int, default=5, help="passes through the 30 layers")
+    parser.add_argument("--heads-per-group", type=int, default=NUM_Q_HEADS // NUM_KV_HEADS,
+                        help="query heads of each KV group the kernel attends with (the torch path: all)")
     parser.add_argument("--isa", default=",".join(cpu_features().kernel_isas),
                         help=f"builds to time, comma-separated, of {', '.join(native_library.ISA_FLAGS)} "
                              "(default: every one this CPU runs)")
@@ -88,13 +98,15 @@ def main() -> None:
         print("no build of the native CPU kernels is available here: nothing to time")
         return
     print(f"one layer, bf16, {NUM_Q_HEADS}/{NUM_KV_HEADS} heads x {HEAD_DIM}, {torch.get_num_threads()} threads")
-    print(f"{'seqs':>5} {'context':>8} {'build':>12} {'torch ms':>9} {'native ms':>10} {'speed-up':>9} {'K/V GB/s':>9}")
+    print(f"native: {args.heads_per_group} query head(s) of each KV group")
+    print(f"{'seqs':>5} {'context':>8} {'build':>12} {'torch ms':>9} {'native ms':>10} {'speed-up':>9} {'K/V GB/s':>9}"
+          f" {'int8 ms':>8} {'bf16/int8':>9}")
     for num_seqs in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            torch_ms, native = case(num_seqs, context, args.repeats, libraries)
-            for isa, (native_ms, rate) in native.items():
+            torch_ms, native = case(num_seqs, context, args.repeats, libraries, args.heads_per_group)
+            for isa, (native_ms, rate, int8_ms) in native.items():
                 print(f"{num_seqs:>5} {context:>8} {isa:>12} {torch_ms:>9.3f} {native_ms:>10.3f} "
-                      f"{torch_ms / native_ms:>8.2f}x {rate:>9.1f}")
+                      f"{torch_ms / native_ms:>8.2f}x {rate:>9.1f} {int8_ms:>8.3f} {native_ms / int8_ms:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ weights), so all figures come from one process and one load.
 
     .venv/bin/python benchmarks/elastic_speed.py
     .venv/bin/python benchmarks/elastic_speed.py --batch-sizes 16 --bursts 1   # quick
+    .venv/bin/python benchmarks/elastic_speed.py --kv-cache-dtype int8          # K/V stored as int8
 
 Bursts: this VM's speed drifts by tens of percent within minutes, so decode steps are timed in
 short bursts that take turns.  A round prefills one batch of requests once, then cycles through
@@ -34,6 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine import LLM, SamplingParams
+from engine.config import KV_CACHE_DTYPES
 from peers.machine import engine_setup, machine, machine_lines, setup_line
 
 RESULTS = Path(__file__).parent / "results"
@@ -59,32 +61,49 @@ def steps_a_round(num_mixes: int, num_bursts: int, burst_steps: int) -> int:
     return num_mixes * num_bursts * (burst_steps + 1)
 
 
-def decode_bursts(llm: LLM, prompts: list[list[int]], mixes: dict, num_bursts: int, burst_steps: int) -> dict:
-    """Seconds a decode step, one figure a burst, for each of `mixes` (name -> each row's level),
-    with one running request per prompt whose levels change between bursts."""
+def running_batch(llm: LLM, prompts: list[list[int]], max_tokens: int, tag: str) -> list:
+    """Adds one greedy request per prompt and steps until each has its first token: their Requests,
+    in prompt order."""
     engine = llm.engine
-    total_steps = steps_a_round(len(mixes), num_bursts, burst_steps)
-    params = SamplingParams(temperature=0.0, max_tokens=total_steps + 64, ignore_eos=True)
-    ids = [f"bursts-{i}" for i in range(len(prompts))]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
     for request_id, prompt in zip(ids, prompts):
         engine.add_request(request_id, prompt, params)
     while engine.scheduler.waiting or any(r.num_output_tokens == 0 for r in engine.scheduler.running):
         engine.step()
     running = {r.request_id: r for r in engine.scheduler.running}
-    requests = [running[request_id] for request_id in ids]  # mixes' levels are in prompt order
+    return [running[request_id] for request_id in ids]
+
+
+def burst_seconds(llm: LLM, requests: list, levels: list[int], steps: int) -> float:
+    """Seconds a decode step over `steps` steps, each request at its level of `levels`, after one
+    untimed step for the switch."""
+    for request, level in zip(requests, levels):
+        request.elastic_level = level
+    llm.engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        llm.engine.step()
+    return (time.perf_counter() - start) / steps
+
+
+def end_batch(llm: LLM, requests: list) -> None:
+    engine = llm.engine
+    assert engine.scheduler.num_running == len(requests), "a request finished or was preempted mid-measure"
+    engine.abort_request([r.request_id for r in requests])
+    engine.step()
+
+
+def decode_bursts(llm: LLM, prompts: list[list[int]], mixes: dict, num_bursts: int, burst_steps: int) -> dict:
+    """Seconds a decode step, one figure a burst, for each of `mixes` (name -> each row's level),
+    with one running request per prompt whose levels change between bursts."""
+    total_steps = steps_a_round(len(mixes), num_bursts, burst_steps)
+    requests = running_batch(llm, prompts, total_steps + 64, "bursts")  # mixes' levels are in prompt order
     seconds: dict[str, list[float]] = {name: [] for name in mixes}
     for _ in range(num_bursts):
         for name, levels in mixes.items():
-            for request, level in zip(requests, levels):
-                request.elastic_level = level
-            engine.step()  # the switch's step, untimed
-            start = time.perf_counter()
-            for _ in range(burst_steps):
-                engine.step()
-            seconds[name].append((time.perf_counter() - start) / burst_steps)
-    assert engine.scheduler.num_running == len(prompts), "a request finished or was preempted mid-measure"
-    engine.abort_request(ids)
-    engine.step()
+            seconds[name].append(burst_seconds(llm, requests, levels, burst_steps))
+    end_batch(llm, requests)
     return seconds
 
 
@@ -105,6 +124,7 @@ def main() -> None:
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3, help="prefilled batches a batch size; figures are medians")
     parser.add_argument("--elastic-checkpoint", default=None)
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     parser.add_argument("--save-result", default=str(RESULTS / "elastic_speed.json"))
     args = parser.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -112,7 +132,8 @@ def main() -> None:
     # No prefix caching: the prefill prompts share their first tokens with the decode prompts (one
     # text), and level 100's hits would have inflated its prefill rate (its salt is the plain one).
     llm = LLM(elastic="on", elastic_checkpoint=args.elastic_checkpoint, max_num_seqs=max(batch_sizes),
-              max_num_batched_tokens=max(512, args.prefill_len), enable_prefix_caching=False)
+              max_num_batched_tokens=max(512, args.prefill_len), enable_prefix_caching=False,
+              kv_cache_dtype=args.kv_cache_dtype)
     spec_levels = llm.engine.elastic_levels
     spec = llm.engine.runner.elastic_spec
     mixed_levels = {batch: [spec_levels[i % len(spec_levels)] for i in range(batch)] for batch in batch_sizes}
@@ -161,11 +182,15 @@ def report(rows: list[LevelSpeed], mixed: dict, batch_sizes: list[int], llm: LLM
     lines += ["", f"Decode: medians of {args.rounds} rounds x {args.bursts} bursts of {args.burst_steps} steps, levels "
                   f"taking turns, contexts averaging {args.context} tokens; prefill: medians of {args.rounds} passes "
                   f"of {args.prefill_prompts} x {args.prefill_len} tokens."]
+    save_report(Path(args.save_result), lines, {"levels": [asdict(r) for r in rows], "mixed": mixed})
+
+
+def save_report(path: Path, lines: list[str], figures: dict) -> None:
+    """Prints the report, writes the figures to `path` (JSON) and the report beside it (.md)."""
     text = "\n".join(lines)
     print(text)
-    path = Path(args.save_result)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"levels": [asdict(r) for r in rows], "mixed": mixed}, indent=1))
+    path.write_text(json.dumps(figures, indent=1))
     path.with_suffix(".md").write_text(text + "\n")
 
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from engine.capabilities import CapabilityError, cpu_features
-from engine.config import ATTENTION_BACKENDS, DTYPES, WEIGHT_FORMATS, ConfigError
+from engine.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, WEIGHT_FORMATS, ConfigError
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +21,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-memory", type=float, default=2.0, help="GiB for the KV cache")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="K and V as stored: auto (the model's dtype) or int8 (a scale per row)")
     parser.add_argument("--scheduling-policy", default="fcfs")
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
 
@@ -30,7 +32,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     llm = LLM(args.model, dtype=args.dtype, weight_format=args.weight_format, max_model_len=args.max_model_len,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+              block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
               scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend,
               tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,

@@ -19,7 +19,8 @@ PromptInput = str | dict  # a string, or {"prompt_token_ids": [...]} / {"prompt"
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", weight_format: str = "auto", max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 128, block_size: int = 16,
-                 kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, scheduling_policy: str = "fcfs",
+                 kv_cache_memory: float = 2.0, num_kv_blocks: int | None = None, kv_cache_dtype: str = "auto",
+                 scheduling_policy: str = "fcfs",
                  enable_prefix_caching: bool = True, mlfq: MLFQConfig | None = None, slo: SLOConfig | None = None,
                  attention_backend: str = "auto", device: str = "cpu", elastic: str = "auto",
                  elastic_checkpoint: str | None = None, elastic_level: int = 100, elastic_auto: bool = False,
@@ -31,7 +32,7 @@ class LLM:
                               elastic=elastic, elastic_checkpoint=elastic_checkpoint, elastic_level=elastic_level,
                               elastic_auto=elastic_auto),
             cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                       policy=scheduling_policy, mlfq=mlfq or MLFQConfig(), slo=slo or SLOConfig()),
             runner=RunnerConfig(device=device, attention_backend=attention_backend),

@@ -8,6 +8,7 @@ behind `AsyncEngine`; a client that disconnects has its requests aborted.
 from __future__ import annotations
 
 import argparse
+import gc
 import hmac
 import logging
 import signal
@@ -41,7 +42,7 @@ from engine.api.serving_chat import chat_prompt_token_ids, create_chat_completio
 from engine.api.serving_elastic import model_aliases
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
-from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
+from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, KV_CACHE_DTYPES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
     MLFQConfig, ModelConfig, ParallelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
 from engine.elastic.spec import FULL_LEVEL
 from engine.prompt_pruning import parse_prune_layers
@@ -248,6 +249,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     parser.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     parser.add_argument("--kv-cache-memory", type=float, default=CacheConfig.kv_cache_memory, help="GiB")
+    parser.add_argument("--kv-cache-dtype", default=CacheConfig.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                        help="K and V as stored: auto (the model's dtype) or int8 (one int8 a value and an fp32 "
+                             "scale a row: ~1.9x the blocks, decode attention reads half the bytes)")
     parser.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=CacheConfig.enable_prefix_caching,
@@ -320,7 +324,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
                           elastic=args.elastic, elastic_checkpoint=args.elastic_checkpoint,
                           elastic_level=args.elastic_level, elastic_auto=args.elastic_auto),
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                          enable_prefix_caching=args.enable_prefix_caching),
+                          enable_prefix_caching=args.enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, policy=args.scheduling_policy,
                                   **policy_configs_from_args(args)),
@@ -384,7 +388,23 @@ def build_server(config: EngineConfig, args: argparse.Namespace, engine_on_own_t
     origins = [origin.strip() for origin in args.allowed_origins.split(",") if origin.strip()]
     app = build_app(engine, metrics, api_keys_from_args(args), engine_on_own_thread=engine_on_own_thread,
                     allowed_origins=origins)
+    logger.info("Froze %d start-up objects out of the garbage collector's reach", freeze_startup_heap())
     return llm_engine, engine, app
+
+
+def freeze_startup_heap() -> int:
+    """Collects once, then moves every object alive now (the model's modules, the tokenizer's
+    tables, the server's routes: ~800k tracked objects for SmolLM2) into Python's permanent
+    generation, out of every later collection's traversal; returns how many were frozen.
+
+    PERF: a full collection traversed them all and took ~210 ms on the 2-vCPU EPYC, a stall of
+    whichever decode step it landed in: some 8 steps' worth of a tight TPOT target.  What the
+    server allocates per request after this is collected as before.  vLLM freezes its start-up
+    heap the same way.  Call it once a process has built what it keeps for its lifetime.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _stop_ranks(llm_engine) -> None:

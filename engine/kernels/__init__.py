@@ -8,6 +8,7 @@ wrapper that validates arguments before launch, and a plain torch reference with
     rotary.py                   rotate-half RoPE on Q and K, in place
     gemv.py                     decode GEMV (M <= 16), bf16/fp16/fp32 or int8 weight-only
     elastic_gemm.py             per-segment prefix-width GEMM for elastic submodels
+    kv_cache_format.py          the KV cache's rows: the model's dtype, or int8 with a scale (torch)
 
 The attention backend built on these kernels is engine/model/attention_backends/triton_backend.py.
 

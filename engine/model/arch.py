@@ -32,8 +32,3 @@ class LlamaArchConfig:
     @property
     def rope_scaling_dict(self) -> dict[str, float] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V of all layers for one token, at 2 bytes an element (scaled by the caller)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim

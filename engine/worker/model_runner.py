@@ -15,6 +15,7 @@ from engine.distributed.group import TensorParallelGroup
 from engine.elastic.checkpoint import ElasticCheckpoint
 from engine.elastic.runtime import elastic_model_parts
 from engine.model.attention_backends import make_attention_backend
+from engine.kernels.kv_cache_format import bytes_per_row, row_size, storage_dtype
 from engine.model.compute_plan import make_compute_plan
 from engine.model.forward_batch import ForwardBatch
 from engine.model.layers.linear import weight_bytes
@@ -42,9 +43,10 @@ def num_kv_blocks_for(source: ModelSource, cache: CacheConfig, dtype: torch.dtyp
     (the hidden cache), so the budget covers both."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
-    element_size = torch.empty((), dtype=dtype).element_size()
-    elements_per_token = source.arch.kv_bytes_per_token + (source.arch.hidden_size if with_hidden_cache else 0)
-    bytes_per_block = elements_per_token * cache.block_size * element_size
+    arch = source.arch
+    kv_bytes = 2 * arch.num_layers * arch.num_kv_heads * bytes_per_row(arch.head_dim, dtype, cache.kv_cache_dtype)
+    hidden_bytes = arch.hidden_size * dtype.itemsize if with_hidden_cache else 0
+    bytes_per_block = (kv_bytes + hidden_bytes) * cache.block_size
     return max(1, int(cache.kv_cache_memory * GiB) // bytes_per_block)
 
 
@@ -68,6 +70,9 @@ class ModelRunner:
         self.dtype = self.plan.dtype
         self.block_size = cache.block_size
         backend = make_attention_backend(runner.attention_backend, runner.device)
+        if cache.kv_cache_dtype not in backend.kv_cache_dtypes:
+            raise ConfigError(f"kv_cache_dtype {cache.kv_cache_dtype!r} is not supported by the "
+                              f"{type(backend).__name__} (it stores {', '.join(backend.kv_cache_dtypes)})")
         self.elastic_spec = None if elastic is None else elastic.spec
         self._prefill_attends_level_heads = backend.prefill_attends_level_heads
         # The model's level values, index 0 the full model (None: not elastic).
@@ -82,10 +87,12 @@ class ModelRunner:
         # From the whole model's KV size: every rank has as many blocks, each its own KV heads' part.
         self.num_kv_blocks = num_kv_blocks_for(source, cache, self.dtype, with_hidden_cache=self.pruner is not None)
         arch = self.model.config  # a tensor-parallel rank's own heads
-        # [2, num_blocks, block_size, num_kv_heads, head_dim] per layer; zeros so masked-out
-        # padding slots read finite values.
-        self.kv_caches = [torch.zeros(2, self.num_kv_blocks, self.block_size, arch.num_kv_heads, arch.head_dim,
-                                      dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+        # [2, num_blocks, block_size, num_kv_heads, row] per layer (kv_cache_format.py); zeros so
+        # masked-out padding slots read finite values.
+        self.kv_caches = [torch.zeros(2, self.num_kv_blocks, self.block_size, arch.num_kv_heads,
+                                      row_size(arch.head_dim, cache.kv_cache_dtype),
+                                      dtype=storage_dtype(self.dtype, cache.kv_cache_dtype), device=self.device)
+                          for _ in range(arch.num_layers)]
         # Group A's residual stream entering the prune layer, one row per slot: what a kept token
         # resumes from in its stage-B step, whether its chunk ran this step, earlier, or in
         # another request that shared the block (engine/model/layers/prompt_pruning.py).

@@ -71,3 +71,10 @@ def test_policy_and_prefix_caching_flags_parse() -> None:
     assert not config.cache.enable_prefix_caching
     assert engine_config_from_args(parse_serve_args()).cache.enable_prefix_caching
     assert not engine_config_from_args(parse_serve_args("--no-enable-prefix-caching")).cache.enable_prefix_caching
+
+
+def test_kv_cache_dtype_flag_parses_and_rejects_unknown_values() -> None:
+    assert engine_config_from_args(parse_serve_args()).cache.kv_cache_dtype == "auto"
+    assert engine_config_from_args(parse_serve_args("--kv-cache-dtype", "int8")).cache.kv_cache_dtype == "int8"
+    with pytest.raises(SystemExit):
+        parse_serve_args("--kv-cache-dtype", "fp8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import time
 
 import httpx
@@ -31,6 +32,35 @@ def test_the_server_runs_on_the_installed_allocator(server: ServerProcess) -> No
     maps = open(f"/proc/{server.process.pid}/maps").read()  # the PID Popen started: exec kept it
     assert find_allocator().name in maps
     assert "Memory allocator: " + ("jemalloc" if "jemalloc" in find_allocator().name else "tcmalloc") in server.log()
+
+
+
+def test_the_server_freezes_its_start_up_heap_and_collects_what_requests_leave(server: ServerProcess,
+                                                                               client: openai.OpenAI) -> None:
+    """The start-up heap (model, tokenizer, routes) is frozen, so a full collection no longer
+    walks it; the frozen count comes from the server's own gc.get_freeze_count()."""
+    client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
+    frozen = re.search(r"Froze (\d+) start-up objects", server.log())
+    assert frozen is not None, server.log()
+    assert int(frozen.group(1)) > 100_000
+
+
+def test_freezing_moves_every_live_object_out_of_collections() -> None:
+    import gc
+
+    from engine.api.server import freeze_startup_heap
+
+    garbage = [[i] for i in range(1000)]  # live, tracked
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() >= 1000
+        assert all(not any(item is obj for obj in gc.get_objects()) for item in garbage[:3])
+        cycle: list = []
+        cycle.append(cycle)  # made after the freeze: still collected
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()  # this test process builds and frees many engines: leave the heap as it was
 
 
 def test_completion(client: openai.OpenAI) -> None:

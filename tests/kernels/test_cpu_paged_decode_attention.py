@@ -17,6 +17,7 @@ from engine.capabilities import cpu_features
 from engine.kernels.cpu import native_library
 from engine.model.attention_backends.native_cpu_backend import NativeCpuAttentionBackend
 from engine.kernels.cpu.paged_decode_attention import paged_decode_attention, supports
+from engine.kernels.kv_cache_format import dequantize_rows, quantize_rows
 from engine.model.attention_backends.metadata import (TorchAttentionScratch, grouped_from_rank_major,
                                                       rank_major_from_grouped)
 from engine.model.attention_backends.torch_backend import TorchAttentionBackend
@@ -62,6 +63,45 @@ def test_matches_reference(library: ctypes.CDLL, dtype: torch.dtype, num_q_heads
     # the kernel works in fp32 throughout; low-precision outputs differ by their final rounding
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(out.float(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [(9, 3, 64), (8, 8, 128), (8, 2, 80)])
+def test_int8_cache_matches_the_reference_on_its_values(library: ctypes.CDLL, dtype: torch.dtype, num_q_heads: int,
+                                                        num_kv_heads: int, head_dim: int) -> None:
+    """An int8 cache (rows of head_dim + 4 bytes, engine/kernels/kv_cache_format.py) attends as its
+    dequantized values do: the kernel's only approximation is the output's rounding."""
+    block_size, num_blocks = 16, 64
+    seq_lens = [1, 15, 16, 17, 50, 300]
+    block_tables = random_block_tables(seq_lens, block_size, num_blocks)
+    kv_cache = quantize_rows(random_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, torch.float32) * 3)
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim).to(dtype)
+    out = paged_decode_attention(query, kv_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32),
+                                 library=library)
+    assert out.dtype == dtype
+    expected = reference_decode(query, dequantize_rows(kv_cache, torch.float32), block_tables, seq_lens)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), expected, **tolerance)
+
+
+def test_int8_cache_with_group_heads_rank_major_and_every_build(library: ctypes.CDLL) -> None:
+    """An elastic step over an int8 cache: rank-major slots at fewer heads give the grouped call's
+    result, and every build the best build's bits."""
+    num_q_heads, num_kv_heads, head_dim, block_size = 9, 3, 64, 16
+    seq_lens = [1, 17, 40, 300, 33]
+    group_heads = torch.tensor([3, 1, 2, 1, 0], dtype=torch.int32)
+    block_tables = random_block_tables(seq_lens, block_size, 64)
+    kv_cache = quantize_rows(random_kv_cache(64, block_size, num_kv_heads, head_dim, torch.bfloat16))
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim).to(torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    grouped = paged_decode_attention(grouped_from_rank_major(query, num_kv_heads), kv_cache, block_tables, lens,
+                                     group_heads=group_heads, library=library)
+    out = paged_decode_attention(query, kv_cache, block_tables, lens, group_heads=group_heads, rank_major=True,
+                                 library=library)
+    assert torch.equal(out, rank_major_from_grouped(grouped, num_kv_heads))
+    best = native_library.load(cpu_features().kernel_isa)
+    assert torch.equal(out, paged_decode_attention(query, kv_cache, block_tables, lens, group_heads=group_heads,
+                                                   rank_major=True, library=best))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -144,8 +184,9 @@ def test_rejects_what_it_cannot_run(library: ctypes.CDLL) -> None:
                                torch.ones(1, dtype=torch.int32), library=library)
 
 
+@pytest.mark.parametrize("kv_int8", [False, True], ids=["bf16-cache", "int8-cache"])
 @pytest.mark.parametrize("head_dim", [64, 72])  # 72: the backend falls back to the torch path
-def test_backend_matches_torch_backend_on_a_mixed_step(library: ctypes.CDLL, head_dim: int,
+def test_backend_matches_torch_backend_on_a_mixed_step(library: ctypes.CDLL, head_dim: int, kv_int8: bool,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native_library, "load", lambda isa=None: library)  # the backend uses this build
     block_size, num_blocks = 16, 32
@@ -156,6 +197,8 @@ def test_backend_matches_torch_backend_on_a_mixed_step(library: ctypes.CDLL, hea
     num_tokens = sum(query_lens)
     query, key, value = (torch.randn(num_tokens, heads, head_dim).to(torch.bfloat16) for heads in (6, 2, 2))
     torch_cache = random_kv_cache(num_blocks, block_size, 2, head_dim, torch.bfloat16)
+    if kv_int8:  # both backends write this step's rows with the same quantization
+        torch_cache = quantize_rows(torch_cache)
     native_cache = torch_cache.clone()
     expected = TorchAttentionBackend().forward(query, key, value, torch_cache, meta)
     meta.scratch = TorchAttentionScratch()

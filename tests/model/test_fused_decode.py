@@ -63,8 +63,8 @@ def _layer_by_layer(llm, prompts, **kwargs):
             layer.fused_decode = fused
 
 
-@pytest.mark.parametrize("settings", [{}, {"dtype": "float32", "weight_format": "native"}],
-                         ids=["auto", "fp32-exact"])
+@pytest.mark.parametrize("settings", [{}, {"dtype": "float32", "weight_format": "native"}, {"kv_cache_dtype": "int8"}],
+                         ids=["auto", "fp32-exact", "int8-kv"])
 def test_fused_layers_give_the_layer_by_layer_bits(decode_only, fused_calls, settings):
     # No prefix caching: each run computes every prompt afresh.
     llm = make_llm(elastic="off", kv_cache_memory=0.25, enable_prefix_caching=False, **settings)

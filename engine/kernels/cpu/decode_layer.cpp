@@ -23,12 +23,14 @@
 // kernel the tile path calls too (elastic_side_path): the same bits again.
 //
 //     h = norm(x [+ residual])            residual <- x + residual (or x itself, the first layer)
-//     qkv = h Wqkv^T;  RoPE on Q and K;   K, V -> their cache slots
+//     qkv = h Wqkv^T;  RoPE on Q and K;   K, V -> their cache slots (as int8 rows where the
+//                                          cache is int8: the rows torch's write_kv_cache writes)
 //     a = attention(Q, cache) Wo^T
 //     h = norm(a + residual)              residual <- a + residual
 //     out = (silu(h Wg^T) * (h Wu^T)) Wd^T
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -49,7 +51,8 @@ int silu_and_mul(const void* x, int64_t x_stride, void* out, int64_t out_stride,
 int paged_decode_attention(const void* query, int64_t query_stride, const void* key_cache, const void* value_cache,
                            const int32_t* block_tables, int64_t block_table_stride, const int32_t* seq_lens,
                            const int32_t* group_heads, void* out, int num_seqs, int num_q_heads, int num_kv_heads,
-                           int head_dim, int block_size, float scale, int dtype, int num_threads, int rank_major);
+                           int head_dim, int block_size, float scale, int dtype, int num_threads, int rank_major,
+                           int kv_int8);
 int quantized_linear(const void* x, int64_t x_stride, const uint8_t* weight, int64_t weight_stride, const void* bias,
                      void* out, int64_t out_stride, int64_t m, int64_t n, int64_t k_blocks, int format, int dtype,
                      int num_threads);
@@ -102,7 +105,7 @@ struct StepDesc {
   const int32_t* block_tables;  // [rows, block_table_stride]: each row's sequence's
   int64_t block_table_stride;
   const int32_t* seq_lens;      // [rows]: the keys each row attends to (its position + 1)
-  void* key_cache;              // [slots, num_kv_heads, head_dim]
+  void* key_cache;              // [slots, num_kv_heads, head_dim] (+ 4 bytes a row with kv_int8)
   void* value_cache;
   // Elastic rows, or null where every row runs the full model: rows_upto[k] rows are at level
   // index <= k (the arrays above are then in level order), and level-order row i is the
@@ -111,6 +114,7 @@ struct StepDesc {
   const int64_t* order;         // [rows]
   int64_t q8_above_rows;        // a kernel call of more rows runs Q8 activations (-1: never)
   int32_t dtype, vnni, num_threads;
+  int32_t kv_int8;              // the cache holds int8 rows and their scales (kv_cache_format.py)
 };
 
 int64_t element_size(int dtype) { return dtype == 0 ? 4 : 2; }
@@ -344,10 +348,42 @@ const int32_t* group_heads(const LevelDesc* levels, const StepDesc& s, int64_t n
   return heads.data();
 }
 
+// One head's K or V row as an int8 cache row: head_dim values q = round(x / s) (halves to even)
+// with s = max|x| / 127, then s's four bytes.  The same fp32
+// operations as kv_cache_format.quantize_rows, so the same bytes.
+void quantize_kv_row(const char* values, int head_dim, int32_t dtype, int8_t* out) {
+  using namespace engine_cpu;
+  float x[256];  // head_dim <= paged_decode_attention's kMaxHeadDim
+  with_storage_type(dtype, [&](auto element, DType type) {
+    const auto* row = reinterpret_cast<const decltype(element)*>(values);
+    for (int i = 0; i < head_dim; i += kLanes) store(x + i, load(row + i, type, lanes(head_dim - i)), kFloat32, lanes(head_dim - i));
+  });
+  float largest = 0.0f;
+  for (int i = 0; i < head_dim; i++) largest = std::max(largest, std::fabs(x[i]));
+  const float scale = largest / 127.0f;
+  // PERF: a 32-row step divides ~370k values (30 layers); one at a time that was ~1 ms.
+  const Vec divisor = splat(scale > 0.0f ? scale : 1.0f);
+  for (int i = 0; i < head_dim; i += kLanes)
+    store(x + i, round_to_integer(load(x + i, kFloat32, lanes(head_dim - i)) / divisor), kFloat32, lanes(head_dim - i));
+  for (int i = 0; i < head_dim; i++) out[i] = scale > 0.0f ? int8_t(std::clamp(x[i], -127.0f, 127.0f)) : int8_t(0);
+  std::memcpy(out + head_dim, &scale, sizeof scale);
+}
+
 // K and V of each row (after RoPE) into the row's cache slot.
 void write_kv(const LayerDesc& l, const StepDesc& s, const char* qkv, int64_t qkv_width) {
   const int64_t size = element_size(s.dtype), kv_bytes = int64_t(l.num_kv_heads) * l.head_dim * size;
   const int64_t k_offset = int64_t(l.num_q_heads) * l.head_dim * size;
+  if (s.kv_int8 != 0) {
+    const int64_t row_bytes = l.head_dim + int64_t(sizeof(float)), slot_bytes = l.num_kv_heads * row_bytes;
+    for (int64_t r = 0; r < s.rows; r++)
+      for (int h = 0; h < l.num_kv_heads; h++) {
+        const char* key = qkv + r * qkv_width * size + k_offset + h * l.head_dim * size;
+        const int64_t at = s.slot_mapping[r] * slot_bytes + h * row_bytes;
+        quantize_kv_row(key, l.head_dim, s.dtype, static_cast<int8_t*>(s.key_cache) + at);
+        quantize_kv_row(key + kv_bytes, l.head_dim, s.dtype, static_cast<int8_t*>(s.value_cache) + at);
+      }
+    return;
+  }
   for (int64_t r = 0; r < s.rows; r++) {
     const char* row = qkv + r * qkv_width * size;
     std::memcpy(static_cast<char*>(s.key_cache) + s.slot_mapping[r] * kv_bytes, row + k_offset, kv_bytes);
@@ -384,7 +420,7 @@ int attention_block(const LayerDesc& l, const StepDesc& s, const void* x, void* 
   const int32_t* live = levels ? group_heads(l.attention_levels, s, l.num_levels, kv_width) : nullptr;
   status |= paged_decode_attention(qkv, qkv_width, s.key_cache, s.value_cache, s.block_tables, s.block_table_stride,
                                    s.seq_lens, live, heads, int(rows), l.num_q_heads, l.num_kv_heads, l.head_dim,
-                                   l.block_size, l.scale, s.dtype, s.num_threads, l.rank_major);
+                                   l.block_size, l.scale, s.dtype, s.num_threads, l.rank_major, s.kv_int8);
   if (!levels) return status | linear(l.o, s, heads, q_width, a);
   status |= column_tile_sum(l.o, s, tiles, heads, q_width, a);
   add_side_paths(l.attention_levels, s, l.num_levels, l.hidden, h, a);

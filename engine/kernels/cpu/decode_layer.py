@@ -55,7 +55,8 @@ class StepArguments(ctypes.Structure):
     _fields_ = [("rows", _i64), ("cos", _pointer), ("sin", _pointer), ("slot_mapping", _pointer),
                 ("block_tables", _pointer), ("block_table_stride", _i64), ("seq_lens", _pointer),
                 ("key_cache", _pointer), ("value_cache", _pointer), ("rows_upto", _pointer), ("order", _pointer),
-                ("q8_above_rows", _i64), ("dtype", _i32), ("vnni", _i32), ("num_threads", _i32)]
+                ("q8_above_rows", _i64), ("dtype", _i32), ("vnni", _i32), ("num_threads", _i32),
+                ("kv_int8", _i32)]
 
 
 def linear_arguments(weight: QuantizedWeight, bias: torch.Tensor | None,

@@ -187,9 +187,9 @@ def _declare_signatures(library: ctypes.CDLL) -> None:
     signatures = {
         # query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens,
         # group_heads, out, num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, scale, dtype, threads,
-        # rank_major
+        # rank_major, kv_int8
         "paged_decode_attention": [pointer, i64, pointer, pointer, pointer, i64, pointer, pointer, pointer,
-                                   i32, i32, i32, i32, i32, f32, i32, i32, i32],
+                                   i32, i32, i32, i32, i32, f32, i32, i32, i32, i32],
         # x, x_stride, residual, weight, out, rows, hidden, eps, dtype, threads
         "rms_norm": [pointer, i64, pointer, pointer, pointer, i64, i64, f32, i32, i32],
         # x, tokens, heads, head_dim, token_stride, cos, sin, dtype, threads

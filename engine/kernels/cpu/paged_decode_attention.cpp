@@ -11,16 +11,19 @@
 // Layout (shared with the torch path and the Triton kernels):
 //   query           [num_seqs, num_q_heads, head_dim], heads contiguous, rows query_stride apart
 //   out             [num_seqs, num_q_heads, head_dim], contiguous
-//   key/value cache [num_slots, num_kv_heads, head_dim] rows, slot = block * block_size + offset
+//   key/value cache [num_slots, num_kv_heads, row] rows, slot = block * block_size + offset; a row
+//                   is head_dim values of the query's dtype, or with kv_int8 head_dim int8 values and
+//                   their fp32 scale (engine/kernels/kv_cache_format.py)
 //   block_tables    [num_seqs, block_table_stride] int32; seq_lens [num_seqs] int32
 // Query heads h * group .. h * group + group - 1 share KV head h (GQA); with rank_major, query
 // head r * num_kv_heads + h is KV head h's r-th (an elastic model's slots, which keep a level's
 // heads a prefix: engine/model/layers/attention.py), and the output has the query's order.
 //
 // Numerics: the query is scaled in fp32, scores, softmax and the weighted sum of V stay fp32; only
-// the output is rounded to the cache dtype (round to nearest even).  Every build adds in the same
+// the output is rounded to the query's dtype (round to nearest even).  Every build adds in the same
 // order (the dot products and the softmax sum through kSumLanes partial sums, simd.h), so all give
-// the same bits.
+// the same bits.  An int8 row's scale multiplies its score (q . K = s (q . k_int8)) and its softmax
+// weight (w s V_int8): once a row, not once a value.
 //
 // Work split: one task per (sequence, KV head), handed out dynamically over OpenMP threads (the
 // OpenMP runtime is torch's own: the library is loaded after torch, which loaded libgomp.so.1).
@@ -34,6 +37,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -78,8 +82,21 @@ struct Problem {
   int num_q_heads, num_kv_heads, head_dim, block_size;
   bool rank_major;  // query (and output) heads in rank-major slots, see the layout above
   float scale;
-  DType dtype;
+  DType dtype;      // the query's and the output's
+  int64_t row_elems;  // a cache row's elements: head_dim, or head_dim + 4 bytes for int8
 };
+
+// The scale of a cache row (1 for rows in the query's dtype, which is then never multiplied).
+template <typename KV>
+inline float row_scale(const KV* row, int head_dim) {
+  if constexpr (std::is_same_v<KV, int8_t>) {
+    float scale;
+    std::memcpy(&scale, row + head_dim, sizeof scale);
+    return scale;
+  } else {
+    return 1.0f;
+  }
+}
 
 // Asks for one head's rows of a block ahead of use: blocks lie anywhere in the cache, so the
 // hardware prefetcher cannot guess the next one.  Volatile asm, not _mm_prefetch: GCC deletes a
@@ -92,13 +109,16 @@ struct Problem {
 // level's, 0.39 -> 0.27): an L1 prefetch holds one of the core's few L1 miss buffers until its
 // line arrives, so at most a couple of dozen lines are in flight, where an L2 prefetch leaves
 // them to the L2's deeper queue; the lines then come from L2 a block later, in a few cycles.
+// Every cache line a row touches: an int8 row (68 bytes at head_dim 64) may span three.
 template <typename T>
 inline void prefetch_block(const T* head_rows, int32_t block, const Problem& pb, int64_t row_stride) {
   const char* first = reinterpret_cast<const char*>(head_rows + static_cast<int64_t>(block) * pb.block_size * row_stride);
-  const int64_t row_bytes = pb.head_dim * static_cast<int64_t>(sizeof(T)), stride_bytes = row_stride * sizeof(T);
-  for (int i = 0; i < pb.block_size; i++)
-    for (int64_t byte = 0; byte < row_bytes; byte += 64)
-      asm volatile("prefetcht1 %0" : : "m"(*(first + i * stride_bytes + byte)));
+  const int64_t row_bytes = pb.row_elems * static_cast<int64_t>(sizeof(T)), stride_bytes = row_stride * sizeof(T);
+  for (int i = 0; i < pb.block_size; i++) {
+    const char* row = first + i * stride_bytes;
+    const char* line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63});
+    for (; line < row + row_bytes; line += 64) asm volatile("prefetcht1 %0" : : "m"(*line));
+  }
 }
 
 // Called at each block boundary `start`: asks for the next two blocks, so a block's rows are on
@@ -114,14 +134,14 @@ inline void prefetch_ahead(const T* head_rows, const int32_t* blocks, int start,
 }
 
 // One task's view of the problem: a sequence, one of its KV heads and the `group` query heads
-// that share it.
-template <typename T>
+// that share it.  T: the query's element type; KV: the cache's (T, or int8_t).
+template <typename T, typename KV>
 struct Task {
   int len;                 // context length
   const int32_t* blocks;   // the sequence's block table
-  int64_t row_stride;      // elements from one slot to the next
-  const T* keys;           // K rows of this head: keys + slot * row_stride
-  const T* values;         // V rows likewise
+  int64_t row_stride;      // cache elements from one slot to the next
+  const KV* keys;          // K rows of this head: keys + slot * row_stride
+  const KV* values;        // V rows likewise
   const T* query;          // the group's query rows, head_step apart
   T* out;                  // the group's output rows, head_step apart
   int64_t head_step;       // head_dim, or num_kv_heads * head_dim in rank-major order
@@ -133,11 +153,11 @@ struct Task {
     live = pb.group_heads == nullptr ? group : pb.group_heads[seq];
     live = live < 0 ? 0 : live > group ? group : live;  // a last guard: the caller does not check
     blocks = pb.block_tables + seq * pb.block_table_stride;
-    row_stride = static_cast<int64_t>(pb.num_kv_heads) * pb.head_dim;
-    keys = static_cast<const T*>(pb.key_cache) + kv_head * pb.head_dim;
-    values = static_cast<const T*>(pb.value_cache) + kv_head * pb.head_dim;
+    row_stride = static_cast<int64_t>(pb.num_kv_heads) * pb.row_elems;
+    keys = static_cast<const KV*>(pb.key_cache) + kv_head * pb.row_elems;
+    values = static_cast<const KV*>(pb.value_cache) + kv_head * pb.row_elems;
     const int64_t first_head = pb.rank_major ? kv_head : static_cast<int64_t>(kv_head) * group;
-    head_step = pb.rank_major ? row_stride : pb.head_dim;
+    head_step = pb.rank_major ? static_cast<int64_t>(pb.num_kv_heads) * pb.head_dim : pb.head_dim;
     query = static_cast<const T*>(pb.query) + seq * pb.query_stride + first_head * pb.head_dim;
     out = static_cast<T*>(pb.out) + (static_cast<int64_t>(seq) * pb.num_q_heads + first_head) * pb.head_dim;
   }
@@ -145,8 +165,8 @@ struct Task {
 
 // scores[g * capacity + p] <- q_g . K[p] (q already scaled), in block order: each K row is
 // converted once and serves the whole group.  Returns each query head's maximum in max_score.
-template <typename T, int kVecs>
-void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHeadDim], float* scores,
+template <typename T, typename KV, int kVecs>
+void score_keys(const Problem& pb, const Task<T, KV>& task, const float (*q)[kMaxHeadDim], float* scores,
                 int64_t capacity, float* max_score) {
   const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   for (int g = 0; g < group; g++) max_score[g] = -3.0e38f;
@@ -155,7 +175,8 @@ void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHea
     const int count = task.len - start < pb.block_size ? task.len - start : pb.block_size;
     prefetch_ahead(task.keys, task.blocks, start, task.len, pb, task.row_stride);
     for (int i = 0; i < count; i++) {
-      const T* key = task.keys + (first_slot + i) * task.row_stride;
+      const KV* key = task.keys + (first_slot + i) * task.row_stride;
+      const float key_scale = row_scale(key, pb.head_dim);
       Vec k[kMaxRowVecs];
       for (int v = 0; v < vecs; v++) k[v] = load(key + kLanes * v, pb.dtype);
       for (int g = 0; g < group; g++) {
@@ -163,7 +184,8 @@ void score_keys(const Problem& pb, const Task<T>& task, const float (*q)[kMaxHea
         for (int j = 0; j < kSumVecs; j++) dot[j] = load(q[g] + kLanes * j, kFloat32) * k[j];
         for (int v = kSumVecs; v < vecs; v += kSumVecs)
           for (int j = 0; j < kSumVecs; j++) dot[j] = fmadd(load(q[g] + kLanes * (v + j), kFloat32), k[v + j], dot[j]);
-        const float s = reduce_add(dot);  // the same bits in every build
+        float s = reduce_add(dot);  // the same bits in every build
+        if constexpr (std::is_same_v<KV, int8_t>) s *= key_scale;
         scores[g * capacity + start + i] = s;
         max_score[g] = s > max_score[g] ? s : max_score[g];
       }
@@ -183,8 +205,8 @@ constexpr int heads_per_pass() {
 
 // out_g <- inverse_sum[g] * sum_p weights[g][p] V[p]: kHeads query heads per pass over the
 // context.  The first pass brings V in from memory; later ones hit the cache.
-template <typename T, int kVecs>
-void sum_values(const Problem& pb, const Task<T>& task, const float* weights, int64_t capacity,
+template <typename T, typename KV, int kVecs>
+void sum_values(const Problem& pb, const Task<T, KV>& task, const float* weights, int64_t capacity,
                 const float* inverse_sum) {
   constexpr int kHeads = heads_per_pass<kVecs>();
   constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
@@ -199,12 +221,15 @@ void sum_values(const Problem& pb, const Task<T>& task, const float* weights, in
       const int count = task.len - start < pb.block_size ? task.len - start : pb.block_size;
       if (g0 == 0) prefetch_ahead(task.values, task.blocks, start, task.len, pb, task.row_stride);
       for (int i = 0; i < count; i++) {
-        const T* value = task.values + (first_slot + i) * task.row_stride;
+        const KV* value = task.values + (first_slot + i) * task.row_stride;
+        const float value_scale = row_scale(value, pb.head_dim);
         Vec row[kRowVecs];
         for (int v = 0; v < vecs; v++) row[v] = load(value + kLanes * v, pb.dtype);
         for (int j = 0; j < kHeads; j++) {
           if (j >= heads) break;
-          const Vec w = splat(weights[(g0 + j) * capacity + start + i]);
+          float weight = weights[(g0 + j) * capacity + start + i];
+          if constexpr (std::is_same_v<KV, int8_t>) weight *= value_scale;
+          const Vec w = splat(weight);
           for (int v = 0; v < vecs; v++) acc[j][v] = fmadd(w, row[v], acc[j][v]);
         }
       }
@@ -218,9 +243,9 @@ void sum_values(const Problem& pb, const Task<T>& task, const float* weights, in
 // One (sequence, KV head): scores, softmax, weighted sum.  scores holds group rows of `capacity`
 // floats, capacity >= the sequence's length.  kVecs = head_dim / kLanes when known at compile time
 // (the loops over a row unroll and K stays in registers: ~1.4x faster with AVX-512), 0 otherwise.
-template <typename T, int kVecs>
+template <typename T, typename KV, int kVecs>
 void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t capacity) {
-  const Task<T> task(pb, seq, kv_head);
+  const Task<T, KV> task(pb, seq, kv_head);
   const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   for (int g = group; g < pb.num_q_heads / pb.num_kv_heads; g++)  // heads the level drops
     std::memset(task.out + g * task.head_step, 0, pb.head_dim * sizeof(T));
@@ -230,12 +255,12 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
     for (int v = 0; v < vecs; v++)
       store(q[g] + kLanes * v, load(task.query + g * task.head_step + kLanes * v, pb.dtype) * splat(pb.scale), kFloat32);
   float max_score[kMaxGroup], inverse_sum[kMaxGroup];
-  score_keys<T, kVecs>(pb, task, q, scores, capacity, max_score);
+  score_keys<T, KV, kVecs>(pb, task, q, scores, capacity, max_score);
   for (int g = 0; g < group; g++) inverse_sum[g] = 1.0f / exp_and_sum(scores + g * capacity, task.len, max_score[g]);
-  sum_values<T, kVecs>(pb, task, scores, capacity, inverse_sum);
+  sum_values<T, KV, kVecs>(pb, task, scores, capacity, inverse_sum);
 }
 
-template <typename T, int kVecs>
+template <typename T, typename KV, int kVecs>
 void attend_all(const Problem& pb, int num_seqs, int num_threads) {
   const int64_t num_tasks = static_cast<int64_t>(num_seqs) * pb.num_kv_heads;
   int longest = 0;
@@ -247,18 +272,18 @@ void attend_all(const Problem& pb, int num_seqs, int num_threads) {
     float* scores = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * group * capacity));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_tasks; task++)
-      attend_one<T, kVecs>(pb, static_cast<int>(task / pb.num_kv_heads), static_cast<int>(task % pb.num_kv_heads),
+      attend_one<T, KV, kVecs>(pb, static_cast<int>(task / pb.num_kv_heads), static_cast<int>(task % pb.num_kv_heads),
                     scores, capacity);
     std::free(scores);
   }
 }
 
-template <typename T>
+template <typename T, typename KV>
 void attend_all_dims(const Problem& pb, int num_seqs, int num_threads) {
   switch (pb.head_dim) {
-    case 64: return attend_all<T, 64 / kLanes>(pb, num_seqs, num_threads);
-    case 128: return attend_all<T, 128 / kLanes>(pb, num_seqs, num_threads);
-    default: return attend_all<T, 0>(pb, num_seqs, num_threads);
+    case 64: return attend_all<T, KV, 64 / kLanes>(pb, num_seqs, num_threads);
+    case 128: return attend_all<T, KV, 128 / kLanes>(pb, num_seqs, num_threads);
+    default: return attend_all<T, KV, 0>(pb, num_seqs, num_threads);
   }
 }
 
@@ -275,19 +300,25 @@ const char* engine_cpu_kernel_isa(void) { return ENGINE_CPU_ISA; }
 // first; this is a last guard against reading out of bounds).
 // group_heads: nullptr, or [num_seqs] query heads per KV group each sequence uses (the first
 // ones of each group; each in 0 .. num_q_heads / num_kv_heads).  rank_major: 0 grouped heads,
-// 1 rank-major slots (the layout at the top).
+// 1 rank-major slots (the layout at the top).  kv_int8: 0 the cache holds the query's dtype, 1
+// int8 rows with their scales.
 int paged_decode_attention(const void* query, int64_t query_stride, const void* key_cache, const void* value_cache,
                            const int32_t* block_tables, int64_t block_table_stride, const int32_t* seq_lens,
                            const int32_t* group_heads, void* out, int num_seqs, int num_q_heads, int num_kv_heads, int head_dim,
-                           int block_size, float scale, int dtype, int num_threads, int rank_major) {
+                           int block_size, float scale, int dtype, int num_threads, int rank_major, int kv_int8) {
   if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > kMaxGroup ||
       head_dim % 16 != 0 || head_dim > kMaxHeadDim || head_dim <= 0 || block_size <= 0)
     return -1;
   return with_storage_type(dtype, [&](auto element, DType type) {
+    const int64_t row_elems = kv_int8 != 0 ? head_dim + static_cast<int64_t>(sizeof(float)) : head_dim;
     const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens,
                      group_heads, out,
-                     num_q_heads, num_kv_heads, head_dim, block_size, rank_major != 0, scale, type};
-    attend_all_dims<decltype(element)>(pb, num_seqs, num_threads);
+                     num_q_heads, num_kv_heads, head_dim, block_size, rank_major != 0, scale, type, row_elems};
+    using T = decltype(element);
+    if (kv_int8 != 0)
+      attend_all_dims<T, int8_t>(pb, num_seqs, num_threads);
+    else
+      attend_all_dims<T, T>(pb, num_seqs, num_threads);
   });
 }
 

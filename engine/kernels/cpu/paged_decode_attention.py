@@ -15,6 +15,7 @@ import torch
 
 from engine.kernels.cpu import native_library
 from engine.kernels.cpu.native_library import DTYPE_CODES
+from engine.kernels.kv_cache_format import head_dim_of, is_int8
 
 # kMaxGroup and kMaxHeadDim of paged_decode_attention.cpp
 MAX_GROUP = 16
@@ -28,8 +29,8 @@ def supports(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
 
 def _handles(kv_cache: torch.Tensor, num_q_heads: int) -> bool:
     """Whether the kernel handles this cache and model (in every build: head_dim % 16 == 0)."""
-    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
-    return (kv_cache.device.type == "cpu" and kv_cache.dtype in DTYPE_CODES and head_dim % 16 == 0
+    num_kv_heads, head_dim = kv_cache.shape[3], head_dim_of(kv_cache)
+    return (kv_cache.device.type == "cpu" and (kv_cache.dtype in DTYPE_CODES or is_int8(kv_cache)) and head_dim % 16 == 0
             and head_dim <= MAX_HEAD_DIM and num_q_heads % num_kv_heads == 0
             and num_q_heads // num_kv_heads <= MAX_GROUP)
 
@@ -39,7 +40,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            group_heads: torch.Tensor | None = None, rank_major: bool = False,
                            library: ctypes.CDLL | None = None) -> torch.Tensor:
     """query [B, Hq, D] (one token per sequence; rows may be strided views),
-    kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [B, max_blocks] int32,
+    kv_cache [2, num_blocks, block_size, Hkv, D] in the query's dtype, or int8 [..., D + 4]
+    (engine/kernels/kv_cache_format.py), block_tables [B, max_blocks] int32,
     seq_lens [B] int32 (each >= 1) -> out [B, Hq, D].  Query head h reads KV head h // (Hq / Hkv);
     with `rank_major`, KV head h % Hkv (an elastic model's rank-major slots: slot r * Hkv + g is
     group g's r-th head), the output in the same order.  `group_heads` [B] int32: each sequence
@@ -65,7 +67,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         block_tables.stride(0), seq_lens.data_ptr(),
         0 if group_heads is None else group_heads.data_ptr(), out.data_ptr(), num_seqs, num_q_heads,
         kv_cache.shape[3], head_dim, kv_cache.shape[2], head_dim ** -0.5, DTYPE_CODES[query.dtype],
-        torch.get_num_threads(), int(rank_major))
+        torch.get_num_threads(), int(rank_major), int(is_int8(kv_cache)))
     if status != 0:
         raise ValueError("paged_decode_attention: shapes or dtype not supported by the kernel")
     return out
@@ -79,8 +81,8 @@ def _check(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     if not _handles(kv_cache, query.shape[1]):
         raise ValueError(f"kernel does not support kv_cache {tuple(kv_cache.shape)} {kv_cache.dtype} "
                          f"on {kv_cache.device} with {query.shape[1]} query heads")
-    if query.dtype != kv_cache.dtype or query.shape[2] != kv_cache.shape[4]:
-        raise ValueError("query and kv_cache must share dtype and head_dim")
+    if (query.dtype != kv_cache.dtype and not is_int8(kv_cache)) or query.shape[2] != head_dim_of(kv_cache):
+        raise ValueError("query and kv_cache must share dtype (or the cache be int8) and head_dim")
     if query.stride(2) != 1 or query.stride(1) != query.shape[2] or not kv_cache.is_contiguous():
         raise ValueError("query heads must be contiguous (rows may be strided) and kv_cache contiguous")
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:

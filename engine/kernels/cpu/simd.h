@@ -121,6 +121,10 @@ inline Vec load(const uint16_t* p, DType dtype) {
   return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), dtype);
 }
 inline Vec load(const float* p, DType, Mask live) { return _mm512_maskz_loadu_ps(live, p); }
+// int8 values (an int8 KV cache's, engine/kernels/kv_cache_format.py) -> fp32, exactly.
+inline Vec load(const int8_t* p, DType) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 inline Vec load(const uint16_t* p, DType dtype, Mask live) {
   return widen(_mm256_maskz_loadu_epi16(live, p), dtype);
 }
@@ -203,6 +207,9 @@ inline Vec widen(__m128i raw, DType dtype) {
 inline Vec load(const float* p, DType) { return _mm256_loadu_ps(p); }
 inline Vec load(const uint16_t* p, DType dtype) {
   return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), dtype);
+}
+inline Vec load(const int8_t* p, DType) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 template <typename T>
 inline Vec load(const T* p, DType dtype, Mask live) {

@@ -5,6 +5,8 @@ KV cache layout (one tensor per layer), shared with the Triton kernels in engine
     kv_cache[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
     slot = block_id * block_size + offset_in_block
 
+(an int8 cache's rows are head_dim + 4 bytes, the last four the row's scale: engine/kernels/kv_cache_format.py)
+
 The flattened batch puts decode sequences (one query token each) first, then prefill chunks:
 
     tokens:  | d0 | d1 | ... | d{D-1} | p0 chunk ...... | p1 chunk ... |
@@ -67,6 +69,7 @@ class AttentionBackend(Protocol):
     # Whether a prefill chunk attends with only its level's query heads (group_heads) and skips
     # the others; the scheduler prices a level's prefill attention by it.
     prefill_attends_level_heads: bool
+    kv_cache_dtypes: tuple[str, ...]  # the CacheConfig.kv_cache_dtype values its kernels read and write
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,

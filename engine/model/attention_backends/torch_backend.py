@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.kernels.kv_cache_format import from_cache_rows, head_dim_of, to_cache_rows
 from engine.model.attention_backends.metadata import AttentionMetadata, forward_rank_major_as_grouped
 
 
@@ -34,6 +35,7 @@ class TorchAttentionBackend:
     """
 
     prefill_attends_level_heads = True
+    kv_cache_dtypes = ("auto", "int8")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -57,7 +59,7 @@ class TorchAttentionBackend:
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 group_heads: torch.Tensor | None = None) -> torch.Tensor:
-        buckets = _decode_buckets(meta, kv_cache.shape[3], kv_cache.shape[4], kv_cache.dtype)
+        buckets = _decode_buckets(meta, kv_cache.shape[3], head_dim_of(kv_cache), query.dtype)
         if len(buckets) == 1:
             return self._decode_bucket(query, kv_cache, meta, buckets[0])
         output = torch.empty_like(query)
@@ -71,11 +73,11 @@ class TorchAttentionBackend:
         num_kv_heads = kv_cache.shape[3]
         group = num_q_heads // num_kv_heads
         context_len = bucket.bias.shape[-1]
-        flat = kv_cache.view(2, -1, head_dim)  # one row per (slot, kv head)
-        key_buffer, value_buffer = _gather_buffers(meta, bucket.rows.numel(), head_dim, flat.dtype)
+        flat = kv_cache.view(2, -1, kv_cache.shape[4])  # one row per (slot, kv head)
+        key_buffer, value_buffer = _gather_buffers(meta, bucket.rows.numel(), flat.shape[2], flat.dtype)
         shape = (num_seqs, num_kv_heads, context_len, head_dim)
-        keys = torch.index_select(flat[0], 0, bucket.rows, out=key_buffer).view(shape)
-        values = torch.index_select(flat[1], 0, bucket.rows, out=value_buffer).view(shape)
+        keys = from_cache_rows(torch.index_select(flat[0], 0, bucket.rows, out=key_buffer), query.dtype).view(shape)
+        values = from_cache_rows(torch.index_select(flat[1], 0, bucket.rows, out=value_buffer), query.dtype).view(shape)
         q = query.view(num_seqs, num_kv_heads, group, head_dim) * head_dim ** -0.5
         scores = torch.matmul(q, keys.transpose(-1, -2)).add_(bucket.bias)  # [B, Hkv, G, L]
         probs = torch.softmax(scores, dim=-1)  # accumulates in fp32 whatever the input dtype
@@ -109,9 +111,9 @@ class TorchAttentionBackend:
         num_kv_heads = kv_cache.shape[3]
         seq_len = meta.seq_lens_cpu[seq]
         slots = _context_slots(meta, seq, seq_len)
-        flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-        keys = flat[0].index_select(0, slots).transpose(0, 1)[None]  # [1, Hkv, L, D]
-        values = flat[1].index_select(0, slots).transpose(0, 1)[None]
+        flat = kv_cache.view(2, -1, num_kv_heads, kv_cache.shape[4])
+        keys = from_cache_rows(flat[0].index_select(0, slots), query.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+        values = from_cache_rows(flat[1].index_select(0, slots), query.dtype).transpose(0, 1)[None]
         q = query.transpose(0, 1)[None]  # [1, Hq, q, D]; head h reads KV head h // (Hq / Hkv)
         # Keys before the chunk are visible to all its queries; only the chunk's own square is
         # causal (a whole prompt in one chunk: plain causal, no mask tensor).
@@ -123,11 +125,11 @@ class TorchAttentionBackend:
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
-    """Store this step's K/V rows at their slots (the reference for the Triton KV-write kernel)."""
-    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
-    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    """Store this step's K/V rows at their slots, in the cache's format (kv_cache_format.py); the
+    reference for the Triton KV-write kernel and the C++ decode layer's write."""
+    flat = kv_cache.view(2, -1, kv_cache.shape[3], kv_cache.shape[4])
+    flat[0].index_copy_(0, slot_mapping, to_cache_rows(key, kv_cache))
+    flat[1].index_copy_(0, slot_mapping, to_cache_rows(value, kv_cache))
 
 
 def _gather_buffers(meta: AttentionMetadata, num_rows: int, row_size: int,
@@ -172,7 +174,7 @@ class DecodeBucket:
 
     seq_index: torch.Tensor  # [n] which decode sequences (rows of the query)
     rows: torch.Tensor  # [n * Hkv * L] cache rows to gather, see _bucket_rows
-    bias: torch.Tensor  # [n, 1, 1, L] additive mask in the cache dtype, -inf past each sequence's length
+    bias: torch.Tensor  # [n, 1, 1, L] additive mask in the query's dtype, -inf past each sequence's length
 
 
 # A bucket's padded size (members x longest context) may exceed its real context by this factor.
@@ -185,7 +187,7 @@ MAX_BUCKET_BYTES = 4 << 20
 def _decode_buckets(meta: AttentionMetadata, num_kv_heads: int, head_dim: int,
                     dtype: torch.dtype) -> list[DecodeBucket]:
     """Split the decode sequences into buckets of similar length and bounded size, built once
-    per step.
+    per step; `dtype`: the query's, which the gathered K/V take.
 
     PERF: one padded gather over a ragged batch (ShareGPT: contexts from 10 to 1,000 tokens)
     spent most of its time on padding; sorting by length and cutting where padding would pass

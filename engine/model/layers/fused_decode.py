@@ -29,6 +29,7 @@ import torch
 from engine.kernels.cpu import decode_layer as kernel
 from engine.kernels.cpu.native_library import DTYPE_CODES
 from engine.kernels.cpu.quantized_linear_q8 import vnni_available
+from engine.kernels.kv_cache_format import is_int8
 from engine.model.attention_backends.metadata import AttentionMetadata
 from engine.model.attention_backends.native_cpu_backend import NativeCpuAttentionBackend
 from engine.model.compute_plan import ComputePlan
@@ -132,6 +133,7 @@ class FusedDecode:
             self._arguments = self._layer_arguments(block_size=kv_cache.shape[2])
         step = _step_arguments(batch, x.dtype, self.plan.q8_above_rows)
         step.key_cache, step.value_cache = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
+        step.kv_int8 = int(is_int8(kv_cache))
         out, attention_out = torch.empty_like(x), torch.empty_like(x)
         kernel.decode_layer(self._arguments, step, x, residual, attention_out, out)
         return out, x if residual is None else residual

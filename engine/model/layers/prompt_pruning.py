@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.distributed.group import TensorParallelGroup
+from engine.kernels.kv_cache_format import from_cache_rows
 from engine.model.forward_batch import ForwardBatch, KeptRows, PromptSelection
 
 
@@ -57,9 +58,10 @@ def _window_attention(query: torch.Tensor, kv_cache: torch.Tensor, selection: Pr
     start, end = selection.window_rows
     num_queries, num_q_heads, head_dim = end - start, query.shape[1], query.shape[2]
     num_kv_heads, num_candidates = kv_cache.shape[3], selection.num_candidates
-    keys = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, selection.context_slots)  # [C, Hkv, D]
+    rows = kv_cache[0].view(-1, num_kv_heads, kv_cache.shape[4]).index_select(0, selection.context_slots)
+    keys = from_cache_rows(rows, torch.float32)  # [C, Hkv, D]
     q = query[start:end].float().view(num_queries, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    logits = torch.einsum("wkgd,pkd->kgwp", q, keys.float()) * head_dim ** -0.5
+    logits = torch.einsum("wkgd,pkd->kgwp", q, keys) * head_dim ** -0.5
     # Scoring query j is candidate C - num_queries + j and sees the candidates up to itself.
     query_index = torch.arange(num_candidates - num_queries, num_candidates, device=query.device)
     future = torch.arange(num_candidates, device=query.device)[None, :] > query_index[:, None]
