@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.kv_cache_format import head_dim_of
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -44,15 +46,16 @@ def check_contiguous(name: str, tensor: torch.Tensor) -> None:
 
 def check_kv_cache(kv_cache: torch.Tensor, num_kv_heads: int | None = None,
                    head_dim: int | None = None) -> None:
-    """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim], last dim contiguous."""
+    """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (int8: head_dim + 4, see
+    kv_cache_format.py), last dim contiguous."""
     check_ndim("kv_cache", kv_cache, 5, "[2, num_blocks, block_size, num_kv_heads, head_dim]")
     if kv_cache.shape[0] != 2:
         raise ValueError(f"kv_cache dim 0 must be 2 (K, V), got shape {tuple(kv_cache.shape)}")
     if num_kv_heads is not None and kv_cache.shape[3] != num_kv_heads:
         raise ValueError(f"kv_cache has {kv_cache.shape[3]} KV heads, the keys have {num_kv_heads}")
-    if head_dim is not None and kv_cache.shape[4] != head_dim:
-        raise ValueError(f"kv_cache head_dim is {kv_cache.shape[4]}, the query's is {head_dim}")
-    check_dtype("kv_cache", kv_cache, FLOAT_DTYPES)
+    if head_dim is not None and head_dim_of(kv_cache) != head_dim:
+        raise ValueError(f"kv_cache head_dim is {head_dim_of(kv_cache)}, the query's is {head_dim}")
+    check_dtype("kv_cache", kv_cache, FLOAT_DTYPES + (torch.int8,))
     check_last_dim_contiguous("kv_cache", kv_cache)
 
 
@@ -88,6 +91,21 @@ def mma(a, b, INTERPRETED: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def load_kv_tile(base, row_offsets, dims, valid, head_dim, dtype: tl.constexpr, QUANTIZED: tl.constexpr,
+                 INTERPRETED: tl.constexpr):
+    """[N, BLOCK_D] K or V rows at base + row_offsets (cache elements), zeros where not `valid`:
+    as stored, or for an int8 cache (QUANTIZED) each row's values times its scale, rounded once
+    to `dtype` (torch's dequantize_rows in kv_cache_format.py likewise)."""
+    mask = valid[:, None] & (dims[None, :] < head_dim)
+    x = tl.load(base + row_offsets[:, None] + dims[None, :], mask=mask, other=0)
+    if QUANTIZED:
+        scale_ptrs = (base + row_offsets + head_dim).to(tl.pointer_type(tl.float32), bitcast=True)
+        scale = tl.load(scale_ptrs, mask=valid, other=0.0)
+        x = cast_to(x.to(tl.float32) * scale[:, None], dtype, INTERPRETED)
+    return x
 
 
 @triton.jit

@@ -6,8 +6,9 @@ one (slot, KV head)'s head_dim values:
   auto: head_dim elements of the model dtype;
   int8: head_dim + 4 bytes, the values q then the row's fp32 scale s (x86's byte order), the
         row meaning q * s, with s = max|x| / 127 and q = round(x / s) (halves to even) in
-        [-127, 127].  The C++ paths (paged_decode_attention.cpp, decode_layer.cpp) read and write
-        the same bytes, and quantize as quantize_rows does.
+        [-127, 127].  The C++ paths (cpu/paged_decode_attention.cpp, cpu/decode_layer.cpp) and
+        the Triton kernels (kv_cache_write.py, paged_*_attention.py) read and write the same
+        bytes, and quantize as quantize_rows does.
 
 Why int8: decode attention reads every K/V row of every running request at every layer, and on
 a CPU those reads come from memory: about a quarter of a 32-row decode step at 256 tokens of

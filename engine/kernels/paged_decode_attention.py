@@ -19,7 +19,8 @@ import triton.language as tl
 
 from engine.kernels._common import (FLOAT_DTYPES, cast_to, check_contiguous, check_dtype, check_kv_cache,
                                     check_last_dim_contiguous, check_launchable, check_ndim,
-                                    check_same_device, is_interpreted, mma)
+                                    check_same_device, is_interpreted, load_kv_tile, mma)
+from engine.kernels.kv_cache_format import from_cache_rows, is_int8
 
 LOG2_E = 1.4426950408889634
 DEFAULT_PARTITION_SIZE = 512  # tokens per split, as in vLLM's paged attention v2
@@ -35,7 +36,7 @@ def _decode_partial_kernel(
     stride_bt,
     stride_pb, stride_ph, stride_ps, stride_mb, stride_mh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PARTITION_SIZE: tl.constexpr, INTERPRETED: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr, QUANTIZED: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -60,17 +61,15 @@ def _decode_partial_kernel(
         valid = positions < split_end
         block_ids = tl.load(block_tables_ptr + seq * stride_bt + positions // block_size, mask=valid, other=0)
         # int64 before the multiply: block_id * stride_cb passes 2^31 elements in a large cache.
-        kv_offsets = (block_ids.to(tl.int64)[:, None] * stride_cb
-                      + (positions % block_size)[:, None] * stride_cs + dims[None, :])
-        kv_mask = valid[:, None] & (dims[None, :] < head_dim)
-        k = tl.load(k_base + kv_offsets, mask=kv_mask, other=0.0)
+        row_offsets = block_ids.to(tl.int64) * stride_cb + (positions % block_size) * stride_cs
+        k = load_kv_tile(k_base, row_offsets, dims, valid, head_dim, q.dtype, QUANTIZED, INTERPRETED)
         scores = mma(q, tl.trans(k), INTERPRETED) * qk_scale  # [BLOCK_G, BLOCK_N]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(k_base + stride_kv + kv_offsets, mask=kv_mask, other=0.0)
+        v = load_kv_tile(k_base + stride_kv, row_offsets, dims, valid, head_dim, q.dtype, QUANTIZED, INTERPRETED)
         acc = acc * alpha[:, None] + mma(cast_to(p, v.dtype, INTERPRETED), v, INTERPRETED)
         m_i = m_new
 
@@ -149,7 +148,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
         partial_max.stride(0), partial_max.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        PARTITION_SIZE=partition_size, INTERPRETED=is_interpreted(_decode_partial_kernel), num_stages=2,
+        PARTITION_SIZE=partition_size, QUANTIZED=is_int8(kv_cache), INTERPRETED=is_interpreted(_decode_partial_kernel),
+        num_stages=2,
     )
     _decode_reduce_kernel[(num_seqs, num_q_heads)](
         partial_out, partial_max, partial_sum, seq_lens, out,
@@ -179,12 +179,13 @@ def paged_decode_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor
     group = num_q_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     result = torch.empty_like(query) if out is None else out
-    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    flat = kv_cache.view(2, -1, num_kv_heads, kv_cache.shape[4])
     for seq, seq_len in enumerate(seq_lens.tolist()):
         positions = torch.arange(seq_len, device=query.device)
         slots = block_tables[seq, positions // block_size].long() * block_size + positions % block_size
-        keys = flat[0][slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        values = flat[1][slots].float().repeat_interleave(group, dim=1)
+        # an int8 cache's rows as the kernel reads them: dequantized, rounded to the query's dtype
+        keys = from_cache_rows(flat[0][slots], query.dtype).float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        values = from_cache_rows(flat[1][slots], query.dtype).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", query[seq].float(), keys) * scale
         result[seq] = torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), values).to(query.dtype)
     return result

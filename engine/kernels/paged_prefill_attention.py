@@ -20,7 +20,8 @@ import triton.language as tl
 
 from engine.kernels._common import (FLOAT_DTYPES, cast_to, check_contiguous, check_dtype, check_kv_cache,
                                     check_last_dim_contiguous, check_launchable, check_ndim,
-                                    check_same_device, is_interpreted, mma)
+                                    check_same_device, is_interpreted, load_kv_tile, mma)
+from engine.kernels.kv_cache_format import from_cache_rows, is_int8
 
 LOG2_E = 1.4426950408889634
 
@@ -33,7 +34,7 @@ def _prefill_kernel(
     stride_kv, stride_cb, stride_cs, stride_ch,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    INTERPRETED: tl.constexpr,
+    QUANTIZED: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     q_block = tl.program_id(1)
@@ -64,10 +65,8 @@ def _prefill_kernel(
         valid = positions < kv_end
         block_ids = tl.load(block_tables_ptr + seq * stride_bt + positions // block_size, mask=valid, other=0)
         # int64 before the multiply: block_id * stride_cb passes 2^31 elements in a large cache.
-        kv_offsets = (block_ids.to(tl.int64)[:, None] * stride_cb
-                      + (positions % block_size)[:, None] * stride_cs + dims[None, :])
-        kv_mask = valid[:, None] & (dims[None, :] < head_dim)
-        k = tl.load(k_base + kv_offsets, mask=kv_mask, other=0.0)
+        row_offsets = block_ids.to(tl.int64) * stride_cb + (positions % block_size) * stride_cs
+        k = load_kv_tile(k_base, row_offsets, dims, valid, head_dim, q.dtype, QUANTIZED, INTERPRETED)
         scores = mma(q, tl.trans(k), INTERPRETED) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = (positions[None, :] <= last_visible[:, None]) & valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -75,7 +74,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(k_base + stride_kv + kv_offsets, mask=kv_mask, other=0.0)
+        v = load_kv_tile(k_base + stride_kv, row_offsets, dims, valid, head_dim, q.dtype, QUANTIZED, INTERPRETED)
         acc = acc * alpha[:, None] + mma(cast_to(p, v.dtype, INTERPRETED), v, INTERPRETED)
         m_i = m_new
 
@@ -112,7 +111,7 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
         GROUP=num_q_heads // kv_cache.shape[3], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        INTERPRETED=is_interpreted(_prefill_kernel), num_stages=2,
+        QUANTIZED=is_int8(kv_cache), INTERPRETED=is_interpreted(_prefill_kernel), num_stages=2,
     )
     return out
 
@@ -136,7 +135,7 @@ def paged_prefill_attention_reference(query: torch.Tensor, kv_cache: torch.Tenso
     group = num_q_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     result = torch.empty_like(query) if out is None else out
-    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)
+    flat = kv_cache.view(2, -1, num_kv_heads, kv_cache.shape[4])
     starts = query_start_loc.tolist()
     for seq, seq_len in enumerate(seq_lens.tolist()):
         start, end = starts[seq], starts[seq + 1]
@@ -144,8 +143,9 @@ def paged_prefill_attention_reference(query: torch.Tensor, kv_cache: torch.Tenso
             continue
         positions = torch.arange(seq_len, device=query.device)
         slots = block_tables[seq, positions // block_size].long() * block_size + positions % block_size
-        keys = flat[0][slots].float().repeat_interleave(group, dim=1)  # [L, Hq, D]
-        values = flat[1][slots].float().repeat_interleave(group, dim=1)
+        # an int8 cache's rows as the kernel reads them: dequantized, rounded to the query's dtype
+        keys = from_cache_rows(flat[0][slots], query.dtype).float().repeat_interleave(group, dim=1)  # [L, Hq, D]
+        values = from_cache_rows(flat[1][slots], query.dtype).float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,lhd->hql", query[start:end].float(), keys) * scale
         query_positions = torch.arange(seq_len - (end - start), seq_len, device=query.device)
         scores.masked_fill_(positions[None, None, :] > query_positions[None, :, None], float("-inf"))

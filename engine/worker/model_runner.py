@@ -70,9 +70,6 @@ class ModelRunner:
         self.dtype = self.plan.dtype
         self.block_size = cache.block_size
         backend = make_attention_backend(runner.attention_backend, runner.device)
-        if cache.kv_cache_dtype not in backend.kv_cache_dtypes:
-            raise ConfigError(f"kv_cache_dtype {cache.kv_cache_dtype!r} is not supported by the "
-                              f"{type(backend).__name__} (it stores {', '.join(backend.kv_cache_dtypes)})")
         self.elastic_spec = None if elastic is None else elastic.spec
         self._prefill_attends_level_heads = backend.prefill_attends_level_heads
         # The model's level values, index 0 the full model (None: not elastic).

@@ -47,20 +47,24 @@ def configurations(dt: str) -> list[tuple[str, triton.JITFunction, dict[str, str
                           "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
                           "partial_out_ptr": "*fp32", "partial_max_ptr": "*fp32", "partial_sum_ptr": "*fp32"}
     configs = []
-    for head_dim, group in ((64, 3), (128, 8)):
+    # (head_dim, group, int8 cache): the int8 rows of kv_cache_format.py at SmolLM2's shape
+    for head_dim, group, quantized in ((64, 3, False), (128, 8, False), (64, 3, True)):
+        pointers = {**attention_pointers, "cache_ptr": "*i8"} if quantized else attention_pointers
+        label = f"D={head_dim} G={group}" + (" int8 cache" if quantized else "")
         decode = dict(GROUP=group, BLOCK_G=16, BLOCK_N=paged_decode_attention._block_n(dtype, head_dim),
-                      BLOCK_D=head_dim, PARTITION_SIZE=512, INTERPRETED=False)
-        configs.append((f"decode D={head_dim} G={group}", paged_decode_attention._decode_partial_kernel,
-                        attention_pointers, decode, 2))
+                      BLOCK_D=head_dim, PARTITION_SIZE=512, QUANTIZED=quantized, INTERPRETED=False)
+        configs.append((f"decode {label}", paged_decode_attention._decode_partial_kernel, pointers, decode, 2))
         block_m, block_n = paged_prefill_attention._tile_shape(dtype, head_dim, 1024)
-        prefill = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, INTERPRETED=False)
-        configs.append((f"prefill D={head_dim} G={group}", paged_prefill_attention._prefill_kernel,
-                        attention_pointers, prefill, 2))
+        prefill = dict(GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, QUANTIZED=quantized,
+                       INTERPRETED=False)
+        configs.append((f"prefill {label}", paged_prefill_attention._prefill_kernel, pointers, prefill, 2))
     configs.append(("decode reduce", paged_decode_attention._decode_reduce_kernel, attention_pointers,
                     dict(BLOCK_S=4, BLOCK_D=128, PARTITION_SIZE=512, INTERPRETED=False), 3))
-    configs.append(("kv cache write", kv_cache_write._kv_cache_write_kernel,
-                    {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
-                    dict(BLOCK_H=8, BLOCK_D=128, INTERPRETED=False), 3))
+    for cache_type in ("bf16", "i8"):
+        configs.append((f"kv cache write into {cache_type}", kv_cache_write._kv_cache_write_kernel,
+                        {"key_ptr": f"*{dt}", "value_ptr": f"*{dt}", "cache_ptr": f"*{cache_type}",
+                         "slot_mapping_ptr": "*i64"},
+                        dict(BLOCK_H=8, BLOCK_D=128, QUANTIZED=cache_type == "i8", INTERPRETED=False), 3))
     norm_pointers = {name: f"*{dt}" for name in ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr")}
     configs.append(("rms_norm + residual", rms_norm._rms_norm_kernel, norm_pointers,
                     dict(HAS_RESIDUAL=True, BLOCK=4096, INTERPRETED=False), 3))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.kernels.kv_cache_format import quantize_rows
 from engine.kernels.kv_cache_write import kv_cache_write, kv_cache_write_reference
 
 
@@ -23,6 +24,25 @@ def test_matches_reference_and_skips_padding(dtype: torch.dtype, num_kv_heads: i
     assert torch.equal(cache, expected)
     flat = cache.view(2, -1, num_kv_heads, head_dim)
     assert torch.equal(flat[0, last], key[4]) and torch.equal(flat[1, last], value[4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_kv_heads, head_dim", [(3, 64), (2, 80)])  # 80: a tile wider than the row
+def test_int8_cache_gets_the_bytes_torch_quantizes(dtype: torch.dtype, num_kv_heads: int, head_dim: int) -> None:
+    """Each (token, KV head) row quantized in the kernel: values and scale byte for byte as
+    kv_cache_format.quantize_rows writes them (halves to even included), padding skipped."""
+    cache = quantize_rows(torch.randn(2, 4, 16, num_kv_heads, head_dim))
+    expected = cache.clone()
+    slot_mapping = torch.tensor([0, 15, -1, 16, 63, 33])
+    key = (torch.randn(len(slot_mapping), num_kv_heads, head_dim) * 4).to(dtype)
+    key[0, 0, :3] = torch.tensor([127.0, 0.5, 2.5])  # scale 1: 0.5 -> 0, 2.5 -> 2
+    key[0, 0, 3:] = 0
+    value = torch.randn_like(key)
+    value[1, 1] = 0  # a zero row keeps scale 0
+    kv_cache_write(key, value, cache, slot_mapping)
+    kv_cache_write_reference(key, value, expected, slot_mapping)
+    assert torch.equal(cache, expected)
+    assert cache[0, 0, 0, 0, :3].tolist() == [127, 0, 2]
 
 
 def test_strided_views_and_fp32_to_bf16_cast() -> None:

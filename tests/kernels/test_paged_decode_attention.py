@@ -5,15 +5,19 @@ import torch
 
 from engine.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_reference
 
+from engine.kernels.kv_cache_format import quantize_rows
+
 from .paged_batch import random_block_tables, random_kv_cache
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def run_case(seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-             dtype: torch.dtype, partition_size: int) -> None:
+             dtype: torch.dtype, partition_size: int, int8_cache: bool = False) -> None:
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
     cache = random_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    if int8_cache:
+        cache = quantize_rows(cache)
     block_tables = random_block_tables(seq_lens, block_size, num_blocks)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
     query = torch.randn(len(seq_lens), num_q_heads, head_dim).to(dtype)
@@ -35,6 +39,18 @@ def run_case(seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim:
 def test_matches_reference(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int,
                            seq_lens: list[int], partition_size: int) -> None:
     run_case(seq_lens, num_q_heads, num_kv_heads, head_dim, 16, dtype, partition_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim, seq_lens, partition_size", [
+    (6, 2, 64, [1, 31, 32, 33, 100], 32),
+    (8, 1, 128, [16, 48, 64, 65], 16),
+    (9, 3, 64, [300, 2, 5], 128),
+])
+def test_int8_cache_matches_reference(dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                                      seq_lens: list[int], partition_size: int) -> None:
+    """Rows of head_dim int8 values and their scale (kv_cache_format.py), dequantized per tile."""
+    run_case(seq_lens, num_q_heads, num_kv_heads, head_dim, 16, dtype, partition_size, int8_cache=True)
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 32])

@@ -5,16 +5,20 @@ import torch
 
 from engine.kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
+from engine.kernels.kv_cache_format import quantize_rows
+
 from .paged_batch import random_block_tables, random_kv_cache
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def run_case(context_lens: list[int], query_lens: list[int], num_q_heads: int, num_kv_heads: int,
-             head_dim: int, dtype: torch.dtype, block_size: int = 16) -> None:
+             head_dim: int, dtype: torch.dtype, block_size: int = 16, int8_cache: bool = False) -> None:
     seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 2
     cache = random_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    if int8_cache:
+        cache = quantize_rows(cache)
     block_tables = random_block_tables(seq_lens, block_size, num_blocks)
     query_start_loc = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
@@ -40,6 +44,13 @@ GQA_SHAPES = [(2, 2, 64), (6, 2, 128), (8, 1, 64)]  # ratios 1, 3, 8
 def test_matches_reference(dtype: torch.dtype, chunks: tuple[list[int], list[int]], num_q_heads: int,
                            num_kv_heads: int, head_dim: int) -> None:
     run_case(*chunks, num_q_heads, num_kv_heads, head_dim, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunks", CHUNKS.values(), ids=CHUNKS.keys())
+def test_int8_cache_matches_reference(dtype: torch.dtype, chunks: tuple[list[int], list[int]]) -> None:
+    """Rows of head_dim int8 values and their scale (kv_cache_format.py), dequantized per tile."""
+    run_case(*chunks, 6, 2, 64, dtype, int8_cache=True)
 
 
 @pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", GQA_SHAPES)

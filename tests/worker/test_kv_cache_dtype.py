@@ -74,11 +74,6 @@ def test_unknown_kv_cache_dtype_names_the_setting():
         CacheConfig(kv_cache_dtype="fp8")
 
 
-def test_backends_without_int8_rows_refuse_them():
-    with pytest.raises(ConfigError, match="kv_cache_dtype 'int8'.*TritonAttentionBackend"):
-        make_llm(elastic="off", kv_cache_memory=0.25, kv_cache_dtype="int8", attention_backend="triton")
-
-
 def test_int8_cache_under_pruned_prompts_and_elastic_levels_keeps_the_pass_key():
     """Prompt pruning scores the prompt from the int8 keys, and elastic rows of several levels
     decode over the same int8 cache in one step."""

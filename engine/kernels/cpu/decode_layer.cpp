@@ -348,12 +348,14 @@ const int32_t* group_heads(const LevelDesc* levels, const StepDesc& s, int64_t n
   return heads.data();
 }
 
+constexpr int kMaxKvRow = 256;  // paged_decode_attention's kMaxHeadDim
+
 // One head's K or V row as an int8 cache row: head_dim values q = round(x / s) (halves to even)
-// with s = max|x| / 127, then s's four bytes.  The same fp32
-// operations as kv_cache_format.quantize_rows, so the same bytes.
+// with s = max|x| / 127, then s's four bytes.  The same fp32 operations as
+// kv_cache_format.quantize_rows, so the same bytes.
 void quantize_kv_row(const char* values, int head_dim, int32_t dtype, int8_t* out) {
   using namespace engine_cpu;
-  float x[256];  // head_dim <= paged_decode_attention's kMaxHeadDim
+  float x[kMaxKvRow];
   with_storage_type(dtype, [&](auto element, DType type) {
     const auto* row = reinterpret_cast<const decltype(element)*>(values);
     for (int i = 0; i < head_dim; i += kLanes) store(x + i, load(row + i, type, lanes(head_dim - i)), kFloat32, lanes(head_dim - i));
@@ -416,6 +418,7 @@ int attention_block(const LayerDesc& l, const StepDesc& s, const void* x, void* 
   status |= rotary_embedding(qkv, rows, l.num_q_heads + l.num_kv_heads, l.head_dim, qkv_width, s.cos, s.sin, s.dtype,
                              s.num_threads);
   if (status != 0) return status;
+  if (s.kv_int8 != 0 && l.head_dim > kMaxKvRow) return -1;  // quantize_kv_row's buffer
   write_kv(l, s, qkv, qkv_width);
   const int32_t* live = levels ? group_heads(l.attention_levels, s, l.num_levels, kv_width) : nullptr;
   status |= paged_decode_attention(qkv, qkv_width, s.key_cache, s.value_cache, s.block_tables, s.block_table_stride,

@@ -69,7 +69,6 @@ class AttentionBackend(Protocol):
     # Whether a prefill chunk attends with only its level's query heads (group_heads) and skips
     # the others; the scheduler prices a level's prefill attention by it.
     prefill_attends_level_heads: bool
-    kv_cache_dtypes: tuple[str, ...]  # the CacheConfig.kv_cache_dtype values its kernels read and write
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,

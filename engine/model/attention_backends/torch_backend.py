@@ -35,7 +35,6 @@ class TorchAttentionBackend:
     """
 
     prefill_attends_level_heads = True
-    kv_cache_dtypes = ("auto", "int8")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,

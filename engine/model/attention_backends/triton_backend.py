@@ -17,7 +17,6 @@ from engine.model.attention_backends.metadata import AttentionMetadata, forward_
 
 class TritonAttentionBackend:
     prefill_attends_level_heads = False  # the prefill kernel launches over every head
-    kv_cache_dtypes = ("auto",)  # the kernels read and write rows in the model's dtype
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
