@@ -224,14 +224,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: a GGUF file's quantized blocks through the C++ linear where it runs, "
                              "else dequantized; dequantized, native, int8")
     parser.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
-    parser.add_argument("--elastic", default=ModelConfig.elastic, choices=ELASTIC_MODES,
-                        help="elastic submodels: on builds the model's elastic checkpoint on first use (cached); "
-                             "auto: on for the default model")
-    parser.add_argument("--elastic-checkpoint", default=None, help="elastic checkpoint directory (default: the cache's)")
+    add_elastic_arguments(parser)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=ParallelConfig.tensor_parallel_size,
                         help="processes that each hold a shard of every weight and of the KV heads "
                              "(torch.distributed: gloo on CPU, NCCL on CUDA); spawned on this node, or "
                              "started on several nodes by torchrun (README)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
+    parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+    add_cache_arguments(parser)
+    parser.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
+    add_policy_arguments(parser)
+    add_reliability_arguments(parser)
+    parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
+                        help="auto: Triton kernels on CUDA; on CPU the C++ decode kernel where it builds, else the torch path")
+    parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
+    parser.add_argument("--check-invariants", action="store_true",
+                        help="debug: check the KV block bookkeeping whenever the engine goes idle "
+                             "(engine:invariant_violations_total; benchmarks/soak.py)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug", "trace"))
+
+
+def add_elastic_arguments(parser: argparse.ArgumentParser) -> None:
+    """Elastic submodels and prompt pruning: what a request runs when it names neither."""
+    parser.add_argument("--elastic", default=ModelConfig.elastic, choices=ELASTIC_MODES,
+                        help="elastic submodels: on builds the model's elastic checkpoint on first use (cached); "
+                             "auto: on for the default model")
+    parser.add_argument("--elastic-checkpoint", default=None, help="elastic checkpoint directory (default: the cache's)")
     parser.add_argument("--elastic-level", type=int, default=ModelConfig.elastic_level,
                         help="elastic level of requests that name none (100: the full model)")
     parser.add_argument("--elastic-auto", action="store_true",
@@ -245,30 +264,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the engine's measured ones)")
     parser.add_argument("--prompt-pruning-min-tokens", type=int, default=PromptPruningConfig.min_prompt_tokens,
                         help="prompts shorter than this are never pruned")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens)
-    parser.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The paged KV cache: its blocks, their memory and format, prefix sharing."""
     parser.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     parser.add_argument("--kv-cache-memory", type=float, default=CacheConfig.kv_cache_memory, help="GiB")
     parser.add_argument("--kv-cache-dtype", default=CacheConfig.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                         help="K and V as stored: auto (the model's dtype) or int8 (one int8 a value and an fp32 "
-                             "scale a row: ~1.9x the blocks, decode attention reads half the bytes)")
-    parser.add_argument("--scheduling-policy", default=SchedulerConfig.policy, choices=SCHEDULING_POLICIES)
+                             "scale a row: ~1.8x the blocks in the same memory; answer perplexity +0.2%% here)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=CacheConfig.enable_prefix_caching,
                         help="share the KV of identical prompt prefixes (--no-enable-prefix-caching or "
                              "--no-prefix-caching turns it off)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help=argparse.SUPPRESS)
-    add_policy_arguments(parser)
-    add_reliability_arguments(parser)
-    parser.add_argument("--attention-backend", default=RunnerConfig.attention_backend, choices=ATTENTION_BACKENDS,
-                        help="auto: Triton kernels on CUDA; on CPU the C++ decode kernel where it builds, else the torch path")
-    parser.add_argument("--disable-log-stats", action="store_true", help="no periodic throughput log line")
-    parser.add_argument("--check-invariants", action="store_true",
-                        help="debug: check the KV block bookkeeping whenever the engine goes idle "
-                             "(engine:invariant_violations_total; benchmarks/soak.py)")
-    parser.add_argument("--uvicorn-log-level", default="info",
-                        choices=("critical", "error", "warning", "info", "debug", "trace"))
 
 
 def add_reliability_arguments(parser: argparse.ArgumentParser) -> None:

@@ -348,14 +348,12 @@ const int32_t* group_heads(const LevelDesc* levels, const StepDesc& s, int64_t n
   return heads.data();
 }
 
-constexpr int kMaxKvRow = 256;  // paged_decode_attention's kMaxHeadDim
-
 // One head's K or V row as an int8 cache row: head_dim values q = round(x / s) (halves to even)
 // with s = max|x| / 127, then s's four bytes.  The same fp32 operations as
 // kv_cache_format.quantize_rows, so the same bytes.
 void quantize_kv_row(const char* values, int head_dim, int32_t dtype, int8_t* out) {
   using namespace engine_cpu;
-  float x[kMaxKvRow];
+  float x[kMaxHeadDim];
   with_storage_type(dtype, [&](auto element, DType type) {
     const auto* row = reinterpret_cast<const decltype(element)*>(values);
     for (int i = 0; i < head_dim; i += kLanes) store(x + i, load(row + i, type, lanes(head_dim - i)), kFloat32, lanes(head_dim - i));
@@ -376,7 +374,7 @@ void write_kv(const LayerDesc& l, const StepDesc& s, const char* qkv, int64_t qk
   const int64_t size = element_size(s.dtype), kv_bytes = int64_t(l.num_kv_heads) * l.head_dim * size;
   const int64_t k_offset = int64_t(l.num_q_heads) * l.head_dim * size;
   if (s.kv_int8 != 0) {
-    const int64_t row_bytes = l.head_dim + int64_t(sizeof(float)), slot_bytes = l.num_kv_heads * row_bytes;
+    const int64_t row_bytes = l.head_dim + engine_cpu::kKvScaleBytes, slot_bytes = l.num_kv_heads * row_bytes;
     for (int64_t r = 0; r < s.rows; r++)
       for (int h = 0; h < l.num_kv_heads; h++) {
         const char* key = qkv + r * qkv_width * size + k_offset + h * l.head_dim * size;
@@ -418,7 +416,7 @@ int attention_block(const LayerDesc& l, const StepDesc& s, const void* x, void* 
   status |= rotary_embedding(qkv, rows, l.num_q_heads + l.num_kv_heads, l.head_dim, qkv_width, s.cos, s.sin, s.dtype,
                              s.num_threads);
   if (status != 0) return status;
-  if (s.kv_int8 != 0 && l.head_dim > kMaxKvRow) return -1;  // quantize_kv_row's buffer
+  if (s.kv_int8 != 0 && l.head_dim > engine_cpu::kMaxHeadDim) return -1;  // quantize_kv_row's buffer
   write_kv(l, s, qkv, qkv_width);
   const int32_t* live = levels ? group_heads(l.attention_levels, s, l.num_levels, kv_width) : nullptr;
   status |= paged_decode_attention(qkv, qkv_width, s.key_cache, s.value_cache, s.block_tables, s.block_table_stride,

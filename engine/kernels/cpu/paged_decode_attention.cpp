@@ -48,7 +48,7 @@ namespace {
 using namespace engine_cpu;
 
 constexpr int kMaxGroup = 16;     // query heads per KV head
-constexpr int kMaxHeadDim = 256;  // the kernel handles head_dim % 16 == 0 (in every build), up to this
+// head_dim: a multiple of 16 (in every build), up to kMaxHeadDim (simd.h)
 constexpr int kMaxRowVecs = kMaxHeadDim / kLanes;
 
 // scores[0 .. len) <- exp(scores - max); returns their sum.
@@ -310,7 +310,7 @@ int paged_decode_attention(const void* query, int64_t query_stride, const void* 
       head_dim % 16 != 0 || head_dim > kMaxHeadDim || head_dim <= 0 || block_size <= 0)
     return -1;
   return with_storage_type(dtype, [&](auto element, DType type) {
-    const int64_t row_elems = kv_int8 != 0 ? head_dim + static_cast<int64_t>(sizeof(float)) : head_dim;
+    const int64_t row_elems = kv_int8 != 0 ? head_dim + kKvScaleBytes : head_dim;
     const Problem pb{query, query_stride, key_cache, value_cache, block_tables, block_table_stride, seq_lens,
                      group_heads, out,
                      num_q_heads, num_kv_heads, head_dim, block_size, rank_major != 0, scale, type, row_elems};

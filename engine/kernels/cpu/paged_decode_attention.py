@@ -17,7 +17,7 @@ from engine.kernels.cpu import native_library
 from engine.kernels.cpu.native_library import DTYPE_CODES
 from engine.kernels.kv_cache_format import head_dim_of, is_int8
 
-# kMaxGroup and kMaxHeadDim of paged_decode_attention.cpp
+# kMaxGroup of paged_decode_attention.cpp, kMaxHeadDim of simd.h
 MAX_GROUP = 16
 MAX_HEAD_DIM = 256
 

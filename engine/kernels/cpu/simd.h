@@ -50,6 +50,12 @@ inline float reduce_add8(__m256 x) {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// The KV cache's rows (engine/kernels/kv_cache_format.py), for the kernels that read or write
+// them (paged_decode_attention.cpp, decode_layer.cpp): an int8 row is head_dim values, then their
+// fp32 scale; no kernel takes a head longer than kMaxHeadDim.
+constexpr int64_t kKvScaleBytes = sizeof(float);
+constexpr int kMaxHeadDim = 256;
+
 // Calls run(element, dtype) with a value of the storage type of `dtype` (float for fp32,
 // uint16_t for bf16 and fp16), so a kernel templated on it is instantiated once per storage type.
 // Returns 0, or -1 for an unknown dtype code.
