@@ -145,6 +145,46 @@ def test_rank_major_slots_give_the_grouped_result_in_slot_order(library: ctypes.
     assert not torch.equal(out, grouped)  # the orders differ: the test can tell them apart
 
 
+@pytest.mark.parametrize("kv_int8", [False, True], ids=["model-dtype-cache", "int8-cache"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_dim", [
+    (9, 3, 64),   # SmolLM2: rows at one or two heads a group take whole-sequence tasks
+    (16, 1, 32),  # MQA without an unrolled path: one head a group does
+])
+def test_whole_sequence_tasks_give_the_per_head_bits(library: ctypes.CDLL, dtype: torch.dtype, kv_int8: bool,
+                                                     num_q_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """A batch with enough sequences attends a sequence at few heads a group as one task over all
+    its KV heads (paged_decode_attention.cpp: attends_whole_sequence); alone, the same sequence is
+    split per KV head.  Each head adds in the same order either way: the same bits, in both head
+    orders, and the reference's values."""
+    block_size, num_blocks = 16, 160
+    torch.manual_seed(0)
+    seq_lens = [1, 15, 16, 17, 33, 50, 300, 64, 129, 2, 31, 48, 200, 5, 90, 250]
+    assert len(seq_lens) >= 4 * torch.get_num_threads(), "the batch must be large enough for whole-sequence tasks"
+    group = num_q_heads // num_kv_heads
+    group_heads = torch.tensor([(1, 2, group, 0)[i % 4] for i in range(len(seq_lens))], dtype=torch.int32)
+    block_tables = random_block_tables(seq_lens, block_size, num_blocks)
+    kv_cache = random_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
+    if kv_int8:
+        kv_cache = quantize_rows(kv_cache)
+    query = torch.randn(len(seq_lens), num_q_heads, head_dim).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    for rank_major in (False, True):
+        batch = paged_decode_attention(query, kv_cache, block_tables, lens, group_heads=group_heads,
+                                       rank_major=rank_major, library=library)
+        for seq in range(len(seq_lens)):
+            alone = paged_decode_attention(query[seq:seq + 1], kv_cache, block_tables[seq:seq + 1], lens[seq:seq + 1],
+                                           group_heads=group_heads[seq:seq + 1], rank_major=rank_major,
+                                           library=library)
+            assert torch.equal(batch[seq], alone[0]), (rank_major, seq, int(group_heads[seq]))
+    values = dequantize_rows(kv_cache, torch.float32) if kv_int8 else kv_cache
+    whole = reference_decode(query, values, block_tables, seq_lens)
+    grouped = paged_decode_attention(query, kv_cache, block_tables, lens, group_heads=group_heads, library=library)
+    live = (torch.arange(num_q_heads) % group)[None, :] < group_heads[:, None]
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(grouped.float(), torch.where(live[..., None], whole, 0.0), **tolerance)
+
+
 def test_block_size_one_and_large_scores(library: ctypes.CDLL) -> None:
     """Tiny blocks (every position its own block) and scores large enough that softmax without the
     max shift would overflow fp32."""

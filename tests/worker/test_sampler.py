@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.worker.sampler import Sampler, SamplingRow, apply_penalties, filtered_probs
+from engine.worker.sampler import Sampler, SamplingRow, apply_penalties, filtered_probs, row_maxima
 
 
 def row(params: SamplingParams, output_ids=(), seed=None) -> SamplingRow:
@@ -75,3 +76,23 @@ def test_logprobs_report_rank_and_top_alternatives():
     assert sampled.token_id == 4 and sampled.rank == 1
     assert sampled.top_token_ids == [4, 3]
     assert abs(sampled.logprob - torch.log(torch.tensor(0.4)).item()) < 1e-5
+
+
+@pytest.mark.parametrize("columns", [49152, 32000, 151936, 3000, 2048, 1500, 100])
+def test_row_maxima_is_max_along_rows(columns: int):
+    """The chunked maximum gives torch.max(dim=-1)'s values and first-maximum indices: on ties
+    within and across chunks, in the last and shorter chunk, on rows all -inf and rows with NaN."""
+    generator = torch.Generator().manual_seed(columns)
+    x = torch.randn(12, columns, generator=generator)
+    x[1] = 1.0                                       # every column ties
+    x[2, -1] = 100.0                                 # the maximum in the last column
+    x[3, 5] = float("nan")                           # NaN wins, as in max
+    x[4] = float("-inf")                             # every token masked
+    x[5, columns // 2] = x[5, columns - 1] = 50.0    # a tie across chunks: the first
+    x[6, min(1024, columns - 1):] = 99.0             # ties over a whole later chunk
+    x[7, 0] = x[7, 1] = 60.0                         # a tie inside the first chunk
+    maxima, indices = row_maxima(x)
+    expected = x.max(dim=-1)
+    assert torch.equal(indices, expected.indices)
+    assert torch.equal(maxima.nan_to_num(7.0), expected.values.nan_to_num(7.0))
+    assert torch.isnan(maxima[3]) and maxima[4] == float("-inf")

@@ -25,13 +25,16 @@
 // the same bits.  An int8 row's scale multiplies its score (q . K = s (q . k_int8)) and its softmax
 // weight (w s V_int8): once a row, not once a value.
 //
-// Work split: one task per (sequence, KV head), handed out dynamically over OpenMP threads (the
-// OpenMP runtime is torch's own: the library is loaded after torch, which loaded libgomp.so.1).
-// Each task streams its context twice (K for the scores, V for the sum) in block order,
-// prefetching ahead since blocks are scattered.  What else was tried and measured no better:
-// one task per sequence over all its heads (contiguous slot rows, but accumulators spill), and
-// bf16 dot products (vdpbf16ps) with a shuffle-tree reduction for the scores (2-5%: the passes
-// wait on memory, not arithmetic).
+// Work split: tasks handed out dynamically over OpenMP threads (the OpenMP runtime is torch's own:
+// the library is loaded after torch, which loaded libgomp.so.1), of two kinds:
+//   - one (sequence, KV head): streams its context twice (K for the scores, V for the sum) in block
+//     order, prefetching ahead since blocks are scattered (attend_one);
+//   - one whole sequence, every KV head in one pass over each block (attend_sequence), for rows at
+//     few heads a group (an elastic level's) in batches large enough to keep the threads busy.
+// Both give the same bits.  What else was tried and measured no better: whole-sequence tasks for
+// rows at every head (their arithmetic then sets the pace: 0.85-0.97x), and bf16 dot products
+// (vdpbf16ps) with a shuffle-tree reduction for the scores (2-5%: the passes wait on memory, not
+// arithmetic).
 
 #include <cmath>
 #include <cstdint>
@@ -147,6 +150,7 @@ struct Task {
   int64_t head_step;       // head_dim, or num_kv_heads * head_dim in rank-major order
   int live;                // query heads of the group this sequence uses (the first ones)
 
+  Task() = default;
   Task(const Problem& pb, int seq, int kv_head) {
     const int group = pb.num_q_heads / pb.num_kv_heads;
     len = pb.seq_lens[seq];
@@ -260,22 +264,244 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
   sum_values<T, KV, kVecs>(pb, task, scores, capacity, inverse_sum);
 }
 
+// ---- One task per sequence: every KV head of it in one pass over each block ----
+//
+// A block's rows of all KV heads lie contiguous ([slot][kv_head][row]), so a pass over every head
+// reads each block as one run (SmolLM2, bf16: 16 x 3 x 128 bytes = 6 KB), where a (sequence, KV
+// head) task reads one row in num_kv_heads and leaves the rest of each line group to other tasks.
+// Measured on the 2-core AMD EPYC, one layer, K/V from memory, one query head a group (level 40's
+// rows), 16-64 sequences of ~256-1024 tokens: 1.10-1.38x faster over a bf16 cache, 1.14-1.48x over
+// an int8 one (the AVX2 build 0.99-1.36x and 1.04-1.63x); K/V read at up to ~25 GB/s, where two
+// threads stream ~52 GB/s.  At two heads a group it is a wash (0.86-1.11x), at three slower (the
+// per-row arithmetic of nine heads then sets the pace), so rows at every head keep the per-head
+// split.  Each head's arithmetic is attend_one's, in the same order: the same bits either way.
+
+constexpr int kMaxSequenceKvHeads = 8;  // more KV heads: long rows already, and scratch grows
+
+// Asks for part `part` of `parts` of a block's run (every KV head's rows) ahead of use: spread over
+// the rows of the block before, so the requests leave at the pace rows are used (all at once they
+// fill the core's miss queue and stall it; left to the hardware prefetchers, which do not cross
+// into scattered blocks, the pass ran ~2x slower).  A prefetch past the cache's end cannot fault.
+template <typename KV>
+inline void prefetch_run_part(const KV* cache, int32_t block, const Problem& pb, int64_t row_stride, int part,
+                              int parts) {
+  const int64_t run_bytes = pb.block_size * row_stride * static_cast<int64_t>(sizeof(KV));
+  const char* first = reinterpret_cast<const char*>(cache + static_cast<int64_t>(block) * pb.block_size * row_stride);
+  const int64_t lines = (run_bytes + 63) / 64 + 1;  // +1: the run need not start on a line
+  const char* line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(first) & ~uintptr_t{63});
+  for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
+    asm volatile("prefetcht1 %0" : : "m"(line[64 * l]));
+}
+
+template <typename KV>
+inline void prefetch_run(const KV* cache, int32_t block, const Problem& pb, int64_t row_stride) {
+  prefetch_run_part(cache, block, pb, row_stride, 0, 1);
+}
+
+// The blocks' runs at `start` + 1 and + 2 blocks: the first block's, whole, at the start; then,
+// spread over the block at `start`'s rows, the run two blocks ahead.
+template <typename KV>
+inline void prefetch_runs_ahead(const KV* cache, const int32_t* blocks, int start, int row, int count, int len,
+                                const Problem& pb, int64_t row_stride) {
+  const int block = start / pb.block_size;
+  if (start == 0 && row == 0 && pb.block_size < len) prefetch_run(cache, blocks[1], pb, row_stride);
+  if (start + 2 * pb.block_size < len) prefetch_run_part(cache, blocks[block + 2], pb, row_stride, row, count);
+}
+
+// Per-thread scratch of a sequence task: the scaled queries and every head's scores.
+struct SequenceScratch {
+  float (*q)[kMaxHeadDim];
+  float* scores;  // [num_q_heads][capacity]
+};
+
+template <typename T, typename KV, int kVecs>
+void score_sequence_keys(const Problem& pb, const Task<T, KV>* tasks, const SequenceScratch& scratch,
+                         int64_t capacity, float* max_score) {
+  const int num_kv = pb.num_kv_heads, group = pb.num_q_heads / num_kv, live = tasks[0].live;
+  const int vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
+  const Task<T, KV>& first = tasks[0];
+  float* __restrict scores = scratch.scores;
+  float best[kMaxSequenceKvHeads * kMaxGroup];
+  for (int j = 0; j < pb.num_q_heads; j++) best[j] = -3.0e38f;
+  for (int start = 0; start < first.len; start += pb.block_size) {
+    const int64_t first_slot = static_cast<int64_t>(first.blocks[start / pb.block_size]) * pb.block_size;
+    const int count = first.len - start < pb.block_size ? first.len - start : pb.block_size;
+    for (int i = 0; i < count; i++) {
+      prefetch_runs_ahead(first.keys, first.blocks, start, i, count, first.len, pb, first.row_stride);
+      for (int h = 0; h < num_kv; h++) {
+        const KV* key = tasks[h].keys + (first_slot + i) * first.row_stride;
+        const float key_scale = row_scale(key, pb.head_dim);
+        Vec k[kMaxRowVecs];
+        for (int v = 0; v < vecs; v++) k[v] = load(key + kLanes * v, pb.dtype);
+        for (int g = 0; g < live; g++) {
+          const float* q = scratch.q[h * group + g];
+          Vec dot[kSumVecs];
+          for (int j = 0; j < kSumVecs; j++) dot[j] = load(q + kLanes * j, kFloat32) * k[j];
+          for (int v = kSumVecs; v < vecs; v += kSumVecs)
+            for (int j = 0; j < kSumVecs; j++) dot[j] = fmadd(load(q + kLanes * (v + j), kFloat32), k[v + j], dot[j]);
+          float s = reduce_add(dot);  // attend_one's order
+          if constexpr (std::is_same_v<KV, int8_t>) s *= key_scale;
+          scores[(h * group + g) * capacity + start + i] = s;
+          best[h * group + g] = s > best[h * group + g] ? s : best[h * group + g];
+        }
+      }
+    }
+  }
+  for (int j = 0; j < pb.num_q_heads; j++) max_score[j] = best[j];
+}
+
+// Query heads per pass of a whole-sequence task: with AVX-512 at head_dim 64, six heads' accumulators
+// and a converted row (6 x 4 + 4 zmm) still fit the 32 registers: two heads a group over three KV
+// heads then take one pass (measured 0.86-1.11x of the per-head split, against 0.81-1.01x at three
+// heads a pass).
+template <int kVecs>
+constexpr int sequence_heads_per_pass() {
+  return kLanes == 16 && kVecs * kLanes == 64 ? 6 : heads_per_pass<kVecs>();
+}
+
+// One pass of sum_sequence_values over `heads` query heads from flat index j0 ((KV head, query
+// head) order).  kOneRow: every head of the pass reads one KV head's rows, each row converted once;
+// otherwise each head converts its own row (an L1 hit when it is the last head's).
+template <typename T, typename KV, int kVecs, bool kOneRow>
+void sum_sequence_pass(const Problem& pb, const Task<T, KV>* tasks, const float* scores, int64_t capacity,
+                       const float* inverse_sum, int j0, int heads, bool prefetch) {
+  constexpr int kHeads = sequence_heads_per_pass<kVecs>();
+  constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
+  const int group = pb.num_q_heads / pb.num_kv_heads, live = tasks[0].live;
+  const int vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
+  const Task<T, KV>& first = tasks[0];
+  int64_t score_row[kHeads];
+  const KV* head_values[kHeads];
+  for (int j = 0; j < heads; j++) {
+    const int h = (j0 + j) / live, g = (j0 + j) % live;
+    score_row[j] = (h * group + g) * capacity;
+    head_values[j] = tasks[h].values;
+  }
+  Vec acc[kHeads][kRowVecs];
+  for (int j = 0; j < kHeads; j++)
+    for (int v = 0; v < vecs; v++) acc[j][v] = splat(0.0f);
+  for (int start = 0; start < first.len; start += pb.block_size) {
+    const int64_t first_slot = static_cast<int64_t>(first.blocks[start / pb.block_size]) * pb.block_size;
+    const int count = first.len - start < pb.block_size ? first.len - start : pb.block_size;
+    for (int i = 0; i < count; i++) {
+      if (prefetch) prefetch_runs_ahead(first.values, first.blocks, start, i, count, first.len, pb, first.row_stride);
+      const int64_t offset = (first_slot + i) * first.row_stride;
+      Vec row[kRowVecs];
+      float value_scale = 1.0f;
+      if constexpr (kOneRow) {
+        value_scale = row_scale(head_values[0] + offset, pb.head_dim);
+        for (int v = 0; v < vecs; v++) row[v] = load(head_values[0] + offset + kLanes * v, pb.dtype);
+      }
+      for (int j = 0; j < kHeads; j++) {
+        if (j >= heads) break;
+        if constexpr (!kOneRow) {
+          value_scale = row_scale(head_values[j] + offset, pb.head_dim);
+          for (int v = 0; v < vecs; v++) row[v] = load(head_values[j] + offset + kLanes * v, pb.dtype);
+        }
+        float weight = scores[score_row[j] + start + i];
+        if constexpr (std::is_same_v<KV, int8_t>) weight *= value_scale;
+        const Vec w = splat(weight);
+        for (int v = 0; v < vecs; v++) acc[j][v] = fmadd(w, row[v], acc[j][v]);
+      }
+    }
+  }
+  for (int j = 0; j < heads; j++) {
+    const int h = (j0 + j) / live, g = (j0 + j) % live;
+    T* out = tasks[h].out + g * tasks[h].head_step;
+    const float scale = inverse_sum[h * group + g];
+    for (int v = 0; v < vecs; v++) store(out + kLanes * v, acc[j][v] * splat(scale), pb.dtype);
+  }
+}
+
+// Every live head's weighted sum of V, kHeads heads a pass in (KV head, query head) order, a pass
+// never splitting a KV head's heads where they fit in one; the first pass brings the blocks' runs
+// into L2 for the rest.
+template <typename T, typename KV, int kVecs>
+void sum_sequence_values(const Problem& pb, const Task<T, KV>* tasks, const float* scores, int64_t capacity,
+                         const float* inverse_sum) {
+  constexpr int kHeads = sequence_heads_per_pass<kVecs>();
+  const int live = tasks[0].live, total = pb.num_kv_heads * live;
+  const int per_pass = live >= kHeads ? kHeads : kHeads / live * live;
+  for (int j0 = 0; j0 < total; j0 += per_pass) {
+    const int heads = total - j0 < per_pass ? total - j0 : per_pass;
+    const bool one_row = j0 / live == (j0 + heads - 1) / live;
+    if (one_row)
+      sum_sequence_pass<T, KV, kVecs, true>(pb, tasks, scores, capacity, inverse_sum, j0, heads, j0 == 0);
+    else
+      sum_sequence_pass<T, KV, kVecs, false>(pb, tasks, scores, capacity, inverse_sum, j0, heads, j0 == 0);
+  }
+}
+
+// One sequence, every KV head: attend_one's steps over one pass per block.
+template <typename T, typename KV, int kVecs>
+void attend_sequence(const Problem& pb, int seq, const SequenceScratch& scratch, int64_t capacity) {
+  const int num_kv = pb.num_kv_heads, group = pb.num_q_heads / num_kv;
+  const int vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
+  Task<T, KV> tasks[kMaxSequenceKvHeads] = {};
+  for (int h = 0; h < num_kv; h++) tasks[h] = Task<T, KV>(pb, seq, h);
+  const int live = tasks[0].live;
+  for (int h = 0; h < num_kv; h++) {
+    for (int g = live; g < group; g++)  // heads the level drops
+      std::memset(tasks[h].out + g * tasks[h].head_step, 0, pb.head_dim * sizeof(T));
+    for (int g = 0; g < live; g++)
+      for (int v = 0; v < vecs; v++)
+        store(scratch.q[h * group + g] + kLanes * v,
+              load(tasks[h].query + g * tasks[h].head_step + kLanes * v, pb.dtype) * splat(pb.scale), kFloat32);
+  }
+  if (live == 0) return;
+  float max_score[kMaxSequenceKvHeads * kMaxGroup], inverse_sum[kMaxSequenceKvHeads * kMaxGroup];
+  score_sequence_keys<T, KV, kVecs>(pb, tasks, scratch, capacity, max_score);
+  for (int h = 0; h < num_kv; h++)
+    for (int g = 0; g < live; g++) {
+      const int j = h * group + g;
+      inverse_sum[j] = 1.0f / exp_and_sum(scratch.scores + j * capacity, tasks[h].len, max_score[j]);
+    }
+  sum_sequence_values<T, KV, kVecs>(pb, tasks, scratch.scores, capacity, inverse_sum);
+}
+
+// Whether sequence `seq` is one task (attend_sequence) or one per KV head (attend_one).  One task
+// when its live heads fit one pass over V and the batch has enough sequences to keep every thread
+// busy: with more heads a row's arithmetic, not the wait for it, sets the pace, and the per-head
+// split does better (benchmarks/cpu_decode_attention.py).
+bool attends_whole_sequence(const Problem& pb, int seq, int num_seqs, int num_threads, int sequence_heads) {
+  if (pb.num_kv_heads > kMaxSequenceKvHeads || num_seqs < 4 * num_threads) return false;
+  const int live = pb.group_heads == nullptr ? pb.num_q_heads / pb.num_kv_heads : pb.group_heads[seq];
+  return live * pb.num_kv_heads <= sequence_heads;
+}
+
 template <typename T, typename KV, int kVecs>
 void attend_all(const Problem& pb, int num_seqs, int num_threads) {
-  const int64_t num_tasks = static_cast<int64_t>(num_seqs) * pb.num_kv_heads;
   int longest = 0;
   for (int s = 0; s < num_seqs; s++) longest = pb.seq_lens[s] > longest ? pb.seq_lens[s] : longest;
   const int64_t capacity = (longest + 15) / 16 * 16;
-  const int group = pb.num_q_heads / pb.num_kv_heads;
+  // Tasks: (sequence, KV head), or (sequence, -1) for a whole sequence.
+  struct Work { int seq, kv_head; };
+  Work* tasks = static_cast<Work*>(std::malloc(sizeof(Work) * num_seqs * pb.num_kv_heads));
+  int64_t num_tasks = 0;
+  for (int seq = 0; seq < num_seqs; seq++) {
+    if (attends_whole_sequence(pb, seq, num_seqs, num_threads, sequence_heads_per_pass<kVecs>()))
+      tasks[num_tasks++] = {seq, -1};
+    else
+      for (int h = 0; h < pb.num_kv_heads; h++) tasks[num_tasks++] = {seq, h};
+  }
 #pragma omp parallel num_threads(num_threads)
   {
-    float* scores = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * group * capacity));
+    // Scratch for either kind: the scaled queries and every head's scores.
+    const SequenceScratch scratch{
+        static_cast<float(*)[kMaxHeadDim]>(std::aligned_alloc(64, sizeof(float) * kMaxHeadDim * pb.num_q_heads)),
+        static_cast<float*>(std::aligned_alloc(64, sizeof(float) * pb.num_q_heads * capacity))};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < num_tasks; task++)
-      attend_one<T, KV, kVecs>(pb, static_cast<int>(task / pb.num_kv_heads), static_cast<int>(task % pb.num_kv_heads),
-                    scores, capacity);
-    std::free(scores);
+    for (int64_t task = 0; task < num_tasks; task++) {
+      const Work work = tasks[task];
+      if (work.kv_head < 0)
+        attend_sequence<T, KV, kVecs>(pb, work.seq, scratch, capacity);
+      else
+        attend_one<T, KV, kVecs>(pb, work.seq, work.kv_head, scratch.scores, capacity);
+    }
+    std::free(scratch.q);
+    std::free(scratch.scores);
   }
+  std::free(tasks);
 }
 
 template <typename T, typename KV>
