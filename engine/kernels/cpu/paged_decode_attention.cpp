@@ -269,10 +269,10 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
 // A block's rows of all KV heads lie contiguous ([slot][kv_head][row]), so a pass over every head
 // reads each block as one run (SmolLM2, bf16: 16 x 3 x 128 bytes = 6 KB), where a (sequence, KV
 // head) task reads one row in num_kv_heads and leaves the rest of each line group to other tasks.
-// Measured on the 2-core AMD EPYC, one layer, K/V from memory, one query head a group (level 40's
-// rows), 16-64 sequences of ~256-1024 tokens: 1.10-1.38x faster over a bf16 cache, 1.14-1.48x over
-// an int8 one (the AVX2 build 0.99-1.36x and 1.04-1.63x); K/V read at up to ~25 GB/s, where two
-// threads stream ~52 GB/s.  At two heads a group it is a wash (0.86-1.11x), at three slower (the
+// Measured on the 2-core AMD EPYC against the per-head split, one layer, K/V from memory, one query
+// head a group (level 40's rows), 16-64 sequences of ~256-1024 tokens: 1.11-1.29x faster over a
+// bf16 cache, 1.28-1.42x over an int8 one (the AVX2 build 1.22-1.35x and 1.23-1.65x); K/V read at
+// 20-29 GB/s, where two threads stream ~52 GB/s (benchmarks/cpu_decode_attention.py --baseline).  At two heads a group it is a wash (0.86-1.11x), at three slower (the
 // per-row arithmetic of nine heads then sets the pace), so rows at every head keep the per-head
 // split.  Each head's arithmetic is attend_one's, in the same order: the same bits either way.
 
