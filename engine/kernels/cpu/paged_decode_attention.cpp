@@ -272,9 +272,10 @@ void attend_one(const Problem& pb, int seq, int kv_head, float* scores, int64_t 
 // Measured on the 2-core AMD EPYC against the per-head split, one layer, K/V from memory, one query
 // head a group (level 40's rows), 16-64 sequences of ~256-1024 tokens: 1.11-1.29x faster over a
 // bf16 cache, 1.28-1.42x over an int8 one (the AVX2 build 1.22-1.35x and 1.23-1.65x); K/V read at
-// 20-29 GB/s, where two threads stream ~52 GB/s (benchmarks/cpu_decode_attention.py --baseline).  At two heads a group it is a wash (0.86-1.11x), at three slower (the
-// per-row arithmetic of nine heads then sets the pace), so rows at every head keep the per-head
-// split.  Each head's arithmetic is attend_one's, in the same order: the same bits either way.
+// 20-29 GB/s, where two threads stream ~52 GB/s (benchmarks/cpu_decode_attention.py --baseline).
+// At two heads a group it is a wash (0.86-1.11x), at three slower (the per-row arithmetic of nine
+// heads then sets the pace), so rows at every head keep the per-head split.  Each head's arithmetic
+// is attend_one's, in the same order: the same bits either way.
 
 constexpr int kMaxSequenceKvHeads = 8;  // more KV heads: long rows already, and scratch grows
 
@@ -478,18 +479,24 @@ void attend_all(const Problem& pb, int num_seqs, int num_threads) {
   struct Work { int seq, kv_head; };
   Work* tasks = static_cast<Work*>(std::malloc(sizeof(Work) * num_seqs * pb.num_kv_heads));
   int64_t num_tasks = 0;
+  bool any_whole = false;
   for (int seq = 0; seq < num_seqs; seq++) {
-    if (attends_whole_sequence(pb, seq, num_seqs, num_threads, sequence_heads_per_pass<kVecs>()))
+    if (attends_whole_sequence(pb, seq, num_seqs, num_threads, sequence_heads_per_pass<kVecs>())) {
       tasks[num_tasks++] = {seq, -1};
-    else
+      any_whole = true;
+    } else {
       for (int h = 0; h < pb.num_kv_heads; h++) tasks[num_tasks++] = {seq, h};
+    }
   }
+  // Scores for one KV group's heads (attend_one), or for every head (attend_sequence, which also
+  // keeps its scaled queries here).  Sizes are multiples of 64 bytes, as aligned_alloc requires.
+  const int64_t scored_heads = any_whole ? pb.num_q_heads : pb.num_q_heads / pb.num_kv_heads;
 #pragma omp parallel num_threads(num_threads)
   {
-    // Scratch for either kind: the scaled queries and every head's scores.
     const SequenceScratch scratch{
-        static_cast<float(*)[kMaxHeadDim]>(std::aligned_alloc(64, sizeof(float) * kMaxHeadDim * pb.num_q_heads)),
-        static_cast<float*>(std::aligned_alloc(64, sizeof(float) * pb.num_q_heads * capacity))};
+        any_whole ? static_cast<float(*)[kMaxHeadDim]>(std::aligned_alloc(64, sizeof(float) * kMaxHeadDim * pb.num_q_heads))
+                  : nullptr,
+        static_cast<float*>(std::aligned_alloc(64, sizeof(float) * scored_heads * capacity))};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_tasks; task++) {
       const Work work = tasks[task];
