@@ -136,6 +136,26 @@ inline void prefetch_ahead(const T* head_rows, const int32_t* blocks, int start,
   if (start + 2 * pb.block_size < len) prefetch_block(head_rows, blocks[block + 2], pb, row_stride);
 }
 
+// Query heads of each KV group sequence `seq` uses (the first ones), clamped to the group: a last
+// guard, the caller does not check.
+inline int live_heads(const Problem& pb, int seq) {
+  const int group = pb.num_q_heads / pb.num_kv_heads;
+  const int live = pb.group_heads == nullptr ? group : pb.group_heads[seq];
+  return live < 0 ? 0 : live > group ? group : live;
+}
+
+// The cache slots of the block holding context positions start .. start + count - 1 (count: up to
+// a block, fewer at the context's end).
+struct BlockSpan {
+  int64_t first_slot;
+  int count;
+};
+
+inline BlockSpan block_span(const int32_t* blocks, int start, int len, int block_size) {
+  return {static_cast<int64_t>(blocks[start / block_size]) * block_size,
+          len - start < block_size ? len - start : block_size};
+}
+
 // One task's view of the problem: a sequence, one of its KV heads and the `group` query heads
 // that share it.  T: the query's element type; KV: the cache's (T, or int8_t).
 template <typename T, typename KV>
@@ -154,8 +174,7 @@ struct Task {
   Task(const Problem& pb, int seq, int kv_head) {
     const int group = pb.num_q_heads / pb.num_kv_heads;
     len = pb.seq_lens[seq];
-    live = pb.group_heads == nullptr ? group : pb.group_heads[seq];
-    live = live < 0 ? 0 : live > group ? group : live;  // a last guard: the caller does not check
+    live = live_heads(pb, seq);
     blocks = pb.block_tables + seq * pb.block_table_stride;
     row_stride = static_cast<int64_t>(pb.num_kv_heads) * pb.row_elems;
     keys = static_cast<const KV*>(pb.key_cache) + kv_head * pb.row_elems;
@@ -175,8 +194,7 @@ void score_keys(const Problem& pb, const Task<T, KV>& task, const float (*q)[kMa
   const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   for (int g = 0; g < group; g++) max_score[g] = -3.0e38f;
   for (int start = 0; start < task.len; start += pb.block_size) {
-    const int64_t first_slot = static_cast<int64_t>(task.blocks[start / pb.block_size]) * pb.block_size;
-    const int count = task.len - start < pb.block_size ? task.len - start : pb.block_size;
+    const auto [first_slot, count] = block_span(task.blocks, start, task.len, pb.block_size);
     prefetch_ahead(task.keys, task.blocks, start, task.len, pb, task.row_stride);
     for (int i = 0; i < count; i++) {
       const KV* key = task.keys + (first_slot + i) * task.row_stride;
@@ -221,8 +239,7 @@ void sum_values(const Problem& pb, const Task<T, KV>& task, const float* weights
     for (int j = 0; j < kHeads; j++)
       for (int v = 0; v < vecs; v++) acc[j][v] = splat(0.0f);
     for (int start = 0; start < task.len; start += pb.block_size) {
-      const int64_t first_slot = static_cast<int64_t>(task.blocks[start / pb.block_size]) * pb.block_size;
-      const int count = task.len - start < pb.block_size ? task.len - start : pb.block_size;
+      const auto [first_slot, count] = block_span(task.blocks, start, task.len, pb.block_size);
       if (g0 == 0) prefetch_ahead(task.values, task.blocks, start, task.len, pb, task.row_stride);
       for (int i = 0; i < count; i++) {
         const KV* value = task.values + (first_slot + i) * task.row_stride;
@@ -325,8 +342,7 @@ void score_sequence_keys(const Problem& pb, const Task<T, KV>* tasks, const Sequ
   float best[kMaxSequenceKvHeads * kMaxGroup];
   for (int j = 0; j < pb.num_q_heads; j++) best[j] = -3.0e38f;
   for (int start = 0; start < first.len; start += pb.block_size) {
-    const int64_t first_slot = static_cast<int64_t>(first.blocks[start / pb.block_size]) * pb.block_size;
-    const int count = first.len - start < pb.block_size ? first.len - start : pb.block_size;
+    const auto [first_slot, count] = block_span(first.blocks, start, first.len, pb.block_size);
     for (int i = 0; i < count; i++) {
       prefetch_runs_ahead(first.keys, first.blocks, start, i, count, first.len, pb, first.row_stride);
       for (int h = 0; h < num_kv; h++) {
@@ -382,8 +398,7 @@ void sum_sequence_pass(const Problem& pb, const Task<T, KV>* tasks, const float*
   for (int j = 0; j < kHeads; j++)
     for (int v = 0; v < vecs; v++) acc[j][v] = splat(0.0f);
   for (int start = 0; start < first.len; start += pb.block_size) {
-    const int64_t first_slot = static_cast<int64_t>(first.blocks[start / pb.block_size]) * pb.block_size;
-    const int count = first.len - start < pb.block_size ? first.len - start : pb.block_size;
+    const auto [first_slot, count] = block_span(first.blocks, start, first.len, pb.block_size);
     for (int i = 0; i < count; i++) {
       if (prefetch) prefetch_runs_ahead(first.values, first.blocks, start, i, count, first.len, pb, first.row_stride);
       const int64_t offset = (first_slot + i) * first.row_stride;
@@ -466,8 +481,7 @@ void attend_sequence(const Problem& pb, int seq, const SequenceScratch& scratch,
 // split does better (benchmarks/cpu_decode_attention.py).
 bool attends_whole_sequence(const Problem& pb, int seq, int num_seqs, int num_threads, int sequence_heads) {
   if (pb.num_kv_heads > kMaxSequenceKvHeads || num_seqs < 4 * num_threads) return false;
-  const int live = pb.group_heads == nullptr ? pb.num_q_heads / pb.num_kv_heads : pb.group_heads[seq];
-  return live * pb.num_kv_heads <= sequence_heads;
+  return live_heads(pb, seq) * pb.num_kv_heads <= sequence_heads;
 }
 
 template <typename T, typename KV, int kVecs>
