@@ -119,7 +119,7 @@ def row_maxima(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if chunks < 2 or rows == 0:
         return x.max(dim=-1)
     whole = chunks * _MAXIMA_CHUNK
-    chunk_maxima = x[:, :whole].view(rows, chunks, _MAXIMA_CHUNK).amax(dim=-1)
+    chunk_maxima = x[:, :whole].reshape(rows, chunks, _MAXIMA_CHUNK).amax(dim=-1)  # a view of contiguous rows
     if whole < columns:  # the last, shorter chunk
         chunk_maxima = torch.cat([chunk_maxima, x[:, whole:].amax(dim=-1, keepdim=True)], dim=1)
     best_chunk = chunk_maxima.argmax(dim=-1)  # the first chunk holding the maximum (or a NaN)

@@ -96,3 +96,5 @@ def test_row_maxima_is_max_along_rows(columns: int):
     assert torch.equal(indices, expected.indices)
     assert torch.equal(maxima.nan_to_num(7.0), expected.values.nan_to_num(7.0))
     assert torch.isnan(maxima[3]) and maxima[4] == float("-inf")
+    strided = x.t().contiguous().t()  # the same values, rows not contiguous
+    assert not strided.is_contiguous() and torch.equal(row_maxima(strided)[1], expected.indices)
