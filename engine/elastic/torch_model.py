@@ -18,7 +18,8 @@ API
   and query heads that layer keeps, by index into the model's own weights (any subset, any
   order: the result does not depend on the order).  `prefix_submodel(level, ffn_orders,
   head_orders)` builds the selection of an ElasticLevel (a prefix of each order, query heads in
-  rank-major slots); on a permuted model pass `identity_orders(...)`.
+  rank-major slots); on a permuted model pass `identity_orders(...)`.  `model.cut_submodel(submodel,
+  dtype)` cuts (and casts) its weights once, for a loop that runs it many times.
 - `corrections`: one `LayerCorrection | None` per layer: per block (attn, ffn) an optional bias
   [H] and low-rank pair lora_a [r, H], lora_b [H, r]:
       block_out = block(x_normed) + bias + (x_normed @ lora_a.T) @ lora_b.T
@@ -70,10 +71,19 @@ Capture = Callable[[int, Site, torch.Tensor], torch.Tensor | None]
 
 @dataclass(frozen=True)
 class LayerSelection:
-    """What one layer keeps: int64 indices into its FFN neurons and its query heads (None: all)."""
+    """What one layer keeps: int64 indices into its FFN neurons and its query heads (None: all).
+    `cut`: the layer's projection weights already cut to this selection (TorchLlama.cut_submodel),
+    by CUT_NAMES; None: the forward cuts them from the whole weights each call."""
 
     ffn_neurons: torch.Tensor | None = None
     query_heads: torch.Tensor | None = None
+    cut: Mapping[str, torch.Tensor | None] | None = None
+
+
+# The projection weights (and biases) a cut selection carries: q, o and the FFN's cut to it, k and
+# v whole (KV heads are never pruned), all cast to the cut's dtype.
+CUT_NAMES = tuple(f"self_attn.{p}_proj.{kind}" for p in "qkvo" for kind in ("weight", "bias")) + tuple(
+    f"mlp.{p}_proj.weight" for p in ("gate", "up", "down"))
 
 
 @dataclass(frozen=True)
@@ -158,36 +168,32 @@ class TorchLlama:
         prefix = f"model.layers.{index}."
         x = rms_norm(h, self.weights[prefix + "input_layernorm.weight"], self.config.rms_norm_eps)
         x = _see(capture, index, Site.ATTN_INPUT, x)
-        out = self.attention_block(index, x, rope, selection.query_heads, capture)
+        out = self.attention_block(index, x, rope, selection.query_heads, capture, selection.cut)
         if correction is not None and correction.attn is not None:
             out = correction.attn.apply(x, out)
         h = h + _see(capture, index, Site.ATTN_OUTPUT, out)
         x = rms_norm(h, self.weights[prefix + "post_attention_layernorm.weight"], self.config.rms_norm_eps)
         x = _see(capture, index, Site.FFN_INPUT, x)
-        out = self.ffn_block(index, x, selection.ffn_neurons, capture)
+        out = self.ffn_block(index, x, selection.ffn_neurons, capture, selection.cut)
         if correction is not None and correction.ffn is not None:
             out = correction.ffn.apply(x, out)
         return h + _see(capture, index, Site.FFN_OUTPUT, out)
 
     def attention_block(self, index: int, x: torch.Tensor, rope: Rope, query_heads: torch.Tensor | None = None,
-                        capture: Capture | None = None) -> torch.Tensor:
-        """Causal GQA self-attention of the normed input [B, T, H] over the kept query heads."""
-        config, w = self.config, self.weights
-        prefix, head_dim = f"model.layers.{index}.self_attn.", config.head_dim
+                        capture: Capture | None = None, cut: Mapping[str, torch.Tensor | None] | None = None,
+                        ) -> torch.Tensor:
+        """Causal GQA self-attention of the normed input [B, T, H] over the kept query heads
+        (`cut`: their weights already cut, see LayerSelection)."""
+        config = self.config
         batch, num_tokens = x.shape[:2]
-        q_weight, o_weight = w[prefix + "q_proj.weight"], w[prefix + "o_proj.weight"]
-        q_bias = w.get(prefix + "q_proj.bias")
         heads = torch.arange(config.num_heads) if query_heads is None else query_heads
-        if query_heads is not None:  # PERF: gathers cost ~10% of a layer; the whole model skips them
-            q_rows = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-            q_weight, o_weight = q_weight[q_rows], o_weight[:, q_rows]
-            q_bias = None if q_bias is None else q_bias[q_rows]
-        q = _project(x, q_weight, q_bias).view(batch, num_tokens, len(heads), head_dim)
-        k = _project(x, w[prefix + "k_proj.weight"], w.get(prefix + "k_proj.bias"))
-        v = _project(x, w[prefix + "v_proj.weight"], w.get(prefix + "v_proj.bias"))
-        q = apply_rotary(q, *rope).transpose(1, 2)
-        k = apply_rotary(k.view(batch, num_tokens, config.num_kv_heads, head_dim), *rope).transpose(1, 2)
-        v = v.view(batch, num_tokens, config.num_kv_heads, head_dim).transpose(1, 2)
+        w = cut or self._attention_weights(index, query_heads)
+        q = _project(x, w["self_attn.q_proj.weight"], w["self_attn.q_proj.bias"])
+        k = _project(x, w["self_attn.k_proj.weight"], w["self_attn.k_proj.bias"])
+        v = _project(x, w["self_attn.v_proj.weight"], w["self_attn.v_proj.bias"])
+        q = apply_rotary(q.view(batch, num_tokens, len(heads), config.head_dim), *rope).transpose(1, 2)
+        k = apply_rotary(k.view(batch, num_tokens, config.num_kv_heads, config.head_dim), *rope).transpose(1, 2)
+        v = v.view(batch, num_tokens, config.num_kv_heads, config.head_dim).transpose(1, 2)
         if query_heads is None and not self.rank_major_heads:  # HF's grouping: SDPA's own GQA
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
@@ -195,18 +201,52 @@ class TorchLlama:
             out = F.scaled_dot_product_attention(q, k[:, kv_heads], v[:, kv_heads], is_causal=True)
         out = out.transpose(1, 2)
         out = _see(capture, index, Site.HEADS, out)
-        return out.reshape(batch, num_tokens, -1) @ o_weight.T
+        return out.reshape(batch, num_tokens, -1) @ w["self_attn.o_proj.weight"].T
 
     def ffn_block(self, index: int, x: torch.Tensor, ffn_neurons: torch.Tensor | None = None,
-                  capture: Capture | None = None) -> torch.Tensor:
-        """SwiGLU of the normed input [B, T, H] over the kept neurons."""
+                  capture: Capture | None = None, cut: Mapping[str, torch.Tensor | None] | None = None,
+                  ) -> torch.Tensor:
+        """SwiGLU of the normed input [B, T, H] over the kept neurons (`cut`: see LayerSelection)."""
+        w = cut or self._ffn_weights(index, ffn_neurons)
+        neurons = F.silu(x @ w["mlp.gate_proj.weight"].T) * (x @ w["mlp.up_proj.weight"].T)
+        neurons = _see(capture, index, Site.NEURONS, neurons)
+        return neurons @ w["mlp.down_proj.weight"].T
+
+    def _attention_weights(self, index: int, query_heads: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """The layer's attention projections, q rows and o columns cut to `query_heads`."""
+        prefix = f"model.layers.{index}."
+        w = {name: self.weights.get(prefix + name) for name in CUT_NAMES if name.startswith("self_attn.")}
+        if query_heads is not None:  # PERF: gathers cost ~10% of a layer; the whole model skips them
+            head_dim = self.config.head_dim
+            q_rows = (query_heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+            w["self_attn.q_proj.weight"] = w["self_attn.q_proj.weight"][q_rows]
+            w["self_attn.o_proj.weight"] = w["self_attn.o_proj.weight"][:, q_rows]
+            if w["self_attn.q_proj.bias"] is not None:
+                w["self_attn.q_proj.bias"] = w["self_attn.q_proj.bias"][q_rows]
+        return w
+
+    def _ffn_weights(self, index: int, ffn_neurons: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """The layer's FFN projections cut to `ffn_neurons` (gate/up rows, down columns)."""
         prefix, w = f"model.layers.{index}.mlp.", self.weights
         gate, up, down = w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"], w[prefix + "down_proj.weight"]
         if ffn_neurons is not None:
             gate, up, down = gate[ffn_neurons], up[ffn_neurons], down[:, ffn_neurons]
-        neurons = F.silu(x @ gate.T) * (x @ up.T)
-        neurons = _see(capture, index, Site.NEURONS, neurons)
-        return neurons @ down.T
+        return {"mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up, "mlp.down_proj.weight": down}
+
+    def cut_submodel(self, submodel: Sequence[LayerSelection], dtype: torch.dtype) -> list[LayerSelection]:
+        """`submodel` with every layer's projection weights cut once and cast to `dtype`, for a loop
+        that runs one submodel many times (distillation): its forward then gathers nothing, and
+        under autocast to `dtype` its matmuls cast no weight.  Norms, embeddings and the LM head
+        are not cut (they stay the model's)."""
+        cut = []
+        for index, selection in enumerate(submodel):
+            weights = {**self._attention_weights(index, selection.query_heads),
+                       **self._ffn_weights(index, selection.ffn_neurons)}
+            # Biases stay fp32, as the uncut forward adds them (a bf16 matmul's output + fp32).
+            cast = {name: None if tensor is None else tensor.to(dtype if tensor.dim() == 2 else tensor.dtype).contiguous()
+                    for name, tensor in weights.items()}
+            cut.append(LayerSelection(selection.ffn_neurons, selection.query_heads, cast))
+        return cut
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return rms_norm(h, self.weights["model.norm.weight"], self.config.rms_norm_eps)

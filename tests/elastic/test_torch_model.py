@@ -55,3 +55,23 @@ def test_corrections_add_bias_and_low_rank_term_with_gradients(torch_llama) -> N
     assert lora_a.grad is not None and lora_a.grad.abs().sum() > 0
     assert seen[Site.NEURONS].shape == (1, 3, config.intermediate_size)
     assert seen[Site.HEADS].shape == (1, 3, config.num_heads, config.head_dim)
+
+
+def test_a_cut_submodel_gives_the_submodels_logits(torch_llama) -> None:
+    """Cutting a selection's weights once (as distillation does) is the same forward as cutting them
+    every call: in fp32, and cast to bf16 under autocast (which casts the uncut weights the same way)."""
+    config = torch_llama.config
+    ids = torch.tensor([[5, 17, 300, 2, 99, 41]])
+    generator = torch.Generator().manual_seed(0)
+    submodel = [LayerSelection(torch.randperm(config.intermediate_size, generator=generator)[:200 + 40 * layer],
+                               torch.randperm(config.num_heads, generator=generator)[:3 + layer % 5])
+                for layer in range(config.num_layers)]
+    with torch.no_grad():
+        expected = torch_llama(ids, submodel)
+        assert torch.equal(torch_llama(ids, torch_llama.cut_submodel(submodel, torch.float32)), expected)
+        assert not torch.allclose(expected, torch_llama(ids), atol=1e-2)  # the selection matters
+        cut = torch_llama.cut_submodel(submodel, torch.bfloat16)
+        assert all(w.dtype == torch.bfloat16 for s in cut for w in s.cut.values() if w is not None and w.dim() == 2)
+        assert cut[1].cut["mlp.down_proj.weight"].shape == (config.hidden_size, 240)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.allclose(torch_llama(ids, cut), torch_llama(ids, submodel), atol=1e-5)
