@@ -45,6 +45,7 @@ from engine.elastic.adapters import (
 )
 from engine.elastic.calibration import TokenBatch
 from engine.elastic.checkpoint import checkpoint_digest
+from engine.elastic.quality import scored_logits
 from engine.elastic.quality_table import QUALITY_FILE
 from engine.elastic.teacher_targets import TeacherTargets, bucketed_kl, full_kl
 from engine.elastic.torch_model import BlockCorrection, LayerCorrection, LayerSelection, TorchLlama, prefix_submodel
@@ -170,14 +171,6 @@ class Teacher:
     def _logits(self, batch: TokenBatch) -> torch.Tensor:
         with torch.no_grad():
             return scored_logits(self.model, batch)
-
-
-def scored_logits(model: TorchLlama, batch: TokenBatch, submodel: Sequence[LayerSelection] | None = None,
-                  corrections: Sequence[LayerCorrection | None] | None = None) -> torch.Tensor:
-    """Logits [num scored, vocab] of the rows that predict a scored token: the LM head (a fifth of
-    SmolLM2's multiply-adds) skips padding."""
-    hidden = model.hidden_states(batch.input_ids, submodel, corrections)
-    return model.logits(hidden[:, :-1][batch.scored])
 
 
 # --- the trained terms ---------------------------------------------------------------------------
