@@ -25,7 +25,7 @@ from engine.model.forward_batch import ElasticRows, ForwardBatch
 from engine.model.layers.activation import SiluAndMul
 from engine.model.layers.attention import Attention
 from engine.model.layers.elastic import BlockElasticity, LayerElasticity, RowLevels, column_tiles, zero_dropped_columns
-from engine.model.layers.fused_decode import FusedDecode
+from engine.model.layers.fused_decode import FusedDecode, fused_run
 from engine.model.layers.linear import ElasticSlices, Linear, LinearWeight, VocabEmbedding
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.prompt_pruning import PromptPruner, WindowScorer
@@ -257,9 +257,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (this layer's FFN output, the residual stream before it); the stream
-        is x + residual, and just x for the first layer."""
-        if self.fused_decode is not None and self.fused_decode.runs(x, residual, kv_cache, batch):
-            return self.fused_decode(x, residual, kv_cache, batch)
+        is x + residual, and just x for the first layer.  Layer by layer: the model's forward
+        runs the layers whose `fused_decode` runs this step as one C++ call instead."""
         if residual is None:
             residual, h = x, self.attention_norm(x)
         else:
@@ -296,6 +295,7 @@ class LlamaForCausalLM(nn.Module):
         per_layer = elastic if elastic is not None else [None] * config.num_layers
         self.layers = nn.ModuleList(DecoderLayer(config, backend, plan, layer, pruner and pruner.scorer_for(index), tp)
                                     for index, layer in enumerate(per_layer))
+        self._layers = tuple(self.layers)  # PERF: indexing a ModuleList costs a string key
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, plan)
         self.output = Linear(config.hidden_size, config.vocab_size, False, plan)
         self.rotary = RotaryEmbedding.for_config(config)
@@ -308,7 +308,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.tok_embeddings(batch.input_ids)
         batch.rope = self.rotary.tables(batch.positions, x.dtype)
         residual = None
-        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+        index, num_layers = 0, len(self.layers)
+        while index < num_layers:
             stage = None if batch.kept is None else self.pruner.stage_at(index)
             if stage is not None:
                 x, residual = self.pruner(stage, x, residual, batch, hidden_cache)
@@ -317,7 +318,17 @@ class LlamaForCausalLM(nn.Module):
                     return x  # no rows go on: nothing samples this step
                 if kept.source_rows is not None:  # rows moved: RoPE at their positions
                     batch.rope = self.rotary.tables(batch.positions, x.dtype)
-            x, residual = layer(x, residual, kv_cache, batch)
+            # The layers from here to the next prune layer (where the rows may change) that take
+            # the one-call path, as one call.
+            stop = num_layers if batch.kept is None else next(
+                (layer for layer in self.pruner.prune_layers if layer > index), num_layers)
+            fused = fused_run(self._layers, index, stop, x, residual, kv_caches, batch)
+            if fused:
+                x, residual = FusedDecode.run_layers(fused, x, residual, kv_caches[index:index + len(fused)], batch)
+                index += len(fused)
+            else:
+                x, residual = self._layers[index](x, residual, kv_caches[index], batch)
+                index += 1
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,15 +33,30 @@ def decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
-    run = fused_decode.kernel.decode_layer
+    """[layers run in one-call steps]; and fused_calls.runs: each call's run of layers."""
+    calls = _LayerCount([0])
+    run = fused_decode.kernel.decode_layers
 
-    def counted(*args) -> None:
-        calls[0] += 1
-        run(*args)
+    def counted(stack, *args) -> None:
+        calls[0] += stack.num_layers
+        calls.runs.append(stack.num_layers)
+        run(stack, *args)
 
-    monkeypatch.setattr(fused_decode.kernel, "decode_layer", counted)
+    monkeypatch.setattr(fused_decode.kernel, "decode_layers", counted)
     return calls
+
+
+class _LayerCount(list):
+    runs: list[int]
+
+    def __init__(self, values) -> None:
+        super().__init__(values)
+        self.runs = []
+
+
+def _runs_between_prune_layers(llm) -> list[int]:
+    bounds = (0, *llm.engine.runner.prune_layers, len(llm.engine.runner.model.layers))
+    return [end - start for start, end in zip(bounds, bounds[1:])]
 
 
 def _generate(llm, prompts, **kwargs) -> list[tuple[list[int], list[dict[int, float]]]]:
@@ -70,8 +85,10 @@ def test_fused_layers_give_the_layer_by_layer_bits(decode_only, fused_calls, set
     llm = make_llm(elastic="off", kv_cache_memory=0.25, enable_prefix_caching=False, **settings)
     fused = _generate(llm, PROMPTS)
     num_layers = len(llm.engine.runner.model.layers)
-    # 19 all-decode steps (the first token comes with the prefill), every layer fused in each.
+    # 19 all-decode steps (the first token comes with the prefill), every layer fused in each,
+    # in one call from each prune layer to the next.
     assert fused_calls[0] == 19 * num_layers
+    assert fused_calls.runs == _runs_between_prune_layers(llm) * 19
     assert _layer_by_layer(llm, PROMPTS) == fused
     assert_kv_empty(llm)
 
@@ -86,6 +103,8 @@ def test_pruned_prompts_score_layer_by_layer_and_decode_fused(decode_only, fused
     prompts = [long_prompt + " In summary,", *PROMPTS]
     fused = _generate(llm, prompts, prompt_keep=0.5)
     assert fused_calls[0] > 0
+    # A call's run of layers ends at each prune layer, where the rows change.
+    assert llm.engine.runner.prune_layers and max(fused_calls.runs) == max(_runs_between_prune_layers(llm))
     assert _layer_by_layer(llm, prompts, prompt_keep=0.5) == fused
     assert_kv_empty(llm)
 
@@ -121,6 +140,12 @@ def test_exact_elastic_plan_runs_levels_layer_by_layer(decode_only, fused_calls)
     assert 0 < anchors < len(layers)
     _generate(llm, PROMPTS, elastic_level=70)
     assert fused_calls[0] == 19 * anchors
+    # Each call runs a stretch of consecutive anchors: a layer that does not qualify ends a run.
+    is_anchor = "".join("a" if layer.attention.elastic is None and layer.feed_forward.elastic is None else "e"
+                        for layer in layers)
+    stretches = [len(stretch) for stretch in is_anchor.split("e") if stretch]
+    assert fused_calls.runs == stretches * 19
+    fused_calls.runs.clear()
     fused_calls[0] = 0
     _generate(llm, PROMPTS, elastic_level=100)
     assert fused_calls[0] == 19 * len(llm.engine.runner.model.layers)
@@ -130,13 +155,13 @@ def test_exact_elastic_plan_runs_levels_layer_by_layer(decode_only, fused_calls)
 def prefill_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts one-call layers that ran a step holding a prefill chunk."""
     calls = [0]
-    run = fused_decode.FusedDecode.__call__
+    run = fused_decode.FusedDecode.run_layers
 
-    def counted(self, x, residual, kv_cache, batch):
-        calls[0] += batch.attention.num_decodes < batch.attention.num_seqs
-        return run(self, x, residual, kv_cache, batch)
+    def counted(layers, x, residual, kv_caches, batch):
+        calls[0] += len(layers) * (batch.attention.num_decodes < batch.attention.num_seqs)
+        return run(layers, x, residual, kv_caches, batch)
 
-    monkeypatch.setattr(fused_decode.FusedDecode, "__call__", counted)
+    monkeypatch.setattr(fused_decode.FusedDecode, "run_layers", staticmethod(counted))
     return calls
 
 

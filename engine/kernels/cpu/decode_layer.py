@@ -1,11 +1,11 @@
-"""One decoder layer of an all-decode step in one call (decode_layer.cpp): the argument structures
+"""Decoder layers of an all-decode step in one call (decode_layer.cpp): the argument structures
 and the wrapper.
 
 The structures mirror the C++ ones field by field.  `LayerArguments` holds what stays from step to
-step (weight pointers, sizes, the layer's cache): built once per layer, and it keeps the tensors
-it points into alive.  `StepArguments` is one step's (rows, RoPE tables, slots, block tables).
-Checking the shapes is the caller's job (engine/model/layers/fused_decode.py builds both from the
-layers themselves): this is the hot path, one call a layer.
+step (weight pointers, sizes): built once per layer.  `LayerStack` is a run of consecutive layers
+with their caches.  `StepArguments` is one step's (rows, RoPE tables, slots, block tables).
+Checking the shapes is the caller's job (engine/model/layers/fused_decode.py builds them all from
+the layers themselves): this is the hot path, one call for a step's run of layers.
 """
 
 from __future__ import annotations
@@ -90,22 +90,38 @@ def elastic_side_path(lora_a: torch.Tensor | None, lora_b_rows: torch.Tensor | N
 
 
 def is_available() -> bool:
-    return _entry() is not None
+    return _layers_entry() is not None
 
 
-def decode_layer(layer: LayerArguments, step: StepArguments, x: torch.Tensor, residual: torch.Tensor | None,
-                 attention_out: torch.Tensor, out: torch.Tensor) -> None:
-    """x, out, attention_out [rows, hidden] contiguous; residual likewise or None (the first layer:
-    x is then the residual stream, updated in place).  Writes out; raises if a kernel refused."""
-    status = _entry()(ctypes.byref(layer), ctypes.byref(step), x.data_ptr(),
-                      None if residual is None else residual.data_ptr(), attention_out.data_ptr(), out.data_ptr())
+class LayerStack:
+    """Consecutive layers of the model as one decode_layers call takes them: their arguments and
+    each layer's K and V cache addresses.  Keeps the LayerArguments it points to alive."""
+
+    def __init__(self, layers: list[LayerArguments], key_caches: list[int], value_caches: list[int]) -> None:
+        self.layers = layers
+        self.num_layers = len(layers)
+        self.pointers = (ctypes.POINTER(LayerArguments) * self.num_layers)(*(ctypes.pointer(l) for l in layers))
+        self.key_caches = (_pointer * self.num_layers)(*key_caches)
+        self.value_caches = (_pointer * self.num_layers)(*value_caches)
+
+
+def decode_layers(stack: LayerStack, step: StepArguments, x: torch.Tensor, residual: torch.Tensor | None,
+                  attention_out: torch.Tensor, out: torch.Tensor, spare: torch.Tensor) -> None:
+    """The stack's layers one after the other, each over its own cache (the step's cache fields
+    are not read).  x, out, attention_out, spare [rows, hidden] contiguous and distinct; residual
+    likewise or None (x is then the residual stream, updated in place).  The last layer's output
+    lands in out; spare is scratch.  Raises if a kernel refused."""
+    status = _layers_entry()(stack.pointers, stack.key_caches, stack.value_caches, stack.num_layers,
+                             ctypes.byref(step), x.data_ptr(), None if residual is None else residual.data_ptr(),
+                             attention_out.data_ptr(), out.data_ptr(), spare.data_ptr())
     if status != 0:
-        raise ValueError("decode_layer: a kernel refused its arguments (shapes, dtype or build)")
+        raise ValueError("decode_layers: a kernel refused its arguments (shapes, dtype or build)")
 
 
-def _entry():
-    return _bound("decode_layer", (ctypes.POINTER(LayerArguments), ctypes.POINTER(StepArguments), _pointer, _pointer,
-                                   _pointer, _pointer))
+def _layers_entry():
+    return _bound("decode_layers", (ctypes.POINTER(ctypes.POINTER(LayerArguments)), ctypes.POINTER(_pointer),
+                                    ctypes.POINTER(_pointer), _i64, ctypes.POINTER(StepArguments), _pointer, _pointer,
+                                    _pointer, _pointer, _pointer))
 
 
 def _side_path_entry():

@@ -1,12 +1,17 @@
-"""A decoder layer's decode step (and one with small prefill chunks) as one C++ call
-(engine/kernels/cpu/decode_layer.cpp), where the layer would run exactly those kernels anyway.
+"""Decoder layers' decode step (and one with small prefill chunks) as one C++ call
+(engine/kernels/cpu/decode_layer.cpp), where the layers would run exactly those kernels anyway.
 
 Why: a decode step of a few rows is ~12 kernel calls a layer, each wrapped in a few microseconds
 of Python; on SmolLM2 (30 layers) that glue was ~2.6 ms of a ~9.5 ms single-stream step.  The
-C++ call runs the same kernels in the same order, so the layer's output is the same bits
-(tests/model/test_fused_decode.py).
+C++ call runs the same kernels in the same order, so each layer's output is the same bits
+(tests/model/test_fused_decode.py).  One call a layer still cost ~40 us of Python a layer
+(asking, argument structures, buffers, ctypes): ~1.2 ms of a 16-row step on the AMD EPYC.  So
+the model's forward hands the C++ call a run of consecutive layers that each qualify
+(`fused_run`; runs end at prune layers, where a batch's rows may change, and at a layer
+that does not qualify), and the call steps through them.
 
-When a step qualifies (`FusedDecode.runs`), otherwise the layer runs layer by layer:
+Where a step and a layer qualify (`FusedDecode.step_runs`, `.layer_runs`; otherwise the layer runs
+layer by layer):
   - every row is a decode (one token), or the step's prefill chunks are small (ONE_CALL_* below):
     a chunk's tokens then enter as rows of their own, each attending over its causal prefix (its
     sequence's block table, its own context length), so the call is not the same bits as the
@@ -23,6 +28,7 @@ When a step qualifies (`FusedDecode.runs`), otherwise the layer runs layer by la
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 
@@ -63,8 +69,9 @@ class FusedDecode:
     """The one-call path of a decoder layer (duck-typed: attention_norm, attention.{wqkv, attn, wo},
     ffn_norm, feed_forward.{w13, w2}, tp).
 
-    Invariant: the layer's weights stay where they were loaded.  The C++ call's arguments hold
-    their addresses, taken at the first fused step (the weights load after construction)."""
+    Invariant: the layer's weights and KV caches stay where they were loaded and allocated.  The
+    C++ call's arguments hold their addresses, taken at the first fused step (the weights load
+    after construction)."""
 
     def __init__(self, layer, plan: ComputePlan) -> None:
         self.layer, self.plan = layer, plan
@@ -76,6 +83,9 @@ class FusedDecode:
         self._blocks_rows, self._blocks_run = -1, False
         self._kernel_cache: tuple | None = None
         self._kernel_cache_runs = False
+        # The runs of layers from this one that steps took in one call (_layer_stack): a few, as
+        # prune layers and scoring layers end runs.
+        self.stacks: dict[tuple, kernel.LayerStack] = {}
 
     @functools.cached_property
     def runs_levels(self) -> bool:
@@ -100,13 +110,18 @@ class FusedDecode:
         attention, ffn = self.layer.attention, self.layer.feed_forward
         return attention.wqkv, attention.wo, ffn.w13, ffn.w2
 
-    def runs(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
-             batch: ForwardBatch) -> bool:
-        # PERF: every layer of every step asks, so what holds for a step is asked once a step
-        # (_prefill_fits_step) and what holds for a layer at a row count or cache once a change.
-        meta, rows = batch.attention, x.shape[0]
+    def step_runs(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch) -> bool:
+        """What a step must be for any layer of the model to take the call (the same for every
+        layer: one plan, one set of limits)."""
+        meta = batch.attention
         if meta.num_decodes != meta.num_seqs and not _prefill_fits_step(meta, self.limits):
             return False
+        return x.is_contiguous() and (residual is None or residual.is_contiguous())
+
+    def layer_runs(self, rows: int, kv_cache: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether this layer takes the call in a step that qualifies (step_runs)."""
+        # PERF: every layer of every step asks, so what holds for a layer at a row count or cache
+        # is asked once a change.
         if batch.elastic is not None and not self.runs_levels:
             return False
         scorer = self.layer.attention.attn.scorer
@@ -117,8 +132,6 @@ class FusedDecode:
             self._blocks_rows = rows
         if not self._blocks_run:
             return False
-        if not x.is_contiguous() or (residual is not None and not residual.is_contiguous()):
-            return False
         cache = (kv_cache.data_ptr(), kv_cache.shape)  # not the tensor: a cache let go stays let go
         if self._kernel_cache != cache:
             attention = self.layer.attention.attn
@@ -126,17 +139,23 @@ class FusedDecode:
             self._kernel_cache = cache
         return self._kernel_cache_runs
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
-                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, residual) as DecoderLayer.forward returns them."""
+    @staticmethod
+    def run_layers(layers: Sequence[FusedDecode], x: torch.Tensor, residual: torch.Tensor | None,
+                   kv_caches: Sequence[torch.Tensor], batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consecutive layers (each of which `runs` this step) in one C++ call, each over its own
+        cache: (out, residual) as the last layer's DecoderLayer.forward returns them."""
+        step = _step_arguments(batch, x.dtype, layers[0].plan.q8_above_rows)
+        step.kv_int8 = int(is_int8(kv_caches[0]))
+        out, attention_out, spare = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        kernel.decode_layers(_layer_stack(layers, kv_caches), step, x, residual, attention_out, out, spare)
+        return out, x if residual is None else residual
+
+    def arguments(self, kv_cache: torch.Tensor) -> kernel.LayerArguments:
+        """The layer's C++ arguments, built at its first fused step (the weights load after
+        construction)."""
         if self._arguments is None:
             self._arguments = self._layer_arguments(block_size=kv_cache.shape[2])
-        step = _step_arguments(batch, x.dtype, self.plan.q8_above_rows)
-        step.key_cache, step.value_cache = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
-        step.kv_int8 = int(is_int8(kv_cache))
-        out, attention_out = torch.empty_like(x), torch.empty_like(x)
-        kernel.decode_layer(self._arguments, step, x, residual, attention_out, out)
-        return out, x if residual is None else residual
+        return self._arguments
 
     def _layer_arguments(self, block_size: int) -> kernel.LayerArguments:
         layer = self.layer
@@ -173,6 +192,38 @@ class FusedDecode:
 
 def _address(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
+
+
+def fused_run(layers: Sequence, start: int, stop: int, x: torch.Tensor, residual: torch.Tensor | None,
+              kv_caches: Sequence[torch.Tensor], batch: ForwardBatch) -> list[FusedDecode]:
+    """The fused paths of layers[start:stop] that take the one call this step, in a row from
+    `start` ([]: layers[start] runs layer by layer).  The step is asked once, with the run's
+    input: every fused layer's output has its input's rows and is contiguous."""
+    first = layers[start].fused_decode
+    if first is None or not first.step_runs(x, residual, batch):
+        return []
+    run, rows = [], x.shape[0]
+    for index in range(start, stop):
+        fused = layers[index].fused_decode
+        if fused is None or not fused.layer_runs(rows, kv_caches[index], batch):
+            break
+        run.append(fused)
+    return run
+
+
+def _layer_stack(layers: Sequence[FusedDecode], kv_caches: Sequence[torch.Tensor]) -> kernel.LayerStack:
+    """The run's C++ arguments, kept by its first layer (the run's other layers are the ones after
+    it in the same model, so its length names them)."""
+    # Caches by address and shape, not the tensors: a cache let go stays let go.
+    key = (len(layers), tuple((cache.data_ptr(), cache.shape) for cache in kv_caches))
+    stacks = layers[0].stacks
+    stack = stacks.get(key)
+    if stack is None:
+        stack = kernel.LayerStack([layer.arguments(cache) for layer, cache in zip(layers, kv_caches)],
+                                  [cache[0].data_ptr() for cache in kv_caches],
+                                  [cache[1].data_ptr() for cache in kv_caches])
+        stacks[key] = stack
+    return stack
 
 
 # One step's arguments, shared by every layer of the step (and rebuilt where prompt pruning moves
