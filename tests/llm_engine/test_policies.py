@@ -62,3 +62,38 @@ def test_slo_engine_profiles_a_cost_model_and_refines_it(llm_fp32, sharegpt_prom
     stats = llm.engine.get_stats()
     assert stats.num_slo_attained_total + stats.num_slo_violated_total == 16
     assert_kv_empty(llm)
+
+
+def test_slo_engine_learns_each_steps_whole_time(sharegpt_prompts, monkeypatch):
+    """What the cost model observes is the whole step (scheduling, the model, the outputs): the
+    period a running request's TPOT is made of.  A stall in the outputs shows up in every step."""
+    import time
+
+    llm = make_llm(scheduling_policy="slo", slo=SLO, kv_cache_memory=0.25)
+    engine = llm.engine
+    stall_s = 0.02
+    observed, runner_s = [], []
+    execute, outputs_for, observe = engine.runner.execute, engine.outputs.outputs_for, engine._observe_step
+
+    def timed_execute(scheduler_output):
+        start = time.perf_counter()
+        try:
+            return execute(scheduler_output)
+        finally:
+            runner_s.append(time.perf_counter() - start)
+
+    def stalled_outputs(progressed):
+        time.sleep(stall_s)
+        return outputs_for(progressed)
+
+    def recorded(scheduler_output, elapsed_s):
+        observed.append(elapsed_s)
+        observe(scheduler_output, elapsed_s)
+
+    monkeypatch.setattr(engine.runner, "execute", timed_execute)
+    monkeypatch.setattr(engine.outputs, "outputs_for", stalled_outputs)
+    monkeypatch.setattr(engine, "_observe_step", recorded)
+    llm.generate(sharegpt_prompts[:4], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert len(observed) == len(runner_s) > 0
+    assert all(step_s >= model_s + stall_s for step_s, model_s in zip(observed, runner_s))
+    assert_kv_empty(llm)
