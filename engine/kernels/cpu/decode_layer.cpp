@@ -5,8 +5,9 @@
 // Why: a single decode stream runs ~12 kernels a layer, each a few microseconds of Python
 // (a layer object, argument checks, a tensor allocation, a ctypes call) around its work: ~2.6 ms
 // of a ~9.5 ms step on SmolLM2's 30 layers (benchmarks/README.md, "A row-major Q8 GEMV").  Here a
-// layer is one ctypes call; what each kernel computes is unchanged, so the result is the same bits
-// as the layer-by-layer path (tests/kernels/test_cpu_decode_layer.py holds it to that).
+// layer is one ctypes call, and a run of consecutive layers one call too (decode_layers); what
+// each kernel computes is unchanged, so the result is the same bits as the layer-by-layer path
+// (tests/model/test_fused_decode.py holds it to that).
 //
 // What it covers: every row a decode (one token each) or a prefill chunk's token given as a row of
 // its own (its sequence's block-table row, its own context length: the caller expands them; every

@@ -142,8 +142,8 @@ class FusedDecode:
     @staticmethod
     def run_layers(layers: Sequence[FusedDecode], x: torch.Tensor, residual: torch.Tensor | None,
                    kv_caches: Sequence[torch.Tensor], batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Consecutive layers (each of which `runs` this step) in one C++ call, each over its own
-        cache: (out, residual) as the last layer's DecoderLayer.forward returns them."""
+        """Consecutive layers (a `fused_run`: each takes the call this step) in one C++ call, each
+        over its own cache: (out, residual) as the last layer's DecoderLayer.forward returns them."""
         step = _step_arguments(batch, x.dtype, layers[0].plan.q8_above_rows)
         step.kv_int8 = int(is_int8(kv_caches[0]))
         out, attention_out, spare = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
