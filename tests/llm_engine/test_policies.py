@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from engine import SamplingParams
@@ -67,8 +69,6 @@ def test_slo_engine_profiles_a_cost_model_and_refines_it(llm_fp32, sharegpt_prom
 def test_slo_engine_learns_each_steps_whole_time(sharegpt_prompts, monkeypatch):
     """What the cost model observes is the whole step (scheduling, the model, the outputs): the
     period a running request's TPOT is made of.  A stall in the outputs shows up in every step."""
-    import time
-
     llm = make_llm(scheduling_policy="slo", slo=SLO, kv_cache_memory=0.25)
     engine = llm.engine
     stall_s = 0.02

@@ -32,26 +32,17 @@ def decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """[layers run in one-call steps]; and fused_calls.runs: each call's run of layers."""
-    calls = _LayerCount([0])
+def fused_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Each one-call step's runs of layers, one entry a call: their sum is the layers fused."""
+    runs: list[int] = []
     run = fused_decode.kernel.decode_layers
 
     def counted(stack, *args) -> None:
-        calls[0] += stack.num_layers
-        calls.runs.append(stack.num_layers)
+        runs.append(stack.num_layers)
         run(stack, *args)
 
     monkeypatch.setattr(fused_decode.kernel, "decode_layers", counted)
-    return calls
-
-
-class _LayerCount(list):
-    runs: list[int]
-
-    def __init__(self, values) -> None:
-        super().__init__(values)
-        self.runs = []
+    return runs
 
 
 def _runs_between_prune_layers(llm) -> list[int]:
@@ -80,20 +71,20 @@ def _layer_by_layer(llm, prompts, **kwargs):
 
 @pytest.mark.parametrize("settings", [{}, {"dtype": "float32", "weight_format": "native"}, {"kv_cache_dtype": "int8"}],
                          ids=["auto", "fp32-exact", "int8-kv"])
-def test_fused_layers_give_the_layer_by_layer_bits(decode_only, fused_calls, settings):
+def test_fused_layers_give_the_layer_by_layer_bits(decode_only, fused_runs, settings):
     # No prefix caching: each run computes every prompt afresh.
     llm = make_llm(elastic="off", kv_cache_memory=0.25, enable_prefix_caching=False, **settings)
     fused = _generate(llm, PROMPTS)
     num_layers = len(llm.engine.runner.model.layers)
     # 19 all-decode steps (the first token comes with the prefill), every layer fused in each,
     # in one call from each prune layer to the next.
-    assert fused_calls[0] == 19 * num_layers
-    assert fused_calls.runs == _runs_between_prune_layers(llm) * 19
+    assert sum(fused_runs) == 19 * num_layers
+    assert fused_runs == _runs_between_prune_layers(llm) * 19
     assert _layer_by_layer(llm, PROMPTS) == fused
     assert_kv_empty(llm)
 
 
-def test_pruned_prompts_score_layer_by_layer_and_decode_fused(decode_only, fused_calls):
+def test_pruned_prompts_score_layer_by_layer_and_decode_fused(decode_only, fused_runs):
     """Prompt pruning's score layers run layer by layer in the steps that score a prompt (their
     attention weights are read) and fused in plain decode steps; the answers are the same bits."""
     # No prefix caching: each run computes every prompt afresh, so the two runs are comparable.
@@ -102,9 +93,9 @@ def test_pruned_prompts_score_layer_by_layer_and_decode_fused(decode_only, fused
     long_prompt = " ".join(["The history of the Roman Empire spans many centuries and regions."] * 12)
     prompts = [long_prompt + " In summary,", *PROMPTS]
     fused = _generate(llm, prompts, prompt_keep=0.5)
-    assert fused_calls[0] > 0
+    assert sum(fused_runs) > 0
     # A call's run of layers ends at each prune layer, where the rows change.
-    assert llm.engine.runner.prune_layers and max(fused_calls.runs) == max(_runs_between_prune_layers(llm))
+    assert llm.engine.runner.prune_layers and max(fused_runs) == max(_runs_between_prune_layers(llm))
     assert _layer_by_layer(llm, prompts, prompt_keep=0.5) == fused
     assert_kv_empty(llm)
 
@@ -116,7 +107,7 @@ def test_dense_weights_have_no_fused_path():
 
 @pytest.mark.parametrize("levels", [[100, 90, 80, 70, 55, 40], [40, 100, 70, 55, 90, 80], [40] * 6],
                          ids=["level-order", "mixed-order", "one-level"])
-def test_elastic_levels_fused_match_the_tile_path(decode_only, fused_calls, levels):
+def test_elastic_levels_fused_match_the_tile_path(decode_only, fused_runs, levels):
     """Rows at several levels (in level order, out of it, all at one) take the fused call when the
     weights have column views (Q8 activations re-block the permuted down projection), and give
     the tile path's tokens and logprobs."""
@@ -124,12 +115,12 @@ def test_elastic_levels_fused_match_the_tile_path(decode_only, fused_calls, leve
                    enable_prefix_caching=False)
     prompts = [*PROMPTS, "Tell me about the moon.", "List three colours.", "Why is the sky blue?"]
     fused = _generate(llm, prompts, elastic_level=levels)
-    assert fused_calls[0] == 19 * len(llm.engine.runner.model.layers)
+    assert sum(fused_runs) == 19 * len(llm.engine.runner.model.layers)
     assert _layer_by_layer(llm, prompts, elastic_level=levels) == fused
     assert_kv_empty(llm)
 
 
-def test_exact_elastic_plan_runs_levels_layer_by_layer(decode_only, fused_calls):
+def test_exact_elastic_plan_runs_levels_layer_by_layer(decode_only, fused_runs):
     """The exact kernel keeps the permuted down projection's file blocks (no column views): a
     step with rows below the full level runs its elastic layers layer by layer (the anchors, whole
     at every level, fused), a full-level step every layer fused."""
@@ -139,16 +130,15 @@ def test_exact_elastic_plan_runs_levels_layer_by_layer(decode_only, fused_calls)
     anchors = sum(layer.attention.elastic is None and layer.feed_forward.elastic is None for layer in layers)
     assert 0 < anchors < len(layers)
     _generate(llm, PROMPTS, elastic_level=70)
-    assert fused_calls[0] == 19 * anchors
+    assert sum(fused_runs) == 19 * anchors
     # Each call runs a stretch of consecutive anchors: a layer that does not qualify ends a run.
     is_anchor = "".join("a" if layer.attention.elastic is None and layer.feed_forward.elastic is None else "e"
                         for layer in layers)
     stretches = [len(stretch) for stretch in is_anchor.split("e") if stretch]
-    assert fused_calls.runs == stretches * 19
-    fused_calls.runs.clear()
-    fused_calls[0] = 0
+    assert fused_runs == stretches * 19
+    fused_runs.clear()
     _generate(llm, PROMPTS, elastic_level=100)
-    assert fused_calls[0] == 19 * len(llm.engine.runner.model.layers)
+    assert sum(fused_runs) == 19 * len(llm.engine.runner.model.layers)
 
 
 @pytest.fixture
