@@ -225,40 +225,81 @@ constexpr int heads_per_pass() {
   return kVecs * kLanes == 64 ? 3 : kVecs * kLanes == 128 ? 2 : 1;
 }
 
-// out_g <- inverse_sum[g] * sum_p weights[g][p] V[p]: kHeads query heads per pass over the
-// context.  The first pass brings V in from memory; later ones hit the cache.
+// A pass over V's rows keeps kHeads heads' accumulators and the converted row in vector registers
+// when they fit (AVX-512's 32; AVX2 has 16, and at head_dim 64 three heads' accumulators alone
+// take 24).  Where they fit, the pass is compiled for its exact head count (with_head_count): with
+// a count known only at run time GCC kept the accumulators on the stack, a store and a load around
+// every multiply-add (perf annotate), and three heads a group summed V ~1.15x slower (AVX-512, 16
+// and 32 sequences x 256 tokens).  Where they do not fit, spills are certain either way, and the
+// run-time count measured faster (AVX2: the exact count 0.87x).
+constexpr int kVecRegisters = kLanes == 16 ? 32 : 16;
+
+template <int kHeads, int kVecs>
+constexpr bool accumulators_fit() {
+  return kVecs > 0 && (kHeads + 1) * kVecs <= kVecRegisters;
+}
+
+// Calls run(std::integral_constant<int, heads>{}) for heads in 1 .. kMax.
+template <int kMax, typename Run>
+inline void with_head_count(int heads, Run&& run) {
+  if (heads == kMax) return run(std::integral_constant<int, kMax>{});
+  if constexpr (kMax > 1) with_head_count<kMax - 1>(heads, run);
+}
+
+// Calls pass(count, exact, heads) for `heads` (1 .. kMax) query heads, count and exact as
+// std::integral_constants: count = heads and exact where the accumulators fit, else count = kMax
+// and not exact (the pass takes the count at run time).
+template <int kMax, int kVecs, typename Pass>
+inline void run_pass(int heads, Pass&& pass) {
+  if constexpr (accumulators_fit<kMax, kVecs>())
+    with_head_count<kMax>(heads, [&](auto count) { pass(count, std::true_type{}, heads); });
+  else
+    pass(std::integral_constant<int, kMax>{}, std::false_type{}, heads);
+}
+
+// out_g <- inverse_sum[g] * sum_p weights[g][p] V[p] for the `heads` (<= kHeads; kExact: = kHeads)
+// query heads from g0, in one pass over the context.  The first pass brings V in from memory;
+// later ones hit the cache.
+template <typename T, typename KV, int kVecs, int kHeads, bool kExact>
+void sum_values_pass(const Problem& pb, const Task<T, KV>& task, const float* weights, int64_t capacity,
+                     const float* inverse_sum, int g0, int heads) {
+  constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
+  const int vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes, pass_heads = kExact ? kHeads : heads;
+  Vec acc[kHeads][kRowVecs];
+  for (int j = 0; j < kHeads; j++)
+    for (int v = 0; v < vecs; v++) acc[j][v] = splat(0.0f);
+  for (int start = 0; start < task.len; start += pb.block_size) {
+    const auto [first_slot, count] = block_span(task.blocks, start, task.len, pb.block_size);
+    if (g0 == 0) prefetch_ahead(task.values, task.blocks, start, task.len, pb, task.row_stride);
+    for (int i = 0; i < count; i++) {
+      const KV* value = task.values + (first_slot + i) * task.row_stride;
+      const float value_scale = row_scale(value, pb.head_dim);
+      Vec row[kRowVecs];
+      for (int v = 0; v < vecs; v++) row[v] = load(value + kLanes * v, pb.dtype);
+      for (int j = 0; j < kHeads; j++) {
+        if (j >= pass_heads) break;
+        float weight = weights[(g0 + j) * capacity + start + i];
+        if constexpr (std::is_same_v<KV, int8_t>) weight *= value_scale;
+        const Vec w = splat(weight);
+        for (int v = 0; v < vecs; v++) acc[j][v] = fmadd(w, row[v], acc[j][v]);
+      }
+    }
+  }
+  for (int j = 0; j < pass_heads; j++)
+    for (int v = 0; v < vecs; v++)
+      store(task.out + (g0 + j) * task.head_step + kLanes * v, acc[j][v] * splat(inverse_sum[g0 + j]), pb.dtype);
+}
+
+// Every live query head's weighted sum of V, heads_per_pass heads a pass.
 template <typename T, typename KV, int kVecs>
 void sum_values(const Problem& pb, const Task<T, KV>& task, const float* weights, int64_t capacity,
                 const float* inverse_sum) {
   constexpr int kHeads = heads_per_pass<kVecs>();
-  constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
-  const int group = task.live, vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
-  for (int g0 = 0; g0 < group; g0 += kHeads) {
-    const int heads = group - g0 < kHeads ? group - g0 : kHeads;
-    Vec acc[kHeads][kRowVecs];
-    for (int j = 0; j < kHeads; j++)
-      for (int v = 0; v < vecs; v++) acc[j][v] = splat(0.0f);
-    for (int start = 0; start < task.len; start += pb.block_size) {
-      const auto [first_slot, count] = block_span(task.blocks, start, task.len, pb.block_size);
-      if (g0 == 0) prefetch_ahead(task.values, task.blocks, start, task.len, pb, task.row_stride);
-      for (int i = 0; i < count; i++) {
-        const KV* value = task.values + (first_slot + i) * task.row_stride;
-        const float value_scale = row_scale(value, pb.head_dim);
-        Vec row[kRowVecs];
-        for (int v = 0; v < vecs; v++) row[v] = load(value + kLanes * v, pb.dtype);
-        for (int j = 0; j < kHeads; j++) {
-          if (j >= heads) break;
-          float weight = weights[(g0 + j) * capacity + start + i];
-          if constexpr (std::is_same_v<KV, int8_t>) weight *= value_scale;
-          const Vec w = splat(weight);
-          for (int v = 0; v < vecs; v++) acc[j][v] = fmadd(w, row[v], acc[j][v]);
-        }
-      }
-    }
-    for (int j = 0; j < heads; j++)
-      for (int v = 0; v < vecs; v++)
-        store(task.out + (g0 + j) * task.head_step + kLanes * v, acc[j][v] * splat(inverse_sum[g0 + j]), pb.dtype);
-  }
+  for (int g0 = 0; g0 < task.live; g0 += kHeads)
+    run_pass<kHeads, kVecs>(task.live - g0 < kHeads ? task.live - g0 : kHeads, [&](auto count, auto exact, int heads) {
+      sum_values_pass<T, KV, kVecs, decltype(count)::value, decltype(exact)::value>(pb, task, weights, capacity,
+                                                                                    inverse_sum, g0, heads);
+    });
 }
 
 // One (sequence, KV head): scores, softmax, weighted sum.  scores holds group rows of `capacity`
@@ -376,13 +417,14 @@ constexpr int sequence_heads_per_pass() {
   return kLanes == 16 && kVecs * kLanes == 64 ? 6 : heads_per_pass<kVecs>();
 }
 
-// One pass of sum_sequence_values over `heads` query heads from flat index j0 ((KV head, query
-// head) order).  kOneRow: every head of the pass reads one KV head's rows, each row converted once;
-// otherwise each head converts its own row (an L1 hit when it is the last head's).
-template <typename T, typename KV, int kVecs, bool kOneRow>
+// One pass of sum_sequence_values over `heads` (<= kHeads; kExact: = kHeads, run_pass) query heads
+// from flat index j0 ((KV head, query head) order).  kOneRow: every head of the pass reads one KV
+// head's rows, each row converted once; otherwise each head converts its own row (an L1 hit when it
+// is the last head's).
+template <typename T, typename KV, int kVecs, bool kOneRow, int kHeads, bool kExact>
 void sum_sequence_pass(const Problem& pb, const Task<T, KV>* tasks, const float* scores, int64_t capacity,
-                       const float* inverse_sum, int j0, int heads, bool prefetch) {
-  constexpr int kHeads = sequence_heads_per_pass<kVecs>();
+                       const float* inverse_sum, int j0, int pass_heads, bool prefetch) {
+  const int heads = kExact ? kHeads : pass_heads;
   constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
   const int group = pb.num_q_heads / pb.num_kv_heads, live = tasks[0].live;
   const int vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
@@ -441,10 +483,16 @@ void sum_sequence_values(const Problem& pb, const Task<T, KV>* tasks, const floa
   for (int j0 = 0; j0 < total; j0 += per_pass) {
     const int heads = total - j0 < per_pass ? total - j0 : per_pass;
     const bool one_row = j0 / live == (j0 + heads - 1) / live;
-    if (one_row)
-      sum_sequence_pass<T, KV, kVecs, true>(pb, tasks, scores, capacity, inverse_sum, j0, heads, j0 == 0);
-    else
-      sum_sequence_pass<T, KV, kVecs, false>(pb, tasks, scores, capacity, inverse_sum, j0, heads, j0 == 0);
+    run_pass<kHeads, kVecs>(heads, [&](auto count, auto exact, int pass_heads) {
+      constexpr int kCount = decltype(count)::value;
+      constexpr bool kExact = decltype(exact)::value;
+      if (one_row)
+        sum_sequence_pass<T, KV, kVecs, true, kCount, kExact>(pb, tasks, scores, capacity, inverse_sum, j0, pass_heads,
+                                                              j0 == 0);
+      else
+        sum_sequence_pass<T, KV, kVecs, false, kCount, kExact>(pb, tasks, scores, capacity, inverse_sum, j0, pass_heads,
+                                                               j0 == 0);
+    });
   }
 }
 
