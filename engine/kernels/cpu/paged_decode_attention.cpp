@@ -423,15 +423,15 @@ constexpr int sequence_heads_per_pass() {
 // is the last head's).
 template <typename T, typename KV, int kVecs, bool kOneRow, int kHeads, bool kExact>
 void sum_sequence_pass(const Problem& pb, const Task<T, KV>* tasks, const float* scores, int64_t capacity,
-                       const float* inverse_sum, int j0, int pass_heads, bool prefetch) {
-  const int heads = kExact ? kHeads : pass_heads;
+                       const float* inverse_sum, int j0, int heads, bool prefetch) {
+  const int pass_heads = kExact ? kHeads : heads;
   constexpr int kRowVecs = kVecs > 0 ? kVecs : kMaxRowVecs;
   const int group = pb.num_q_heads / pb.num_kv_heads, live = tasks[0].live;
   const int vecs = kVecs > 0 ? kVecs : pb.head_dim / kLanes;
   const Task<T, KV>& first = tasks[0];
   int64_t score_row[kHeads];
   const KV* head_values[kHeads];
-  for (int j = 0; j < heads; j++) {
+  for (int j = 0; j < pass_heads; j++) {
     const int h = (j0 + j) / live, g = (j0 + j) % live;
     score_row[j] = (h * group + g) * capacity;
     head_values[j] = tasks[h].values;
@@ -451,7 +451,7 @@ void sum_sequence_pass(const Problem& pb, const Task<T, KV>* tasks, const float*
         for (int v = 0; v < vecs; v++) row[v] = load(head_values[0] + offset + kLanes * v, pb.dtype);
       }
       for (int j = 0; j < kHeads; j++) {
-        if (j >= heads) break;
+        if (j >= pass_heads) break;
         if constexpr (!kOneRow) {
           value_scale = row_scale(head_values[j] + offset, pb.head_dim);
           for (int v = 0; v < vecs; v++) row[v] = load(head_values[j] + offset + kLanes * v, pb.dtype);
@@ -463,7 +463,7 @@ void sum_sequence_pass(const Problem& pb, const Task<T, KV>* tasks, const float*
       }
     }
   }
-  for (int j = 0; j < heads; j++) {
+  for (int j = 0; j < pass_heads; j++) {
     const int h = (j0 + j) / live, g = (j0 + j) % live;
     T* out = tasks[h].out + g * tasks[h].head_step;
     const float scale = inverse_sum[h * group + g];
