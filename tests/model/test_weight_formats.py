@@ -90,7 +90,10 @@ def test_q8_window_below_a_dense_copy_stays_close_to_the_dequantized_model(llm_f
     monkeypatch.setattr(compute_plan, "q8_rows_threshold", lambda *args, **kwargs: 2)
     monkeypatch.setattr(compute_plan, "dense_rows_threshold",
                         lambda fmt, dtype, q8_above_rows=None, features=None: 8 if q8_above_rows is not None else None)
-    text = _sharegpt_answer(llm_fp32.get_tokenizer(), num_tokens=192)
+    # 320 tokens, as the test above: over 192 the mean moved with a few tokens.  Measured on an
+    # Intel Xeon, 8-token chunks, perplexity ratio - 1 over 192 / 320 tokens: +1.04% / +0.26% (the
+    # thorough elastic checkpoint), -0.29% / +0.22% (the quick one the first serve builds).
+    text = _sharegpt_answer(llm_fp32.get_tokenizer(), num_tokens=320)
     reference = _prompt_scores(llm_fp32, text)
     for chunk in (8, 64):
         llm = make_llm(dtype="float32", weight_format="auto", elastic="on", max_num_batched_tokens=chunk,
