@@ -108,10 +108,17 @@ def test_frozen_biases_stay_at_their_closed_form(model: TorchLlama) -> None:
 
 def test_the_wall_clock_budget_stops_training(model: TorchLlama) -> None:
     made = batches()
-    config = DistillConfig(budget_s=0.5, max_steps=10**6)
+    config = DistillConfig(budget_s=0.5)  # by default no step cap: the budget alone ends a level
+    assert config.max_steps is None
     _, report = distill_level(model, task(60, 24, 1), made[:-1], made[-1], Teacher(model, 16), config)
-    assert report.stopped_by == "budget" and 0 < report.num_steps < 10**6
+    assert report.stopped_by == "budget" and report.num_steps > 0
     assert report.seconds <= 0.5 + 0.05  # no step started that was expected to end past the budget
+
+
+@pytest.mark.parametrize("bad", [{"max_steps": 0}, {"budget_s": 0}, {"batch_size": 0}, {"seq_len": 8}])
+def test_bad_distillation_settings_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        DistillConfig(**bad)
 
 
 def test_teacher_targets_are_shared_by_the_levels_and_kept_off_their_budgets(model: TorchLlama) -> None:
