@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
-import torch
-
 from engine.elastic import calibration
 from engine.elastic.checkpoint import elastic_cache_dir, load_checkpoint
-from engine.elastic.distill import DistillConfig, LevelTask, Teacher, distill_level
+from engine.elastic.distill import DistillConfig, LevelTask, Teacher, calibration_batches, distill_level
 from engine.elastic.quality import Quality, measure, reference_top1
 from engine.elastic.torch_model import TorchLlama, prefix_submodel
 from engine.model.loader import resolve_model
@@ -37,15 +35,6 @@ def parse_args() -> argparse.Namespace:
                         help="score only answer tokens in training (the default scores every token after the first)")
     parser.add_argument("--num-conversations", type=int, default=32, help="held-out conversations to measure on")
     return parser.parse_args()
-
-
-def training_batches(tokenizer, config: DistillConfig, answers_only: bool) -> list[calibration.TokenBatch]:
-    """distill_checkpoint's calibration batches, or (answers_only) the same conversations scoring
-    answers alone, batches without an answer token left out; in a seeded order either way."""
-    conversations = calibration.calibration_sequences(tokenizer, config.num_conversations, config.seq_len)
-    made = [b for b in calibration.batches(conversations, config.batch_size, answers_only) if b.num_scored]
-    order = torch.randperm(len(made), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    return [made[i] for i in order]
 
 
 def line(name: str, quality: Quality, full: Quality) -> str:
@@ -67,7 +56,8 @@ def main() -> None:
     level = next(lv for lv in spec.levels if lv.level == args.level)
     submodel = prefix_submodel(level, closed.ffn_orders, closed.head_orders, spec.num_kv_heads)
     config = DistillConfig(budget_s=args.budget_s, max_steps=args.max_steps)
-    batches = training_batches(tokenizer, config, args.answers_only)
+    conversations = calibration.calibration_sequences(tokenizer, config.num_conversations, config.seq_len)
+    batches = calibration_batches(conversations, config.batch_size, config.seed, args.answers_only)
     corrections, report = distill_level(model, LevelTask(args.level, submodel, closed.corrections[args.level]),
                                         batches[:-1], batches[-1], Teacher(model, config.top_k), config)
     setting = f"max_steps {args.max_steps}, {'answers only' if args.answers_only else 'every token'}"

@@ -134,10 +134,13 @@ class LevelReport:
     teacher_seconds: float = 0.0
 
 
-def calibration_batches(conversations: Sequence[Conversation], batch_size: int, seed: int = 0) -> list[TokenBatch]:
+def calibration_batches(conversations: Sequence[Conversation], batch_size: int, seed: int = 0,
+                        answers_only: bool = False) -> list[TokenBatch]:
     """Calibration batches (every token after the first scored; longest first, so little of a batch
-    is padding) in a seeded random order: each step sees a mix of lengths over the run."""
-    batches = list(calibration.batches(conversations, batch_size, answers_only=False))
+    is padding) in a seeded random order: each step sees a mix of lengths over the run.
+    `answers_only` scores the answers alone (measured worse at level 40: benchmarks/distill_level.py)
+    and leaves out batches with no answer token (prompts cut at seq_len)."""
+    batches = [b for b in calibration.batches(conversations, batch_size, answers_only) if b.num_scored]
     order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
     return [batches[i] for i in order]
 

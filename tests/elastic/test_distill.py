@@ -74,6 +74,16 @@ def test_calibration_batches_score_every_token_after_the_first_in_a_shuffled_ord
         assert batch.scored.sum(1).tolist() == (lengths - 1).tolist()
 
 
+def test_answers_only_calibration_batches_score_the_answers_alone() -> None:
+    generator = torch.Generator().manual_seed(2)
+    prompt_only = Conversation(torch.randint(1, CONFIG.vocab_size, (12,), generator=generator).tolist(), [])
+    answered = [Conversation(torch.randint(1, CONFIG.vocab_size, (4,), generator=generator).tolist(),
+                             torch.randint(1, CONFIG.vocab_size, (n,), generator=generator).tolist()) for n in (5, 7)]
+    made = calibration_batches([prompt_only, *answered], batch_size=1, answers_only=True)
+    # The prompt-only conversation scores nothing and is left out; the others score their answers.
+    assert sorted(b.num_scored for b in made) == [5, 7]
+
+
 def test_learning_rate_warms_up_then_decays_with_the_budget() -> None:
     assert learning_rate_factor(0, 0.0, warmup_steps=4) == pytest.approx(0.25)
     assert learning_rate_factor(10, 0.0, warmup_steps=4) == pytest.approx(1.0)
