@@ -10,6 +10,7 @@ conversations by default), so every row of one run is one measurement; the serve
     .venv/bin/python benchmarks/distill_level.py --level 40                  # today's defaults
     .venv/bin/python benchmarks/distill_level.py --level 40 --max-steps 300  # the cap before 2026-12-07
     .venv/bin/python benchmarks/distill_level.py --level 40 --answers-only   # train on answer tokens only
+    .venv/bin/python benchmarks/distill_level.py --level 40 --learning-rate 6e-3 --batch-size 4
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--level", type=int, default=40)
     parser.add_argument("--budget-s", type=float, default=DistillConfig.budget_s)
     parser.add_argument("--max-steps", type=int, default=None, help="cap the level's steps (default: none)")
+    parser.add_argument("--learning-rate", type=float, default=DistillConfig.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=DistillConfig.batch_size, help="sequences a step")
     parser.add_argument("--answers-only", action="store_true",
                         help="score only answer tokens in training (the default scores every token after the first)")
     parser.add_argument("--num-conversations", type=int, default=32, help="held-out conversations to measure on")
@@ -55,12 +58,14 @@ def main() -> None:
     spec = closed.spec
     level = next(lv for lv in spec.levels if lv.level == args.level)
     submodel = prefix_submodel(level, closed.ffn_orders, closed.head_orders, spec.num_kv_heads)
-    config = DistillConfig(budget_s=args.budget_s, max_steps=args.max_steps)
+    config = DistillConfig(budget_s=args.budget_s, max_steps=args.max_steps, learning_rate=args.learning_rate,
+                           batch_size=args.batch_size)
     conversations = calibration.calibration_sequences(tokenizer, config.num_conversations, config.seq_len)
     batches = calibration_batches(conversations, config.batch_size, config.seed, args.answers_only)
     corrections, report = distill_level(model, LevelTask(args.level, submodel, closed.corrections[args.level]),
                                         batches[:-1], batches[-1], Teacher(model, config.top_k), config)
-    setting = f"max_steps {args.max_steps}, {'answers only' if args.answers_only else 'every token'}"
+    setting = (f"max_steps {args.max_steps}, learning rate {args.learning_rate:g}, batch {args.batch_size}, "
+               f"{'answers only' if args.answers_only else 'every token'}")
     print(f"\nlevel {args.level} distilled again ({setting}): {asdict(report)}\n")
     print(f"| terms at level {args.level} | perplexity (x full {full.perplexity:.2f}) | top-1 agreement |")
     print("|---|---|---|")

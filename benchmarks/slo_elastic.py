@@ -280,7 +280,7 @@ def start_fresh(engine) -> None:
     which would otherwise be the run before's)."""
     time.sleep(LOAD_WINDOW_S)
     choice = engine.scheduler.policy.choice
-    choice.level = choice.levels[0]
+    choice.level = choice.decode_level = choice.levels[0]
 
 
 def simulated(slo_llm: LLM, llm: LLM, variant: list[TraceRequest], policy: str, args) -> tuple[list, float]:
@@ -317,7 +317,7 @@ def load_step(llm: LLM, trace, specs, capacity: float, args) -> dict[str, list[f
         start += length
     requests = [trace[i % len(trace)] for i in range(len(times))]
     start_fresh(engine)
-    levels_over_time: list[tuple[float, int]] = []
+    levels_over_time: list[tuple[float, int, int]] = []  # (seconds, the prompts' level, the decodes')
     policy = engine.scheduler.policy
     original = policy.prepare_step
     clock_start = [None]
@@ -325,14 +325,15 @@ def load_step(llm: LLM, trace, specs, capacity: float, args) -> dict[str, list[f
     def record(running, waiting, now):
         original(running, waiting, now)
         clock_start[0] = clock_start[0] or now
-        levels_over_time.append((now - clock_start[0], policy.choice.level))
+        levels_over_time.append((now - clock_start[0], policy.choice.level, policy.choice.decode_level))
 
     policy.prepare_step = record
     try:
         replay_trace(engine, with_variant(requests, specs, AUTO, times), desc="load step (auto)")
     finally:
         policy.prepare_step = original
-    return {"t": [t for t, _ in levels_over_time], "level": [lv for _, lv in levels_over_time],
+    return {"t": [t for t, _, _ in levels_over_time], "level": [lv for _, lv, _ in levels_over_time],
+            "decode_level": [lv for _, _, lv in levels_over_time],
             "phases": [list(p) for p in phases]}
 
 
@@ -437,7 +438,10 @@ def plot(results: dict, step: dict | None, path: Path) -> None:
                 title="quality against attainment (every load)")
     axes[0].legend(), axes[1].legend()
     if step:
-        axes[2].plot(step["t"], step["level"], drawstyle="steps-post")
+        axes[2].plot(step["t"], step["level"], drawstyle="steps-post", label="prompts")
+        if "decode_level" in step:  # runs before 2026-12-07 (afternoon) had one level for both
+            axes[2].plot(step["t"], step["decode_level"], drawstyle="steps-post", label="decodes", alpha=0.7)
+            axes[2].legend(loc="lower left")
         edge = 0.0
         for length, factor in step["phases"][:-1]:
             edge += length

@@ -346,18 +346,22 @@ class SLOPolicy(SchedulingPolicy):
         auto = [] if self.choice is None else [r for r in (*running, *waiting) if r.elastic_auto]
         if auto:
             self.choice.choose_level(self.decode_pressure(running), ttft_pressure,
-                                     self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION), attention_share)
+                                     self.load_pressure(now, KEEP_LADDER[-1], LEVEL_UTILIZATION), attention_share,
+                                     self.load_pressure(now, 1.0, LEVEL_UTILIZATION))
             for request in auto:
                 request.elastic_level = self._level_of(request, now)
         self._prompt_level = max((r.elastic_level for r in (*running, *waiting) if phase(r) != 0), default=None)
 
     def _level_of(self, request: Request, now: float) -> int:
-        """An auto request's level this step: the chosen one within its floor; a prompt whose
-        TTFT target is lost runs at its floor (its quality no longer buys it a met target, and the
-        time it frees goes to prompts that can still meet theirs)."""
-        if phase(request) != 0 and self._is_lost(request, now):
+        """An auto request's level this step: the chosen one within its floor, the decodes' own
+        for a request decoding (under a load the full model serves, a prompt's TTFT pressure does
+        not take the decodes beside it down: ElasticChoice.choose_level); a prompt whose TTFT target is lost
+        runs at its floor (its quality no longer buys it a met target, and the time it frees goes
+        to prompts that can still meet theirs)."""
+        decoding = phase(request) == 0
+        if not decoding and self._is_lost(request, now):
             return self.choice.lowest_level(request.min_level)
-        return self.choice.level_for(request.min_level)
+        return self.choice.level_for(request.min_level, decoding)
 
     def decode_pressure(self, running: Sequence[Request]) -> float:
         """The predicted full-model step of the running decodes over the tightest of their TPOT

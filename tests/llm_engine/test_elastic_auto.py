@@ -42,6 +42,28 @@ def test_light_load_runs_the_full_model_on_the_whole_prompt(slo_llm: LLM) -> Non
     assert_kv_empty(slo_llm)
 
 
+def test_a_prompts_tight_ttft_lowers_its_own_level_and_not_the_decodes_beside_it(slo_llm: LLM) -> None:
+    """The document's TTFT target needs a narrower level than the full model's; the chat
+    decoding beside it has no TPOT target and stays at level 100 throughout (before the decodes
+    had a level of their own, they fell with the document's pressure).  Without a TPOT target
+    running, a prefill runs in whole-budget chunks, so the document's TTFT pressure is its
+    predicted prefill (calibrated) over its target: 1.25."""
+    engine = slo_llm.engine
+    engine.add_request("chat", PROMPT, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+                       slo=SLOTarget(ttft_s=60.0), elastic_level="auto")
+    while not engine.scheduler.running or engine.scheduler.running[0].num_output_tokens < 2:
+        engine.step()  # two tokens: the step after the first has learnt from it (first_token_ratio)
+    tokens = slo_llm.get_tokenizer().encode(PROMPT * 12)[:1500]
+    policy = engine.scheduler.policy
+    whole_s = policy.first_token_ratio * policy.prefill_time_s(len(tokens))  # as admission predicts it
+    engine.add_request("document", tokens, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                       slo=SLOTarget(ttft_s=0.8 * whole_s), elastic_level="auto")
+    levels = run(slo_llm)
+    assert min(levels["document"]) < 100
+    assert levels["chat"] == {100}
+    assert_kv_empty(slo_llm)
+
+
 def test_tight_tpot_lowers_auto_levels_and_spares_fixed_ones(slo_llm: LLM) -> None:
     engine = slo_llm.engine
     num_seqs = 8

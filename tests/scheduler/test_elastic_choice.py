@@ -59,6 +59,39 @@ def test_level_climbs_back_one_level_a_step_with_margin() -> None:
     assert c.choose_level(pressure, 0.0) == 40
 
 
+def test_a_prompts_ttft_pressure_lowers_the_prompts_level_and_not_the_decodes() -> None:
+    c = choice()
+    assert c.choose_level(0.0, 1.5) == 40 and c.decode_level == 100
+    assert c.level_for(None) == 40 and c.level_for(None, decoding=True) == 100
+    # Decode pressure and the load take the decodes down, as they do the prompts.
+    c = choice()
+    assert c.choose_level(1.10, 0.0) == 70 and c.decode_level == 70
+    c = choice()
+    assert c.choose_level(0.0, 0.0, load_pressure=1.2) == 70 and c.decode_level == 70  # 0.85 x 1.2 > 1
+    # Both pressures: the prompts fall as far as either asks, the decodes as far as theirs does.
+    c = choice()
+    assert c.choose_level(1.02, 1.5) == 40 and c.decode_level == 90
+
+
+def test_past_a_load_the_full_model_serves_the_decodes_fall_with_the_prompts() -> None:
+    c = choice()
+    assert c.choose_level(0.0, 1.5, whole_prompt_load=1.0) == 40 and c.decode_level == 100
+    assert c.choose_level(0.0, 1.5, whole_prompt_load=1.1) == 40 and c.decode_level == 40
+    # The load back under: the decodes climb from where they are, one level a step.
+    assert c.choose_level(0.0, 1.5, whole_prompt_load=0.5) == 40 and c.decode_level == 70
+
+
+def test_the_decodes_level_climbs_back_as_the_prompts_does_and_is_never_narrower() -> None:
+    c = choice()
+    c.choose_level(1.5, 0.0)
+    assert (c.level, c.decode_level) == (40, 40)
+    climbed = [(c.choose_level(0.0, 0.0), c.decode_level) for _ in range(4)]
+    assert climbed == [(70, 70), (90, 90), (100, 100), (100, 100)]
+    c.choose_level(0.0, 1.5)
+    # The prompts' pressure gone, they climb one level a step; the decodes never left 100.
+    assert [(c.choose_level(0.0, 0.0), c.decode_level) for _ in range(3)] == [(70, 100), (90, 100), (100, 100)]
+
+
 def test_floor_caps_how_far_a_request_falls() -> None:
     c = choice()
     c.choose_level(5.0, 0.0)
