@@ -10,10 +10,11 @@ settings fall to the best quality whose predicted latency still meets the target
                  (x TPOT safety); TTFT pressure = max over waiting prompts, in deadline order, of
                  the prefill time due up to and including each over the time left to its
                  deadline.  The prompts' level is the widest whose fractions (knob_costs.py) bring
-                 both pressures, and the load, under 1; the decodes' (`decode_level`) answers only
-                 the decode pressure and the load, so a document's TTFT pressure lowers the
-                 prompts, whose level buys it most of what it needs, and leaves the chats decoding
-                 beside it on their level.  Both fall as soon as pressure rises, and climb back one
+                 both pressures, and the load, under 1; the decodes' (`decode_level`), while the
+                 full model could serve the load on whole prompts, answers only the decode pressure
+                 and the load, so a document's TTFT pressure lowers the prompts, whose level buys
+                 it most of what it needs, and leaves the chats decoding beside it on their level
+                 (past that load the decodes follow the prompts' level).  Both fall as soon as pressure rises, and climb back one
                  step at a time once the wider level fits with CLIMB_MARGIN to spare, so a level
                  does not flap at a boundary.  A request's floor (min_level) caps how far its own
                  level falls.  KV heads are never pruned, so a running request may change level
