@@ -14,11 +14,11 @@ settings fall to the best quality whose predicted latency still meets the target
                  full model could serve the load on whole prompts, answers only the decode pressure
                  and the load, so a document's TTFT pressure lowers the prompts, whose level buys
                  it most of what it needs, and leaves the chats decoding beside it on their level
-                 (past that load the decodes follow the prompts' level).  Both fall as soon as pressure rises, and climb back one
-                 step at a time once the wider level fits with CLIMB_MARGIN to spare, so a level
-                 does not flap at a boundary.  A request's floor (min_level) caps how far its own
-                 level falls.  KV heads are never pruned, so a running request may change level
-                 between any two steps (and does, from the prompts' to the decodes' level, when
+                 (past that load the decodes follow the prompts' level).  Both fall as soon as
+                 pressure rises, and climb back one step at a time once the wider level fits with
+                 CLIMB_MARGIN to spare, so a level does not flap at a boundary.  A request's floor
+                 (min_level) caps how far its own level falls.  KV heads are never pruned, so a
+                 running request may change level between any two steps (and does, from the prompts' to the decodes' level, when
                  its first token comes).
     prompt_keep  chosen when the request arrives and again each step until its prefill starts
                  (its KV layout depends on it, so it is fixed from then): the largest keep of
@@ -94,12 +94,12 @@ class ElasticChoice:
         prefill_pressure = max(ttft_pressure, load_pressure)
         self.level = self._next_level(
             self.level, lambda level: self._load(level, decode_pressure, prefill_pressure, attention_share))
-        decode_level = self._next_level(
-            self.decode_level, lambda level: max(decode_pressure, load_pressure) * self.costs.fraction(level, True))
         if whole_prompt_load > 1.0:
             self.decode_level = self.level
-        else:
-            self.decode_level = min(decode_level, self.level, key=self.levels.index)  # the wider of the two
+            return self.level
+        decode_level = self._next_level(
+            self.decode_level, lambda level: max(decode_pressure, load_pressure) * self.costs.fraction(level, True))
+        self.decode_level = min(decode_level, self.level, key=self.levels.index)  # the wider of the two
         return self.level
 
     def _next_level(self, current_level: int, load: Callable[[int], float]) -> int:

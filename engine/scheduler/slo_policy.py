@@ -355,9 +355,9 @@ class SLOPolicy(SchedulingPolicy):
     def _level_of(self, request: Request, now: float) -> int:
         """An auto request's level this step: the chosen one within its floor, the decodes' own
         for a request decoding (under a load the full model serves, a prompt's TTFT pressure does
-        not take the decodes beside it down: ElasticChoice.choose_level); a prompt whose TTFT target is lost
-        runs at its floor (its quality no longer buys it a met target, and the time it frees goes
-        to prompts that can still meet theirs)."""
+        not take the decodes beside it down: ElasticChoice.choose_level); a prompt whose TTFT
+        target is lost runs at its floor (its quality no longer buys it a met target, and the time
+        it frees goes to prompts that can still meet theirs)."""
         decoding = phase(request) == 0
         if not decoding and self._is_lost(request, now):
             return self.choice.lowest_level(request.min_level)
