@@ -18,8 +18,8 @@ settings fall to the best quality whose predicted latency still meets the target
                  pressure rises, and climb back one step at a time once the wider level fits with
                  CLIMB_MARGIN to spare, so a level does not flap at a boundary.  A request's floor
                  (min_level) caps how far its own level falls.  KV heads are never pruned, so a
-                 running request may change level between any two steps (and does, from the prompts' to the decodes' level, when
-                 its first token comes).
+                 running request may change level between any two steps (and does, from the
+                 prompts' level to the decodes', when its first token comes).
     prompt_keep  chosen when the request arrives and again each step until its prefill starts
                  (its KV layout depends on it, so it is fixed from then): the largest keep of
                  KEEP_LADDER, at or above the request's floor, whose predicted first-token time
