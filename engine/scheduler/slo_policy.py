@@ -86,7 +86,14 @@ BANKING_DECODE_SHARE = 0.6
 # Measured (auto alone on #15's run-17 trace and targets, alternating with the code before): at
 # 0.5x load every request on the full model and whole prompt in 3 runs of 3 (before: 78-92%);
 # at 1.5x attainment 0.79-0.88 against 0.76-0.85.
-HURRY_PRESSURE = 0.5
+# At 0 (before: 0.5) every prompt hurries where banking is the faster way, on time or not: a
+# prompt that crawls holds every prompt behind it.  At #15's 1.5x load, documents with time to
+# spare crawled ~20 tokens a step beside one chat (~70 steps a document at ~1 a second), and the
+# documents behind them were lost at arrival.  Measured (auto alone on run 36's trace and targets,
+# Intel Xeon, taking turns with 0.5 three times): 1.5x attainment 0.889 / 0.972 / 0.972 against
+# 0.861 / 0.889 / 0.903 (documents 0.67-0.92 against 0.67-0.75, chats' TPOT met); 0.5x, twice:
+# 92% / 93% of requests wholly at level 100 against 93% / 96%.
+HURRY_PRESSURE = 0.0
 BANKED_CHUNK_TOKENS = 128
 # A hurried prompt banks wherever decode-only steps take under this share of the decodes' pace
 # (not of the bound, as BANKING_DECODE_SHARE: that rule keeps a chunk the bound cannot fit from

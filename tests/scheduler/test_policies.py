@@ -564,12 +564,12 @@ def test_slo_runs_a_chunk_the_bound_cannot_fit_on_slack_the_decodes_banked():
     assert tpot_s <= 0.060
 
 
-def hurried_document(hurry: bool, monkeypatch) -> tuple[float, float, list[int]]:
+def hurried_document(hurry: bool, monkeypatch, ttft_target_s: float | None = None) -> tuple[float, float, list[int]]:
     """A 1,000-token document (TTFT 1.9 s) arrives while a chat decodes (TPOT 40 ms: a 36 ms
     bound).  Each step pays 10 ms, a chunk 8 ms more, a token 1 ms: beside the chat the bound fits
     a chunk of ~17 tokens, ~2.1 s for the document, while decode-only steps (11 ms) could bank
     ~25 ms of slack a step for 128-token chunks (~1.65 s).  Not hurried, the document is given a
-    3 s target (admission would refuse 1.9 s).  Returns the document's first-token time, the
+    3 s target (admission would refuse 1.9 s); ttft_target_s: another.  Returns the document's first-token time, the
     chat's mean TPOT and the document's chunk sizes."""
     if not hurry:
         monkeypatch.setattr(slo_policy, "HURRY_PRESSURE", math.inf)
@@ -581,7 +581,7 @@ def hurried_document(hurry: bool, monkeypatch) -> tuple[float, float, list[int]]
     slo_run(policy, clock, scheduler, cost, 2)
     chat = scheduler.requests["chat"]
     arrival = clock.now
-    scheduler.add_request(make_request("doc", 1000, max_tokens=2, arrival=arrival, slo=SLOTarget(ttft_s=1.9 if hurry else 3.0)))
+    scheduler.add_request(make_request("doc", 1000, max_tokens=2, arrival=arrival, slo=SLOTarget(ttft_s=ttft_target_s or (1.9 if hurry else 3.0))))
     document, chunks, last_token_time = scheduler.requests["doc"], [], clock.now
     while document.metrics.first_token_time is None:
         tokens_before = chat.num_output_tokens
@@ -602,6 +602,14 @@ def test_slo_a_hurried_prompt_banks_the_decodes_slack_for_large_chunks(monkeypat
     monkeypatch.undo()
     ttft_s, tpot_s, chunks = hurried_document(True, monkeypatch)
     assert ttft_s <= 1.9 and min(chunks[:-1]) >= 128 and tpot_s <= 0.9 * 0.040 + 1e-9
+
+
+def test_slo_a_prompt_with_time_to_spare_banks_the_slack_too(monkeypatch):
+    # With a 10 s target the document's crawl beside the chat (~2.1 s) would be on time, yet it
+    # still banks, banking being the faster way (~1.65 s): the steps its crawl would take hold
+    # every prompt behind it (at #15's 1.5x load, documents crawled ~20 tokens a step).
+    ttft_s, tpot_s, chunks = hurried_document(True, monkeypatch, ttft_target_s=10.0)
+    assert ttft_s <= 1.8 and min(chunks[:-1]) >= 128 and tpot_s <= 0.9 * 0.040 + 1e-9
 
 
 def test_slo_decodes_ahead_of_schedule_sit_out_a_step_a_chunk_needs():
