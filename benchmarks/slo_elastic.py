@@ -393,12 +393,12 @@ def step_summary(step: dict) -> dict[str, Any]:
                        "decodes_at_100": float(np.mean(decode[inside] == 100)) if inside.any() else None})
     doubled, back = edges[1], edges[2]
     first = int(np.searchsorted(t, doubled))
-    fell = np.flatnonzero((t >= doubled) & (level < 100))
-    if first < len(t) and level[first] < 100:
-        fell = fell[:0]  # already below 100 when the rate doubled: no fall to time
+    below_at_doubling = bool(first < len(t) and level[first] < 100)
+    # Already below 100 when the rate doubled: no fall to time.
+    fell = np.flatnonzero((t >= doubled) & (level < 100))[:0 if below_at_doubling else None]
     below_after = t[(t >= back) & (level < 100)]
     return {"phases": phases,
-            "below_at_doubling": bool(first < len(t) and level[first] < 100),
+            "below_at_doubling": below_at_doubling,
             "steps_to_fall": int(fell[0] - first) if len(fell) else None,
             "seconds_to_fall": float(t[fell[0]] - doubled) if len(fell) else None,
             "seconds_to_recover": (None if len(below_after) and level[-1] < 100

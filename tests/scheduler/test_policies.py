@@ -569,8 +569,8 @@ def hurried_document(hurry: bool, monkeypatch, ttft_target_s: float | None = Non
     bound).  Each step pays 10 ms, a chunk 8 ms more, a token 1 ms: beside the chat the bound fits
     a chunk of ~17 tokens, ~2.1 s for the document, while decode-only steps (11 ms) could bank
     ~25 ms of slack a step for 128-token chunks (~1.65 s).  Not hurried, the document is given a
-    3 s target (admission would refuse 1.9 s); ttft_target_s: another.  Returns the document's first-token time, the
-    chat's mean TPOT and the document's chunk sizes."""
+    3 s target (admission would refuse 1.9 s); ttft_target_s: another.  Returns the document's
+    first-token time, the chat's mean TPOT and the document's chunk sizes."""
     if not hurry:
         monkeypatch.setattr(slo_policy, "HURRY_PRESSURE", math.inf)
     cost = StepCostModel(CostCoefficients(overhead_s=0.010, per_scheduled_token_s=0.001, per_prefill_seq_s=0.008))
