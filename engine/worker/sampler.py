@@ -139,6 +139,10 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_token_i
         seen = torch.zeros(vocab_size, dtype=torch.bool)
         seen[torch.tensor(prompt_token_ids + output_token_ids, dtype=torch.long)] = True
         penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        # Any positive penalty is valid (vLLM's rule), but a tiny one overflows a positive logit
+        # to +inf, which the row's finite check would blame on the model (a fuzzer's 5.7e-121
+        # ended its request with a 500): its limit is the largest finite logit instead.
+        penalized.clamp_(max=torch.finfo(logits.dtype).max)
         logits.copy_(torch.where(seen, penalized, logits))
     if output_token_ids and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(output_token_ids, dtype=torch.long), minlength=vocab_size)[:vocab_size]
@@ -148,7 +152,9 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_token_i
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top_k, top_p and min_p, each per row; returns probabilities."""
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
-    logits = logits / temperature
+    # Shifted by each row's maximum first (softmax and every filter below ignore a shift), so that
+    # a logit near the largest finite value does not overflow when a temperature under 1 divides it.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if any(p.top_k or p.top_p < 1.0 for p in params):
         logits = _top_k_top_p(logits, params)
     probs = torch.softmax(logits, dim=-1)

@@ -70,6 +70,16 @@ def test_penalties_follow_vllm_semantics():
     assert logits.tolist() == [0.0, -1.0, -0.75]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_a_tiny_repetition_penalty_picks_a_seen_token_and_stays_finite(temperature: float):
+    # 5.7e-121 divides a seen positive logit past float32's range: the row stays finite (no
+    # nonfinite_logits failure) and a seen token wins, as the penalty's limit says.
+    logits = torch.tensor([[3.0, 0.5, -1.0, 2.0, 4.0]])
+    params = SamplingParams(temperature=temperature, repetition_penalty=5.68e-121, seed=0)
+    sampled = Sampler()(logits, [row(params, seed=0)])[0]  # row(): prompt [1, 2] seen
+    assert sampled.logits_finite and sampled.token_id == 1
+
+
 def test_logprobs_report_rank_and_top_alternatives():
     params = SamplingParams(temperature=0.0, logprobs=2)
     sampled = Sampler()(LOGITS, [row(params)])[0]
