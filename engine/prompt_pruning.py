@@ -163,6 +163,16 @@ class PrunePlan:
             pairs += (after - before) * after * share
         return rows, keys, pairs
 
+    def widest_layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[int, int]:
+        """(rows, query-key pairs) of the layers that hold the most of the chunk [c, c + n): the
+        model runner's one-call bounds test every layer, where layer_counts averages them."""
+        c, end = num_computed_tokens, num_computed_tokens + num_scheduled_tokens
+        rows, pairs = num_scheduled_tokens, num_scheduled_tokens * end
+        for stage in range(len(self.fractions)):
+            before, after = self.num_kept(c, stage), self.num_kept(end, stage)
+            rows, pairs = max(rows, after - before), max(pairs, (after - before) * after)
+        return rows, pairs
+
     def chunk_size(self, num_computed_tokens: int, num_tokens_to_compute: int, budget: int) -> int:
         """Tokens to schedule from c under `budget` (0: none this step).  Stage-A chunks run only
         the shallow layers, so the budget buys more of them; a chunk stops at the window's start

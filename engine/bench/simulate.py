@@ -48,7 +48,7 @@ from engine.kv.kv_cache_manager import KVCacheManager
 from engine.request import Request, RequestStatus, SLOTarget
 from engine.sampling_params import SamplingParams
 from engine.elastic.quality_table import DEFAULT_QUALITY, QualityTable
-from engine.scheduler.cost_model import CostCoefficients, StepCostModel, features_of, features_of_chunks
+from engine.scheduler.cost_model import CostCoefficients, StepCostModel, StepFeatures, features_of, features_of_chunks
 from engine.scheduler.elastic_choice import AUTO, ElasticChoice, allowed_keeps
 from engine.scheduler.knob_costs import KnobCosts, StepLevels
 from engine.scheduler.output import ModelRunnerOutput, SampledToken, ScheduledRequest, SchedulerOutput
@@ -274,7 +274,7 @@ class Replica:
             return max(0.0, self.cost_model.predict_s(features) + excess_s)
         chunks = [(s.num_computed_tokens, _pruned_tokens(s, costs), s.samples) for s in output.scheduled]
         levels = StepLevels.of(output.scheduled)
-        computed = features_of_chunks(chunks)
+        computed = features_of_chunks(chunks) + _extra_widest(chunks, output.scheduled)
         full_s = max(0.0, self.cost_model.predict_s(computed) + excess_s)
         if levels.widest not in costs.decode_fraction:
             return full_s
@@ -377,6 +377,18 @@ def _pruned_tokens(scheduled: ScheduledRequest, costs: KnobCosts) -> int:
     """A chunk's full-model-equivalent tokens: a pruned prompt's prefill costs keep_fraction."""
     n, keep = scheduled.num_scheduled_tokens, scheduled.request.prompt_keep
     return n if n == 1 or keep >= 1.0 else max(2, round(n * costs.keep_fraction(keep)))
+
+
+def _extra_widest(chunks: list[tuple[int, int, bool]], scheduled: list[ScheduledRequest]) -> StepFeatures:
+    """What a pruned prompt's shallow layers hold beyond its priced tokens (every token of the
+    chunk: StepFeatures.num_extra_widest_rows), so that the one-call bounds see the runner's rows."""
+    rows = pairs = 0
+    for (c, priced, _), s in zip(chunks, scheduled):
+        n = s.num_scheduled_tokens
+        if priced < n:
+            rows += n - priced
+            pairs += n * (c + n) - priced * (c + priced)
+    return StepFeatures(num_extra_widest_rows=rows, num_extra_widest_pairs=pairs)
 
 
 def _on_token(request: Request, timeline: _Timeline, now: float) -> None:

@@ -40,7 +40,8 @@ without AMX, the fit leaves it at 0).  Measured on the 2-vCPU Xeon with AMX: ~0.
 
 A pruned prompt's chunk (engine/prompt_pruning.py) counts what it computes, in tokens of the whole
 model (PrunePlan.layer_counts): a chunk before the prompt's end runs only the layers below the first
-prune layer; the one that ends it also runs every kept token through the deep layers.
+prune layer; the one that ends it also runs every kept token through the deep layers.  The one-call
+bounds test what its widest layers hold instead (StepFeatures.one_call_counts), as the runner does.
 
 Coefficients are fitted by non-negative least squares on relative errors, and refined online from
 the engine's own steps.  Relative errors because a 20 ms decode step matters as much as a 1 s
@@ -69,6 +70,8 @@ class ChunkPlan(Protocol):
 
     def layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[float, float, float]: ...
 
+    def widest_layer_counts(self, num_computed_tokens: int, num_scheduled_tokens: int) -> tuple[int, int]: ...
+
 FORMAT_VERSION = 1
 # mixed_step_ratio: each observed mixed step's weight (about the last 20 count), and its bounds
 # (one burst of contention must not halve every step's budget).
@@ -87,6 +90,16 @@ class StepFeatures:
     num_decode_context_tokens: int = 0
     num_prefill_attention_pairs: int = 0
     num_prefill_tokens: int = 0  # tokens of prefill chunks (num_scheduled_tokens less the decodes)
+    # Not priced (not in as_tuple): what the step's widest layers hold beyond the counts above,
+    # which average a pruned prompt's chunk over the layers (of_chunk).  Its shallow layers hold
+    # every token of the chunk, and the model runner takes the one-call path only where every
+    # layer's rows and pairs are within its bounds, so `one_call_counts` adds these back.
+    # Measured (#15, 1.5x load, Intel Xeon): stage-A chunks of 30-60 tokens beside 1-5 chat
+    # decodes, priced as ~half that many rows, passed the 32-row bound the runner's layers did not
+    # (32 on this plan): each step ran layer by layer at 35-66 ms against ~26 ms predicted, ten in
+    # a row, and the chats' TPOT target was lost.
+    num_extra_widest_rows: int = 0
+    num_extra_widest_pairs: int = 0
 
     @classmethod
     def of_chunk(cls, num_computed_tokens: int, num_scheduled_tokens: int, samples: bool,
@@ -96,13 +109,19 @@ class StepFeatures:
         if plan is None:
             return cls(*_chunk_counts(num_computed_tokens, num_scheduled_tokens, samples))
         rows, keys, pairs = plan.layer_counts(num_computed_tokens, num_scheduled_tokens)
+        widest_rows, widest_pairs = plan.widest_layer_counts(num_computed_tokens, num_scheduled_tokens)
         is_decode = num_scheduled_tokens == 1
-        rows = max(1, round(rows))
-        return cls(rows, int(not is_decode), int(samples), round(keys) if is_decode else 0,
-                   0 if is_decode else round(pairs), 0 if is_decode else rows)
+        rows, pairs = max(1, round(rows)), 0 if is_decode else round(pairs)
+        return cls(rows, int(not is_decode), int(samples), round(keys) if is_decode else 0, pairs,
+                   0 if is_decode else rows, max(0, widest_rows - rows), 0 if is_decode else max(0, widest_pairs - pairs))
 
     def __add__(self, other: StepFeatures) -> StepFeatures:
-        return StepFeatures(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
+        return StepFeatures(*(getattr(self, name) + getattr(other, name) for name in _FIELD_NAMES))
+
+    def one_call_counts(self) -> tuple[int, int]:
+        """(rows, prefill pairs) of the step's widest layers: what the one-call bounds test."""
+        return (self.num_scheduled_tokens + self.num_extra_widest_rows,
+                self.num_prefill_attention_pairs + self.num_extra_widest_pairs)
 
     def as_tuple(self) -> tuple[int, ...]:
         return (self.num_scheduled_tokens, self.num_prefill_seqs, self.num_sampled_seqs,
@@ -111,6 +130,9 @@ class StepFeatures:
     @property
     def is_empty(self) -> bool:
         return self.num_scheduled_tokens == 0
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(StepFeatures))
 
 
 def _chunk_counts(num_computed_tokens: int, num_scheduled_tokens: int, samples: bool) -> tuple[int, ...]:
@@ -172,7 +194,7 @@ class OneCallSteps:
         return num_rows <= self.max_rows and num_prefill_pairs <= self.max_prefill_pairs
 
     def covers(self, features: StepFeatures) -> bool:
-        return self.fits(features.num_scheduled_tokens, features.num_prefill_attention_pairs)
+        return self.fits(*features.one_call_counts())
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +260,7 @@ class StepCostModel:
         self.description = description
         self.online = online
         self._weights = coefficients.as_tuple()
-        self._window: deque[tuple[tuple[int, ...], float]] = deque(maxlen=online.window_size)
+        self._window: deque[tuple[StepFeatures, float]] = deque(maxlen=online.window_size)
         self._num_since_refit = 0
         # Measured over predicted time of recent steps that ran decodes and prefill chunks together
         # (an EWMA, kept within MIXED_RATIO_BOUNDS).  A linear fit over every kind of step is
@@ -262,7 +284,7 @@ class StepCostModel:
         """Non-negative least squares on relative errors over `samples` (at least one)."""
         if not samples:
             raise ValueError("fitting a step cost model needs at least one sample")
-        rows = np.array([_design_row(s.features.as_tuple(), one_call) for s in samples], dtype=np.float64)
+        rows = np.array([_design_row(s.features, one_call) for s in samples], dtype=np.float64)
         elapsed = np.array([s.elapsed_s for s in samples], dtype=np.float64)
         if not (elapsed > 0).all():
             raise ValueError("every sample needs a positive elapsed_s")
@@ -344,7 +366,7 @@ class StepCostModel:
             low, high = ((bound - 1.0) * predicted_s for bound in MIXED_RATIO_BOUNDS)
             excess_s = min(max(elapsed_s - predicted_s, low), high)
             self.mixed_step_excess_s += MIXED_RATIO_WEIGHT * (excess_s - self.mixed_step_excess_s)
-        self._window.append((features.as_tuple(), elapsed_s))
+        self._window.append((features, elapsed_s))
         self._num_since_refit += 1
         if self._num_since_refit >= self.online.refit_interval:
             self.refit()
@@ -413,13 +435,14 @@ def bounded_ewma(average: float, sample: float, weight: float, bounds: tuple[flo
     return min(max(average + weight * (sample - average), bounds[0]), bounds[1])
 
 
-def _design_row(features: tuple[int, ...], one_call: OneCallSteps | None) -> tuple[float, ...]:
+def _design_row(features: StepFeatures, one_call: OneCallSteps | None) -> tuple[float, ...]:
     """The regressors of a step (CostCoefficients order): 1, its first five features, whether it
-    holds a prefill chunk (features[1] is num_prefill_seqs) that runs it layer by layer, and the
-    prefill tokens (features[5]) and pairs (features[4]) of one that runs it as one call."""
-    layer_by_layer = features[1] > 0 and (one_call is None or not one_call.fits(features[0], features[4]))
-    one_call_tokens, one_call_pairs = (0.0, 0.0) if layer_by_layer else (float(features[5]), float(features[4]))
-    return (1.0, *features[:5], float(layer_by_layer), one_call_tokens, one_call_pairs)
+    holds a prefill chunk that runs it layer by layer, and the prefill tokens and pairs of one that
+    runs it as one call."""
+    layer_by_layer = features.num_prefill_seqs > 0 and (one_call is None or not one_call.covers(features))
+    one_call_tokens, one_call_pairs = ((0.0, 0.0) if layer_by_layer else
+                                       (float(features.num_prefill_tokens), float(features.num_prefill_attention_pairs)))
+    return (1.0, *features.as_tuple()[:5], float(layer_by_layer), one_call_tokens, one_call_pairs)
 
 
 def _last_true(low: int, high: int, predicate: Callable[[int], bool]) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine.kv.kv_cache_manager import KVCacheManager
+from engine.prompt_pruning import PrunePlan
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler.cost_model import (CostCoefficients, OneCallSteps, OnlineFitConfig, StepCostModel, StepFeatures,
@@ -266,6 +267,27 @@ def test_max_chunk_tokens_looks_past_the_one_call_bounds_where_the_price_falls()
         assert model.max_chunk_tokens(base, 64, 199, budget_s) == max(fitting, default=0), budget_s
     # At 25 ms the one-call chunks stop fitting at 11 tokens, the layer-by-layer ones fit from 17.
     assert model.max_chunk_tokens(base, 64, 199, 0.025) > 16
+
+
+def test_a_pruned_prompts_chunk_is_held_to_the_one_call_bounds_by_every_row_its_shallow_layers_run() -> None:
+    """A stage-A chunk is priced at ~half its tokens (its shallow layers' share), but those layers
+    hold every token, and the runner's one-call bounds test every layer: 40 tokens beside 5
+    decodes are 45 rows past a 32-row bound, so the step runs layer by layer and pays
+    per_prefill_step_s; under a bound only a one-call step fits, the largest chunk that fits
+    keeps the rows within it."""
+    plan = PrunePlan.make(1536, 0.3, min_prompt_tokens=64, num_sink_tokens=4, window=8, fractions=(0.5,))
+    model = StepCostModel(CostCoefficients(overhead_s=0.008, per_scheduled_token_s=2e-4, per_prefill_step_s=0.010,
+                                           per_one_call_prefill_token_s=1e-4), one_call=ONE_CALL)
+    decodes = features_of_chunks([(300, 1, True)] * 5)
+    chunk = StepFeatures.of_chunk(100, 40, False, plan)
+    assert chunk.num_scheduled_tokens == 20 and (decodes + chunk).one_call_counts()[0] == 45
+    assert model.runs_layer_by_layer(decodes + chunk)
+    assert not model.runs_layer_by_layer(decodes + StepFeatures.of_chunk(100, 27, False, plan))
+    budget_s = model.predict_s(decodes + StepFeatures.of_chunk(100, 27, False, plan))
+    assert model.max_chunk_tokens(decodes, 100, 512, budget_s, plan=plan) == 27
+    # The stage-B step: its deep layers hold every kept row, which the bounds see too.
+    final = StepFeatures.of_chunk(1528, 8, True, plan)
+    assert final.one_call_counts()[0] == plan.num_kept_prompt_tokens and model.runs_layer_by_layer(final)
 
 
 def test_json_round_trip() -> None:
