@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 # A logprobs request above this is refused: each alternative costs a top-k over the vocabulary.
 MAX_LOGPROBS = 20
+# Temperatures under this sample greedily (vLLM's _SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(slots=True)
@@ -80,7 +82,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # vLLM's rule: a temperature under GREEDY_BELOW samples greedily.  Dividing by one that
+        # float32 rounds to zero would make the best logit NaN.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

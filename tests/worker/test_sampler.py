@@ -108,3 +108,10 @@ def test_row_maxima_is_max_along_rows(columns: int):
     assert torch.isnan(maxima[3]) and maxima[4] == float("-inf")
     strided = x.t().contiguous().t()  # the same values, rows not contiguous
     assert not strided.is_contiguous() and torch.equal(row_maxima(strided)[1], expected.indices)
+
+
+def test_a_temperature_that_float32_rounds_to_zero_samples_greedily():
+    params = SamplingParams(temperature=1e-50)
+    assert params.is_greedy
+    sampled = Sampler()(LOGITS, [row(params)])[0]
+    assert sampled.logits_finite and sampled.token_id == 4
