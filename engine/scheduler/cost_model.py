@@ -95,9 +95,9 @@ class StepFeatures:
     # every token of the chunk, and the model runner takes the one-call path only where every
     # layer's rows and pairs are within its bounds, so `one_call_counts` adds these back.
     # Measured (#15, 1.5x load, Intel Xeon): stage-A chunks of 30-60 tokens beside 1-5 chat
-    # decodes, priced as ~half that many rows, passed the 32-row bound the runner's layers did not
-    # (32 on this plan): each step ran layer by layer at 35-66 ms against ~26 ms predicted, ten in
-    # a row, and the chats' TPOT target was lost.
+    # decodes, priced as ~half that many rows, passed this plan's 32-row bound, which the
+    # runner's shallow layers, holding every token, did not: 13 steps in a row ran layer by layer
+    # at 35-66 ms against ~26 ms predicted, and the chats' TPOT target was lost.
     num_extra_widest_rows: int = 0
     num_extra_widest_pairs: int = 0
 
