@@ -33,7 +33,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -274,7 +274,7 @@ class Replica:
             return max(0.0, self.cost_model.predict_s(features) + excess_s)
         chunks = [(s.num_computed_tokens, _pruned_tokens(s, costs), s.samples) for s in output.scheduled]
         levels = StepLevels.of(output.scheduled)
-        computed = features_of_chunks(chunks) + _extra_widest(chunks, output.scheduled)
+        computed = _with_widest_layers(features_of_chunks(chunks), chunks, output.scheduled)
         full_s = max(0.0, self.cost_model.predict_s(computed) + excess_s)
         if levels.widest not in costs.decode_fraction:
             return full_s
@@ -379,16 +379,16 @@ def _pruned_tokens(scheduled: ScheduledRequest, costs: KnobCosts) -> int:
     return n if n == 1 or keep >= 1.0 else max(2, round(n * costs.keep_fraction(keep)))
 
 
-def _extra_widest(chunks: list[tuple[int, int, bool]], scheduled: list[ScheduledRequest]) -> StepFeatures:
-    """What a pruned prompt's shallow layers hold beyond its priced tokens (every token of the
-    chunk: StepFeatures.num_extra_widest_rows), so that the one-call bounds see the runner's rows."""
-    rows = pairs = 0
-    for (c, priced, _), s in zip(chunks, scheduled):
-        n = s.num_scheduled_tokens
-        if priced < n:
-            rows += n - priced
-            pairs += n * (c + n) - priced * (c + priced)
-    return StepFeatures(num_extra_widest_rows=rows, num_extra_widest_pairs=pairs)
+def _with_widest_layers(computed: StepFeatures, chunks: list[tuple[int, int, bool]],
+                        scheduled: list[ScheduledRequest]) -> StepFeatures:
+    """`computed`, the features of `chunks` (pruned prompts' chunks at their priced tokens), with
+    what the shallow layers hold beyond them, every token of each chunk
+    (StepFeatures.num_extra_widest_rows), so that the one-call bounds see the runner's rows."""
+    if all(priced == s.num_scheduled_tokens for (_, priced, _), s in zip(chunks, scheduled)):
+        return computed
+    held = features_of_chunks((s.num_computed_tokens, s.num_scheduled_tokens, s.samples) for s in scheduled)
+    return replace(computed, num_extra_widest_rows=held.num_scheduled_tokens - computed.num_scheduled_tokens,
+                   num_extra_widest_pairs=held.num_prefill_attention_pairs - computed.num_prefill_attention_pairs)
 
 
 def _on_token(request: Request, timeline: _Timeline, now: float) -> None:
