@@ -271,37 +271,84 @@ int column_tile_sum(const LinearDesc& w, const StepDesc& s, const std::vector<Ti
 // build's fixed order: kSumLanes partial sums along hidden, then B's columns in rank order), then
 // += bias, each add rounded once (SidePath.add_to's two in-place adds).  The layer-by-layer tile
 // path calls this too (elastic_side_path below), so both give the same bits.
+//
+// A x[r] takes A's rows kSideRanks at a time (x's vectors loaded and widened once for all of
+// them), and B t[r] takes kSideRows rows at a time (B's vectors loaded once for all of them).
+// Each output still sums in the order of one rank and one row at a time, so the bits are the
+// same.  PERF (2-vCPU Xeon with AMX, rank 8, hidden 576, bf16, one thread): ~0.4 us a row in the
+// avx512_bf16 build and ~0.7 in the avx2 one, against ~0.83 and ~1.64 one rank and one row at a
+// time (tests/kernels/test_cpu_elastic_side_path.py checks the bits do not depend on the blocks).
+constexpr int kSideRanks = engine_cpu::kSumVecs == 1 ? 8 : 4;  // accumulators: 8 zmm, or 4 x 2 ymm of 16
+
+// t[j] = A[j] . x for j in [0, R): R accumulators (x kSumVecs) in registers.
+template <int R, typename T>
+void lora_down(const float* a, int64_t hidden, const T* x, engine_cpu::DType dtype, float* t) {
+  using namespace engine_cpu;
+  Vec partial[R][kSumVecs];
+  for (int j = 0; j < R; j++)
+    for (int v = 0; v < kSumVecs; v++) partial[j][v] = splat(0.0f);
+  for (int64_t i = 0; i < hidden; i += kSumLanes)
+    for (int v = 0; v < kSumVecs; v++) {
+      const int64_t at = i + v * kLanes;
+      if (hidden - at <= 0) continue;
+      const auto live = lanes(hidden - at);
+      const Vec xv = load(x + at, dtype, live);
+      for (int j = 0; j < R; j++) partial[j][v] = fmadd(load(a + j * hidden + at, kFloat32, live), xv, partial[j][v]);
+    }
+  for (int j = 0; j < R; j++) t[j] = reduce_add(partial[j]);
+}
+
+// out[r] += B t_r for R rows at once, B's vectors loaded once for all of them (each row's sum in
+// rank order, as one row at a time).
+template <int R, typename T>
+void lora_up(const float* b_rows, int64_t rank, int64_t hidden, const float* t, T* out, int64_t out_stride,
+             engine_cpu::DType dtype) {
+  using namespace engine_cpu;
+  for (int64_t i = 0; i < hidden; i += kLanes) {
+    const auto live = lanes(hidden - i);
+    Vec b = load(b_rows + i, kFloat32, live);
+    Vec sum[R];
+    for (int r = 0; r < R; r++) sum[r] = splat(t[r * rank]) * b;
+    for (int64_t k = 1; k < rank; k++) {
+      b = load(b_rows + k * hidden + i, kFloat32, live);
+      for (int r = 0; r < R; r++) sum[r] = fmadd(splat(t[r * rank + k]), b, sum[r]);
+    }
+    for (int r = 0; r < R; r++) {
+      T* row = out + r * out_stride;
+      store(row + i, load(row + i, dtype, live) + sum[r], dtype, live);
+    }
+  }
+}
+
+constexpr int kSideRows = 4;  // rows lora_up takes at once
+
 template <typename T>
 void side_path_rows(const LevelDesc& level, int64_t hidden, const T* x, int64_t x_stride, T* out, int64_t out_stride,
                     int64_t rows, engine_cpu::DType dtype) {
   using namespace engine_cpu;
-  std::vector<float> t(level.rank);
-  for (int64_t r = 0; r < rows; r++) {
-    const T* in = x + r * x_stride;
-    T* row = out + r * out_stride;
+  std::vector<float> t(kSideRows * level.rank);
+  for (int64_t r0 = 0; r0 < rows; r0 += kSideRows) {
+    const int64_t n = std::min<int64_t>(kSideRows, rows - r0);
     if (level.lora_a != nullptr) {
-      for (int64_t j = 0; j < level.rank; j++) {
-        const float* a = level.lora_a + j * hidden;
-        Vec partial[kSumVecs];
-        for (int v = 0; v < kSumVecs; v++) partial[v] = splat(0.0f);
-        for (int64_t i = 0; i < hidden; i += kSumLanes)
-          for (int v = 0; v < kSumVecs; v++) {
-            const int64_t at = i + v * kLanes;
-            const auto live = lanes(hidden - at);
-            if (hidden - at > 0) partial[v] = fmadd(load(a + at, kFloat32, live), load(in + at, dtype, live), partial[v]);
-          }
-        t[j] = reduce_add(partial);
+      for (int64_t r = 0; r < n; r++) {
+        const T* in = x + (r0 + r) * x_stride;
+        float* tr = t.data() + r * level.rank;
+        int64_t j = 0;
+        for (; j + kSideRanks <= level.rank; j += kSideRanks)
+          lora_down<kSideRanks>(level.lora_a + j * hidden, hidden, in, dtype, tr + j);
+        for (; j < level.rank; j++) lora_down<1>(level.lora_a + j * hidden, hidden, in, dtype, tr + j);
       }
-      for (int64_t i = 0; i < hidden; i += kLanes) {
-        const auto live = lanes(hidden - i);
-        Vec sum = splat(t[0]) * load(level.lora_b_rows + i, kFloat32, live);
-        for (int64_t j = 1; j < level.rank; j++)
-          sum = fmadd(splat(t[j]), load(level.lora_b_rows + j * hidden + i, kFloat32, live), sum);
-        store(row + i, load(row + i, dtype, live) + sum, dtype, live);
-      }
+      if (n == kSideRows)
+        lora_up<kSideRows>(level.lora_b_rows, level.rank, hidden, t.data(), out + r0 * out_stride, out_stride, dtype);
+      else
+        for (int64_t r = 0; r < n; r++)
+          lora_up<1>(level.lora_b_rows, level.rank, hidden, t.data() + r * level.rank, out + (r0 + r) * out_stride,
+                     out_stride, dtype);
     }
     if (level.bias != nullptr)
-      add_into(reinterpret_cast<char*>(row), static_cast<const char*>(level.bias), hidden, dtype);
+      for (int64_t r = 0; r < n; r++)
+        add_into(reinterpret_cast<char*>(out + (r0 + r) * out_stride), static_cast<const char*>(level.bias), hidden,
+                 dtype);
   }
 }
 
@@ -314,28 +361,36 @@ void side_path(const LevelDesc& level, int64_t hidden, const void* x, int64_t x_
 }
 
 // Each level's side path on its own level-order rows; h the block's normed input.  The threads
-// share the rows: a row's arithmetic is the same on any thread, so the same bits.  PERF: a rank-8
-// side path is ~1 us a row a block, ~1.5 ms of a 32-row step below level 100 on one thread while
-// the other waited.
+// share the rows that have one (the full level's have none, and they come first in level order:
+// shared by all rows, a 16-row step of 8 rows at 100 and 8 at 40 left one thread all the work),
+// and a row's arithmetic is the same on any thread, so the same bits.  PERF (2-vCPU Xeon with
+// AMX, a 16-row decode step's 48 side paths): 0.82 ms with rows at all six levels, 0.41 ms with 8
+// rows at 100 and 8 at 40, against 1.13 and 0.65 before this sharing and lora_down / lora_up.
+// Two threads from kParallelSideRows rows on: one thread up to 24 rows (tried) took 0.71 ms where
+// two took 0.50 (16 rows at level 40), the LoRA terms coming from memory each step.
 constexpr int64_t kParallelSideRows = 4;
 inline bool has_side_path(const LevelDesc& level) { return level.lora_a != nullptr || level.bias != nullptr; }
 void add_side_paths(const LevelDesc* levels, const StepDesc& s, int64_t num_levels, int64_t hidden, const char* h,
                     char* out) {
   const int64_t size = element_size(s.dtype);
-  bool any = false;  // rows all at levels without one (the full level): no parallel region
+  int64_t with_side_path = 0;  // rows at levels with one
   for (int64_t index = 0; index < num_levels; index++)
-    any |= s.rows_upto[index] > (index ? s.rows_upto[index - 1] : 0) && has_side_path(levels[index]);
-  if (!any) return;
-#pragma omp parallel num_threads(s.num_threads) if (s.rows >= kParallelSideRows)
+    if (has_side_path(levels[index])) with_side_path += s.rows_upto[index] - (index ? s.rows_upto[index - 1] : 0);
+  if (with_side_path == 0) return;  // every row at the full level: no parallel region
+#pragma omp parallel num_threads(s.num_threads) if (with_side_path >= kParallelSideRows)
   {
-    int64_t begin, end;
-    thread_share(s.rows, &begin, &end);
-    for (int64_t index = 0; index < num_levels; index++) {
-      const int64_t first = std::max(begin, index ? s.rows_upto[index - 1] : 0);
-      const int64_t last = std::min(end, s.rows_upto[index]);
-      if (last > first && has_side_path(levels[index]))
-        side_path(levels[index], hidden, h + first * hidden * size, hidden, out + first * hidden * size, hidden,
+    int64_t begin, end;  // this thread's share, counted over the rows with a side path
+    thread_share(with_side_path, &begin, &end);
+    for (int64_t index = 0, counted = 0; index < num_levels; index++) {
+      const int64_t level_first = index ? s.rows_upto[index - 1] : 0, level_rows = s.rows_upto[index] - level_first;
+      if (!has_side_path(levels[index])) continue;
+      const int64_t first = std::max(begin, counted), last = std::min(end, counted + level_rows);
+      if (last > first) {
+        const int64_t row = level_first + first - counted;
+        side_path(levels[index], hidden, h + row * hidden * size, hidden, out + row * hidden * size, hidden,
                   last - first, s.dtype);
+      }
+      counted += level_rows;
     }
   }
 }
