@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from engine.model.compute_plan import _can_prepack_bf16
+
 
 def run_python(code: str, **env: str) -> str:
     environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
@@ -54,3 +56,39 @@ def test_large_temporaries_come_from_the_heap_once_freed_memory_is_kept():
     # The control shows the measure can fail: by default glibc mmaps a 16 MiB block.
     assert int(run_python(MMAPPED_GROWTH.format(keep=False))) >= 16 << 20
     assert int(run_python(MMAPPED_GROWTH.format(keep=True))) == 0
+
+
+# 1,100 distinct oneDNN kernels (one prepacked bf16 weight at 1..1,100 rows), then the first again:
+# oneDNN's verbose log then says whether its cache still held that one ("create:cache_hit").
+KERNEL_CACHE_PROBE = """
+import engine
+import torch
+
+weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(32, 64, dtype=torch.bfloat16), None)
+x = torch.ones(1100, 64, dtype=torch.bfloat16)
+for rows in range(1, 1101):
+    torch.ops.mkldnn._linear_pointwise(x[:rows], weight, None, "none", [], "")
+print("again")
+torch.ops.mkldnn._linear_pointwise(x[:1], weight, None, "none", [], "")
+"""
+
+
+def kernel_cache_kept_the_first(**env: str) -> bool:
+    """`env`: ONEDNN_PRIMITIVE_CACHE_CAPACITY as the user sets it, or nothing (unset)."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    done = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE], capture_output=True, text=True, timeout=300,
+                          env=environment | {"ONEDNN_VERBOSE": "profile_create"} | env)
+    assert done.returncode == 0, done.stderr
+    again = [line for line in done.stdout.split("again", 1)[1].splitlines()
+             if "create:cache_" in line and ",reorder," not in line]
+    assert len(again) == 1, done.stdout[-2000:]
+    return "create:cache_hit" in again[0]
+
+
+@pytest.mark.skipif(not _can_prepack_bf16(), reason="this CPU or torch build does not prepack bf16 for oneDNN")
+def test_onednn_keeps_more_kernels_than_its_default_under_the_engine():
+    """The engine's default (4,096) holds 1,100 kernels; oneDNN's own 1,024, kept where the user
+    set it, does not: the control shows the probe can fail."""
+    assert kernel_cache_kept_the_first()
+    assert not kernel_cache_kept_the_first(ONEDNN_PRIMITIVE_CACHE_CAPACITY="1024")

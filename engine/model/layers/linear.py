@@ -327,7 +327,7 @@ class VocabEmbedding(nn.Module):
 
 # PERF: oneDNN compiles a kernel (a primitive) for every new (rows, weight shape) a prepacked weight
 # meets: ~3 ms on a 2-vCPU Xeon with AMX, where the call itself takes ~1 ms at 300 rows.  It keeps
-# them in a cache of ONEDNN_PRIMITIVE_CACHE_CAPACITY entries (1,024 by default).  A step's rows
+# them in a cache of ONEDNN_PRIMITIVE_CACHE_CAPACITY entries (engine/process_env.py).  A step's rows
 # vary step to step in chunked prefill (chunks fitted to a TPOT bound, decodes joining and leaving,
 # a pruned prompt's kept rows), and an elastic model has a weight shape per layer width (63 for
 # SmolLM2), so the cache kept missing.  In #15's 1.5x run (auto, one process), 939 of 16,716 calls
