@@ -15,24 +15,15 @@ import ctypes
 import pytest
 import torch
 
-from engine.kernels.cpu import native_library
+from engine.kernels.cpu import decode_layer
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def side_path(library: ctypes.CDLL, lora_a: torch.Tensor | None, lora_b_rows: torch.Tensor | None,
               bias: torch.Tensor | None, x: torch.Tensor, out: torch.Tensor) -> None:
-    """out += lora_b (lora_a x) + bias in place, through `library`'s elastic_side_path."""
-    function = library.elastic_side_path
-    function.restype = ctypes.c_int
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = (pointer, pointer, pointer, i64, i64, pointer, i64, pointer, i64, i64, ctypes.c_int)
-    rank = 0 if lora_a is None else lora_a.shape[0]
-    status = function(None if lora_a is None else lora_a.data_ptr(),
-                      None if lora_b_rows is None else lora_b_rows.data_ptr(),
-                      None if bias is None else bias.data_ptr(), rank, out.shape[1], x.data_ptr(), x.stride(0),
-                      out.data_ptr(), out.stride(0), out.shape[0], native_library.DTYPE_CODES[out.dtype])
-    assert status == 0
+    """out += lora_b (lora_a x) + bias in place, through `library`'s build of the kernel."""
+    assert decode_layer.elastic_side_path(lora_a, lora_b_rows, bias, x, out, library=library)
 
 
 def operands(rank: int, hidden: int, rows: int, dtype: torch.dtype, seed: int = 0):

@@ -14,8 +14,12 @@ import pytest
 from engine.model.compute_plan import _can_prepack_bf16
 
 
+# The variables engine.process_env sets in this test process too: a child must not inherit them.
+ENGINE_DEFAULTS = ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
+
 def run_python(code: str, **env: str) -> str:
-    environment = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    environment = {k: v for k, v in os.environ.items() if k not in ENGINE_DEFAULTS} | env
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -75,14 +79,10 @@ torch.ops.mkldnn._linear_pointwise(x[:1], weight, None, "none", [], "")
 
 def kernel_cache_kept_the_first(**env: str) -> bool:
     """`env`: ONEDNN_PRIMITIVE_CACHE_CAPACITY as the user sets it, or nothing (unset)."""
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
-    done = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE], capture_output=True, text=True, timeout=300,
-                          env=environment | {"ONEDNN_VERBOSE": "profile_create"} | env)
-    assert done.returncode == 0, done.stderr
-    again = [line for line in done.stdout.split("again", 1)[1].splitlines()
+    out = run_python(KERNEL_CACHE_PROBE, ONEDNN_VERBOSE="profile_create", **env)
+    again = [line for line in out.split("again", 1)[1].splitlines()
              if "create:cache_" in line and ",reorder," not in line]
-    assert len(again) == 1, done.stdout[-2000:]
+    assert len(again) == 1, out[-2000:]
     return "create:cache_hit" in again[0]
 
 

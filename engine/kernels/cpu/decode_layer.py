@@ -69,12 +69,13 @@ def linear_arguments(weight: QuantizedWeight, bias: torch.Tensor | None,
 
 
 def elastic_side_path(lora_a: torch.Tensor | None, lora_b_rows: torch.Tensor | None, bias: torch.Tensor | None,
-                      x: torch.Tensor, out: torch.Tensor) -> bool:
+                      x: torch.Tensor, out: torch.Tensor, library: ctypes.CDLL | None = None) -> bool:
     """out [rows, hidden] += lora_b (lora_a x) + bias, in place, summed as the fused layer sums it
     (decode_layer.cpp, side_path_rows).  lora_a and lora_b_rows (= lora_b^T) [rank, hidden] fp32
     contiguous, bias [hidden] in out's dtype; x and out rows with unit column stride.  False where
-    this cannot run (no library, other layouts): the caller's torch path then does it."""
-    function = _side_path_entry()
+    this cannot run (no library, other layouts): the caller's torch path then does it.
+    `library`: another build than the engine's (native_library.load(isa)), for tests."""
+    function = _side_path_entry(library)
     tensors = [t for t in (lora_a, lora_b_rows, bias) if t is not None]
     if (function is None or out.dtype not in native_library.DTYPE_CODES or x.dtype != out.dtype
             or x.stride(1) != 1 or out.stride(1) != 1 or not all(t.is_contiguous() for t in tensors)
@@ -124,15 +125,17 @@ def _layers_entry():
                                     _pointer, _pointer, _pointer))
 
 
-def _side_path_entry():
+def _side_path_entry(library: ctypes.CDLL | None = None):
     return _bound("elastic_side_path", (_pointer, _pointer, _pointer, _i64, _i64, _pointer, _i64, _pointer, _i64,
-                                        _i64, ctypes.c_int))
+                                        _i64, ctypes.c_int), library)
 
 
 @functools.cache
-def _bound(name: str, argtypes: tuple):
-    """The library's function `name` with its argument types (returning int), or None without one."""
-    library = native_library.load()
+def _bound(name: str, argtypes: tuple, library: ctypes.CDLL | None = None):
+    """The function `name` of `library` (the engine's build when None) with its argument types
+    (returning int), or None without a library."""
+    if library is None:
+        library = native_library.load()
     if library is None:
         return None
     function = getattr(library, name)
