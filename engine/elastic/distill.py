@@ -132,6 +132,11 @@ class LevelReport:
     # They are shared by every level, so they are not the level's training and not on its budget
     # (they took ~40% of level 90's 5 minutes, fp32, when they were).
     teacher_seconds: float = 0.0
+    # The stopping rule's own figures (budget-clock seconds), so a test can check the rule rather
+    # than a wall-clock bound: the last step started where the slowest step before it said it would
+    # end by `last_step_predicted_end_s` (never past the budget), and the slowest step overall.
+    last_step_predicted_end_s: float = 0.0
+    slowest_step_s: float = 0.0
 
 
 def calibration_batches(conversations: Sequence[Conversation], batch_size: int, seed: int = 0,
@@ -255,6 +260,7 @@ def distill_level(model: TorchLlama, task: LevelTask, batches: Sequence[TokenBat
     submodel = model.cut_submodel(task.submodel, torch.bfloat16 if autocast else torch.float32)
     losses: list[float] = []
     num_tokens, slowest_step_s, teacher_s, stopped_by = 0, 0.0, 0.0, "max_steps"
+    last_step_predicted_end_s = 0.0
     start = time.perf_counter()
 
     def budget_clock() -> float:  # the level's own seconds: the shared teacher targets are not on it
@@ -269,6 +275,7 @@ def distill_level(model: TorchLlama, task: LevelTask, batches: Sequence[TokenBat
         if elapsed + slowest_step_s > config.budget_s:
             stopped_by = "budget"
             break
+        last_step_predicted_end_s = elapsed + slowest_step_s
         progress = max(elapsed / config.budget_s, step / config.max_steps if config.max_steps else 0.0)
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * learning_rate_factor(step, progress, config.warmup_steps)
@@ -291,7 +298,7 @@ def distill_level(model: TorchLlama, task: LevelTask, batches: Sequence[TokenBat
     kl_after = probe_kl(model, teacher, probe, task.submodel, corrections)
     report = LevelReport(task.level, len(losses), num_tokens, seconds, stopped_by, _mean(losses[:10]),
                          _mean(losses[-10:]), kl_before, kl_after, config.train_biases, config.top_k,
-                         "bf16" if autocast else "fp32", teacher_s)
+                         "bf16" if autocast else "fp32", teacher_s, last_step_predicted_end_s, slowest_step_s)
     return corrections, report
 
 

@@ -122,7 +122,12 @@ def test_the_wall_clock_budget_stops_training(model: TorchLlama) -> None:
     assert config.max_steps is None
     _, report = distill_level(model, task(60, 24, 1), made[:-1], made[-1], Teacher(model, 16), config)
     assert report.stopped_by == "budget" and report.num_steps > 0
-    assert report.seconds <= 0.5 + 0.05  # no step started that was expected to end past the budget
+    # No step started that the slowest step before it said would end past the budget; and training
+    # stopped because the next one would have.  (A wall-clock bound on `seconds` failed in a slow
+    # suite run: one step slower than every step before it overran by 0.08 s.  The rule, not the
+    # machine's speed, is what is asserted.)
+    assert 0 < report.last_step_predicted_end_s <= config.budget_s
+    assert report.seconds + report.slowest_step_s > config.budget_s
 
 
 @pytest.mark.parametrize("bad", [{"max_steps": 0}, {"budget_s": 0}, {"batch_size": 0}, {"seq_len": 8}])
