@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from engine.gguf_file import GGUFFile
 
 
-def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+def field_value(reader: GGUFFile, key: str, default: Any = None) -> Any:
     """The field's contents (a string, number or list), or `default` where the file lacks it."""
     field = reader.fields.get(key)
     return default if field is None else field.contents()

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from engine.gguf_fields import field_value
 from engine.kernels.cpu.quantized_weights import QuantFormat, QuantizedWeight, from_blocks
 from engine.model.arch import LlamaArchConfig
+from engine.gguf_file import GGUFFile
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 SUPPORTED_TYPES = {
@@ -42,30 +43,26 @@ _LAYER_NAMES = {
 }
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """The file's reader, parsed once per process for each version of the file.
-
-    Why: gguf's reader builds a numpy view per field part, ~1.5 M of them for SmolLM2's 49k-token
-    vocabulary and merges, ~2.5 s a parse; a load used to parse the file three times (the
-    architecture, the tokenizer, the weights).  Invariant: the reader is read-only (a mode "r"
-    memory map), so sharing it is safe; a rewritten file (new size or mtime) is parsed anew.
-    """
+def open_gguf(path: str | Path) -> GGUFFile:
+    """The file, parsed once per process for each version of the file (a load reads it three
+    times: the architecture, the tokenizer, the weights).  Invariant: the file is mapped
+    read-only, so sharing it is safe; a rewritten file (new size or mtime) is parsed anew."""
     stat = os.stat(path)
     return _open_gguf(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)
-def _open_gguf(path: str, size: int, mtime_ns: int) -> GGUFReader:
-    return GGUFReader(path)
+def _open_gguf(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    return GGUFFile(path)
 
 
 def release_gguf_readers() -> None:
-    """Drop the parsed files (~80 MB of numpy views for SmolLM2's): for a process that has loaded
-    the one model it will serve.  A later load parses again."""
+    """Drop the parsed files (the vocabulary's strings, the tensors' views of the mapping): for a
+    process that has loaded the one model it will serve.  A later load parses again."""
     _open_gguf.cache_clear()
 
 
-def read_arch_config(reader: GGUFReader) -> LlamaArchConfig:
+def read_arch_config(reader: GGUFFile) -> LlamaArchConfig:
     arch = field_value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {SUPPORTED_ARCHS}")
@@ -91,14 +88,14 @@ def read_arch_config(reader: GGUFReader) -> LlamaArchConfig:
     )
 
 
-def _rope_freq_factors(reader: GGUFReader) -> tuple[float, ...] | None:
+def _rope_freq_factors(reader: GGUFFile) -> tuple[float, ...] | None:
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             return tuple(float(x) for x in np.asarray(tensor.data, dtype=np.float32).reshape(-1))
     return None
 
 
-def iter_gguf_weights(reader: GGUFReader, config: LlamaArchConfig, dtype: torch.dtype,
+def iter_gguf_weights(reader: GGUFFile, config: LlamaArchConfig, dtype: torch.dtype,
                       keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Yield (HF name, weight) for every tensor, Q/K rows un-permuted for llama: a tensor in `dtype`,
     or with keep_quantized, a QuantizedWeight for each Q4_0/Q4_1/Q8_0 matrix."""

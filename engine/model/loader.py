@@ -86,7 +86,10 @@ def load_model(source: ModelSource, plan: ComputePlan, backend: AttentionBackend
     # every parameter is overwritten by load_weights, which fails loudly on a missing one.
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, backend, plan, elastic_layers, pruner, tp, shard).to(plan.dtype)
-    model = model.to_empty(device=plan.device)
+    # Module.to_empty would allocate through torch.empty_like, which for a meta tensor runs torch's
+    # Python references and imports sympy on first use (~0.7 s of a start-up); empty with the
+    # shape allocates the same uninitialized storage directly.
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=plan.device))
     with torch.device(plan.device):
         model.rotary = RotaryEmbedding.for_config(source.arch)  # fp32 tables, computed for real
     if source.is_gguf:

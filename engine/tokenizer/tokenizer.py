@@ -15,7 +15,7 @@ from engine.gguf_fields import field_value
 from engine.tokenizer.chat_template import render_chat_template
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from engine.gguf_file import GGUFFile
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -62,7 +62,7 @@ class Tokenizer:
         return "" if token_id is None else (self.backend.id_to_token(token_id) or "")
 
 
-def tokenizer_from_gguf(reader: GGUFReader) -> Tokenizer:
+def tokenizer_from_gguf(reader: GGUFFile) -> Tokenizer:
     model = field_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2 (byte-level BPE)")

@@ -35,14 +35,21 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, float] | None, freq_factors: tuple[float, ...] | None) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        if scaling is not None:
-            inv_freq = _llama3_scaled_inv_freq(inv_freq, scaling)
-        if freq_factors is not None:
-            inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq).float()
-        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim/2]
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # The tables are computed on the CPU in fp64 whatever the default device, then moved to
+        # it: the same numbers on every device, and no meta-device arithmetic (the loader builds
+        # the model on the meta device, where arange runs through torch's Python references,
+        # which import torch._dynamo and with it Triton: ~1 s of a CPU server's start-up and
+        # nanobind's leak report when it exits).
+        device = torch.get_default_device()
+        with torch.device("cpu"):
+            inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+            if scaling is not None:
+                inv_freq = _llama3_scaled_inv_freq(inv_freq, scaling)
+            if freq_factors is not None:
+                inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
+            angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq).float()
+        self.register_buffer("cos", angles.cos().to(device), persistent=False)  # [max_positions, head_dim/2]
+        self.register_buffer("sin", angles.sin().to(device), persistent=False)
 
     @classmethod
     def for_config(cls, config: LlamaArchConfig) -> RotaryEmbedding:
