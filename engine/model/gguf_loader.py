@@ -20,9 +20,9 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from engine.gguf_fields import field_value
+from engine.gguf_file import GGUFFile
 from engine.kernels.cpu.quantized_weights import QuantFormat, QuantizedWeight, from_blocks
 from engine.model.arch import LlamaArchConfig
-from engine.gguf_file import GGUFFile
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
 SUPPORTED_TYPES = {

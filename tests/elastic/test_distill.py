@@ -195,8 +195,7 @@ def test_adapters_are_keyed_by_the_checkpoint_they_were_distilled_from(tmp_path:
 
 def test_a_finished_checkpoint_is_not_distilled_again(tmp_path: Path) -> None:
     from engine.elastic.adapters import StoredAdapters, level_tensors, save_adapters
-    from engine.elastic.checkpoint import ElasticCheckpoint, save_checkpoint
-    from engine.elastic.checkpoint import checkpoint_digest
+    from engine.elastic.checkpoint import ElasticCheckpoint, checkpoint_digest, save_checkpoint
     from engine.elastic.distill import distill_checkpoint
     from engine.elastic.spec import ElasticLevel, ElasticSpec
 
