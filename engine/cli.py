@@ -9,7 +9,14 @@ import sys
 from collections.abc import Callable
 
 from engine.capabilities import CapabilityError, cpu_features
-from engine.config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, WEIGHT_FORMATS, ConfigError
+from engine.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    WEIGHT_FORMATS,
+    ConfigError,
+    ModelFileError,
+)
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +37,14 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> None:
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, weight_format=args.weight_format, max_model_len=args.max_model_len,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-              scheduling_policy=args.scheduling_policy, attention_backend=args.attention_backend,
-              tensor_parallel_size=args.tensor_parallel_size)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, weight_format=args.weight_format, max_model_len=args.max_model_len,
+                  max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                  block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                  kv_cache_dtype=args.kv_cache_dtype, scheduling_policy=args.scheduling_policy,
+                  attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size)
+    except (ConfigError, ModelFileError) as error:
+        raise SystemExit(f"engine generate: {error}") from None
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
     if args.chat:
@@ -57,7 +67,10 @@ def _elastify(args: argparse.Namespace) -> None:
             config = replace(config, level_values=tuple(int(v) for v in args.levels.split(",")))
         except ValueError as error:
             raise SystemExit(f"engine elastify: --levels: {error}") from None
-    result = elastify(args.model, config, force=args.force)
+    try:
+        result = elastify(args.model, config, force=args.force)
+    except ModelFileError as error:
+        raise SystemExit(f"engine elastify: {error}") from None
     print(f"elastic checkpoint: {result.directory} ({result.seconds:.0f} s)")
     print(f"anchor layers: {list(result.spec.anchor_layers)}")
     for value, fraction in result.flop_fractions().items():

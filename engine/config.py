@@ -19,6 +19,12 @@ class ConfigError(ValueError):
     """A configuration value out of range; the message names the setting."""
 
 
+class ModelFileError(ValueError):
+    """A model that cannot be loaded from what is on disk: a path that does not exist, a file that
+    is not a model or is cut short, an architecture, tokenizer or tensor type this engine does not
+    run.  The message names the file; `engine serve` and `engine generate` print it as one line."""
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

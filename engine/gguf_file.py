@@ -31,6 +31,8 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 from gguf.quants import quant_shape_to_byte_shape
 
+from engine.config import ModelFileError
+
 SUPPORTED_VERSIONS = (2, 3)
 # Fixed-size value types: struct format character and numpy dtype
 _SCALARS = {
@@ -75,20 +77,29 @@ class GGUFFile:
     as long as any of them (numpy holds it), so none is ever copied here."""
 
     def __init__(self, path: str | Path) -> None:
-        with open(path, "rb") as file:
-            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         self.path = str(path)
+        try:
+            self._parse()
+        except ModelFileError:
+            raise
+        except (ValueError, struct.error, UnicodeDecodeError) as error:  # cut short, or not GGUF at all
+            raise ModelFileError(f"{path}: not a readable GGUF file ({error})") from None
+
+    def _parse(self) -> None:
+        path = self.path
+        with open(path, "rb") as file:
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)  # ValueError when empty
         self._offset = 0
         magic, = struct.unpack_from("<I", self._map, 0)
         if magic != GGUF_MAGIC:
-            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+            raise ModelFileError(f"{path}: not a GGUF file (bad magic)")
         version, = struct.unpack_from("<I", self._map, 4)
         # A file written on the other byte order reads as version << 16 (GGUFReader's test too).
         self._order = "<" if version & 0xFFFF else ">"
         self._offset = 4
         version = self._read("I")
         if version not in SUPPORTED_VERSIONS:
-            raise ValueError(f"{path}: GGUF version {version} is not supported (only {list(SUPPORTED_VERSIONS)})")
+            raise ModelFileError(f"{path}: GGUF version {version} is not supported (only {list(SUPPORTED_VERSIONS)})")
         tensor_count, kv_count = self._read("Q"), self._read("Q")
         self.fields: dict[str, GGUFField] = {
             "GGUF.version": GGUFField("GGUF.version", (GGUFValueType.UINT32,), version),
@@ -98,7 +109,7 @@ class GGUFFile:
         for _ in range(kv_count):
             key = self._read_str()
             if key in self.fields:
-                raise ValueError(f"{path}: duplicate metadata key {key!r}")
+                raise ModelFileError(f"{path}: duplicate metadata key {key!r}")
             types, value = self._read_value(GGUFValueType(self._read("I")))
             self.fields[key] = GGUFField(key, types, value)
         infos = [self._read_tensor_info() for _ in range(tensor_count)]
@@ -106,7 +117,7 @@ class GGUFFile:
         data_start = -(-self._offset // alignment) * alignment
         self.tensors = [self._tensor(*info, data_start) for info in infos]
         if len({t.name for t in self.tensors}) != len(self.tensors):
-            raise ValueError(f"{path}: duplicate tensor names")
+            raise ModelFileError(f"{path}: duplicate tensor names")
 
     # --- the header, in file order -------------------------------------------------------------
 
@@ -126,7 +137,7 @@ class GGUFFile:
         if value_type in _SCALARS:
             return (value_type,), self._read(_SCALARS[value_type][0])
         if value_type != GGUFValueType.ARRAY:
-            raise ValueError(f"{self.path}: unknown metadata value type {value_type}")
+            raise ModelFileError(f"{self.path}: unknown metadata value type {value_type}")
         item_type, count = GGUFValueType(self._read("I")), self._read("Q")
         if item_type in _SCALARS:  # one numpy read for the whole array
             dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder(self._order)
@@ -149,7 +160,7 @@ class GGUFFile:
         if field is None:
             return GGUF_DEFAULT_ALIGNMENT
         if field.types != (GGUFValueType.UINT32,) or field.value <= 0 or field.value & (field.value - 1):
-            raise ValueError(f"{self.path}: general.alignment must be a power of two (uint32), got {field.value}")
+            raise ModelFileError(f"{self.path}: general.alignment must be a power of two (uint32), got {field.value}")
         return field.value
 
     def _tensor(self, name: str, dims: tuple[int, ...], ggml_type: GGMLQuantizationType, offset: int,
@@ -164,6 +175,6 @@ class GGUFFile:
             dtype, count, numpy_shape = np.dtype(np.uint8), n_bytes, quant_shape_to_byte_shape(numpy_shape, ggml_type)
         start = data_start + offset
         if start + n_bytes > len(self._map):
-            raise ValueError(f"{self.path}: tensor {name} runs past the end of the file")
+            raise ModelFileError(f"{self.path}: tensor {name} runs past the end of the file")
         data = np.frombuffer(self._map, dtype, count, start).reshape(numpy_shape)
         return GGUFTensor(name, ggml_type, dims, n_elements, n_bytes, start, data)

@@ -43,7 +43,7 @@ from engine.api.serving_elastic import model_aliases
 from engine.api.serving_common import check_model, check_prompt_token_ids, run_until_disconnected
 from engine.api.serving_completions import create_completion
 from engine.config import ATTENTION_BACKENDS, DTYPES, ELASTIC_MODES, KV_CACHE_DTYPES, SCHEDULING_POLICIES, WEIGHT_FORMATS, CacheConfig, ConfigError, EngineConfig, \
-    MLFQConfig, ModelConfig, ParallelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
+    MLFQConfig, ModelConfig, ModelFileError, ParallelConfig, PromptPruningConfig, RunnerConfig, SchedulerConfig, SLOConfig
 from engine.elastic.spec import FULL_LEVEL
 from engine.prompt_pruning import parse_prune_layers
 from engine.scheduler.elastic_choice import KEEP_LADDER
@@ -352,7 +352,10 @@ def run_server(args: argparse.Namespace) -> None:
         raise SystemExit(f"engine serve: {e}") from None
     reexec_on_fast_allocator()  # before torch loads; returns at once in the re-executed process
     logger.info("Memory allocator: %s", allocator_in_use())
-    llm_engine, engine, app = build_server(config, args, engine_on_own_thread=False)
+    try:
+        llm_engine, engine, app = build_server(config, args, engine_on_own_thread=False)
+    except ModelFileError as e:
+        raise SystemExit(f"engine serve: {e}") from None
     logger.info("Serving %s on http://%s:%d%s", llm_engine.model_name, args.host, args.port,
                 f" ({len(api_keys)} API keys)" if (api_keys := api_keys_from_args(args)) else "")
     try:

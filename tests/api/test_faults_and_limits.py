@@ -183,3 +183,26 @@ def test_a_bad_timeout_flag_stops_the_server_with_a_message(flags: list[str]) ->
     assert result.returncode != 0
     assert f"engine serve: {flags[0][2:].replace('-', '_')} must be" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command, model", [(["-m", "engine.api.server"], "truncated"), (["-m", "engine.api.server"], "missing"),
+                                            (["-m", "engine.cli", "generate", "hi"], "truncated")])
+def test_a_model_that_cannot_load_stops_the_command_with_one_line(command: list[str], model: str,
+                                                                  tmp_path) -> None:
+    """A cut download or a wrong path: the command exits non-zero with one line naming the file."""
+    import subprocess
+    import sys
+
+    from engine.model.loader import default_model_path
+    path = tmp_path / "model.gguf"
+    if model == "truncated":
+        with open(default_model_path(), "rb") as whole:
+            path.write_bytes(whole.read(5_000_000))  # the header and the vocabulary, then ends mid-tensor
+    result = subprocess.run([sys.executable, *command, "--model", str(path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("INFO")]
+    name = "serve" if "engine.api.server" in command else "generate"
+    assert errors == [f"engine {name}: " + (f"{path}: tensor token_embd.weight runs past the end of the file"
+                                           if model == "truncated" else
+                                           f"model path {path} does not exist (models load from local disk only)")]

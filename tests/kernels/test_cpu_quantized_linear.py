@@ -17,10 +17,11 @@ import functools
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from engine.capabilities import cpu_features
+from engine.gguf_file import GGUFFile
 from engine.kernels.cpu import native_library
 from engine.kernels.cpu.quantized_linear import quantized_linear, quantized_linear_reference, supports, vector_lanes
 from engine.kernels.cpu.quantized_weights import (
@@ -216,19 +217,20 @@ def test_dequantize_is_gguf_dequantize(fmt: QuantFormat) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_reader() -> GGUFReader:
+def model_reader() -> GGUFFile:
+    from engine.config import ModelFileError
     from engine.model.gguf_loader import open_gguf
     from engine.model.loader import default_model_path
 
     try:
         return open_gguf(default_model_path())
-    except FileNotFoundError as error:
+    except ModelFileError as error:
         pytest.skip(str(error))
 
 
-@pytest.mark.slow  # GGUFReader parses all the file's metadata, the vocabulary too: seconds
+@pytest.mark.slow  # the real model's tensors
 @pytest.mark.parametrize("name, num_rows", [("blk.0.attn_q.weight", 576), ("token_embd.weight", 3000)])
-def test_real_gguf_blocks(engine_library: ctypes.CDLL, model_reader: GGUFReader, name: str, num_rows: int) -> None:
+def test_real_gguf_blocks(engine_library: ctypes.CDLL, model_reader: GGUFFile, name: str, num_rows: int) -> None:
     """The default model's own blocks (Q4_1 projections, the Q8_0 tied embedding / LM head)."""
     tensor = next(t for t in model_reader.tensors if t.name == name)
     weight = from_gguf_tensor(tensor).prefix(num_rows)

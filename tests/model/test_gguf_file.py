@@ -12,6 +12,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q, GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
+from engine.config import ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.model.loader import default_model_path
 
@@ -82,13 +83,15 @@ def test_every_value_type_reads_as_gguf_reads_it(tmp_path: Path, endianess: GGUF
 def test_a_file_that_is_not_gguf_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGML" + bytes(60))
-    with pytest.raises(ValueError, match="not a GGUF file"):
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
         GGUFFile(path)
 
 
-def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut", ["data", "header", "vocabulary", "empty"])
+def test_a_file_cut_short_is_refused_by_name(tmp_path: Path, cut: str) -> None:
     whole = write_file(tmp_path / "whole.gguf").read_bytes()
-    cut = tmp_path / "cut.gguf"
-    cut.write_bytes(whole[:-100])  # the last tensor's data is missing
-    with pytest.raises(ValueError, match="past the end"):
-        GGUFFile(cut)
+    end = {"data": len(whole) - 100, "header": 6, "vocabulary": 200, "empty": 0}[cut]
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(whole[:end])
+    with pytest.raises(ModelFileError, match=str(path)):
+        GGUFFile(path)
