@@ -34,14 +34,12 @@ from gguf.quants import quant_shape_to_byte_shape
 from engine.config import ModelFileError
 
 SUPPORTED_VERSIONS = (2, 3)
-# Fixed-size value types: struct format character and numpy dtype
+# Fixed-size value types and their numpy dtypes (in the file's byte order when read)
 _SCALARS = {
-    GGUFValueType.UINT8: ("B", np.uint8), GGUFValueType.INT8: ("b", np.int8),
-    GGUFValueType.UINT16: ("H", np.uint16), GGUFValueType.INT16: ("h", np.int16),
-    GGUFValueType.UINT32: ("I", np.uint32), GGUFValueType.INT32: ("i", np.int32),
-    GGUFValueType.FLOAT32: ("f", np.float32), GGUFValueType.UINT64: ("Q", np.uint64),
-    GGUFValueType.INT64: ("q", np.int64), GGUFValueType.FLOAT64: ("d", np.float64),
-    GGUFValueType.BOOL: ("?", np.bool_),
+    GGUFValueType.UINT8: np.uint8, GGUFValueType.INT8: np.int8, GGUFValueType.UINT16: np.uint16,
+    GGUFValueType.INT16: np.int16, GGUFValueType.UINT32: np.uint32, GGUFValueType.INT32: np.int32,
+    GGUFValueType.FLOAT32: np.float32, GGUFValueType.UINT64: np.uint64, GGUFValueType.INT64: np.int64,
+    GGUFValueType.FLOAT64: np.float64, GGUFValueType.BOOL: np.bool_,
 }
 # Tensor types stored as plain elements (others are quantized blocks, viewed as bytes)
 _ELEMENT_TYPES = {
@@ -131,19 +129,22 @@ class GGUFFile:
         start, self._offset = self._offset, self._offset + length
         return self._map[start:self._offset].decode("utf-8")
 
+    def _read_scalars(self, value_type: GGUFValueType, count: int) -> list[Any]:
+        """`count` values of a fixed-size type, as Python numbers or bools."""
+        items = np.frombuffer(self._map, np.dtype(_SCALARS[value_type]).newbyteorder(self._order), count, self._offset)
+        self._offset += items.nbytes
+        return items.tolist()
+
     def _read_value(self, value_type: GGUFValueType) -> tuple[tuple[GGUFValueType, ...], Any]:
         if value_type == GGUFValueType.STRING:
             return (value_type,), self._read_str()
         if value_type in _SCALARS:
-            return (value_type,), self._read(_SCALARS[value_type][0])
+            return (value_type,), self._read_scalars(value_type, 1)[0]
         if value_type != GGUFValueType.ARRAY:
             raise ModelFileError(f"{self.path}: unknown metadata value type {value_type}")
         item_type, count = GGUFValueType(self._read("I")), self._read("Q")
         if item_type in _SCALARS:  # one numpy read for the whole array
-            dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder(self._order)
-            items = np.frombuffer(self._map, dtype, count, self._offset)
-            self._offset += items.nbytes
-            return (value_type, item_type), items.tolist()
+            return (value_type, item_type), self._read_scalars(item_type, count)
         items, item_types = [], (item_type,)
         for _ in range(count):
             item_types, item = self._read_value(item_type)
