@@ -22,7 +22,8 @@ class ConfigError(ValueError):
 class ModelFileError(ValueError):
     """A model that cannot be loaded from what is on disk: a path that does not exist, a file that
     is not a model or is cut short, an architecture, tokenizer or tensor type this engine does not
-    run.  The message names the file; `engine serve` and `engine generate` print it as one line."""
+    run.  The message names the file (or, for a Hugging Face config, what in it is unsupported);
+    `engine serve`, `engine generate` and `engine elastify` print it as one line."""
 
 
 def _require(condition: bool, message: str) -> None:

@@ -66,7 +66,7 @@ def release_gguf_readers() -> None:
 def read_arch_config(reader: GGUFFile) -> LlamaArchConfig:
     arch = field_value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise ModelFileError(f"unsupported GGUF architecture {arch!r}; supported: {SUPPORTED_ARCHS}")
+        raise ModelFileError(f"{reader.path}: unsupported GGUF architecture {arch!r}; supported: {SUPPORTED_ARCHS}")
     get = lambda key, default=None: field_value(reader, f"{arch}.{key}", default)  # noqa: E731
     hidden_size = int(get("embedding_length"))
     num_heads = int(get("attention.head_count"))
@@ -106,7 +106,7 @@ def iter_gguf_weights(reader: GGUFFile, config: LlamaArchConfig, dtype: torch.dt
         if hf_name is None:
             continue
         if tensor.tensor_type not in SUPPORTED_TYPES:
-            raise ModelFileError(f"tensor {tensor.name} has unsupported type {tensor.tensor_type.name}")
+            raise ModelFileError(f"{reader.path}: tensor {tensor.name} has unsupported type {tensor.tensor_type.name}")
         quantized = keep_quantized and tensor.tensor_type.name in QuantFormat.__members__
         array = np.asarray(tensor.data) if quantized else _to_float32(tensor)
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):

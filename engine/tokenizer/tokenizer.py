@@ -66,7 +66,8 @@ class Tokenizer:
 def tokenizer_from_gguf(reader: GGUFFile) -> Tokenizer:
     model = field_value(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ModelFileError(f"unsupported GGUF tokenizer model {model!r}; supported: gpt2 (byte-level BPE)")
+        raise ModelFileError(f"{reader.path}: unsupported GGUF tokenizer model {model!r}; "
+                             "supported: gpt2 (byte-level BPE)")
     tokens = field_value(reader, "tokenizer.ggml.tokens")
     token_types = field_value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in field_value(reader, "tokenizer.ggml.merges")]

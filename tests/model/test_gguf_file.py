@@ -37,8 +37,9 @@ def test_the_default_model_reads_as_gguf_reads_it() -> None:
     assert_same_file(default_model_path())
 
 
-def write_file(path: Path, endianess: GGUFEndian = GGUFEndian.LITTLE, alignment: int | None = None) -> Path:
-    writer = GGUFWriter(str(path), "llama", endianess=endianess)
+def write_file(path: Path, endianess: GGUFEndian = GGUFEndian.LITTLE, alignment: int | None = None,
+               arch: str = "llama") -> Path:
+    writer = GGUFWriter(str(path), arch, endianess=endianess)
     if alignment is not None:
         writer.add_custom_alignment(alignment)
     writer.add_uint8("test.u8", 200)
@@ -95,3 +96,11 @@ def test_a_file_cut_short_is_refused_by_name(tmp_path: Path, cut: str) -> None:
     path.write_bytes(whole[:end])
     with pytest.raises(ModelFileError, match=str(path)):
         GGUFFile(path)
+
+
+def test_an_architecture_the_engine_does_not_run_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from engine.model.loader import resolve_model
+
+    path = write_file(tmp_path / "other.gguf", arch="mamba")
+    with pytest.raises(ModelFileError, match=f"{path}: unsupported GGUF architecture 'mamba'"):
+        resolve_model(str(path))

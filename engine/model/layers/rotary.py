@@ -38,7 +38,7 @@ class RotaryEmbedding(nn.Module):
         # The tables are computed on the CPU in fp64 whatever the default device, then moved to
         # it: the same numbers on every device, and no meta-device arithmetic (the loader builds
         # the model on the meta device, where arange runs through torch's Python references,
-        # which import torch._dynamo and with it Triton: ~1 s of a CPU server's start-up and
+        # which import torch._dynamo and with it Triton: ~3 s of a CPU server's start-up and
         # nanobind's leak report when it exits).
         device = torch.get_default_device()
         with torch.device("cpu"):
